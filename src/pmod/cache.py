@@ -1,0 +1,119 @@
+"""KV-cache bookkeeping for layers that cache fewer tokens than the sequence has.
+
+A p-MoD layer writes K/V only for the tokens it processed. Rows of a batch keep different numbers of tokens, so
+the compacted K/V carry "filler" slots that must stay masked at every later step. :class:`PModCache` is a
+``DynamicCache`` that remembers, per p-MoD layer, which cached slots are real, and moves that record along with
+the tensors when generation reorders (beam search), selects, repeats or crops the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+class PModCache(DynamicCache):
+    """A ``DynamicCache`` that also tracks which cached slots of each p-MoD layer hold real tokens.
+
+    Layers that never call :meth:`pmod_record_slots` (dense layers) cache every token and need no record.
+    """
+
+    def _slots(self) -> dict[int, torch.Tensor]:
+        if "_pmod_slots" not in self.__dict__:
+            self._pmod_slots: dict[int, torch.Tensor] = {}
+        return self._pmod_slots
+
+    def pmod_record_slots(self, layer_idx: int, slot_valid: torch.Tensor) -> torch.Tensor | None:
+        """Append the validity [B, K] of the slots the layer is about to cache; return the previous record."""
+        slots = self._slots()
+        past = slots.get(layer_idx)
+        if past is not None and past.shape[0] != slot_valid.shape[0]:
+            raise ValueError(
+                f"The cache holds {past.shape[0]} rows but the batch has {slot_valid.shape[0]}; pass a cache built "
+                f"for this batch (or none)."
+            )
+        slots[layer_idx] = slot_valid if past is None else torch.cat([past, slot_valid], dim=1)
+        return past
+
+    def pmod_slot_mask(self, layer_idx: int) -> torch.Tensor | None:
+        """Bool [B, cached slots] of a p-MoD layer (True = real token), or None for a dense layer."""
+        return self._slots().get(layer_idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for i, valid in self._slots().items():
+            self._pmod_slots[i] = valid.index_select(0, beam_idx.to(valid.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for i, valid in self._slots().items():
+            self._pmod_slots[i] = valid[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for i, valid in self._slots().items():
+            self._pmod_slots[i] = valid.repeat_interleave(repeats, dim=0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (a negative count) from every layer.
+
+        Exact when those tokens were processed by every layer, which holds for generated (text) tokens.
+        """
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0:
+            for i, valid in self._slots().items():
+                self._pmod_slots[i] = valid[:, :tokens_to_remove]
+
+    def reset(self) -> None:
+        super().reset()
+        self._slots().clear()
+
+
+def as_pmod_cache(cache: DynamicCache) -> PModCache:
+    """Make a plain ``DynamicCache`` a :class:`PModCache`, in place.
+
+    In place because ``generate`` and user code keep references to the object they created; the class adds
+    methods and one attribute only, so switching it is safe.
+    """
+    if isinstance(cache, PModCache):
+        return cache
+    if type(cache) is not DynamicCache:
+        raise TypeError(
+            f"p-MoD layers cache a different number of tokens per layer and cannot use {type(cache).__name__}; "
+            f"use the default dynamic cache (pass no cache, or a transformers.DynamicCache / pmod.PModCache)."
+        )
+    cache.__class__ = PModCache
+    return cache
+
+
+@dataclass
+class KVCacheSize:
+    """Size of a KV cache: total bytes, and per layer the cached slots and real tokens (row 0 first)."""
+
+    total_bytes: int
+    layer_bytes: list[int]
+    layer_slots: list[int]
+    layer_tokens: list[list[int]]
+
+
+def kv_cache_bytes(cache: DynamicCache) -> KVCacheSize:
+    """Bytes held by a cache's key/value tensors, with per-layer slot and per-row real-token counts."""
+    layer_bytes, layer_slots, layer_tokens = [], [], []
+    slots = cache._slots() if isinstance(cache, PModCache) else {}
+    for i, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or keys.numel() == 0:
+            layer_bytes.append(0)
+            layer_slots.append(0)
+            layer_tokens.append([])
+            continue
+        layer_bytes.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
+        layer_slots.append(keys.shape[-2])
+        valid = slots.get(i)
+        if valid is None:
+            layer_tokens.append([keys.shape[-2]] * keys.shape[0])
+        else:
+            layer_tokens.append(valid.sum(dim=1).tolist())
+    return KVCacheSize(sum(layer_bytes), layer_bytes, layer_slots, layer_tokens)

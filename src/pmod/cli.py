@@ -1,0 +1,46 @@
+"""The ``pmod`` command: a thin table of subcommands over the recipes.
+
+Each entry names a module that defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
+only when their subcommand runs, so ``pmod --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "flops": ("pmod.flops_cli", "analytic FLOPs and KV-cache bytes of dense vs p-MoD for a model or preset"),
+    "data": ("pmod.data.cli", "LLaVA-format data tools: synth (make a synthetic VQA set), check (find bad records)"),
+}
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="pmod", description="Mixture-of-Depths multimodal LLMs (p-MoD).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv else None
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name == chosen:  # only the chosen subcommand pays for its imports
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except CLIError as err:
+        print(f"pmod {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Tiny models and batches built from configs in code, for tests, examples and benchmarks (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+IMAGE_TOKEN_ID = 3
+PAD_TOKEN_ID = 0
+
+
+def tiny_llama_config(
+    num_layers: int = 6,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    attn_implementation: str = "sdpa",
+    **kwargs,
+) -> LlamaConfig:
+    """A small Llama config (GQA, SwiGLU) whose forward runs in milliseconds on a CPU."""
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+        **kwargs,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _vision_config(image_size: int, patch_size: int) -> dict:
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+def tiny_llava(
+    num_layers: int = 6, image_size: int = 32, patch_size: int = 4, attn_implementation: str = "sdpa", seed: int = 0
+) -> LlavaForConditionalGeneration:
+    """A random LLaVA-1.5-shaped model: CLIP tower, 2-layer MLP projector, Llama decoder.
+
+    Each image gives ``(image_size / patch_size) ** 2`` vision tokens (64 with the defaults).
+    """
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        text_config=tiny_llama_config(num_layers).to_dict(),
+        vision_config=_vision_config(image_size, patch_size),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def tiny_llava_next(
+    num_layers: int = 6, image_size: int = 16, patch_size: int = 4, attn_implementation: str = "sdpa", seed: int = 0
+) -> LlavaNextForConditionalGeneration:
+    """A random LLaVA-NeXT-shaped model (anyres tiles, newline tokens): vision-token counts depend on image size."""
+    torch.manual_seed(seed)
+    s = image_size
+    config = LlavaNextConfig(
+        text_config=tiny_llama_config(num_layers).to_dict(),
+        vision_config=_vision_config(image_size, patch_size),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaNextForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def tiny_llama(num_layers: int = 6, attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(num_layers, attn_implementation=attn_implementation))
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def _assemble(rows: list[tuple[int, int, int]], padding_side: str, vocab: int, generator: torch.Generator):
+    """input_ids and attention_mask for rows of (text before image, vision tokens, text after)."""
+    lengths = [a + v + b for a, v, b in rows]
+    seq = max(lengths)
+    ids = torch.full((len(rows), seq), PAD_TOKEN_ID, dtype=torch.long)
+    mask = torch.zeros(len(rows), seq, dtype=torch.long)
+    for r, (a, v, b) in enumerate(rows):
+        text = torch.randint(4, vocab, (a + b,), generator=generator)
+        row = torch.cat([text[:a], torch.full((v,), IMAGE_TOKEN_ID), text[a:]])
+        start = seq - len(row) if padding_side == "left" else 0
+        ids[r, start : start + len(row)] = row
+        mask[r, start : start + len(row)] = 1
+    return ids, mask
+
+
+def llava_batch(
+    model: LlavaForConditionalGeneration,
+    text: list[tuple[int, int]],
+    images: list[bool],
+    padding_side: str = "right",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A LLaVA batch: row r has ``text[r] = (before, after)`` text tokens around one image if ``images[r]``."""
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    n_vis = (vc.image_size // vc.patch_size) ** 2
+    rows = [(a, n_vis if img else 0, b) for (a, b), img in zip(text, images)]
+    ids, mask = _assemble(rows, padding_side, model.config.text_config.vocab_size, g)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    n_images = sum(images)
+    if n_images:
+        batch["pixel_values"] = torch.randn(n_images, 3, vc.image_size, vc.image_size, generator=g)
+    return batch
+
+
+def llava_next_batch(
+    model: LlavaNextForConditionalGeneration,
+    text: list[tuple[int, int]],
+    image_sizes: list[tuple[int, int] | None],
+    padding_side: str = "right",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A LLaVA-NeXT batch; ``image_sizes[r]`` is (height, width) of row r's image or None for no image.
+
+    The number of image tokens per row is what the model's anyres feature packing produces for that size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    s = cfg.vision_config.image_size
+    sizes = [size for size in image_sizes if size is not None]
+    pixel_values = image_sizes_t = None
+    counts: list[int] = []
+    if sizes:
+        n_patches = [image_size_to_num_patches(size, cfg.image_grid_pinpoints, s) for size in sizes]
+        pixel_values = torch.zeros(len(sizes), max(n_patches), 3, s, s)
+        for i, n in enumerate(n_patches):
+            pixel_values[i, :n] = torch.randn(n, 3, s, s, generator=g)
+        image_sizes_t = torch.tensor(sizes)
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values, image_sizes_t).pooler_output
+        counts = [f.shape[0] for f in feats]
+    it = iter(counts)
+    rows = [(a, next(it) if size is not None else 0, b) for (a, b), size in zip(text, image_sizes)]
+    ids, mask = _assemble(rows, padding_side, cfg.text_config.vocab_size, g)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if sizes:
+        batch["pixel_values"] = pixel_values
+        batch["image_sizes"] = image_sizes_t
+    return batch
+
+
+def randomize_routers(model: torch.nn.Module, scale: float = 1.0, seed: int = 0) -> None:
+    """Give every p-MoD router random non-zero weights (a trained-looking router for tests)."""
+    from pmod.convert import pmod_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in pmod_layers(model).values():
+            w = layer.router.weight
+            w.copy_(torch.randn(w.shape, generator=g) * scale / w.shape[-1] ** 0.5)
+            if layer.router.bias is not None:
+                layer.router.bias.copy_(torch.randn(1, generator=g) * 0.1)

@@ -1,0 +1,174 @@
+"""Conversion of Hugging Face models: identity, save/reload, errors, hidden states, checkpointing, bf16."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import pmod
+from pmod import PModConfig
+from pmod.testing import (
+    IMAGE_TOKEN_ID,
+    llava_batch,
+    llava_next_batch,
+    randomize_routers,
+    tiny_llama,
+    tiny_llava,
+    tiny_llava_next,
+)
+
+RATIO_ONE = PModConfig(schedule="explicit", ratios=[None] + [1.0] * 5)
+TEXT = [(3, 5), (2, 2), (6, 1)]
+
+
+def llama_batch():
+    ids = torch.randint(4, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(3, 20, dtype=torch.long)
+    am[0, :4] = 0  # left padded row
+    am[1, :7] = 0
+    vm = torch.zeros(3, 20, dtype=torch.bool)
+    vm[0, 6:16] = True
+    vm[1, 8:12] = True
+    return {"input_ids": ids, "attention_mask": am, "vision_mask": vm}
+
+
+def build(kind: str, padding_side: str = "left"):
+    if kind == "llava":
+        model = tiny_llava()
+        return model, llava_batch(model, TEXT, [True, True, False], padding_side)
+    if kind == "llava_next":
+        model = tiny_llava_next()
+        return model, llava_next_batch(model, TEXT, [(16, 32), (32, 32), None], padding_side)
+    return tiny_llama(), llama_batch()
+
+
+def forward(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "llama"])
+def test_ratio_one_zero_router_is_identity(kind):
+    model, batch = build(kind)
+    dense_batch = {k: v for k, v in batch.items() if k != "vision_mask"}
+    want = forward(model, dense_batch)
+    pmod.convert(model, RATIO_ONE)
+    got = forward(model, batch)
+    real = batch["attention_mask"].bool()  # padding positions carry no meaning in either model
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_vision_tokens_are_routed_per_row(kind):
+    model, batch = build(kind, padding_side="right")
+    pmod.convert(model)
+    randomize_routers(model)
+    ratios = pmod.layer_ratios(model)
+    vision = batch["input_ids"] == IMAGE_TOKEN_ID
+    real = batch["attention_mask"].bool()
+    with pmod.record_routing(model) as rec, torch.no_grad():
+        model(**batch)
+    assert sorted(rec.processed) == [i for i, r in enumerate(ratios) if r is not None]
+    for layer, masks in rec.processed.items():
+        processed = masks[0]
+        expected = [math.floor(int(n) * ratios[layer]) for n in vision.sum(1)]
+        assert (processed & vision).sum(1).tolist() == expected
+        assert torch.equal(processed & ~vision, real & ~vision)  # all text, never padding
+
+
+def test_save_and_reload_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, batch = build("llava_next")
+    pmod.convert(model, PModConfig(beta=0.45, weight_norm="tanh"))
+    randomize_routers(model)
+    want = forward(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = pmod.load(tmp_path)
+    assert type(loaded) is type(model)
+    assert pmod.get_pmod_config(loaded) == PModConfig(beta=0.45)
+    assert pmod.layer_ratios(loaded) == pmod.layer_ratios(model)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(forward(loaded.eval(), batch), want, atol=0, rtol=0)
+    # A second save of the reloaded model writes the same architecture name.
+    loaded.save_pretrained(tmp_path / "again")
+    assert pmod.layer_ratios(pmod.load(tmp_path / "again")) == pmod.layer_ratios(model)
+
+
+def test_loading_without_pmod_is_refused_by_convert(tmp_path):
+    model = pmod.convert(tiny_llava())
+    model.save_pretrained(tmp_path)
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pmod.load"):
+        pmod.convert(plain)
+
+
+def test_errors_name_the_fix(tmp_path):
+    model = tiny_llama(num_layers=3)
+    with pytest.raises(ValueError, match="Layer 0 cannot be a p-MoD layer"):
+        pmod.convert(copy.deepcopy(model), PModConfig(schedule="explicit", ratios=[0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="has 2 entries but the model has 3"):
+        pmod.convert(copy.deepcopy(model), PModConfig(schedule="explicit", ratios=[None, 0.5]))
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        pmod.convert(torch.nn.Linear(2, 2))
+    pmod.convert(model)
+    with pytest.raises(ValueError, match="already a p-MoD model"):
+        pmod.convert(model)
+    with pytest.raises(ValueError, match="vision_mask has shape"):
+        model(input_ids=torch.ones(2, 5, dtype=torch.long), vision_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="without p-MoD settings"):
+        tiny_llama().save_pretrained(tmp_path)
+        pmod.load(tmp_path)
+
+
+def test_output_hidden_states_full_length():
+    model, batch = build("llava")
+    pmod.convert(model)
+    randomize_routers(model)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    seq = batch["input_ids"].shape[1]
+    assert len(out.hidden_states) == 7
+    assert all(h.shape == (3, seq, 64) for h in out.hidden_states)
+
+
+def test_gradient_checkpointing_matches():
+    model, batch = build("llava", padding_side="right")
+    pmod.convert(model)
+    randomize_routers(model)
+    model.train()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def grads(m):
+        m.zero_grad()
+        loss = m(**batch, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    loss_plain, grads_plain = grads(model)
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_ckpt, grads_ckpt = grads(ckpt)
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_ckpt.keys() == grads_plain.keys()
+    assert any("router" in n for n in grads_plain)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_long_sequence_is_finite():
+    model = tiny_llama(num_layers=4).to(torch.bfloat16)
+    pmod.convert(model, PModConfig(schedule="explicit", ratios=[None, 0.5, 0.3, 0.15]))
+    randomize_routers(model)
+    seq = 2100
+    ids = torch.randint(4, 128, (2, seq), generator=torch.Generator().manual_seed(0))
+    vm = torch.zeros(2, seq, dtype=torch.bool)
+    vm[:, 16:2016] = True
+    am = torch.ones(2, seq, dtype=torch.long)
+    am[1, :50] = 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am, vision_mask=vm).logits
+    assert logits.dtype == torch.bfloat16
+    assert bool(torch.isfinite(logits[am.bool()]).all())

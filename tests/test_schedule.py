@@ -1,0 +1,71 @@
+import math
+
+import pytest
+
+from pmod import PModConfig
+from pmod.schedule import constant_schedule, kept_count, linear_schedule, mean_retention, prd_schedule
+
+
+def test_prd_32_layers_hand_values():
+    ratios = prd_schedule(32)
+    assert ratios[:8] == [None] * 8
+    # R_8 = 0.5 cos(8 pi / 31) + 0.5, computed by hand: cos(0.81073) = 0.68896
+    assert ratios[8] == pytest.approx(0.844478, abs=1e-5)
+    assert ratios[15] == pytest.approx(0.5 * math.cos(15 * math.pi / 31) + 0.5)
+    # R_23 = 0.5 cos(23 pi / 31) + 0.5 = 0.15552 stays; R_24 = 0.12062 <= 0.15 is clamped, and so is the rest
+    assert ratios[23] == pytest.approx(0.155517, abs=1e-5)
+    assert ratios[24:] == [0.15] * 8
+    assert mean_retention(ratios) == pytest.approx(0.5375, abs=5e-5)
+
+
+def test_prd_40_layers_hand_values():
+    ratios = prd_schedule(40)
+    # R_9 = 0.5 cos(9 pi / 39) + 0.5 = 0.87426 >= 0.85 is dense; R_10 = 0.84636 is the first p-MoD layer
+    assert ratios[:10] == [None] * 10
+    assert ratios[10] == pytest.approx(0.846363, abs=1e-5)
+    # R_29 = 0.15364 stays; R_30 = 0.12574 and below are clamped
+    assert ratios[29] == pytest.approx(0.153636, abs=1e-5)
+    assert ratios[30:] == [0.15] * 10
+    assert mean_retention(ratios) == pytest.approx(0.5375, abs=5e-5)
+
+
+def test_linear_and_constant():
+    lin = linear_schedule(11)  # R_l = 1 - l / 10
+    assert lin[:2] == [None, None]  # 1.0 and 0.9 >= 0.85
+    assert lin[2] == pytest.approx(0.8)
+    assert lin[8] == pytest.approx(0.2)
+    assert lin[9:] == [0.15, 0.15]  # 0.1 and 0.0 are clamped
+    assert constant_schedule(4, 0.5) == [None, 0.5, 0.5, 0.5]
+    assert constant_schedule(4, 0.3, layers=[2]) == [None, None, 0.3, None]
+
+
+def test_kept_count_floor():
+    assert kept_count(576, 0.15) == 86
+    assert kept_count(2880, 0.844478) == 2432
+    assert kept_count(7, None) == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(schedule="explicit", ratios=[None, 1.5]), "outside \\(0, 1\\]"),
+        (dict(schedule="explicit", ratios=[None, 0.0]), "outside \\(0, 1\\]"),
+        (dict(schedule="explicit", ratios=[None, 0.5, 0.5]), "has 3 entries but the model has 2"),
+        (dict(schedule="explicit", ratios=[0.5, 0.5]), "Layer 0 cannot be a p-MoD layer"),
+        (dict(schedule="constant", ratio=0.5, layers=[0, 1]), "Layer 0 cannot be a p-MoD layer"),
+    ],
+)
+def test_schedule_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PModConfig(**kwargs).layer_ratios(2)
+
+
+def test_config_errors_and_roundtrip():
+    with pytest.raises(ValueError, match="outside \\(0, 1\\]"):
+        PModConfig(schedule="constant", ratio=1.2)
+    with pytest.raises(ValueError, match="Unknown p-MoD schedule"):
+        PModConfig(schedule="cosine")
+    cfg = PModConfig(schedule="linear", beta=0.4, weight_norm="sigmoid", string=False)
+    assert PModConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Unknown p-MoD config keys"):
+        PModConfig.from_dict({"shedule": "prd"})
