@@ -63,7 +63,7 @@ def retention(schedule: Sequence[float | None]) -> list[float]:
 def mean_retention(schedule: Sequence[float | None]) -> float:
     """Mean share of vision tokens processed over all layers (dense layers count as 1)."""
     values = retention(schedule)
-    return sum(values) / len(values)
+    return math.fsum(values) / len(values)
 
 
 def kept_count(n_vision: int, ratio: float | None) -> int:

@@ -1,0 +1,200 @@
+"""Analytic FLOPs/KV accounting: hand values, agreement with torch's FlopCounterMode, and the ``pmod flops`` CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import pmod
+from pmod.cli import main
+from pmod.config import PModConfig
+from pmod.flops import LMDims, estimate, flop_counter
+
+TOY = LMDims(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
+TOY_PMOD = PModConfig(schedule="explicit", ratios=[None, 0.5])
+
+
+def test_toy_hand_values() -> None:
+    # 4 vision + 2 text tokens, 1 sample; layer 0 dense (K = 6), layer 1 keeps 2 of 4 vision tokens (K = 4).
+    r = estimate(TOY, TOY_PMOD, n_vision=4, n_text=2, batch_size=1, dtype="float16")
+    dense, routed = r.pmod_layers
+
+    # q (8->8), k (8->4), v (8->4), o (8->8) on K tokens: 2 * K * 8 * (8 + 4 + 4 + 8)
+    assert dense.attn_proj == 2 * 6 * 8 * 24 == 2304
+    assert routed.attn_proj == 2 * 4 * 8 * 24 == 1536
+    # QK^T and AV each: 2 * heads * K * K * head_dim over the full score matrix
+    assert dense.attn_scores == dense.attn_values == 2 * 2 * 6 * 6 * 4 == 576
+    assert routed.attn_scores == routed.attn_values == 2 * 2 * 4 * 4 * 4 == 256
+    # gate + up + down: 3 * 2 * K * 8 * 16
+    assert dense.mlp == 3 * 2 * 6 * 8 * 16 == 4608
+    assert routed.mlp == 3 * 2 * 4 * 8 * 16 == 3072
+    # router Linear(8, 1) on all 6 tokens, only in the p-MoD layer
+    assert (dense.router, routed.router) == (0, 2 * 6 * 8) == (0, 96)
+    assert (dense.flops, routed.flops) == (8064, 5216)
+    assert (routed.kept_vision, routed.processed) == (2, 4)
+
+    head = 2 * 6 * 8 * 10  # LM head on all 6 tokens
+    assert r.lm_head_flops == head == 960
+    assert r.dense_flops == 2 * 8064 + 960 == 17088
+    assert r.pmod_flops == 8064 + 5216 + 960 == 14240
+    assert r.tflops_ratio == pytest.approx(14240 / 17088)
+    assert r.to_dict()["tflops_ratio_without_lm_head"] == pytest.approx((8064 + 5216) / (2 * 8064))
+
+    # KV: K and V, K tokens, 1 KV head of 4, 2 bytes
+    assert r.dense_kv_bytes == 2 * (2 * 6 * 1 * 4 * 2) == 192
+    assert r.pmod_kv_bytes == 2 * 6 * 4 * 2 + 2 * 4 * 4 * 2 == 160
+    assert r.kv_cache_ratio == pytest.approx(160 / 192)
+    assert r.mean_retention == (1.0 + 0.5) / 2
+
+    # Decode: per layer 2 * 8 * 24 (proj) + 2 * 3 * 8 * 16 (MLP) + 2 * 2 * heads * head_dim * (cached + 1)
+    dense_step = 384 + 768 + 2 * 2 * 2 * 4 * (6 + 1)  # = 1376
+    routed_step = 384 + 768 + 2 * 2 * 2 * 4 * (4 + 1) + 2 * 8  # router scores the new token: = 1328
+    assert r.dense_decode_flops == 2 * dense_step + 2 * 8 * 10 == 2912
+    assert r.pmod_decode_flops == dense_step + routed_step + 160 == 2864
+
+    # Batch and dtype scale linearly; the LM head can be left out of the totals.
+    r3 = estimate(TOY, TOY_PMOD, n_vision=4, n_text=2, batch_size=3, dtype=torch.float32, include_lm_head=False)
+    assert r3.dense_flops == 3 * 2 * 8064
+    assert r3.pmod_flops == 3 * (8064 + 5216)
+    assert r3.pmod_kv_bytes == 3 * 2 * 160
+    keys = {"dense_tflops", "pmod_tflops", "tflops_ratio", "dense_kv_bytes", "pmod_kv_bytes", "kv_cache_ratio"}
+    assert keys | {"mean_retention", "layers"} <= set(r3.to_dict())
+
+
+def test_dims_from_configs() -> None:
+    # LLaVA-1.5 (HF format): text_config lists only a few fields, the rest are LlamaConfig defaults.
+    llava = {"model_type": "llava", "text_config": {"model_type": "llama", "vocab_size": 32064}}
+    assert LMDims.from_config(llava) == LMDims(4096, 32, 32, 32, 128, 11008, 32064)
+    qwen = {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+    }
+    assert LMDims.from_config(qwen) == LMDims(896, 24, 14, 2, 64, 4864, 151936)
+    # A model type transformers does not know (the original LLaVA repo's) is read as a plain decoder config.
+    assert LMDims.from_config({**qwen, "model_type": "llava_qwen"}) == LMDims(896, 24, 14, 2, 64, 4864, 151936)
+    with pytest.raises(ValueError, match="has no hidden_size"):
+        LMDims.from_config({"model_type": "unknown_thing"})
+
+
+def _tiny_llama(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=100,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_dense_matches_flop_counter(attn: str) -> None:
+    model = _tiny_llama(attn)
+    ids = torch.randint(0, 100, (2, 40))
+    # torch's counter misses CPU sdpa (it counts 0 for it); pmod's counter adds the same formula as for GPU sdpa.
+    counter = FlopCounterMode(display=False) if attn == "eager" else flop_counter()
+    with torch.no_grad(), counter:
+        model(ids, use_cache=False)
+    expected = estimate(model.config, n_vision=0, n_text=40, batch_size=2).dense_flops
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.skipif(not hasattr(pmod, "convert"), reason="pmod.convert is not written yet")
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_pmod_matches_flop_counter(attn: str) -> None:
+    config = PModConfig(schedule="explicit", ratios=[None, 0.5, 0.25, 0.5])
+    model = pmod.convert(_tiny_llama(attn), config)
+    # 8 text, 32 vision, 8 text: floors are exact (16, 8, 16 vision tokens kept); batch 1, no padding.
+    vision = torch.zeros(1, 48, dtype=torch.bool)
+    vision[:, 8:40] = True
+    ids = torch.randint(0, 100, (1, 48))
+    counter = FlopCounterMode(display=False) if attn == "eager" else flop_counter()
+    with torch.no_grad(), counter:
+        model(ids, vision_mask=vision, use_cache=False)
+    report = estimate(model.config, config, n_vision=32, n_text=16)
+    assert counter.get_total_flops() == pytest.approx(report.pmod_flops, rel=0.02)
+    assert report.pmod_flops < 0.75 * report.dense_flops  # routing really saves work here
+
+
+def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _prd_hand(layer: int, num_layers: int) -> float | None:
+    r = 0.5 * math.cos(math.pi * layer / (num_layers - 1)) + 0.5
+    return None if r >= 0.85 else max(r, 0.15)
+
+
+def test_cli_json_llava_next(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run_cli(["flops", "--preset", "llava-next-7b", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    for key in ("dense_tflops", "pmod_tflops", "tflops_ratio", "dense_kv_bytes", "pmod_kv_bytes", "kv_cache_ratio"):
+        assert key in data
+    assert (data["n_vision"], data["n_text"]) == (2880, 64)
+    assert data["mean_retention"] == 0.5375  # 8 dense + 8 at 0.15 + 16 cos values pairing to 1: 17.2 / 32
+    assert len(data["layers"]) == 32
+    processed = [2944 if (r := _prd_hand(i, 32)) is None else 64 + math.floor(2880 * r) for i in range(32)]
+    assert [layer["processed"] for layer in data["layers"]] == processed
+    assert data["kv_cache_ratio"] == pytest.approx(sum(processed) / (32 * 2944), rel=1e-12)
+    assert 0.50 < data["tflops_ratio"] < 0.56
+    assert data["dense_kv_bytes"] == 2 * 32 * 2944 * 4096 * 2  # K and V, 32 layers, fp16
+
+
+def test_cli_config_folder_with_pmod(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    stored = PModConfig(schedule="constant", ratio=0.5)
+    config = {
+        "model_type": "llava_next",
+        "text_config": {"model_type": "llama", "num_hidden_layers": 4, "vocab_size": 32064},
+        "pmod": stored.to_dict(),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, _ = _run_cli(["flops", str(tmp_path), "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["n_vision"] == 2880  # LLaVA-NeXT default
+    assert data["schedule"] == [None, 0.5, 0.5, 0.5]  # the stored settings
+    assert data["mean_retention"] == (1 + 3 * 0.5) / 4
+    code, out, _ = _run_cli(
+        ["flops", str(tmp_path / "config.json"), "--ratio", "0.25", "--vision-tokens", "576"], capsys
+    )
+    assert code == 0
+    assert "constant 0.25" in out and "576 vision" in out and "KV cache" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["flops", "/no/such/model/folder"],
+        ["flops", "--preset", "llava-99b"],
+        ["flops"],
+        ["flops", "--preset", "llava-1.5-7b", "--ratio", "2"],
+        ["flops", "--preset", "llava-1.5-7b", "--text-tokens", "-3"],
+    ],
+)
+def test_cli_user_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run_cli(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("pmod flops: error: ") and err.count("\n") == 1
+
+
+def test_cli_unreadable_config(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    code, _, err = _run_cli(["flops", str(tmp_path)], capsys)
+    assert code == 2 and "config.json" in err and err.count("\n") == 1
