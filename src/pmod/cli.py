@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("pmod.flops_cli", "analytic FLOPs and KV-cache bytes of dense vs p-MoD for a model or preset"),
+    "generate": ("pmod.generate", "answer prompts about images with a p-MoD or LLaVA model folder (streams; batches)"),
     "data": ("pmod.data.cli", "LLaVA-format data tools: synth (make a synthetic VQA set), check (find bad records)"),
 }
 

@@ -186,3 +186,35 @@ def randomize_routers(model: torch.nn.Module, scale: float = 1.0, seed: int = 0)
             w.copy_(torch.randn(w.shape, generator=g) * scale / w.shape[-1] ** 0.5)
             if layer.router.bias is not None:
                 layer.router.bias.copy_(torch.randn(1, generator=g) * 0.1)
+
+
+def tiny_llava_folder(
+    folder: str, num_layers: int = 6, image_size: int = 32, patch_size: int = 8, pmod_config=None, seed: int = 0
+) -> str:
+    """Save a tiny random LLaVA model with a word-level tokenizer and processor to ``folder`` (loads offline).
+
+    With ``pmod_config`` the model is converted (random non-zero routers) before saving.
+    """
+    from pmod.convert import convert
+    from pmod.data.synth import vocabulary
+    from pmod.data.tokenizer import build_llava_processor, build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(vocabulary())
+    processor = build_llava_processor(tokenizer, image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    text = tiny_llama_config(num_layers, vocab=len(tokenizer)).to_dict()
+    text.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=_vision_config(image_size, patch_size),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    if pmod_config is not None:
+        convert(model, pmod_config)
+        randomize_routers(model, scale=3.0, seed=seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
