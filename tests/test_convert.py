@@ -172,3 +172,29 @@ def test_bf16_long_sequence_is_finite():
         logits = model(input_ids=ids, attention_mask=am, vision_mask=vm).logits
     assert logits.dtype == torch.bfloat16
     assert bool(torch.isfinite(logits[am.bool()]).all())
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_llama_family_decoders(family):
+    import transformers
+
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    torch.manual_seed(0)
+    config = config_cls(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, pad_token_id=0,
+    )  # fmt: skip
+    routed = model_cls(copy.deepcopy(config)).eval()
+    model = model_cls(config).eval()
+    batch = llama_batch()
+    want = forward(model, {k: v for k, v in batch.items() if k != "vision_mask"})
+    pmod.convert(model, PModConfig(schedule="explicit", ratios=[None, 1.0, 1.0, 1.0]))
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(forward(model, batch)[real], want[real], atol=1e-5, rtol=0)
+    # With routing, tokens before the first vision token of a row cannot change (causality).
+    routed.load_state_dict(model.state_dict(), strict=False)  # same weights; routers stay out of it
+    pmod.convert(routed, PModConfig(schedule="explicit", ratios=[None, 0.5, 0.3, 0.2]))
+    randomize_routers(routed)
+    got = forward(routed, batch)
+    torch.testing.assert_close(got[0, 4:6], want[0, 4:6], atol=1e-5, rtol=0)

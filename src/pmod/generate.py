@@ -97,7 +97,8 @@ def cache_report(cache: Any, model: torch.nn.Module) -> str:
     """KV bytes of the cache next to what a dense model holds for the same tokens (every layer like layer 0)."""
     size = pmod.kv_cache_bytes(cache)
     dense = size.layer_bytes[0] * len(size.layer_bytes)  # layer 0 is always dense and caches every token
-    return f"KV cache: {size.total_bytes / 2**20:.2f} MiB (dense model: {dense / 2**20:.2f} MiB, {size.total_bytes / dense:.1%})"
+    mib, share = 2**20, size.total_bytes / dense
+    return f"KV cache: {size.total_bytes / mib:.2f} MiB (dense model: {dense / mib:.2f} MiB, {share:.1%})"
 
 
 def answer(model, processor, prompts, images, max_new_tokens, temperature, streamer=None) -> tuple[list[str], str]:
@@ -154,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
     for start in tqdm(range(0, len(records), args.batch_size), desc="batches", file=sys.stderr):
         chunk = records[start : start + args.batch_size]
         images = [[open_image(base / r["image"])] if r.get("image") else [] for r in chunk]
-        texts, report = answer(model, processor, [r["prompt"] for r in chunk], images, args.max_new_tokens, args.temperature)
+        texts, report = answer(
+            model, processor, [r["prompt"] for r in chunk], images, args.max_new_tokens, args.temperature
+        )
         for record, text in zip(chunk, texts):
             print(json.dumps({**record, "answer": text.strip()}), flush=True)
         tqdm.write(report, file=sys.stderr)

@@ -203,7 +203,9 @@ def tiny_llava_folder(
     processor = build_llava_processor(tokenizer, image_size=image_size, patch_size=patch_size)
     torch.manual_seed(seed)
     text = tiny_llama_config(num_layers, vocab=len(tokenizer)).to_dict()
-    text.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text.update(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     config = LlavaConfig(
         text_config=text,
         vision_config=_vision_config(image_size, patch_size),
