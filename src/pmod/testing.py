@@ -189,9 +189,20 @@ def randomize_routers(model: torch.nn.Module, scale: float = 1.0, seed: int = 0)
 
 
 def tiny_llava_folder(
-    folder: str, num_layers: int = 6, image_size: int = 32, patch_size: int = 8, pmod_config=None, seed: int = 0
+    folder: str,
+    num_layers: int = 6,
+    image_size: int = 32,
+    patch_size: int = 8,
+    pmod_config=None,
+    seed: int = 0,
+    hidden: int = 64,
+    heads: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_feature_layer: int = -2,
 ) -> str:
-    """Save a tiny random LLaVA model with a word-level tokenizer and processor to ``folder`` (loads offline).
+    """Save a small random LLaVA model with a word-level tokenizer (the synthetic set's vocabulary) and processor
+    to ``folder``; it loads offline with ``from_pretrained`` / ``pmod.load``.
 
     With ``pmod_config`` the model is converted (random non-zero routers) before saving.
     """
@@ -202,16 +213,18 @@ def tiny_llava_folder(
     tokenizer = build_word_tokenizer(vocabulary())
     processor = build_llava_processor(tokenizer, image_size=image_size, patch_size=patch_size)
     torch.manual_seed(seed)
-    text = tiny_llama_config(num_layers, vocab=len(tokenizer)).to_dict()
+    text = tiny_llama_config(num_layers, hidden=hidden, heads=heads, kv_heads=heads, vocab=len(tokenizer)).to_dict()
     text.update(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
+    vision = _vision_config(image_size, patch_size)
+    vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers)
     config = LlavaConfig(
         text_config=text,
-        vision_config=_vision_config(image_size, patch_size),
+        vision_config=vision,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
     )
     model = LlavaForConditionalGeneration(config).eval()
     if pmod_config is not None:

@@ -1,0 +1,227 @@
+"""A synthetic visual-question-answering set: coloured shapes on plain backgrounds, one-word answers.
+
+Each image has 1-3 shapes of distinct kinds and distinct colours, each inside one cell of a 4x4 grid, so shapes
+never overlap, cover a small part of the image (most patches are background) and each lies wholly in the left or
+right half. Questions ask about colour, shape, count and position; answers come from a small closed set
+(:func:`answer_vocabulary`), and every word of every possible question or answer is in :func:`vocabulary`, so a
+word-level tokenizer built from it never meets an unknown word. Output is deterministic: the same seed gives
+byte-identical JSON and PNG files.
+
+Besides ``id``/``image``/``conversations``, image records carry ``meta``: the background colour and each shape's
+kind, colour and pixel bounding box ``[x0, y0, x1, y1]`` (inclusive), for evaluation and for checking which
+patches a model keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+# Neutral greys: never close to a shape colour, so a shape's pixels are exactly its palette colour.
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = tuple((v, v, v) for v in (250, 225, 200, 160, 110, 70, 35))
+NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
+SIDES: dict[str, int] = {"triangle": 3, "square": 4, "diamond": 4}
+GRID = 4  # cells per side
+MAX_SHAPES = 3
+
+TEXT_ONLY_FRACTION = 0.05
+MULTI_TURN_FRACTION = 0.2
+IMAGE_AFTER_QUESTION_FRACTION = 0.1  # "<image>" placed after the question instead of before
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]+")  # the split of tokenizers' Whitespace pre-tokenizer
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn shape; ``bbox`` is inclusive pixel coordinates ``(x0, y0, x1, y1)``, ``side`` the image half
+    (``left``/``right``) that holds the whole shape."""
+
+    kind: str
+    color: str
+    bbox: tuple[int, int, int, int]
+    side: str
+
+
+def _questions_about(shapes: list[Shape], rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """Question/answer pairs for an image, grouped by question type (so types can be sampled evenly)."""
+    present = {s.color for s in shapes}
+    kinds = {s.kind for s in shapes}
+    qa: dict[str, list[tuple[str, str]]] = {
+        "count": [("How many shapes are there?", NUMBERS[len(shapes)])],
+        "color": [(f"What color is the {s.kind}?", s.color) for s in shapes],
+        "shape": [(f"Which shape is {s.color}?", s.kind) for s in shapes],
+        "position": [(f"Is the {s.kind} on the left or the right?", s.side) for s in shapes],
+    }
+    if len(shapes) == 1:
+        qa["color"].append(("What color is the shape?", shapes[0].color))
+        qa["shape"].append(("What shape is in the image?", shapes[0].kind))
+    # yes/no, balanced between present and absent
+    color = rng.choice(sorted(present) if rng.random() < 0.5 else sorted(set(COLORS) - present))
+    kind = rng.choice(sorted(kinds) if rng.random() < 0.5 else sorted(set(SHAPES) - kinds))
+    qa["exists"] = [
+        (f"Is there a {color} shape?", "yes" if color in present else "no"),
+        (f"Is there a {kind}?", "yes" if kind in kinds else "no"),
+    ]
+    return qa
+
+
+def _text_only_questions() -> list[tuple[str, str]]:
+    qa = [(f"How many sides does a {k} have?", NUMBERS[n]) for k, n in SIDES.items()]
+    qa += [(f"Is {w} a shape or a color?", "shape") for w in SHAPES]
+    qa += [(f"Is {w} a shape or a color?", "color") for w in COLORS]
+    return qa
+
+
+def _all_image_questions() -> list[tuple[str, str]]:
+    """Every question an image can get (answers: any possible), for the vocabulary."""
+    qa = [("How many shapes are there?", n) for n in NUMBERS[1 : MAX_SHAPES + 1]]
+    qa += [("What color is the shape?", c) for c in COLORS] + [("What shape is in the image?", k) for k in SHAPES]
+    for k in SHAPES:
+        qa += [(f"What color is the {k}?", c) for c in COLORS]
+        qa += [(f"Is the {k} on the left or the right?", side) for side in ("left", "right")]
+        qa += [(f"Is there a {k}?", a) for a in ("yes", "no")]
+    for c in COLORS:
+        qa += [(f"Which shape is {c}?", k) for k in SHAPES] + [(f"Is there a {c} shape?", a) for a in ("yes", "no")]
+    return qa
+
+
+def _words(texts: list[str]) -> list[str]:
+    return sorted({w for t in texts for w in _WORD_RE.findall(t)})
+
+
+def answer_vocabulary() -> list[str]:
+    """Every possible answer (one word each), sorted."""
+    return sorted({a for _, a in _all_image_questions() + _text_only_questions()})
+
+
+def vocabulary() -> list[str]:
+    """Every word and punctuation mark of every possible question and answer, split like ``tokenizers``'
+    ``Whitespace`` pre-tokenizer, sorted. ``<image>`` is not included (it is a special token)."""
+    qa = _all_image_questions() + _text_only_questions()
+    return _words([q for q, _ in qa] + [a for _, a in qa])
+
+
+def render(size: int, rng: random.Random) -> tuple[Image.Image, list[Shape], tuple[int, int, int]]:
+    """Draw 1-3 shapes of distinct kinds and colours on a plain grey background (no anti-aliasing, so every
+    shape pixel has exactly its palette colour)."""
+    cell = size // GRID
+    n = rng.randint(1, MAX_SHAPES)
+    kinds = rng.sample(SHAPES, n)
+    colors = rng.sample(sorted(COLORS), n)
+    cells = rng.sample(range(GRID * GRID), n)
+    background = rng.choice(BACKGROUNDS)
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    shapes = []
+    for kind, color, c in zip(kinds, colors, cells):
+        extent = rng.randint(max(3, int(cell * 0.55)), max(3, int(cell * 0.9)))
+        x0 = (c % GRID) * cell + rng.randint(0, cell - extent)
+        y0 = (c // GRID) * cell + rng.randint(0, cell - extent)
+        x1, y1 = x0 + extent - 1, y0 + extent - 1
+        rgb = COLORS[color]
+        if kind == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=rgb)
+        elif kind == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=rgb)
+        elif kind == "triangle":
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=rgb)
+        else:  # diamond
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=rgb)
+        side = "left" if c % GRID < GRID // 2 else "right"
+        shapes.append(Shape(kind, color, (x0, y0, x1, y1), side))
+    return image, shapes, background
+
+
+def _human(question: str, with_image: bool, rng: random.Random) -> str:
+    if not with_image:
+        return question
+    return f"{question}\n<image>" if rng.random() < IMAGE_AFTER_QUESTION_FRACTION else f"<image>\n{question}"
+
+
+def _conversation(pairs: list[tuple[str, str]], with_image: bool, rng: random.Random) -> list[dict[str, str]]:
+    conv = []
+    for j, (q, a) in enumerate(pairs):
+        conv.append({"from": "human", "value": _human(q, with_image and j == 0, rng)})
+        conv.append({"from": "gpt", "value": a})
+    return conv
+
+
+def make_sample(index: int, size: int, rng: random.Random) -> tuple[dict[str, Any], Image.Image | None]:
+    """One record (and its image, None for text-only samples); the image path is ``images/<id>.png``."""
+    sid = f"synth-{index:06d}"
+    n_turns = 2 if rng.random() < MULTI_TURN_FRACTION else 1
+    if rng.random() < TEXT_ONLY_FRACTION:
+        pairs = rng.sample(_text_only_questions(), n_turns)
+        return {"id": sid, "conversations": _conversation(pairs, False, rng)}, None
+    image, shapes, background = render(size, rng)
+    by_type = _questions_about(shapes, rng)
+    types = rng.sample(sorted(by_type), n_turns)
+    pairs = [rng.choice(by_type[t]) for t in types]
+    record = {
+        "id": sid,
+        "image": f"images/{sid}.png",
+        "conversations": _conversation(pairs, True, rng),
+        "meta": {
+            "background": list(background),
+            "shapes": [{"shape": s.kind, "color": s.color, "bbox": list(s.bbox)} for s in shapes],
+        },
+    }
+    return record, image
+
+
+def generate(
+    out_dir: str | Path,
+    n: int,
+    seed: int = 0,
+    image_size: int = 64,
+    test_fraction: float = 0.1,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """Write ``n`` samples to ``out_dir``: ``train.json``, ``test.json`` (the last ``round(n * test_fraction)``
+    samples) and ``images/*.png``. Image paths in the JSON are relative to ``out_dir`` (the image folder).
+
+    Raises FileExistsError if ``out_dir`` already holds a data set, unless ``overwrite`` (which replaces it).
+    Returns the paths of train.json and test.json.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if image_size < 8 * GRID:
+        raise ValueError(f"image_size must be >= {8 * GRID}, got {image_size}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    out = Path(out_dir)
+    train_path, test_path, image_dir = out / "train.json", out / "test.json", out / "images"
+    if any(p.exists() for p in (train_path, test_path, image_dir)):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a data set (train.json, test.json or images/)")
+        shutil.rmtree(image_dir, ignore_errors=True)  # stale images of a larger earlier run would linger
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        record, image = make_sample(i, image_size, rng)
+        if image is not None:
+            image.save(out / record["image"], format="PNG")
+        records.append(record)
+    n_test = round(n * test_fraction)
+    for path, part in ((train_path, records[: n - n_test]), (test_path, records[n - n_test :])):
+        # One record a line: diffable, and still a plain JSON list.
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in part) + "\n]\n", encoding="utf-8")
+    return train_path, test_path

@@ -1,0 +1,172 @@
+"""Training recipe: stage-1 freezing, stage-2 learning, resume parity, recipes, atomic checkpoints, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from pmod.data import synth
+from pmod.testing import tiny_llava_folder
+from pmod.train import TrainError, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("train")
+    model = tiny_llava_folder(str(root / "model"), num_layers=4, image_size=32, patch_size=8)
+    train_json, _ = synth.generate(root / "data", 48, seed=0, image_size=32)
+    return {"model": model, "data": str(train_json), "root": str(root)}
+
+
+def _argv(setup: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", setup["model"], "--data-path", setup["data"], "--output-dir", str(out),
+        "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1",
+        "--report-to", "none", "--use-cpu", "--max-length", "256", "--save-strategy", "no",
+        "--disable-tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_stage1_trains_only_projector(setup: dict[str, str], tmp_path: Path) -> None:
+    train(*parse_args(_argv(setup, tmp_path, "--stage", "pretrain", "--max-steps", "2")))
+    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed)
+    assert all(torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" not in k)
+    assert "pmod" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_stage2_reduces_loss_and_logs_routing(setup: dict[str, str], tmp_path: Path) -> None:
+    trainer = train(
+        *parse_args(
+            _argv(setup, tmp_path, "--max-steps", "16", "--learning-rate", "3e-3", "--group-by-modality-length")
+        )
+    )
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 16
+    first, last = sum(x["loss"] for x in logs[:3]) / 3, sum(x["loss"] for x in logs[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert {"pmod/w_mean", "pmod/w_std", "pmod/w_saturated", "pmod/processed/L1"} <= logs[-1].keys()
+    assert all(0.0 < v <= 1.0 for k, v in logs[-1].items() if k.startswith("pmod/processed"))
+    # The vision tower stays frozen; the result reloads as a p-MoD model.
+    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+    import pmod
+
+    assert pmod.is_pmod_model(pmod.load(tmp_path))
+
+
+class _StopAfter(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_parity_and_atomic_checkpoints(setup: dict[str, str], tmp_path: Path) -> None:
+    common = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "3", "--group-by-modality-length")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(*parse_args(_argv(setup, straight, *common)))
+    train(*parse_args(_argv(setup, broken, *common)), callbacks=[_StopAfter(3)])
+    assert sorted(p.name for p in broken.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    resumed = train(*parse_args(_argv(setup, broken, *common, "--resume-from-checkpoint", "auto")))
+    assert resumed.state.global_step == 6
+    assert not [p for p in broken.iterdir() if p.name.startswith("tmp-")]
+    a, b = _weights(straight), _weights(broken)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_validate(recipe: Path) -> None:
+    margs, dargs, targs = parse_args(["--config", str(recipe), "--model", "m", "--learning-rate", "3e-5", "--use-cpu"])
+    assert targs.learning_rate == 3e-5  # the command line wins over the file
+    assert targs.lr_scheduler_type == "cosine" and targs.bf16 and targs.num_train_epochs == 1
+    assert margs.stage == "finetune" and not margs.no_pmod and dargs.group_by_modality_length
+    assert margs.pmod_config().layer_ratios(32)[-1] == 0.15
+
+
+def test_deepspeed_configs_parse() -> None:
+    stages = {
+        json.loads((ROOT / "recipes" / f"zero{s}.json").read_text())["zero_optimization"]["stage"] for s in (2, 3)
+    }
+    assert stages == {2, 3}
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TrainError, match="--model"):
+        parse_args(["--data-path", "x"])
+    with pytest.raises(TrainError, match="stage"):
+        parse_args(["--model", "m", "--stage", "bogus"])
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--not-a-flag", "1"])
+
+
+_DIST_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from pmod.train import parse_args, train
+trainer = train(*parse_args(sys.argv[2:]))
+rank = dist.get_rank() if dist.is_initialized() else 0
+params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+torch.save({"params": params, "losses": losses}, f"{sys.argv[1]}/rank{rank}.pt")
+"""
+
+
+def _free_port() -> int:
+    # torchrun hangs in rendezvous with --master_port 0, so hand it a port that is free now.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun on CPU (gloo) is tested on Linux")
+def test_torchrun_two_processes_match_single(setup: dict[str, str], tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    common = ("--max-steps", "3", "--group-by-modality-length", "--seed", "1")
+    single, dist_out = tmp_path / "single", tmp_path / "dist"
+    single.mkdir(), dist_out.mkdir()
+    cmd = [sys.executable, str(script), str(single), *_argv(setup, single, *common)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    argv = _argv(setup, dist_out, *common)
+    argv[argv.index("--per-device-train-batch-size") + 1] = "2"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    proc = subprocess.run(
+        [*torchrun, str(script), str(dist_out), *argv], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1, one = (
+        torch.load(p, weights_only=True) for p in (dist_out / "rank0.pt", dist_out / "rank1.pt", single / "rank0.pt")
+    )
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+    torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(one["losses"]), rtol=0.05, atol=0.05)
