@@ -14,7 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pmod.demo", "the main job: train dense vs p-MoD on a synthetic VQA task and report accuracy and cost"),
     "flops": ("pmod.flops_cli", "analytic FLOPs and KV-cache bytes of dense vs p-MoD for a model or preset"),
-    "train": ("pmod.train", "stage-1 (projector) / stage-2 (p-MoD finetune) training on the HF Trainer; --config recipe"),
+    "train": ("pmod.train", "stage-1 (projector) / stage-2 (p-MoD finetune) training on the HF Trainer"),
     "generate": ("pmod.generate", "answer prompts about images with a p-MoD or LLaVA model folder (streams; batches)"),
     "viz": ("pmod.viz", "plot which vision tokens each p-MoD layer keeps for an image (heatmap and overlays)"),
     "data": ("pmod.data.cli", "LLaVA-format data tools: synth (make a synthetic VQA set), check (find bad records)"),
