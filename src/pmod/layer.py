@@ -161,20 +161,26 @@ class PModLayerMixin:
         if real is None:
             real = torch.ones(bsz, seq, dtype=torch.bool, device=hidden_states.device)
         vision = routing.vision_mask
-        vision = torch.zeros_like(real) if vision is None else vision & real
-
-        logits = self.router(hidden_states).squeeze(-1).float()
-        weights = token_weights(logits, self.pmod_config)
-        kept_vision = select_tokens(logits, vision, self.pmod_ratio)
-        processed = (real & ~vision) | kept_vision
-        if self.pmod_recorder is not None:
-            self.pmod_recorder(self.pmod_layer_idx, processed, weights)
-
-        dense = bool(processed.all())  # every token of every row processed: no gather/scatter needed
-        index, slot_valid = compact_index(processed)
-        if dense:
-            x = hidden_states
+        # Text-only inference (every decode step): nothing to route, so skip the router and the selection.
+        # Training keeps the router in the graph so that data-parallel wrappers see it used in every step.
+        text_only = vision is None and self.pmod_recorder is None and not torch.is_grad_enabled()
+        if text_only:
+            processed, weights, kept_vision = real, None, None
+            dense = routing.token_mask is None or bool(real.all())
         else:
+            vision = torch.zeros_like(real) if vision is None else vision & real
+            logits = self.router(hidden_states).squeeze(-1).float()
+            weights = token_weights(logits, self.pmod_config)
+            kept_vision = select_tokens(logits, vision, self.pmod_ratio)
+            processed = (real & ~vision) | kept_vision
+            if self.pmod_recorder is not None:
+                self.pmod_recorder(self.pmod_layer_idx, processed, weights)
+            dense = bool(processed.all())  # every token of every row processed: no gather/scatter needed
+
+        if dense:
+            x, slot_valid = hidden_states, processed  # all True
+        else:
+            index, slot_valid = compact_index(processed)
             x = _gather_tokens(hidden_states, index)
             cos, sin = position_embeddings
             position_embeddings = (
@@ -204,13 +210,20 @@ class PModLayerMixin:
         h = x + attn_out
         m = self.mlp(self.post_attention_layernorm(h))
 
-        # Kept vision tokens: only the MLP branch is reweighted. Skipped ones (STRing): w~ * x.
-        mlp_scale = torch.where(kept_vision, weights, 1.0)
-        skip_scale = torch.where(vision & ~kept_vision, weights, 1.0) if self.pmod_config.string else None
-        if dense:
-            return h + mlp_scale.unsqueeze(-1).to(m.dtype) * m
-        y = h + _gather_tokens(mlp_scale, index).unsqueeze(-1).to(m.dtype) * m
-        base = hidden_states if skip_scale is None else hidden_states * skip_scale.unsqueeze(-1).to(x.dtype)
+        if text_only:
+            if dense:
+                return h + m
+            y, base = h + m, hidden_states
+        else:
+            # Kept vision tokens: only the MLP branch is reweighted. Skipped ones (STRing): w~ * x.
+            mlp_scale = torch.where(kept_vision, weights, 1.0)
+            if dense:
+                return h + mlp_scale.unsqueeze(-1).to(m.dtype) * m
+            y = h + _gather_tokens(mlp_scale, index).unsqueeze(-1).to(m.dtype) * m
+            base = hidden_states
+            if self.pmod_config.string:
+                skip_scale = torch.where(vision & ~kept_vision, weights, 1.0)
+                base = hidden_states * skip_scale.unsqueeze(-1).to(x.dtype)
         y = torch.where(slot_valid.unsqueeze(-1), y, _gather_tokens(base, index))
         return base.scatter(1, index.unsqueeze(-1).expand_as(y), y)
 

@@ -46,6 +46,21 @@ VICUNA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
 
+# The same USER/ASSISTANT turns without a system prompt: short prompts for small models, where a 30-word system
+# prompt would cost more than the question.
+SHORT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ ' ' if message['role'] == 'user' else '</s>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
 _WORD_RE = re.compile(r"\w+|[^\w\s]+")  # the split of the Whitespace pre-tokenizer
 
 

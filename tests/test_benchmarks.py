@@ -1,0 +1,92 @@
+"""The benchmark scripts run end to end on tiny sizes: their JSON has the expected keys, and the measured KV-cache
+ratio equals the one computed by hand from ``pmod.layer_ratios`` (exact, no timing)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import pmod
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = ("common", "bench_prefill", "bench_train_step", "bench_decode")
+N_VISION, N_TEXT = 64, 8
+SHAPE = dict(layers=4, hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=256)
+TINY = [
+    "--quick",
+    *[arg for key, value in SHAPE.items() for arg in (f"--{key.replace('_', '-')}", str(value))],
+    *["--n-vision", str(N_VISION), "--n-text", str(N_TEXT), "--warmup", "1", "--reps", "1"],
+]
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[dict[str, ModuleType]]:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield {name: importlib.import_module(name) for name in SCRIPTS}
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(autouse=True)
+def keep_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()  # the scripts set their own thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def check_header(result: dict, out: Path) -> None:
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert {"date", "cpu", "cpu_cores", "torch", "transformers", "device", "dtype"} <= set(result["machine"])
+    assert result["model"] == SHAPE
+    assert result["command"].startswith("python benchmarks/bench_")
+
+
+def test_prefill(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    out = tmp_path / "prefill.json"
+    result = bench["bench_prefill"].main([*TINY, "--out", str(out)])
+    check_header(result, out)
+    (run,) = result["runs"]
+    assert {"dense_s", "pmod_s", "time_ratio", "analytic_tflops_ratio", "target", "target_met"} <= set(run)
+    assert len(run["samples"]["dense"]) == len(run["samples"]["pmod"]) == 1
+    assert 0 < run["analytic_tflops_ratio"] < 1
+
+
+def test_train_step(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    result = bench["bench_train_step"].main([*TINY, "--out", str(out)])
+    check_header(result, out)
+    (run,) = result["runs"]
+    assert {"dense_s", "pmod_s", "time_ratio", "target_met", "dense_peak_memory_delta_bytes"} <= set(run)
+    assert run["batch_size"] == 2
+    assert all(math.isfinite(s["loss"]) for name in ("dense", "pmod") for s in run["samples"][name])
+    assert {"full_model", "this_run"} <= set(result["memory_plan"])
+    assert "layers_reduced_from" not in result  # --quick runs are not the real setup and say nothing about it
+
+
+def test_decode_kv_ratio_is_exact(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    result = bench["bench_decode"].main([*TINY, "--batch", "1", "8", "--new-tokens", "4", "--out", str(out)])
+    check_header(result, out)
+
+    _, routed = bench["common"].build_models(bench["common"].Shape(**SHAPE), "cpu", torch.float32)
+    ratios = pmod.layer_ratios(routed)
+    kept = [N_TEXT + (N_VISION if r is None else math.floor(N_VISION * r)) for r in ratios]
+    per_token = 2 * SHAPE["kv_heads"] * (SHAPE["hidden"] // SHAPE["heads"]) * 4  # K and V, fp32
+    for run, batch in zip(result["runs"], (1, 8)):
+        assert run["batch_size"] == batch
+        assert run["dense_kv_bytes"] == batch * len(ratios) * (N_VISION + N_TEXT) * per_token
+        assert run["pmod_kv_bytes"] == batch * sum(kept) * per_token
+        assert run["kv_ratio"] == sum(kept) / (len(ratios) * (N_VISION + N_TEXT)) == run["analytic_kv_ratio"]
+        assert run["kv_target_met"] is True
+        assert run["samples"]["pmod"][0]["generated_tokens"] == 4
+        assert run["dense_tokens_per_s"] > 0 and run["pmod_tokens_per_s"] > 0
+    assert "throughput_target_met" in result["runs"][1]
