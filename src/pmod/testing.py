@@ -200,6 +200,7 @@ def tiny_llava_folder(
     vision_hidden: int = 32,
     vision_layers: int = 2,
     vision_feature_layer: int = -2,
+    chat_template: str | None = None,
 ) -> str:
     """Save a small random LLaVA model with a word-level tokenizer (the synthetic set's vocabulary) and processor
     to ``folder``; it loads offline with ``from_pretrained`` / ``pmod.load``.
@@ -211,7 +212,9 @@ def tiny_llava_folder(
     from pmod.data.tokenizer import build_llava_processor, build_word_tokenizer
 
     tokenizer = build_word_tokenizer(vocabulary())
-    processor = build_llava_processor(tokenizer, image_size=image_size, patch_size=patch_size)
+    processor = build_llava_processor(
+        tokenizer, image_size=image_size, patch_size=patch_size, chat_template=chat_template
+    )
     torch.manual_seed(seed)
     text = tiny_llama_config(num_layers, hidden=hidden, heads=heads, kv_heads=heads, vocab=len(tokenizer)).to_dict()
     text.update(
