@@ -67,3 +67,18 @@ def test_shape_concentration_rows(demo):
 def test_variants_must_include_dense(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--variants", "pmod"]) == 2
     assert "must include 'dense'" in capsys.readouterr().err
+
+
+def test_prior_baseline_by_hand(tmp_path):
+    from pmod.demo import prior_baseline
+
+    def rec(q, a):
+        return {
+            "image": "x.png",
+            "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+        }
+
+    train = [rec("What color?", "red"), rec("What color?", "red"), rec("What color?", "blue"), rec("How many?", "two")]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    test = [rec("What color?", "red"), rec("What color?", "blue"), rec("How many?", "two"), rec("Which shape?", "x")]
+    assert prior_baseline(tmp_path, test) == 0.5  # red: hit, blue: miss, two: hit, unseen question: miss

@@ -163,16 +163,24 @@ def _conversation(pairs: list[tuple[str, str]], with_image: bool, rng: random.Ra
     return conv
 
 
-def make_sample(index: int, size: int, rng: random.Random) -> tuple[dict[str, Any], Image.Image | None]:
-    """One record (and its image, None for text-only samples); the image path is ``images/<id>.png``."""
+def make_sample(
+    index: int, size: int, rng: random.Random, turns: int | None = None
+) -> tuple[dict[str, Any], Image.Image | None]:
+    """One record (and its image, None for text-only samples); the image path is ``images/<id>.png``.
+
+    ``turns`` asks that many questions about each image (at most one per question kind); None mixes one- and
+    two-turn samples.
+    """
     sid = f"synth-{index:06d}"
     n_turns = 2 if rng.random() < MULTI_TURN_FRACTION else 1
+    if turns is not None:
+        n_turns = turns
     if rng.random() < TEXT_ONLY_FRACTION:
-        pairs = rng.sample(_text_only_questions(), n_turns)
+        pairs = rng.sample(_text_only_questions(), min(n_turns, 2))
         return {"id": sid, "conversations": _conversation(pairs, False, rng)}, None
     image, shapes, background = render(size, rng)
     by_type = _questions_about(shapes, rng)
-    types = rng.sample(sorted(by_type), n_turns)
+    types = rng.sample(sorted(by_type), min(n_turns, len(by_type)))
     pairs = [rng.choice(by_type[t]) for t in types]
     record = {
         "id": sid,
@@ -193,6 +201,7 @@ def generate(
     image_size: int = 64,
     test_fraction: float = 0.1,
     overwrite: bool = False,
+    turns: int | None = None,
 ) -> tuple[Path, Path]:
     """Write ``n`` samples to ``out_dir``: ``train.json``, ``test.json`` (the last ``round(n * test_fraction)``
     samples) and ``images/*.png``. Image paths in the JSON are relative to ``out_dir`` (the image folder).
@@ -216,7 +225,7 @@ def generate(
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        record, image = make_sample(i, image_size, rng)
+        record, image = make_sample(i, image_size, rng, turns)
         if image is not None:
             image.save(out / record["image"], format="PNG")
         records.append(record)
