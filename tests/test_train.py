@@ -170,3 +170,20 @@ def test_torchrun_two_processes_match_single(setup: dict[str, str], tmp_path: Pa
     for k, v in r0["params"].items():
         assert torch.equal(v, r1["params"][k]), k
     torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(one["losses"]), rtol=0.05, atol=0.05)
+
+
+def test_lora_merges_adapters_and_trains_routers_fully(setup: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    import pmod
+
+    train(*parse_args(_argv(setup, tmp_path, "--max-steps", "3", "--learning-rate", "1e-2", "--lora-r", "4")))
+    model = pmod.load(tmp_path)  # a merged, plain p-MoD folder
+    assert pmod.is_pmod_model(model)
+    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    new = set(after) - set(before)
+    assert new and all(".router." in k for k in new)  # only routers are added; no adapter tensors remain
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("q_proj" in k for k in changed)  # adapters were merged into the targeted projections
+    assert any("multi_modal_projector" in k for k in changed)  # trained fully (modules_to_save)
+    untouched = [k for k in before if "embed_tokens" in k or "vision_tower" in k or "norm" in k]
+    assert untouched and not changed & set(untouched)
