@@ -24,16 +24,8 @@ VICUNA_SYSTEM = (
 # Words the built-in Vicuna v1 prompt adds around the conversation.
 TEMPLATE_TEXT = f"{VICUNA_SYSTEM} USER: ASSISTANT:"
 
-# The Vicuna v1 conversation format as a chat template: renders the same token sequence as the built-in
-# ``vicuna_v1`` prompt of :class:`pmod.data.dataset.LlavaDataset` for a word-level tokenizer (whitespace around
-# ``<image>`` may differ, which a whitespace pre-tokenizer ignores).
-VICUNA_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
-    "else messages[0]['content'][0]['text'] -%}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
-    "{%- set loop_messages = messages -%}{%- endif -%}"
-    "{{ system + ' ' }}"
+# USER/ASSISTANT turns over ``loop_messages``: images as ``<image>\n``, replies closed by ``</s>``.
+_TURNS_TEMPLATE = (
     "{%- for message in loop_messages -%}"
     "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
@@ -46,20 +38,21 @@ VICUNA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
 
-# The same USER/ASSISTANT turns without a system prompt: short prompts for small models, where a 30-word system
-# prompt would cost more than the question.
-SHORT_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ ' ' if message['role'] == 'user' else '</s>' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+# The Vicuna v1 conversation format as a chat template: renders the same token sequence as the built-in
+# ``vicuna_v1`` prompt of :class:`pmod.data.dataset.LlavaDataset` for a word-level tokenizer (whitespace around
+# ``<image>`` may differ, which a whitespace pre-tokenizer ignores).
+VICUNA_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'][0]['text'] -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{ system + ' ' }}" + _TURNS_TEMPLATE
 )
+
+# The same turns without a system prompt: short prompts for small models, where a 30-word system prompt would cost
+# more than the question.
+SHORT_CHAT_TEMPLATE = "{%- set loop_messages = messages -%}" + _TURNS_TEMPLATE
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]+")  # the split of the Whitespace pre-tokenizer
 
