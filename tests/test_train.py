@@ -187,3 +187,54 @@ def test_lora_merges_adapters_and_trains_routers_fully(setup: dict[str, str], tm
     assert any("multi_modal_projector" in k for k in changed)  # trained fully (modules_to_save)
     untouched = [k for k in before if "embed_tokens" in k or "vision_tower" in k or "norm" in k]
     assert untouched and not changed & set(untouched)
+
+
+def test_assemble_llava_from_parts(tmp_path: Path) -> None:
+    """LLM + CLIP tower + original-LLaVA projector weights give a LLaVA model holding exactly those weights."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from pmod.data.tokenizer import build_word_tokenizer
+    from pmod.testing import tiny_llama_config
+    from pmod.train import assemble_llava
+
+    tokenizer = build_word_tokenizer(synth.vocabulary())
+    torch.manual_seed(0)
+    lm = transformers_llama(tiny_llama_config(2, vocab=len(tokenizer)))
+    lm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8)
+    )  # fmt: skip
+    vision.save_pretrained(tmp_path / "clip")
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(64, 32), "model.mm_projector.0.bias": torch.randn(64),
+        "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64),
+    }  # fmt: skip
+    save_file(projector, str(tmp_path / "mm_projector.safetensors"))
+
+    model, processor = assemble_llava(
+        str(tmp_path / "llm"), str(tmp_path / "clip"), str(tmp_path / "mm_projector.safetensors")
+    )
+    assert torch.equal(model.model.multi_modal_projector.linear_1.weight, projector["model.mm_projector.0.weight"])
+    assert torch.equal(model.model.multi_modal_projector.linear_2.bias, projector["model.mm_projector.2.bias"])
+    assert torch.equal(model.model.language_model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
+    tower, source = model.model.vision_tower.state_dict(), vision.state_dict()
+    assert tower.keys() == source.keys() and all(torch.equal(tower[k], source[k]) for k in source)
+    assert model.config.vision_feature_layer == -2
+    from PIL import Image
+
+    inputs = processor(
+        text=["USER: <image>\nWhat color ? ASSISTANT:"], images=[Image.new("RGB", (32, 32))], return_tensors="pt"
+    )
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[-1] == len(tokenizer)
+
+
+def transformers_llama(config):  # noqa: ANN001, ANN201
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(config)
