@@ -136,8 +136,8 @@ class _RoutingHook:
             vision_mask = vision_mask.to(device=reference.device, dtype=torch.bool)
         elif input_ids is not None and self.routable_ids:
             vision_mask = torch.isin(input_ids, torch.tensor(self.routable_ids, device=input_ids.device))
-            if input_ids.shape[1] == 1 and not bool(vision_mask.any()):
-                vision_mask = None  # a decode step: lets the layers skip routing (one check per forward)
+            if not bool(vision_mask.any()):
+                vision_mask = None  # text only (every decode step): lets the layers skip routing; one check here
 
         token_mask = bound.get("attention_mask")
         if token_mask is not None:

@@ -258,14 +258,15 @@ def prior_baseline(data: Path, test: list[dict[str, Any]]) -> float:
     return sum(hits) / len(hits)
 
 
-def shape_concentration(folder: Path, data: Path, test: list[dict[str, Any]], n: int = 32) -> dict[int, dict]:
+def shape_concentration(
+    model: torch.nn.Module, processor: Any, data: Path, test: list[dict[str, Any]], n: int = 32
+) -> dict[int, dict]:
     """Per p-MoD layer: the share of kept vision tokens that touch a shape, against the share of all tokens that do.
 
     A router that learned the task keeps shape tokens more often than chance (precision > base rate).
     """
     from pmod.viz import image_routing
 
-    model, processor = _load(folder)
     stats: dict[int, list[tuple[float, float, float]]] = {}
     for record in test[:n]:
         routing = image_routing(model, processor, _image(data, record), _question(record)[0])
@@ -324,7 +325,7 @@ def write_report(out: Path, settings: DemoSettings, runs, results, data: Path, t
             if i == 0:
                 plots[f"{name}_heatmap"] = plot_token_heatmap(routing, out / f"{name}_heatmap.png")
             plots[f"{name}_overlay_{i}"] = plot_kept_overlay(routing, out / f"{name}_overlay_{i}.png")
-        concentration[name] = shape_concentration(folder, data, test)
+        concentration[name] = shape_concentration(model, processor, data, test)
         deep = list(concentration[name].values())
         lift = np.mean([d["kept_on_shape"] / max(d["base_rate"], 1e-9) for d in deep])
         verdict = (

@@ -93,7 +93,7 @@ def encode(processor: Any, model: torch.nn.Module, prompts: list[str], images: l
     return inputs.to(model.device)
 
 
-def cache_report(cache: Any, model: torch.nn.Module) -> str:
+def cache_report(cache: Any) -> str:
     """KV bytes of the cache next to what a dense model holds for the same tokens (every layer like layer 0)."""
     size = pmod.kv_cache_bytes(cache)
     dense = size.layer_bytes[0] * len(size.layer_bytes)  # layer 0 is always dense and caches every token
@@ -114,7 +114,7 @@ def answer(model, processor, prompts, images, max_new_tokens, temperature, strea
             **sampling,
         )
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    return processor.batch_decode(new, skip_special_tokens=True), cache_report(out.past_key_values, model)
+    return processor.batch_decode(new, skip_special_tokens=True), cache_report(out.past_key_values)
 
 
 def read_batch_file(path: str) -> list[dict[str, str]]:
