@@ -7,22 +7,19 @@ import torch
 
 import pmod
 from pmod.cli import main
-from pmod.demo import DemoSettings, run_demo
+from pmod.demo import DemoSettings
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """`pmod demo --quick`, the smoke run the README promises (about a minute here)."""
     out = tmp_path_factory.mktemp("demo")
-    settings = DemoSettings(
-        samples=160, layers=4, hidden=32, vision_hidden=32, steps=4, batch_size=8, eval_samples=16,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
-    return out, run_demo(out, settings)
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text())
 
 
 def test_report_files_and_table(demo):
     out, report = demo
-    assert json.loads((out / "report.json").read_text())["table"] == report["table"]
     md = (out / "report.md").read_text()
     assert report["table"] in md
     for name in ["loss.png", "pmod_schedule.png", "pmod_heatmap.png", "pmod_overlay_0.png"]:
@@ -33,6 +30,62 @@ def test_report_files_and_table(demo):
         assert 0.0 <= result["accuracy"] <= 1.0
         assert result["prefill_ms"] > 0
     assert report["loss"]["dense"][0][0] >= 1 and len(report["loss"]["pmod"]) >= 2
+    vision = report["vision_pretraining"]
+    assert [step for step, _ in vision["loss"]] == list(range(1, DemoSettings.quick().vision_pretrain_steps + 1))
+    assert f"shape kind on shape patches {vision['accuracy']['shape_on_object']:.3f}" in md
+    assert "## How the task was chosen" in md
+
+
+def test_data_follows_the_settings(demo):
+    """One shape per image and only the chosen question kinds, as the report says."""
+    out, report = demo
+    records = [r for r in json.loads((out / "data" / "train.json").read_text()) if r.get("image")]
+    assert records and all(len(r["meta"]["shapes"]) == 1 for r in records)
+    questions = {r["conversations"][0]["value"].replace("<image>", "").strip().split()[0] for r in records}
+    assert questions == {"What", "Is"}  # "What color is ...", "Is the ... on the left or the right?"
+    assert all("Is there" not in t["value"] for r in records for t in r["conversations"])
+
+
+def test_tower_is_frozen_in_stage_two(demo):
+    """Both variants keep the pre-trained tower bit for bit; the decoder trained."""
+    from transformers import LlavaForConditionalGeneration
+
+    from pmod.generate import load_model
+
+    out, _ = demo
+    base = LlavaForConditionalGeneration.from_pretrained(out / "base-model").state_dict()
+    for name in ("dense", "pmod"):
+        model, _ = load_model(out / name, "cpu")
+        trained = model.state_dict()
+        tower = [k for k in base if ".vision_tower." in k]
+        assert tower and all(torch.equal(base[k], trained[k]) for k in tower), name
+        assert not torch.equal(base["lm_head.weight"], trained["lm_head.weight"]), name
+
+
+def test_side_by_side_training_changes_nothing(demo, tmp_path):
+    """The demo trains variants in worker processes when cores allow; the same variant trained here, in this
+    process, gives the same weights bit for bit."""
+    import os
+
+    from pmod.demo import parallel_workers, train_variant
+    from pmod.generate import load_model
+
+    out, report = demo
+    settings = DemoSettings.quick()
+    workers = parallel_workers(settings)
+    assert report["parallel_workers"] == workers
+    if workers == 1:
+        pytest.skip("one core or a GPU: the demo trained the variants in this process")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # what each worker used
+    try:
+        run = train_variant("dense", out / "base-model", out / "data", tmp_path / "dense", settings)
+    finally:
+        torch.set_num_threads(threads)
+    again = load_model(tmp_path / "dense", "cpu")[0].state_dict()
+    first = load_model(out / "dense", "cpu")[0].state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert run["loss"] == [tuple(x) for x in report["loss"]["dense"]]
 
 
 def test_report_kv_bytes_are_what_the_cache_holds(demo):

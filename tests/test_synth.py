@@ -158,3 +158,75 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "synth", "--out", str(out), "--n", "5", "--seed", "3", "--overwrite"]) == 0
     assert len(list((out / "images").iterdir())) <= 5  # no stale images from the larger run
     assert main(["data", "synth", "--out", str(tmp_path / "e"), "--n", "5", "--image-size", "16"]) == 2
+
+
+def _question_kind(question: str) -> str:
+    """The generator's question kind of an image question, from its wording."""
+    if question.startswith("How many"):
+        return "count"
+    if question.startswith("Is there"):
+        return "exists"
+    if question.startswith("What color"):
+        return "color"
+    if question.startswith(("Which shape", "What shape")):
+        return "shape"
+    if "left or the right" in question:
+        return "position"
+    raise AssertionError(question)
+
+
+def test_question_kind_names_every_question() -> None:
+    """The library's classifier (used by the demo's per-kind accuracy) agrees with the wording-based one here."""
+    questions = {q for q, _ in synth._all_image_questions()}
+    assert {synth.question_kind(q) for q in questions} == set(synth.QUESTION_KINDS)
+    for q in questions:
+        assert synth.question_kind(q) == _question_kind(q), q
+    assert {synth.question_kind(q) for q, _ in synth._text_only_questions()} == {"other"}
+
+
+def test_one_shape_and_chosen_question_kinds(tmp_path: Path) -> None:
+    synth.generate(tmp_path, 120, seed=5, image_size=64, max_shapes=1, question_kinds=["color", "position"])
+    records = [r for r in _records(tmp_path) if "image" in r]
+    assert len(records) > 90
+    kinds = set()
+    for r in records:
+        assert len(r["meta"]["shapes"]) == 1
+        pixels = np.asarray(Image.open(tmp_path / r["image"]).convert("RGB"))
+        assert sum((pixels == rgb).all(-1).any() for rgb in synth.COLORS.values()) == 1  # one coloured object drawn
+        for q in r["conversations"][::2]:
+            kinds.add(_question_kind(q["value"].replace("<image>", "").strip()))
+    assert kinds == {"color", "position"}
+    for bad in ({"max_shapes": 0}, {"max_shapes": 4}, {"question_kinds": ["colour"]}, {"question_kinds": []}):
+        with pytest.raises(ValueError, match="max_shapes|question_kinds"):
+            synth.generate(tmp_path / "bad", 4, overwrite=True, **bad)
+
+
+def test_cli_synth_shapes_and_questions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["data", "synth", "--out", str(tmp_path / "d"), "--n", "20", "--max-shapes", "1", "--questions", "color"]
+    assert main(args) == 0
+    questions = [r["conversations"][0]["value"] for r in _records(tmp_path / "d") if "image" in r]
+    assert questions and all("What color" in q for q in questions)
+    assert main(["data", "synth", "--out", str(tmp_path / "e"), "--n", "5", "--questions", "size"]) == 2
+    assert "question_kinds must be" in capsys.readouterr().err
+
+
+def test_patch_labels_by_hand() -> None:
+    """A red square covering patches (0,1) fully and 10 px of patch (1,1), a blue 2x2 dot: labels counted by hand."""
+    image = Image.new("RGB", (16, 16), (200, 200, 200))
+    for x in range(8, 16):
+        for y in range(0, 8):
+            image.putpixel((x, y), synth.COLORS["red"])
+    for x in range(8, 13):
+        for y in range(8, 10):  # 10 pixels of 64: above the 10% cover threshold
+            image.putpixel((x, y), synth.COLORS["red"])
+    for x in range(0, 2):
+        for y in range(8, 10):  # 4 pixels of 64: below it
+            image.putpixel((x, y), synth.COLORS["blue"])
+    meta = {"shapes": [{"shape": "square", "color": "red"}, {"shape": "circle", "color": "blue"}]}
+    labels = synth.patch_labels(image, meta, 8)
+    red, square = 1 + sorted(synth.COLORS).index("red"), 1 + synth.SHAPES.index("square")
+    assert labels["grid"] == (2, 2)
+    assert labels["color"] == [0, red, 0, red]
+    assert labels["shape"] == [0, square, 0, square]
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        synth.patch_labels(image, meta, 5)

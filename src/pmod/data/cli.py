@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64, at least 32)")
     synth.add_argument("--test-fraction", type=float, default=0.1, help="share of samples in test.json (default 0.1)")
+    synth.add_argument("--max-shapes", type=int, default=3, help="most shapes per image, 1-3 (default 3)")
+    synth.add_argument(
+        "--questions",
+        default=None,
+        help="comma-separated question kinds from color,count,exists,position,shape (default: all)",
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
 
     check = sub.add_parser(
@@ -56,6 +62,8 @@ def _synth(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             test_fraction=args.test_fraction,
             overwrite=args.overwrite,
+            max_shapes=args.max_shapes,
+            question_kinds=None if args.questions is None else [q.strip() for q in args.questions.split(",")],
         )
     except FileExistsError as err:
         raise CLIError(f"{err}; pass --overwrite to replace it or choose another --out") from err

@@ -18,10 +18,12 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -39,6 +41,8 @@ NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
 SIDES: dict[str, int] = {"triangle": 3, "square": 4, "diamond": 4}
 GRID = 4  # cells per side
 MAX_SHAPES = 3
+#: Question kinds, the keys ``question_kinds`` picks from.
+QUESTION_KINDS: tuple[str, ...] = ("color", "count", "exists", "position", "shape")
 
 TEXT_ONLY_FRACTION = 0.05
 MULTI_TURN_FRACTION = 0.2
@@ -81,6 +85,22 @@ def _questions_about(shapes: list[Shape], rng: random.Random) -> dict[str, list[
     return qa
 
 
+_KIND_PATTERNS = (
+    ("count", "how many shapes"),
+    ("color", "what color is"),
+    ("shape", "which shape is"),
+    ("shape", "what shape is in"),
+    ("position", "on the left or the right"),
+    ("exists", "is there a"),
+)
+
+
+def question_kind(question: str) -> str:
+    """The :data:`QUESTION_KINDS` entry an image question of this generator belongs to ("other" for the rest)."""
+    text = question.lower()
+    return next((kind for kind, pattern in _KIND_PATTERNS if pattern in text), "other")
+
+
 def _text_only_questions() -> list[tuple[str, str]]:
     qa = [(f"How many sides does a {k} have?", NUMBERS[n]) for k, n in SIDES.items()]
     qa += [(f"Is {w} a shape or a color?", "shape") for w in SHAPES]
@@ -117,11 +137,13 @@ def vocabulary() -> list[str]:
     return _words([q for q, _ in qa] + [a for _, a in qa])
 
 
-def render(size: int, rng: random.Random) -> tuple[Image.Image, list[Shape], tuple[int, int, int]]:
-    """Draw 1-3 shapes of distinct kinds and colours on a plain grey background (no anti-aliasing, so every
-    shape pixel has exactly its palette colour)."""
+def render(
+    size: int, rng: random.Random, max_shapes: int = MAX_SHAPES
+) -> tuple[Image.Image, list[Shape], tuple[int, int, int]]:
+    """Draw 1 to ``max_shapes`` shapes of distinct kinds and colours on a plain grey background (no
+    anti-aliasing, so every shape pixel has exactly its palette colour)."""
     cell = size // GRID
-    n = rng.randint(1, MAX_SHAPES)
+    n = rng.randint(1, max_shapes)
     kinds = rng.sample(SHAPES, n)
     colors = rng.sample(sorted(COLORS), n)
     cells = rng.sample(range(GRID * GRID), n)
@@ -164,12 +186,17 @@ def _conversation(pairs: list[tuple[str, str]], with_image: bool, rng: random.Ra
 
 
 def make_sample(
-    index: int, size: int, rng: random.Random, turns: int | None = None
+    index: int,
+    size: int,
+    rng: random.Random,
+    turns: int | None = None,
+    max_shapes: int = MAX_SHAPES,
+    question_kinds: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], Image.Image | None]:
     """One record (and its image, None for text-only samples); the image path is ``images/<id>.png``.
 
     ``turns`` asks that many questions about each image (at most one per question kind); None mixes one- and
-    two-turn samples.
+    two-turn samples. ``question_kinds`` (from :data:`QUESTION_KINDS`) limits what image questions ask about.
     """
     sid = f"synth-{index:06d}"
     n_turns = 2 if rng.random() < MULTI_TURN_FRACTION else 1
@@ -178,8 +205,10 @@ def make_sample(
     if rng.random() < TEXT_ONLY_FRACTION:
         pairs = rng.sample(_text_only_questions(), min(n_turns, 2))
         return {"id": sid, "conversations": _conversation(pairs, False, rng)}, None
-    image, shapes, background = render(size, rng)
+    image, shapes, background = render(size, rng, max_shapes)
     by_type = _questions_about(shapes, rng)
+    if question_kinds is not None:
+        by_type = {k: v for k, v in by_type.items() if k in question_kinds}
     types = rng.sample(sorted(by_type), min(n_turns, len(by_type)))
     pairs = [rng.choice(by_type[t]) for t in types]
     record = {
@@ -202,9 +231,15 @@ def generate(
     test_fraction: float = 0.1,
     overwrite: bool = False,
     turns: int | None = None,
+    max_shapes: int = MAX_SHAPES,
+    question_kinds: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``n`` samples to ``out_dir``: ``train.json``, ``test.json`` (the last ``round(n * test_fraction)``
     samples) and ``images/*.png``. Image paths in the JSON are relative to ``out_dir`` (the image folder).
+
+    ``max_shapes`` (1-3) caps the shapes per image; ``question_kinds`` (a subset of :data:`QUESTION_KINDS`, default
+    all) limits what image questions ask about. One shape per image and ``("color", "position", "shape")`` give the
+    easiest task: every answer is read off one object (the demo's choice, see :mod:`pmod.demo`).
 
     Raises FileExistsError if ``out_dir`` already holds a data set, unless ``overwrite`` (which replaces it).
     Returns the paths of train.json and test.json.
@@ -215,6 +250,14 @@ def generate(
         raise ValueError(f"image_size must be >= {8 * GRID}, got {image_size}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if not 1 <= max_shapes <= MAX_SHAPES:
+        raise ValueError(f"max_shapes must be in [1, {MAX_SHAPES}], got {max_shapes}")
+    if question_kinds is not None:
+        unknown = sorted(set(question_kinds) - set(QUESTION_KINDS))
+        if unknown or not question_kinds:
+            raise ValueError(
+                f"question_kinds must be a non-empty subset of {', '.join(QUESTION_KINDS)}; got {list(question_kinds)}"
+            )
     out = Path(out_dir)
     train_path, test_path, image_dir = out / "train.json", out / "test.json", out / "images"
     if any(p.exists() for p in (train_path, test_path, image_dir)):
@@ -225,7 +268,7 @@ def generate(
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        record, image = make_sample(i, image_size, rng, turns)
+        record, image = make_sample(i, image_size, rng, turns, max_shapes, question_kinds)
         if image is not None:
             image.save(out / record["image"], format="PNG")
         records.append(record)
@@ -234,3 +277,29 @@ def generate(
         # One record a line: diffable, and still a plain JSON list.
         path.write_text("[\n" + ",\n".join(json.dumps(r) for r in part) + "\n]\n", encoding="utf-8")
     return train_path, test_path
+
+
+def patch_labels(image: Image.Image, meta: dict[str, Any], patch_size: int, min_cover: float = 0.1) -> dict[str, Any]:
+    """Per-patch targets of an image record, row-major over the ``patch_size`` grid: ``shape`` and ``color`` are
+    indices into ``("background",) + SHAPES`` and ``("background",) + sorted(COLORS)``.
+
+    A patch belongs to a shape when at least ``min_cover`` of its pixels have that shape's palette colour (exact,
+    since shapes are drawn without anti-aliasing; colours are distinct within an image). Returns lists of ints.
+    """
+    width, height = image.size
+    if width % patch_size or height % patch_size:
+        raise ValueError(f"image size {image.size} is not a multiple of patch_size {patch_size}")
+    rows, cols = height // patch_size, width // patch_size
+    pixels = np.asarray(image.convert("RGB"))
+    colors = ("background", *sorted(COLORS))
+    kinds = ("background", *SHAPES)
+    shape_ids, color_ids = [0] * (rows * cols), [0] * (rows * cols)
+    best = np.zeros(rows * cols)
+    for shape in meta["shapes"]:
+        mask = (pixels == COLORS[shape["color"]]).all(-1)
+        cover = mask.reshape(rows, patch_size, cols, patch_size).mean(axis=(1, 3)).reshape(-1)
+        for cell in np.nonzero((cover >= min_cover) & (cover > best))[0]:
+            best[cell] = cover[cell]
+            color_ids[cell] = colors.index(shape["color"])
+            shape_ids[cell] = kinds.index(shape["shape"])
+    return {"shape": shape_ids, "color": color_ids, "grid": (rows, cols)}
