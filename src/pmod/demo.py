@@ -425,7 +425,8 @@ answer priors):
   in the `pmod train` recipe); with that target on shape patches only, 0.61 after 200 steps, 0.71 after 300 and
   0.98 after 400. A constant learning rate (0.44), lr 2e-3 (0.56) and batch 16 for 400 steps (0.59) did not help.
   Asking both questions about every image doubles the position answers per step: 1.00 after 250 steps (p-MoD
-  0.99). The variants train side by side, one per core, to keep the default run within 10 minutes.
+  0.99 in that tuning run, whose warmup was 10 steps). The variants train side by side, one per core, to keep the
+  default run within 10 minutes.
 - Two- and three-shape images need the decoder to bind a word to an object (two hops), which did not learn in time,
   so each image holds one shape.
 """

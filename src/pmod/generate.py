@@ -114,7 +114,10 @@ def answer(model, processor, prompts, images, max_new_tokens, temperature, strea
             **sampling,
         )
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    return processor.batch_decode(new, skip_special_tokens=True), cache_report(out.past_key_values)
+    cache = getattr(out, "cache", None)  # transformers >= 5.24; ``past_key_values`` before
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    return processor.batch_decode(new, skip_special_tokens=True), cache_report(cache)
 
 
 def read_batch_file(path: str) -> list[dict[str, str]]:

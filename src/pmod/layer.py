@@ -155,6 +155,11 @@ class PModLayerMixin:
         pmod_routing: RoutingInputs | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        # transformers >= 5.24 passes the cache as ``cache`` (``past_key_values`` before): take either, and hand it
+        # to the attention under the name it came with.
+        cache_name = "cache" if "cache" in kwargs else "past_key_values"
+        if cache_name == "cache":
+            past_key_values = kwargs.pop("cache")
         bsz, seq, _ = hidden_states.shape
         routing = pmod_routing if pmod_routing is not None else RoutingInputs()
         real = routing.token_mask
@@ -202,9 +207,9 @@ class PModLayerMixin:
             hidden_states=self.input_layernorm(x),
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            **{cache_name: past_key_values},
             **kwargs,
         )
         h = x + attn_out
