@@ -65,9 +65,7 @@ def test_tower_is_frozen_in_stage_two(demo):
 def test_side_by_side_training_changes_nothing(demo, tmp_path):
     """The demo trains variants in worker processes when cores allow; the same variant trained here, in this
     process, gives the same weights bit for bit."""
-    import os
-
-    from pmod.demo import parallel_workers, train_variant
+    from pmod.demo import parallel_workers, threads_per_worker, train_variant
     from pmod.generate import load_model
 
     out, report = demo
@@ -77,7 +75,7 @@ def test_side_by_side_training_changes_nothing(demo, tmp_path):
     if workers == 1:
         pytest.skip("one core or a GPU: the demo trained the variants in this process")
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # what each worker used
+    torch.set_num_threads(threads_per_worker(workers))  # what each worker used
     try:
         run = train_variant("dense", out / "base-model", out / "data", tmp_path / "dense", settings)
     finally:

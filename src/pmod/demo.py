@@ -173,6 +173,11 @@ def parallel_workers(settings: DemoSettings) -> int:
     return max(1, min(len(settings.variants), os.cpu_count() or 1))
 
 
+def threads_per_worker(workers: int) -> int:
+    """torch threads each of ``workers`` side-by-side training processes uses: the cores shared out evenly."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def train_variants(base: Path, data: Path, out: Path, settings: DemoSettings) -> dict[str, dict[str, Any]]:
     """Train every variant of ``settings.variants`` from ``base``; side by side in worker processes when
     :func:`parallel_workers` allows, which changes nothing but the wall time (each run is seeded on its own)."""
@@ -182,7 +187,7 @@ def train_variants(base: Path, data: Path, out: Path, settings: DemoSettings) ->
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker(workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {
             name: pool.submit(_train_in_worker, name, base, data, out / name, settings, position, threads)
@@ -524,7 +529,7 @@ def write_report(
         "(median of 5 forwards over 16 test prompts, variants alternating). "
         + (
             f"The variants trained side by side, {workers} worker processes of "
-            f"{max(1, (os.cpu_count() or 1) // workers)} thread(s) each, so train s is the wall time of each run "
+            f"{threads_per_worker(workers)} thread(s) each, so train s is the wall time of each run "
             "while the others ran."
             if workers > 1
             else "The variants trained one after the other."

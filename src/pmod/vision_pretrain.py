@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pmod.data.synth import COLORS, SHAPES, patch_labels
+
 #: The per-patch targets: ``shape``, ``color`` and ``side`` are classes (0 = background), ``row`` and ``column``
 #: coordinates.
 TARGETS = ("shape", "color", "row", "column", "side")
@@ -64,7 +66,6 @@ def load_patch_dataset(
     records: list[dict[str, Any]], image_folder: str | Path, processor: Any, patch_size: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel values (N, C, H, W) and per-patch targets (N, patches) for the image records that carry ``meta``."""
-    from pmod.data.synth import patch_labels
     from pmod.generate import open_image
 
     pixels, targets = [], {name: [] for name in TARGETS}
@@ -137,7 +138,7 @@ def pretrain_vision_tower(
     pixels, targets = load_patch_dataset(train_records, image_folder, processor, patch_size)
     n_patches = targets["row"].shape[1]
     side = int(round(n_patches**0.5))
-    sizes = {"shape": 1 + len(_shape_names()), "color": 1 + len(_color_names()), "row": 1, "column": 1, "side": 3}
+    sizes = {"shape": 1 + len(SHAPES), "color": 1 + len(COLORS), "row": 1, "column": 1, "side": 3}
     hidden = tower.config.hidden_size
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -178,14 +179,3 @@ def pretrain_vision_tower(
         pixels, targets = load_patch_dataset(eval_records, image_folder, processor, patch_size)
     return {"loss": history, "accuracy": patch_accuracy(model, heads, pixels, targets)}
 
-
-def _shape_names() -> tuple[str, ...]:
-    from pmod.data.synth import SHAPES
-
-    return SHAPES
-
-
-def _color_names() -> list[str]:
-    from pmod.data.synth import COLORS
-
-    return sorted(COLORS)

@@ -238,8 +238,8 @@ def generate(
     samples) and ``images/*.png``. Image paths in the JSON are relative to ``out_dir`` (the image folder).
 
     ``max_shapes`` (1-3) caps the shapes per image; ``question_kinds`` (a subset of :data:`QUESTION_KINDS`, default
-    all) limits what image questions ask about. One shape per image and ``("color", "position", "shape")`` give the
-    easiest task: every answer is read off one object (the demo's choice, see :mod:`pmod.demo`).
+    all) limits what image questions ask about. One shape per image gives the easiest task: every answer is read off
+    one object (the demo asks about its colour and position, see :mod:`pmod.demo`).
 
     Raises FileExistsError if ``out_dir`` already holds a data set, unless ``overwrite`` (which replaces it).
     Returns the paths of train.json and test.json.
