@@ -90,3 +90,49 @@ def test_decode_kv_ratio_is_exact(bench: dict[str, ModuleType], tmp_path: Path) 
         assert run["samples"]["pmod"][0]["generated_tokens"] == 4
         assert run["dense_tokens_per_s"] > 0 and run["pmod_tokens_per_s"] > 0
     assert "throughput_target_met" in result["runs"][1]
+
+
+def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """`benchmarks/gpu_check.py --dry-run`: every correctness check passes on the CPU, the JSON holds every section,
+    and the decode KV bytes equal the hand count."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        gpu_check = importlib.import_module("gpu_check")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "gpu.json"
+    result = gpu_check.main(["--dry-run", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    checks = result["correctness"]
+    methods = gpu_check.gpu_correctness.METHODS
+    # per dtype and method: 2 backends x 2 padding sides + cached decoding; then the LLaVA generate and batch checks
+    assert len(checks) == 2 * len(methods) * (2 * 2 + 1) + 2 and set(methods) >= {"pmod", "mod"}
+    assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
+    setting = gpu_check.DRY
+    assert [run["batch_size"] for run in result["prefill"]] == [1, 2, len(setting["mixed"]), 1]
+    assert all(0 < run["analytic_causal_tflops_ratio"] < 1 for run in result["prefill"])
+    shape, n_vision, n_text = setting["shape"], setting["n_vision"], setting["n_text"]
+    _, routed = bench["common"].build_models(shape, "cpu", torch.float32)
+    kept = [n_text + (n_vision if r is None else math.floor(n_vision * r)) for r in pmod.layer_ratios(routed)]
+    per_token = 2 * shape.kv_heads * (shape.hidden // shape.heads) * 4
+    for run, batch in zip(result["decode"], setting["decode_batches"], strict=True):
+        assert run["pmod_kv_bytes"] == batch * sum(kept) * per_token
+        assert run["dense_kv_bytes"] == batch * shape.layers * (n_vision + n_text) * per_token
+    assert result["train"]["losses_finite"] and result["train"]["layers"] == shape.layers
+    assert len(result["table"].splitlines()) == 2 + 1 + len(result["prefill"]) + len(result["decode"]) + 1
+
+
+def test_gpu_correctness_checks_can_fail(bench: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 5% error in the skipped-token weight fails the fp32 and the bf16 checks."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        checks = importlib.import_module("gpu_correctness")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import pmod.layer
+
+    real = pmod.layer.token_weights
+    monkeypatch.setattr(pmod.layer, "token_weights", lambda logits, config: real(logits, config) * 1.05)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert not checks.check_layers("pmod", "cpu", dtype, "sdpa", "left")["passed"]
+        assert not checks.check_cached_decoder("pmod", "cpu", dtype, steps=3)["passed"]

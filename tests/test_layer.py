@@ -1,78 +1,14 @@
-"""The compacted p-MoD computation against an independent dense reference written here."""
+"""The compacted p-MoD computation against the independent dense reference of ``pmod.testing``."""
 
 import copy
-import math
 
 import pytest
 import torch
 
 import pmod
 from pmod import PModConfig
-from pmod.testing import randomize_routers, tiny_llama
-
-
-def reference_forward(dense_model, routers, ratios, input_ids, attention_mask, vision_mask, cfg: PModConfig):
-    """A plain full-length forward of the unconverted model applying the p-MoD rules with explicit masks.
-
-    Every layer runs over all T tokens. In a p-MoD layer the attention mask removes unprocessed tokens as keys
-    (and as queries: their rows are discarded), then the STRing output rules are applied token by token.
-    """
-    lm = dense_model.model
-    bsz, seq = input_ids.shape
-    real = attention_mask.bool()
-    x = lm.embed_tokens(input_ids)
-    pos = torch.arange(seq)[None].expand(bsz, seq)
-    cos_sin = lm.rotary_emb(x, pos)
-    causal = torch.ones(seq, seq).tril().bool()
-    eye = torch.eye(seq, dtype=torch.bool)
-    for idx, layer in enumerate(lm.layers):
-        ratio = ratios[idx]
-        if ratio is None:
-            processed = real
-        else:
-            logits = routers[idx](x).squeeze(-1).float()
-            processed = real & ~vision_mask
-            for b in range(bsz):
-                vis = [p for p in range(seq) if vision_mask[b, p] and real[b, p]]
-                k = math.floor(len(vis) * ratio)
-                kept = sorted(vis, key=lambda p: (-logits[b, p].item(), p))[:k]
-                processed[b, kept] = True
-        allowed = (causal[None] & processed[:, None, :] | eye[None])[:, None]
-        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)  # additive
-        h = x + layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)[0]
-        m = layer.mlp(layer.post_attention_layernorm(h))
-        if ratio is None:
-            x = h + m
-            continue
-        w = cfg.scale * torch.tanh(logits) + cfg.bias if cfg.weight_norm == "tanh" else None
-        vis = vision_mask & real
-        y = torch.where(processed[..., None], h + m, x)  # text (and pads, unchanged)
-        y = torch.where((vis & processed)[..., None], h + w[..., None] * m, y)
-        skipped = vis & ~processed
-        y = torch.where(skipped[..., None], (w[..., None] * x) if cfg.string else x, y)
-        x = y
-    return dense_model.lm_head(lm.norm(x))
-
-
-def make_batch(rows, padding_side, vocab=128, seed=0):
-    """rows: list of (n_text, n_vision, interleave) -> ids, attention mask, vision mask."""
-    g = torch.Generator().manual_seed(seed)
-    seq = max(t + v for t, v, _ in rows)
-    ids = torch.zeros(len(rows), seq, dtype=torch.long)
-    am = torch.zeros(len(rows), seq, dtype=torch.long)
-    vm = torch.zeros(len(rows), seq, dtype=torch.bool)
-    for r, (t, v, inter) in enumerate(rows):
-        kinds = torch.tensor([1] * v + [0] * t)
-        if inter:
-            kinds = kinds[torch.randperm(t + v, generator=g)]
-        else:  # 2 text tokens, the image, then the rest of the text
-            kinds = torch.cat([torch.zeros(min(2, t)), torch.ones(v), torch.zeros(t - min(2, t))]).long()
-        start = seq - t - v if padding_side == "left" else 0
-        ids[r, start : start + t + v] = torch.randint(4, vocab, (t + v,), generator=g)
-        am[r, start : start + t + v] = 1
-        vm[r, start : start + t + v] = kinds.bool()
-    return ids, am, vm
-
+from pmod.testing import randomize_routers, reference_forward, tiny_llama
+from pmod.testing import routed_batch as make_batch
 
 ROWS = [(5, 23, False), (9, 11, True), (4, 0, False), (6, 17, False)]  # unequal vision counts, a row without
 
@@ -155,3 +91,29 @@ def test_router_gradient_paths(string):
         grads[name] = router.weight.grad.abs().sum().item()
     assert grads["processed"] > 0
     assert (grads["skipped"] > 0) == string
+
+
+def test_routed_attention_runs_without_cudnn_and_keeps_the_users_backends():
+    # cuDNN sdpa builds a plan per sequence length; routed layers (one cache length each) must not use it.
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
+    seen = {}
+
+    def hook(name):
+        def record(module, args, kwargs):
+            seen[name] = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+
+        return record
+
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
+    ids, am, vm = make_batch([(4, 8, False)], "right")
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_flash_sdp(False)  # a user's own choice, which routed layers keep
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, vision_mask=vm)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
+    assert seen[0] == (True, False)  # the dense layer 0 is untouched
+    assert seen[1] == seen[2] == (False, False)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the layer

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -236,3 +239,94 @@ def tiny_llava_folder(
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def routed_batch(
+    rows: Sequence[tuple[int, int, bool]], padding_side: str, vocab: int = 128, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A bare-decoder batch: ``rows[r] = (n_text, n_vision, interleave)``; returns ids, attention mask, vision mask.
+
+    Without ``interleave`` a row is 2 text tokens, the image block, then the rest of the text (LLaVA's layout);
+    with it the vision tokens are scattered among the text.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seq = max(t + v for t, v, _ in rows)
+    ids = torch.zeros(len(rows), seq, dtype=torch.long)
+    am = torch.zeros(len(rows), seq, dtype=torch.long)
+    vm = torch.zeros(len(rows), seq, dtype=torch.bool)
+    for r, (t, v, inter) in enumerate(rows):
+        kinds = torch.tensor([1] * v + [0] * t)
+        if inter:
+            kinds = kinds[torch.randperm(t + v, generator=g)]
+        else:
+            kinds = torch.cat([torch.zeros(min(2, t)), torch.ones(v), torch.zeros(t - min(2, t))]).long()
+        start = seq - t - v if padding_side == "left" else 0
+        ids[r, start : start + t + v] = torch.randint(4, vocab, (t + v,), generator=g)
+        am[r, start : start + t + v] = 1
+        vm[r, start : start + t + v] = kinds.bool()
+    return ids, am, vm
+
+
+def reference_forward(
+    dense_model: LlamaForCausalLM,
+    routers: Mapping[int, torch.nn.Module],
+    ratios: Sequence[float | None],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    vision_mask: torch.Tensor,
+    cfg,
+    processed: Mapping[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The p-MoD rules computed independently of ``pmod.layer``: a plain full-length forward of the *unconverted*
+    model in which every layer runs over all T tokens, with explicit masks. Returns the logits [B, T, vocab].
+
+    In a routed layer the attention mask removes unprocessed tokens as keys (their own query rows are discarded),
+    then the output rules are applied token by token: text ``h + m``, kept vision ``h + w~ m``, skipped vision
+    ``w~ x`` (STRing) or ``x``. The top-k is a Python sort per row (ties to the lower position).
+
+    ``processed`` (layer -> bool [B, T]) imposes the processed tokens instead of the top-k, e.g. the decisions a
+    bf16 run recorded, so that the arithmetic can be compared where near-ties could flip a selection.
+    ``cfg`` is the method's config (``scale``, ``bias``, ``weight_norm``, ``string``).
+    """
+    lm = dense_model.model
+    bsz, seq = input_ids.shape
+    device = input_ids.device
+    real = attention_mask.bool()
+    vision_mask = vision_mask.bool()
+    x = lm.embed_tokens(input_ids)
+    pos = torch.arange(seq, device=device)[None].expand(bsz, seq)
+    cos_sin = lm.rotary_emb(x, pos)
+    causal = torch.ones(seq, seq, device=device).tril().bool()
+    eye = torch.eye(seq, dtype=torch.bool, device=device)
+    act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "none": lambda t: t}[cfg.weight_norm]
+    for idx, layer in enumerate(lm.layers):
+        ratio = ratios[idx]
+        logits = None
+        if ratio is None:
+            keep = real
+        else:
+            logits = routers[idx](x).squeeze(-1).float()
+            if processed is not None:
+                keep = processed[idx].to(device).bool() & real
+            else:
+                keep = real & ~vision_mask
+                for b in range(bsz):
+                    vis = [p for p in range(seq) if vision_mask[b, p] and real[b, p]]
+                    k = math.floor(len(vis) * ratio)
+                    kept = sorted(vis, key=lambda p: (-logits[b, p].item(), p))[:k]
+                    keep[b, kept] = True
+        allowed = (causal[None] & keep[:, None, :] | eye[None])[:, None]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)  # additive, works for eager and sdpa
+        h = x + layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)[0]
+        m = layer.mlp(layer.post_attention_layernorm(h))
+        if ratio is None:
+            x = h + m
+            continue
+        w = (cfg.scale * act(logits) + cfg.bias).to(x.dtype)[..., None]
+        vis = vision_mask & real
+        y = torch.where(keep[..., None], h + m, x)  # text (and padding, unchanged)
+        y = torch.where((vis & keep)[..., None], h + w * m, y)
+        skipped = vis & ~keep
+        x = torch.where(skipped[..., None], w * x if cfg.string else x, y)
+    return dense_model.lm_head(lm.norm(x))

@@ -1,0 +1,260 @@
+"""Correctness checks that ``gpu_check.py`` runs on the device before it times anything.
+
+* routed layers against the independent reference of :mod:`pmod.testing` (batch 4: left and right padding, unequal
+  vision counts, a row without an image, scattered vision tokens), per method and attention backend;
+* cached generation against recomputation;
+* a batch of 8 with mixed lengths against each row alone.
+
+fp32 is compared with fixed tolerances. In bf16 a near-tie of two router scores can flip a selection between two
+computations that differ only in rounding, so bf16 checks impose the selections the model made (recorded with
+``pmod.record_routing``) on the reference, check that those selections are the top-k of the model's own weights,
+and then require the model's error against an fp32 reference to be at most ``BF16_SLACK`` times the error of a
+bf16 reference against the same fp32 reference: bf16 tolerance measured, not guessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+import pmod
+from pmod.config import PModConfig
+from pmod.convert import RoutingRecord
+from pmod.testing import (
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    llava_batch,
+    llava_next_batch,
+    randomize_routers,
+    reference_forward,
+    routed_batch,
+    tiny_llama,
+    tiny_llava,
+    tiny_llava_next,
+)
+
+Check = dict[str, Any]
+
+FP32_ATOL = 1e-4
+BF16_SLACK = 3.0
+LAYER_RATIOS = [None, 0.9, 0.5, 0.25, 0.15, 0.5]
+ROWS = [(5, 23, False), (9, 11, True), (4, 0, False), (6, 17, False)]  # unequal vision counts, a row without
+GEN = dict(do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None)
+
+#: The methods pmod carries, as configs over the explicit test schedule.
+METHODS: dict[str, PModConfig] = {
+    "pmod": PModConfig(schedule="explicit", ratios=LAYER_RATIOS),
+    # Vanilla MoD: raw router logit used as w~ = w + 1, skipped tokens unchanged.
+    "mod": PModConfig(schedule="explicit", ratios=LAYER_RATIOS, weight_norm="none", weight_bias=1.0, string=False),
+}
+
+
+def attention_backends(dtype: torch.dtype) -> list[str]:
+    """sdpa and eager always; flash_attention_2 when flash-attn is importable (half precision only)."""
+    backends = ["sdpa", "eager"]
+    if dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None:
+        backends.append("flash_attention_2")
+    return backends
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    return {i: layer.router for i, layer in pmod.pmod_layers(model).items()}
+
+
+def _selection_is_top_k(record: RoutingRecord, vision: torch.Tensor, real: torch.Tensor,
+                        ratios: list[float | None], forward: int = 0) -> bool:  # fmt: skip
+    """Every routed layer kept floor(R * n_vision) vision tokens per row, none weighted below a skipped one."""
+    vision = vision & real
+    for layer, masks in record.processed.items():
+        kept, weights = masks[forward] & vision, record.weights[layer][forward]
+        for b in range(vision.shape[0]):
+            n = int(vision[b].sum())
+            if int(kept[b].sum()) != math.floor(n * ratios[layer]):
+                return False
+            skipped = vision[b] & ~kept[b]
+            if bool(kept[b].any()) and bool(skipped.any()) and weights[b][kept[b]].min() < weights[b][skipped].max():
+                return False
+    return True
+
+
+def _bf16_verdict(err_model: float, err_reference: float) -> dict[str, Any]:
+    limit = BF16_SLACK * err_reference
+    return {
+        "max_err_vs_fp32_reference": err_model,
+        "bf16_reference_max_err_vs_fp32_reference": err_reference,
+        "tolerance": limit,
+        "passed": err_model <= limit,
+    }
+
+
+def check_layers(method: str, device: str, dtype: torch.dtype, attn: str, padding_side: str) -> Check:
+    """Compacted execution of a routed model vs the dense masked reference, on a 4-row padded batch."""
+    cfg = METHODS[method]
+    dense = tiny_llama(num_layers=len(LAYER_RATIOS), attn_implementation="eager")
+    model = pmod.convert(copy.deepcopy(dense), cfg)
+    randomize_routers(model, scale=3.0)
+    model.set_attn_implementation(attn)
+    ids, am, vm = (t.to(device) for t in routed_batch(ROWS, padding_side))
+    real = am.bool()
+    result: Check = {"check": "layers", "method": method, "attn": attn, "padding_side": padding_side,
+                     "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    model32, dense32 = model.to(device), dense.to(device)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            got = model32(input_ids=ids, attention_mask=am, vision_mask=vm).logits
+            want = reference_forward(dense32, _routers(model32), LAYER_RATIOS, ids, am, vm, cfg)
+        err = _max_err(got[real], want[real])
+        return {**result, "max_err": err, "tolerance": FP32_ATOL, "passed": err <= FP32_ATOL}
+
+    model16 = copy.deepcopy(model32).to(dtype)
+    dense16 = copy.deepcopy(dense32).to(dtype)
+    with torch.no_grad(), pmod.record_routing(model16) as record:
+        got = model16(input_ids=ids, attention_mask=am, vision_mask=vm).logits
+    chosen = {layer: masks[0] for layer, masks in record.processed.items()}
+    with torch.no_grad():
+        want32 = reference_forward(dense32, _routers(model32), LAYER_RATIOS, ids, am, vm, cfg, processed=chosen)
+        want16 = reference_forward(dense16, _routers(model16), LAYER_RATIOS, ids, am, vm, cfg, processed=chosen)
+    verdict = _bf16_verdict(_max_err(got[real], want32[real]), _max_err(want16[real], want32[real]))
+    top_k = _selection_is_top_k(record, vm, real, LAYER_RATIOS)
+    return {**result, **verdict, "selection_is_top_k": top_k, "passed": verdict["passed"] and top_k}
+
+
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, am: torch.Tensor, vm: torch.Tensor, steps: int,
+            record: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], Any]:  # fmt: skip
+    """Prefill then ``steps`` cached greedy steps of a bare decoder; returns new tokens, per-step logits, record."""
+    cache, logits, new = DynamicCache(), [], []
+    with torch.no_grad(), (pmod.record_routing(model) if record else contextlib.nullcontext()) as rec:
+        out = model(input_ids=ids, attention_mask=am, vision_mask=vm, past_key_values=cache, use_cache=True)
+    step_logits = out.logits[:, -1]
+    for _ in range(steps):
+        logits.append(step_logits)
+        token = step_logits.argmax(-1, keepdim=True)
+        new.append(token)
+        am = torch.cat([am, torch.ones_like(token)], dim=1)
+        with torch.no_grad():
+            step_logits = model(input_ids=token, attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat(new, dim=1), logits, rec
+
+
+def check_cached_decoder(method: str, device: str, dtype: torch.dtype, steps: int = 12) -> Check:
+    """Cached greedy decoding of a routed bare decoder (left padding) vs the reference over the whole sequence."""
+    cfg = METHODS[method]
+    dense = tiny_llama(num_layers=len(LAYER_RATIOS), attn_implementation="eager").to(device)
+    model = pmod.convert(copy.deepcopy(dense), cfg)
+    randomize_routers(model, scale=3.0)
+    model.set_attn_implementation("sdpa")
+    ids, am, vm = (t.to(device) for t in routed_batch(ROWS, "left", seed=2))
+    result: Check = {"check": "cached_decoding", "method": method, "dtype": str(dtype).removeprefix("torch."),
+                     "new_tokens": steps}  # fmt: skip
+    run = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    new, logits, rec = _greedy(run, ids, am, vm, steps, record=True)
+    full_ids = torch.cat([ids, new], dim=1)
+    full_am = torch.cat([am, torch.ones_like(new)], dim=1)
+    full_vm = torch.cat([vm, torch.zeros_like(new, dtype=torch.bool)], dim=1)
+    chosen = {layer: torch.cat([m[0], torch.ones_like(new, dtype=torch.bool)], dim=1)
+              for layer, m in rec.processed.items()}  # fmt: skip
+    positions = slice(ids.shape[1] - 1, full_ids.shape[1] - 1)
+    cached = torch.stack(logits, dim=1)
+    with torch.no_grad():
+        if dtype == torch.float32:
+            want = reference_forward(dense, _routers(model), LAYER_RATIOS, full_ids, full_am, full_vm, cfg)
+            err = _max_err(cached, want[:, positions])
+            same_tokens = bool(torch.equal(want[:, positions].argmax(-1), new))
+            return {**result, "max_err": err, "tolerance": FP32_ATOL, "same_tokens": same_tokens,
+                    "passed": err <= FP32_ATOL and same_tokens}  # fmt: skip
+        want32 = reference_forward(dense, _routers(model), LAYER_RATIOS, full_ids, full_am, full_vm, cfg, chosen)
+        dense16 = copy.deepcopy(dense).to(dtype)
+        want16 = reference_forward(dense16, _routers(run), LAYER_RATIOS, full_ids, full_am, full_vm, cfg, chosen)
+    want32, want16 = want32[:, positions], want16[:, positions]
+    verdict = _bf16_verdict(_max_err(cached, want32), _max_err(want16, want32))
+    top_k = _selection_is_top_k(rec, vm, am.bool(), LAYER_RATIOS)
+    return {**result, **verdict, "selection_is_top_k": top_k, "passed": verdict["passed"] and top_k}
+
+
+def check_llava_generate(device: str, steps: int = 16) -> Check:
+    """fp32: ``generate`` of a routed LLaVA with the cache equals ``use_cache=False`` (tokens and step logits)."""
+    model = tiny_llava(num_layers=8)
+    pmod.convert(model)
+    randomize_routers(model, scale=3.0)
+    model.to(device)
+    batch = llava_batch(model, [(3, 5), (2, 2), (6, 1), (4, 4)], [True, True, False, True], "left")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    kwargs = dict(max_new_tokens=steps, output_logits=True, return_dict_in_generate=True, **GEN)
+    with torch.no_grad():
+        cached = model.generate(**batch, **kwargs)
+        full = model.generate(**batch, use_cache=False, **kwargs)
+    err = max(_max_err(a, b) for a, b in zip(cached.logits, full.logits, strict=True))
+    same = bool(torch.equal(cached.sequences, full.sequences))
+    return {"check": "llava_generate_cache", "dtype": "float32", "new_tokens": steps, "max_err": err,
+            "tolerance": FP32_ATOL, "same_tokens": same, "passed": same and err <= FP32_ATOL}  # fmt: skip
+
+
+#: LLaVA-NeXT image sizes (tiny tower: 16-px tiles) of the 8-row mixed batch; None = a text-only row.
+MIXED_SIZES: list[tuple[int, int] | None] = [(16, 32), (32, 32), None, (32, 16), (16, 16), (32, 32), (16, 32), None]
+MIXED_TEXT = [(3, 5), (2, 2), (6, 1), (4, 4), (1, 7), (5, 2), (2, 3), (8, 4)]
+
+
+def _row(batch: dict[str, torch.Tensor], r: int, pixel_row: int) -> tuple[dict[str, torch.Tensor], int]:
+    real = batch["attention_mask"][r].bool()
+    row = {"input_ids": batch["input_ids"][r : r + 1, real]}
+    row["attention_mask"] = torch.ones_like(row["input_ids"])
+    if bool((row["input_ids"] == IMAGE_TOKEN_ID).any()):
+        row["pixel_values"] = batch["pixel_values"][pixel_row : pixel_row + 1]
+        row["image_sizes"] = batch["image_sizes"][pixel_row : pixel_row + 1]
+        pixel_row += 1
+    return row, pixel_row
+
+
+def check_batch_vs_rows(device: str, steps: int = 12) -> Check:
+    """fp32: a routed LLaVA-NeXT batch of 8 (mixed image sizes, text-only rows, left padding) generates what each
+    row generates alone."""
+    model = tiny_llava_next(num_layers=8)
+    pmod.convert(model)
+    randomize_routers(model, scale=3.0)
+    batch = llava_next_batch(model, MIXED_TEXT, MIXED_SIZES, "left")
+    model.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        together = model.generate(**batch, max_new_tokens=steps, **GEN)[:, -steps:]
+    pixel_row, mismatched = 0, []
+    for r in range(len(MIXED_SIZES)):
+        row, pixel_row = _row(batch, r, pixel_row)
+        with torch.no_grad():
+            alone = model.generate(**row, max_new_tokens=steps, **GEN)[:, -steps:]
+        if not torch.equal(alone[0], together[r]):
+            mismatched.append(r)
+    return {"check": "batch8_vs_rows", "dtype": "float32", "rows": len(MIXED_SIZES), "new_tokens": steps,
+            "mismatched_rows": mismatched, "passed": not mismatched}  # fmt: skip
+
+
+def run_all(device: str, log: Callable[[str], None] = print) -> list[Check]:
+    """Every check, fp32 and bf16, on ``device``."""
+    checks: list[Check] = []
+
+    def add(check: Check) -> None:
+        checks.append(check)
+        keys = ("method", "attn", "padding_side", "dtype")
+        label = " ".join(str(check[k]) for k in keys if k in check)
+        err = check.get("max_err", check.get("max_err_vs_fp32_reference"))
+        log(f"{'PASS' if check['passed'] else 'FAIL'} {check['check']} {label} max_err={err}")
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for method in METHODS:
+            for attn in attention_backends(dtype):
+                for side in ("left", "right"):
+                    add(check_layers(method, device, dtype, attn, side))
+            add(check_cached_decoder(method, device, dtype))
+    add(check_llava_generate(device))
+    add(check_batch_vs_rows(device))
+    return checks
