@@ -28,8 +28,8 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pmod
-from pmod.config import PModConfig
-from pmod.flops import estimate
+from pmod import PModConfig
+from pmod.analysis.flops import estimate
 from pmod.testing import randomize_routers
 
 T = TypeVar("T")

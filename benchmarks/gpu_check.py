@@ -43,8 +43,8 @@ import gpu_correctness  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import pmod  # noqa: E402
-from pmod.config import PModConfig  # noqa: E402
-from pmod.flops import estimate  # noqa: E402
+from pmod import PModConfig  # noqa: E402
+from pmod.analysis.flops import estimate  # noqa: E402
 from pmod.testing import randomize_routers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

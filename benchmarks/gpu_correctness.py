@@ -25,20 +25,19 @@ import torch
 from transformers import DynamicCache
 
 import pmod
-from pmod.config import PModConfig
-from pmod.convert import RoutingRecord
+from pmod import PModConfig, RoutingRecord
 from pmod.testing import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     llava_batch,
     llava_next_batch,
     randomize_routers,
-    reference_forward,
     routed_batch,
     tiny_llama,
     tiny_llava,
     tiny_llava_next,
 )
+from pmod.testing.reference import reference_forward
 
 Check = dict[str, Any]
 

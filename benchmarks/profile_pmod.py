@@ -22,10 +22,17 @@ import torch
 from bench_decode import batch_cache, greedy_decode, prefill
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import pmod.layer
+import pmod.core.routed_layer
+import pmod.methods.vision_router
 
-#: p-MoD helpers wrapped by name (the layer's forward looks them up in the module at call time).
-HELPERS = ("token_weights", "select_tokens", "compact_index", "_gather_tokens", "build_attention_mask")
+#: p-MoD helpers wrapped by name, where the layer's forward and the p-MoD rule look them up at call time.
+HELPERS = (
+    (pmod.methods.vision_router.VisionRouterRule, "token_weights"),
+    (pmod.methods.vision_router, "select_tokens"),
+    (pmod.core.routed_layer, "compact_index"),
+    (pmod.core.routed_layer, "gather_tokens"),
+    (pmod.core.routed_layer, "build_attention_mask"),
+)
 SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "router")
 LAYER = "layer"
 
@@ -42,11 +49,11 @@ def _wrap(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 @contextmanager
 def regions(models: list[torch.nn.Module]) -> Iterator[None]:
     """Put ``record_function`` regions around the layers, their submodules and the p-MoD helpers."""
-    saved_helpers = {name: getattr(pmod.layer, name) for name in HELPERS}
+    saved_helpers = {(owner, name): getattr(owner, name) for owner, name in HELPERS}
     patched: list[torch.nn.Module] = []
     try:
-        for name, fn in saved_helpers.items():
-            setattr(pmod.layer, name, _wrap(fn, name))
+        for (owner, name), fn in saved_helpers.items():
+            setattr(owner, name, _wrap(fn, name))
         for model in models:
             for layer in model.model.layers:
                 for module, name in [(layer, LAYER), *((getattr(layer, n, None), n) for n in SUBMODULES)]:
@@ -57,8 +64,8 @@ def regions(models: list[torch.nn.Module]) -> Iterator[None]:
             patched.append(model.lm_head)
         yield
     finally:
-        for name, fn in saved_helpers.items():
-            setattr(pmod.layer, name, fn)
+        for (owner, name), fn in saved_helpers.items():
+            setattr(owner, name, fn)
         for module in patched:
             del module.forward
 

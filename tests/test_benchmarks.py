@@ -129,10 +129,10 @@ def test_gpu_correctness_checks_can_fail(bench: dict[str, ModuleType], monkeypat
         checks = importlib.import_module("gpu_correctness")
     finally:
         sys.path.remove(str(BENCHMARKS))
-    import pmod.layer
+    from pmod.methods.vision_router import VisionRouterRule
 
-    real = pmod.layer.token_weights
-    monkeypatch.setattr(pmod.layer, "token_weights", lambda logits, config: real(logits, config) * 1.05)
+    real = VisionRouterRule.token_weights
+    monkeypatch.setattr(VisionRouterRule, "token_weights", lambda self, logits: real(self, logits) * 1.05)
     for dtype in (torch.float32, torch.bfloat16):
         assert not checks.check_layers("pmod", "cpu", dtype, "sdpa", "left")["passed"]
         assert not checks.check_cached_decoder("pmod", "cpu", dtype, steps=3)["passed"]

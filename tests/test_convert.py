@@ -107,18 +107,18 @@ def test_loading_without_pmod_is_refused_by_convert(tmp_path):
 
 def test_errors_name_the_fix(tmp_path):
     model = tiny_llama(num_layers=3)
-    with pytest.raises(ValueError, match="Layer 0 cannot be a p-MoD layer"):
+    with pytest.raises(ValueError, match="Layer 0 cannot be a routed layer"):
         pmod.convert(copy.deepcopy(model), PModConfig(schedule="explicit", ratios=[0.5, 0.5, 0.5]))
     with pytest.raises(ValueError, match="has 2 entries but the model has 3"):
         pmod.convert(copy.deepcopy(model), PModConfig(schedule="explicit", ratios=[None, 0.5]))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         pmod.convert(torch.nn.Linear(2, 2))
     pmod.convert(model)
-    with pytest.raises(ValueError, match="already a p-MoD model"):
+    with pytest.raises(ValueError, match="already converted"):
         pmod.convert(model)
     with pytest.raises(ValueError, match="vision_mask has shape"):
         model(input_ids=torch.ones(2, 5, dtype=torch.long), vision_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="without p-MoD settings"):
+    with pytest.raises(ValueError, match="without a routing method"):
         tiny_llama().save_pretrained(tmp_path)
         pmod.load(tmp_path)
 

@@ -12,13 +12,8 @@ from PIL import Image
 from transformers import LlavaProcessor
 
 from pmod.data import synth
-from pmod.data.dataset import (
-    IGNORE_INDEX,
-    BadSampleError,
-    LlavaCollator,
-    LlavaDataset,
-    ModalityLengthGroupedSampler,
-)
+from pmod.data.batching import LlavaCollator, ModalityLengthGroupedSampler
+from pmod.data.dataset import IGNORE_INDEX, BadSampleError, LlavaDataset
 from pmod.data.tokenizer import VICUNA_CHAT_TEMPLATE, build_llava_processor, build_word_tokenizer
 
 X = IGNORE_INDEX

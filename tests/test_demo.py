@@ -7,7 +7,7 @@ import torch
 
 import pmod
 from pmod.cli import main
-from pmod.demo import DemoSettings
+from pmod.recipes.demo import DemoSettings
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_tower_is_frozen_in_stage_two(demo):
     """Both variants keep the pre-trained tower bit for bit; the decoder trained."""
     from transformers import LlavaForConditionalGeneration
 
-    from pmod.generate import load_model
+    from pmod.io.loading import load_model
 
     out, _ = demo
     base = LlavaForConditionalGeneration.from_pretrained(out / "base-model").state_dict()
@@ -65,8 +65,8 @@ def test_tower_is_frozen_in_stage_two(demo):
 def test_side_by_side_training_changes_nothing(demo, tmp_path):
     """The demo trains variants in worker processes when cores allow; the same variant trained here, in this
     process, gives the same weights bit for bit."""
-    from pmod.demo import parallel_workers, threads_per_worker, train_variant
-    from pmod.generate import load_model
+    from pmod.io.loading import load_model
+    from pmod.recipes.demo import parallel_workers, threads_per_worker, train_variant
 
     out, report = demo
     settings = DemoSettings.quick()
@@ -89,14 +89,14 @@ def test_side_by_side_training_changes_nothing(demo, tmp_path):
 def test_report_kv_bytes_are_what_the_cache_holds(demo):
     """The analytic KV bytes in the report equal the bytes of a real prefill cache for one test prompt."""
     out, report = demo
-    from pmod.demo import _image, _question
-    from pmod.generate import encode, load_model
+    from pmod.io.loading import encode, load_model
+    from pmod.recipes.demo import question_and_answer, record_image
 
     data = out / "data"
     record = next(r for r in json.loads((data / "test.json").read_text()) if r.get("image"))
     for name in ("dense", "pmod"):
         model, processor = load_model(out / name, "cpu")
-        inputs = encode(processor, model, [_question(record)[0]], [[_image(data, record)]])
+        inputs = encode(processor, model, [question_and_answer(record)[0]], [[record_image(data, record)]])
         with torch.no_grad():
             cache = model(**inputs, use_cache=True).past_key_values
         assert pmod.kv_cache_bytes(cache).total_bytes == report["results"][name]["kv_bytes"], name
@@ -121,7 +121,7 @@ def test_variants_must_include_dense(tmp_path, capsys):
 
 
 def test_prior_baseline_by_hand(tmp_path):
-    from pmod.demo import prior_baseline
+    from pmod.recipes.demo_report import prior_baseline
 
     def rec(q, a):
         return {

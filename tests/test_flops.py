@@ -11,9 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pmod
+from pmod import PModConfig
+from pmod.analysis.flops import LMDims, estimate, flop_counter
 from pmod.cli import main
-from pmod.config import PModConfig
-from pmod.flops import LMDims, estimate, flop_counter
 
 TOY = LMDims(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
 TOY_PMOD = PModConfig(schedule="explicit", ratios=[None, 0.5])
@@ -171,7 +171,7 @@ def test_cli_config_folder_with_pmod(tmp_path, capsys: pytest.CaptureFixture[str
     assert data["schedule"] == [None, 0.5, 0.5, 0.5]  # the stored settings
     assert data["mean_retention"] == (1 + 3 * 0.5) / 4
     code, out, _ = _run_cli(
-        ["flops", str(tmp_path / "config.json"), "--ratio", "0.25", "--vision-tokens", "576"], capsys
+        ["flops", str(tmp_path / "config.json"), "--pmod-ratio", "0.25", "--vision-tokens", "576"], capsys
     )
     assert code == 0
     assert "constant 0.25" in out and "576 vision" in out and "KV cache" in out
@@ -183,7 +183,7 @@ def test_cli_config_folder_with_pmod(tmp_path, capsys: pytest.CaptureFixture[str
         ["flops", "/no/such/model/folder"],
         ["flops", "--preset", "llava-99b"],
         ["flops"],
-        ["flops", "--preset", "llava-1.5-7b", "--ratio", "2"],
+        ["flops", "--preset", "llava-1.5-7b", "--pmod-schedule", "constant", "--pmod-ratio", "2"],
         ["flops", "--preset", "llava-1.5-7b", "--text-tokens", "-3"],
     ],
 )

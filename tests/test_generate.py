@@ -65,7 +65,7 @@ def test_batch_file_matches_single_answers(folder, capsys):
     [
         ("missing_image", "does not exist"),
         ("bad_image", "cannot be read as an image"),
-        ("not_llava", "not a LLaVA or p-MoD LLaVA model"),
+        ("not_llava", "not a LLaVA model"),
         ("too_long", "model's context is"),
     ],
 )

@@ -7,8 +7,9 @@ import torch
 
 import pmod
 from pmod import PModConfig
-from pmod.testing import randomize_routers, reference_forward, tiny_llama
+from pmod.testing import randomize_routers, tiny_llama
 from pmod.testing import routed_batch as make_batch
+from pmod.testing.reference import reference_forward
 
 ROWS = [(5, 23, False), (9, 11, True), (4, 0, False), (6, 17, False)]  # unequal vision counts, a row without
 

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from pmod import PModConfig
-from pmod.schedule import constant_schedule, kept_count, linear_schedule, mean_retention, prd_schedule
+from pmod.core.schedules import constant_schedule, kept_count, linear_schedule, mean_retention, prd_schedule
 
 
 def test_prd_32_layers_hand_values():
@@ -51,8 +51,8 @@ def test_kept_count_floor():
         (dict(schedule="explicit", ratios=[None, 1.5]), "outside \\(0, 1\\]"),
         (dict(schedule="explicit", ratios=[None, 0.0]), "outside \\(0, 1\\]"),
         (dict(schedule="explicit", ratios=[None, 0.5, 0.5]), "has 3 entries but the model has 2"),
-        (dict(schedule="explicit", ratios=[0.5, 0.5]), "Layer 0 cannot be a p-MoD layer"),
-        (dict(schedule="constant", ratio=0.5, layers=[0, 1]), "Layer 0 cannot be a p-MoD layer"),
+        (dict(schedule="explicit", ratios=[0.5, 0.5]), "Layer 0 cannot be a routed layer"),
+        (dict(schedule="constant", ratio=0.5, layers=[0, 1]), "Layer 0 cannot be a routed layer"),
     ],
 )
 def test_schedule_errors(kwargs, message):

@@ -140,7 +140,7 @@ def test_answers_match_the_pixels(synth_dir: Path) -> None:
 
 
 def test_text_only_answers() -> None:
-    for q, a in synth._text_only_questions():
+    for q, a in synth.text_only_questions():
         if m := re.fullmatch(r"How many sides does a (\w+) have\?", q):
             assert a == {"triangle": "three", "square": "four", "diamond": "four"}[m[1]]
         else:
@@ -177,11 +177,11 @@ def _question_kind(question: str) -> str:
 
 def test_question_kind_names_every_question() -> None:
     """The library's classifier (used by the demo's per-kind accuracy) agrees with the wording-based one here."""
-    questions = {q for q, _ in synth._all_image_questions()}
+    questions = {q for q, _ in synth.image_questions()}
     assert {synth.question_kind(q) for q in questions} == set(synth.QUESTION_KINDS)
     for q in questions:
         assert synth.question_kind(q) == _question_kind(q), q
-    assert {synth.question_kind(q) for q, _ in synth._text_only_questions()} == {"other"}
+    assert {synth.question_kind(q) for q, _ in synth.text_only_questions()} == {"other"}
 
 
 def test_one_shape_and_chosen_question_kinds(tmp_path: Path) -> None:

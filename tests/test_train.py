@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pmod.data import synth
+from pmod.recipes.train import TrainError, parse_args, train
 from pmod.testing import tiny_llava_folder
-from pmod.train import TrainError, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_stage1_trains_only_projector(setup: dict[str, str], tmp_path: Path) -> 
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("multi_modal_projector" in k for k in changed)
     assert all(torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" not in k)
-    assert "pmod" not in json.loads((tmp_path / "config.json").read_text())
+    assert {"pmod", "pmod_method"}.isdisjoint(json.loads((tmp_path / "config.json").read_text()))
 
 
 def test_stage2_reduces_loss_and_logs_routing(setup: dict[str, str], tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def test_recipes_validate(recipe: Path) -> None:
     assert targs.learning_rate == 3e-5  # the command line wins over the file
     assert targs.lr_scheduler_type == "cosine" and targs.bf16 and targs.num_train_epochs == 1
     assert margs.stage == "finetune" and not margs.no_pmod and dargs.group_by_modality_length
-    assert margs.pmod_config().layer_ratios(32)[-1] == 0.15
+    assert margs.method_config().layer_ratios(32)[-1] == 0.15
 
 
 def test_deepspeed_configs_parse() -> None:
@@ -123,7 +123,7 @@ def test_bad_arguments() -> None:
 
 _DIST_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from pmod.train import parse_args, train
+from pmod.recipes.train import parse_args, train
 trainer = train(*parse_args(sys.argv[2:]))
 rank = dist.get_rank() if dist.is_initialized() else 0
 params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -195,8 +195,8 @@ def test_assemble_llava_from_parts(tmp_path: Path) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from pmod.data.tokenizer import build_word_tokenizer
+    from pmod.io.importers.llava_parts import assemble_llava
     from pmod.testing import tiny_llama_config
-    from pmod.train import assemble_llava
 
     tokenizer = build_word_tokenizer(synth.vocabulary())
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pmod.data import synth
+from pmod.recipes.vision_pretrain import load_patch_dataset, patch_accuracy, pretrain_vision_tower
 from pmod.testing import tiny_llava_folder
-from pmod.vision_pretrain import load_patch_dataset, patch_accuracy, pretrain_vision_tower
 
 
 @pytest.fixture(scope="module")

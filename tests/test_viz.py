@@ -7,9 +7,10 @@ from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
 import pmod
+from pmod.analysis.plots import kept_pixel_mask
 from pmod.cli import main
+from pmod.recipes.viz import image_routing
 from pmod.testing import tiny_llava_folder
-from pmod.viz import image_routing, kept_pixel_mask
 
 
 def test_kept_pixel_mask_by_hand():
@@ -50,7 +51,7 @@ def test_image_routing_matches_the_recorded_forward(folder):
     # The un-normalised view is the image the model saw (a 32 px image passes the processor unchanged).
     assert np.abs(routing.image.astype(int) - np.asarray(image).astype(int)).max() <= 2
     # Independent check of one layer against a direct recorded forward.
-    from pmod.generate import build_prompt
+    from pmod.io.loading import build_prompt
 
     inputs = processor(
         text=[build_prompt(processor, "What color is the shape ?", 1)], images=[image], return_tensors="pt"

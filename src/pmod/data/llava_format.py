@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from pmod.data.images import ImageError, open_image
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -248,12 +250,6 @@ def resolve_image(path: str, image_folder: str | Path | None) -> Path:
     return p if p.is_absolute() or image_folder is None else Path(image_folder) / p
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image as RGB (raises OSError / PIL errors if unreadable)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def check_images(
     record: Record, image_folder: str | Path | None, *, index: int = 0, line: int | None = None, decode: bool = True
 ) -> list[Problem]:
@@ -266,11 +262,11 @@ def check_images(
             continue
         try:
             if decode:
-                load_image(path)
+                open_image(path)
             else:
                 with Image.open(path) as im:
                     im.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        except (ImageError, OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
             problems.append(Problem(index, record.id, "unreadable_image", f"{path}: {err}", line))
     return problems
 

@@ -101,14 +101,14 @@ def question_kind(question: str) -> str:
     return next((kind for kind, pattern in _KIND_PATTERNS if pattern in text), "other")
 
 
-def _text_only_questions() -> list[tuple[str, str]]:
+def text_only_questions() -> list[tuple[str, str]]:
     qa = [(f"How many sides does a {k} have?", NUMBERS[n]) for k, n in SIDES.items()]
     qa += [(f"Is {w} a shape or a color?", "shape") for w in SHAPES]
     qa += [(f"Is {w} a shape or a color?", "color") for w in COLORS]
     return qa
 
 
-def _all_image_questions() -> list[tuple[str, str]]:
+def image_questions() -> list[tuple[str, str]]:
     """Every question an image can get (answers: any possible), for the vocabulary."""
     qa = [("How many shapes are there?", n) for n in NUMBERS[1 : MAX_SHAPES + 1]]
     qa += [("What color is the shape?", c) for c in COLORS] + [("What shape is in the image?", k) for k in SHAPES]
@@ -127,13 +127,13 @@ def _words(texts: list[str]) -> list[str]:
 
 def answer_vocabulary() -> list[str]:
     """Every possible answer (one word each), sorted."""
-    return sorted({a for _, a in _all_image_questions() + _text_only_questions()})
+    return sorted({a for _, a in image_questions() + text_only_questions()})
 
 
 def vocabulary() -> list[str]:
     """Every word and punctuation mark of every possible question and answer, split like ``tokenizers``'
     ``Whitespace`` pre-tokenizer, sorted. ``<image>`` is not included (it is a special token)."""
-    qa = _all_image_questions() + _text_only_questions()
+    qa = image_questions() + text_only_questions()
     return _words([q for q, _ in qa] + [a for _, a in qa])
 
 
@@ -203,7 +203,7 @@ def make_sample(
     if turns is not None:
         n_turns = turns
     if rng.random() < TEXT_ONLY_FRACTION:
-        pairs = rng.sample(_text_only_questions(), min(n_turns, 2))
+        pairs = rng.sample(text_only_questions(), min(n_turns, 2))
         return {"id": sid, "conversations": _conversation(pairs, False, rng)}, None
     image, shapes, background = render(size, rng, max_shapes)
     by_type = _questions_about(shapes, rng)
@@ -239,7 +239,7 @@ def generate(
 
     ``max_shapes`` (1-3) caps the shapes per image; ``question_kinds`` (a subset of :data:`QUESTION_KINDS`, default
     all) limits what image questions ask about. One shape per image gives the easiest task: every answer is read off
-    one object (the demo asks about its colour and position, see :mod:`pmod.demo`).
+    one object (the demo asks about its colour and position, see :mod:`pmod.recipes.demo`).
 
     Raises FileExistsError if ``out_dir`` already holds a data set, unless ``overwrite`` (which replaces it).
     Returns the paths of train.json and test.json.

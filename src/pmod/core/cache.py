@@ -1,8 +1,8 @@
 """KV-cache bookkeeping for layers that cache fewer tokens than the sequence has.
 
-A p-MoD layer writes K/V only for the tokens it processed. Rows of a batch keep different numbers of tokens, so
+A routed layer writes K/V only for the tokens it processed. Rows of a batch keep different numbers of tokens, so
 the compacted K/V carry "filler" slots that must stay masked at every later step. :class:`PModCache` is a
-``DynamicCache`` that remembers, per p-MoD layer, which cached slots are real, and moves that record along with
+``DynamicCache`` that remembers, per routed layer, which cached slots are real, and moves that record along with
 the tensors when generation reorders (beam search), selects, repeats or crops the batch.
 """
 
@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 
 class PModCache(DynamicCache):
-    """A ``DynamicCache`` that also tracks which cached slots of each p-MoD layer hold real tokens.
+    """A ``DynamicCache`` that also tracks which cached slots of each routed layer hold real tokens.
 
     Layers that never call :meth:`pmod_record_slots` (dense layers) cache every token and need no record.
     """
@@ -38,7 +38,7 @@ class PModCache(DynamicCache):
         return past
 
     def pmod_slot_mask(self, layer_idx: int) -> torch.Tensor | None:
-        """Bool [B, cached slots] of a p-MoD layer (True = real token), or None for a dense layer."""
+        """Bool [B, cached slots] of a routed layer (True = real token), or None for a dense layer."""
         return self._slots().get(layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -59,7 +59,8 @@ class PModCache(DynamicCache):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a negative count) from every layer.
 
-        Exact when those tokens were processed by every layer, which holds for generated (text) tokens.
+        Exact when those tokens were processed by every layer, which holds for generated (text) tokens under p-MoD,
+        MoD and FastV. Under gamma-MoD a generated token may skip a layer in every row and leave no slot there.
         """
         super().crop(tokens_to_remove)
         if tokens_to_remove < 0:
@@ -81,7 +82,7 @@ def as_pmod_cache(cache: DynamicCache) -> PModCache:
         return cache
     if type(cache) is not DynamicCache:
         raise TypeError(
-            f"p-MoD layers cache a different number of tokens per layer and cannot use {type(cache).__name__}; "
+            f"Routed layers cache a different number of tokens per layer and cannot use {type(cache).__name__}; "
             f"use the default dynamic cache (pass no cache, or a transformers.DynamicCache / pmod.PModCache)."
         )
     cache.__class__ = PModCache

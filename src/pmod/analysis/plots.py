@@ -1,10 +1,8 @@
-"""Plots: the retention schedule, training loss curves, which vision tokens each p-MoD layer kept (a layer x token
-heatmap, like Figure 6 of the p-MoD paper) and images with the kept tokens highlighted; plus `pmod viz`.
-"""
+"""Plots of routed models: the retention schedule, training loss curves, which vision tokens each routed layer kept
+(a layer x token heatmap, like Figure 6 of the p-MoD paper) and images with the kept tokens highlighted."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,6 @@ matplotlib.use("Agg")  # files only; no display here or on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from pmod.cli import CLIError  # noqa: E402
 
 
 def plot_schedule(ratios: Sequence[float | None], path: str | Path, title: str = "retention per layer") -> Path:
@@ -44,9 +40,9 @@ def plot_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], p
 
 @dataclass
 class ImageRouting:
-    """Which vision tokens of one image each p-MoD layer processed.
+    """Which vision tokens of one image each routed layer processed.
 
-    ``kept`` is bool [num p-MoD layers, n_vision] in the order of ``layers``; ``grid`` (rows, cols) maps the first
+    ``kept`` is bool [num routed layers, n_vision] in the order of ``layers``; ``grid`` (rows, cols) maps the first
     ``rows * cols`` vision tokens onto ``image`` (the base view the model saw, HxWx3 uint8).
     """
 
@@ -67,7 +63,7 @@ def plot_token_heatmap(routing: ImageRouting, path: str | Path, title: str = "vi
 
 
 def plot_kept_overlay(routing: ImageRouting, path: str | Path, depths: Sequence[int] | None = None) -> Path:
-    """The image beside copies with the kept tokens of a few p-MoD layers highlighted (skipped ones dimmed)."""
+    """The image beside copies with the kept tokens of a few routed layers highlighted (skipped ones dimmed)."""
     rows, cols = routing.grid
     picks = list(depths) if depths is not None else _spread(len(routing.layers), 3)
     fig, axes = plt.subplots(1, len(picks) + 1, figsize=(2.4 * (len(picks) + 1), 2.6))
@@ -93,25 +89,30 @@ def kept_pixel_mask(kept: np.ndarray, grid: tuple[int, int], size: tuple[int, in
     return cells[(np.arange(h) * rows) // h][:, (np.arange(w) * cols) // w]
 
 
-def image_routing(model: torch.nn.Module, processor: Any, image: Any, prompt: str) -> ImageRouting:
-    """Run one forward over ``prompt`` about ``image`` and collect what each p-MoD layer kept of its vision tokens."""
-    import pmod
-    from pmod.generate import build_prompt
+def image_routing(model: torch.nn.Module, processor: Any, inputs: Any) -> ImageRouting:
+    """Run one forward over the encoded prompt ``inputs`` (one image, batch 1) and collect what each routed layer
+    kept of its vision tokens."""
+    from pmod.core.convert import record_routing
 
-    inputs = processor(text=[build_prompt(processor, prompt, 1)], images=[image], return_tensors="pt")
     inputs = inputs.to(model.device)
-    with pmod.record_routing(model) as rec, torch.inference_mode():
+    with record_routing(model) as rec, torch.inference_mode():
         model(**inputs)
     vision = (inputs["input_ids"][0] == model.config.image_token_id).cpu()
     layers = sorted(rec.processed)
     kept = np.stack([rec.processed[i][0][0].cpu()[vision].numpy() for i in layers])
-    weights = np.stack([rec.weights[i][0][0].cpu()[vision].numpy() for i in layers])
+    weights = np.stack([_weights_row(rec.weights[i][0], vision) for i in layers])
     vc = model.config.vision_config
     side = vc.image_size // vc.patch_size
     pixels = inputs["pixel_values"][0]
     if pixels.dim() == 4:  # LLaVA-NeXT: the first tile is the whole image, and its tokens come first
         pixels = pixels[0]
     return ImageRouting(layers, kept, weights, (side, side), _unnormalize(processor, pixels))
+
+
+def _weights_row(weights: torch.Tensor | None, vision: torch.Tensor) -> np.ndarray:
+    if weights is None:  # a method without per-token weights
+        return np.full(int(vision.sum()), np.nan, dtype=np.float32)
+    return weights[0].cpu()[vision].numpy()
 
 
 def _unnormalize(processor: Any, pixels: torch.Tensor) -> np.ndarray:
@@ -135,29 +136,13 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="folder of a p-MoD LLaVA or LLaVA-NeXT model")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--out", required=True, help="folder for the PNG files")
-    parser.add_argument("--device", default="auto")
-
-
-def run(args: argparse.Namespace) -> int:
-    import pmod
-    from pmod.generate import load_model, open_image
-
-    image = open_image(args.image)
-    model, processor = load_model(args.model, args.device)
-    if not pmod.is_pmod_model(model):
-        raise CLIError(f"{args.model} is a dense model: there is no routing to show. Convert and train it first.")
-    routing = image_routing(model, processor, image, args.prompt)
-    out = Path(args.out)
-    paths = [
-        plot_schedule(pmod.layer_ratios(model), out / "schedule.png"),
-        plot_token_heatmap(routing, out / "token_heatmap.png"),
-        plot_kept_overlay(routing, out / "kept_tokens.png"),
-    ]
-    for path in paths:
-        print(path)
-    return 0
+def plot_arank(values: Sequence[float], threshold: float, chosen: Sequence[int], path: str | Path) -> Path:
+    """Per-layer ARank as bars: MoD layers (below the threshold) in blue, dense layers in grey, the threshold dashed."""
+    picked = set(chosen)
+    fig, ax = plt.subplots(figsize=(max(4, len(values) * 0.3), 3))
+    colors = ["#1f77b4" if i in picked else "#999999" for i in range(len(values))]
+    ax.bar(range(len(values)), values, color=colors)
+    ax.axhline(threshold, ls="--", color="k", lw=0.8, label=f"threshold {threshold:.1f}")
+    ax.set(xlabel="layer", ylabel="ARank (mean rank of Q K^T)", title="attention rank per layer (blue: MoD layers)")
+    ax.legend(loc="lower right")
+    return _save(fig, path)

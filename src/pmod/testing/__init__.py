@@ -1,9 +1,9 @@
-"""Tiny models and batches built from configs in code, for tests, examples and benchmarks (no downloads)."""
+"""Tiny models and batches built from configs in code, for tests, examples and checks (no downloads); the
+independent reference forwards of the routing methods are in :mod:`pmod.testing.reference`."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import (
@@ -15,6 +15,8 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from pmod.io.small_llava import build_small_llava, small_llama_config, small_vision_config
 
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
@@ -30,33 +32,7 @@ def tiny_llama_config(
     **kwargs,
 ) -> LlamaConfig:
     """A small Llama config (GQA, SwiGLU) whose forward runs in milliseconds on a CPU."""
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=1,
-        eos_token_id=2,
-        **kwargs,
-    )
-    config._attn_implementation = attn_implementation
-    return config
-
-
-def _vision_config(image_size: int, patch_size: int) -> dict:
-    return dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    return small_llama_config(num_layers, hidden, heads, kv_heads, vocab, attn_implementation, PAD_TOKEN_ID, **kwargs)
 
 
 def tiny_llava(
@@ -69,7 +45,7 @@ def tiny_llava(
     torch.manual_seed(seed)
     config = LlavaConfig(
         text_config=tiny_llama_config(num_layers).to_dict(),
-        vision_config=_vision_config(image_size, patch_size),
+        vision_config=small_vision_config(image_size, patch_size),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -88,7 +64,7 @@ def tiny_llava_next(
     s = image_size
     config = LlavaNextConfig(
         text_config=tiny_llama_config(num_layers).to_dict(),
-        vision_config=_vision_config(image_size, patch_size),
+        vision_config=small_vision_config(image_size, patch_size),
         image_token_id=IMAGE_TOKEN_ID,
         image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
         vision_feature_select_strategy="default",
@@ -179,16 +155,23 @@ def llava_next_batch(
 
 
 def randomize_routers(model: torch.nn.Module, scale: float = 1.0, seed: int = 0) -> None:
-    """Give every p-MoD router random non-zero weights (a trained-looking router for tests)."""
-    from pmod.convert import pmod_layers
+    """Give every router of a routed model random non-zero weights (a trained-looking router for tests): the
+    per-layer routers of p-MoD / MoD and gamma-MoD's shared router."""
+    from pmod.core.backbone import backbone_for
+    from pmod.core.convert import routed_layers
+    from pmod.methods.gamma_mod import ROUTER_NAME
 
     g = torch.Generator().manual_seed(seed)
+    routers = [layer.router for layer in routed_layers(model).values() if hasattr(layer, "router")]
+    shared = getattr(backbone_for(model).decoder(model), ROUTER_NAME, None)
+    if shared is not None:
+        routers.append(shared)
     with torch.no_grad():
-        for layer in pmod_layers(model).values():
-            w = layer.router.weight
+        for router in routers:
+            w = router.weight
             w.copy_(torch.randn(w.shape, generator=g) * scale / w.shape[-1] ** 0.5)
-            if layer.router.bias is not None:
-                layer.router.bias.copy_(torch.randn(1, generator=g) * 0.1)
+            if router.bias is not None:
+                router.bias.copy_(torch.randn(router.bias.shape, generator=g) * 0.1)
 
 
 def tiny_llava_folder(
@@ -208,31 +191,14 @@ def tiny_llava_folder(
     """Save a small random LLaVA model with a word-level tokenizer (the synthetic set's vocabulary) and processor
     to ``folder``; it loads offline with ``from_pretrained`` / ``pmod.load``.
 
-    With ``pmod_config`` the model is converted (random non-zero routers) before saving.
+    With ``pmod_config`` (any method config) the model is converted (random non-zero routers) before saving.
     """
-    from pmod.convert import convert
-    from pmod.data.synth import vocabulary
-    from pmod.data.tokenizer import build_llava_processor, build_word_tokenizer
+    from pmod.core.convert import convert
 
-    tokenizer = build_word_tokenizer(vocabulary())
-    processor = build_llava_processor(
-        tokenizer, image_size=image_size, patch_size=patch_size, chat_template=chat_template
-    )
-    torch.manual_seed(seed)
-    text = tiny_llama_config(num_layers, hidden=hidden, heads=heads, kv_heads=heads, vocab=len(tokenizer)).to_dict()
-    text.update(
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    vision = _vision_config(image_size, patch_size)
-    vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers)
-    config = LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=vision_feature_layer,
-    )
-    model = LlavaForConditionalGeneration(config).eval()
+    model, processor = build_small_llava(
+        num_layers, image_size, patch_size, seed, hidden, heads, vision_hidden, vision_layers, vision_feature_layer,
+        chat_template,
+    )  # fmt: skip
     if pmod_config is not None:
         convert(model, pmod_config)
         randomize_routers(model, scale=3.0, seed=seed)
@@ -265,68 +231,3 @@ def routed_batch(
         am[r, start : start + t + v] = 1
         vm[r, start : start + t + v] = kinds.bool()
     return ids, am, vm
-
-
-def reference_forward(
-    dense_model: LlamaForCausalLM,
-    routers: Mapping[int, torch.nn.Module],
-    ratios: Sequence[float | None],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    vision_mask: torch.Tensor,
-    cfg,
-    processed: Mapping[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The p-MoD rules computed independently of ``pmod.layer``: a plain full-length forward of the *unconverted*
-    model in which every layer runs over all T tokens, with explicit masks. Returns the logits [B, T, vocab].
-
-    In a routed layer the attention mask removes unprocessed tokens as keys (their own query rows are discarded),
-    then the output rules are applied token by token: text ``h + m``, kept vision ``h + w~ m``, skipped vision
-    ``w~ x`` (STRing) or ``x``. The top-k is a Python sort per row (ties to the lower position).
-
-    ``processed`` (layer -> bool [B, T]) imposes the processed tokens instead of the top-k, e.g. the decisions a
-    bf16 run recorded, so that the arithmetic can be compared where near-ties could flip a selection.
-    ``cfg`` is the method's config (``scale``, ``bias``, ``weight_norm``, ``string``).
-    """
-    lm = dense_model.model
-    bsz, seq = input_ids.shape
-    device = input_ids.device
-    real = attention_mask.bool()
-    vision_mask = vision_mask.bool()
-    x = lm.embed_tokens(input_ids)
-    pos = torch.arange(seq, device=device)[None].expand(bsz, seq)
-    cos_sin = lm.rotary_emb(x, pos)
-    causal = torch.ones(seq, seq, device=device).tril().bool()
-    eye = torch.eye(seq, dtype=torch.bool, device=device)
-    act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "none": lambda t: t}[cfg.weight_norm]
-    for idx, layer in enumerate(lm.layers):
-        ratio = ratios[idx]
-        logits = None
-        if ratio is None:
-            keep = real
-        else:
-            logits = routers[idx](x).squeeze(-1).float()
-            if processed is not None:
-                keep = processed[idx].to(device).bool() & real
-            else:
-                keep = real & ~vision_mask
-                for b in range(bsz):
-                    vis = [p for p in range(seq) if vision_mask[b, p] and real[b, p]]
-                    k = math.floor(len(vis) * ratio)
-                    kept = sorted(vis, key=lambda p: (-logits[b, p].item(), p))[:k]
-                    keep[b, kept] = True
-        allowed = (causal[None] & keep[:, None, :] | eye[None])[:, None]
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
-        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)  # additive, works for eager and sdpa
-        h = x + layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)[0]
-        m = layer.mlp(layer.post_attention_layernorm(h))
-        if ratio is None:
-            x = h + m
-            continue
-        w = (cfg.scale * act(logits) + cfg.bias).to(x.dtype)[..., None]
-        vis = vision_mask & real
-        y = torch.where(keep[..., None], h + m, x)  # text (and padding, unchanged)
-        y = torch.where((vis & keep)[..., None], h + w * m, y)
-        skipped = vis & ~keep
-        x = torch.where(skipped[..., None], w * x if cfg.string else x, y)
-    return dense_model.lm_head(lm.norm(x))

@@ -2,9 +2,9 @@
 
 LLaVA starts from a vision tower pre-trained elsewhere and keeps it frozen. Nothing pre-trained can be downloaded
 here, and a tower trained from scratch together with the language model did not learn to see within the demo's
-budget: the loss stayed at the answer priors (see ``pmod.demo``). Supervising the tower alone on per-patch labels of
-the synthetic set takes under a minute and gives features in which each patch says what it shows and where, as a
-real pre-trained tower's features do. The targets:
+budget: the loss stayed at the answer priors (see ``pmod.recipes.demo``). Supervising the tower alone on per-patch
+labels of the synthetic set takes under a minute and gives features in which each patch says what it shows and where,
+as a real pre-trained tower's features do. The targets:
 
 - ``shape`` and ``color``: the kind and colour of the shape the patch shows, 0 for background
   (:func:`pmod.data.synth.patch_labels`), classified, with background weighted down;
@@ -66,7 +66,7 @@ def load_patch_dataset(
     records: list[dict[str, Any]], image_folder: str | Path, processor: Any, patch_size: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel values (N, C, H, W) and per-patch targets (N, patches) for the image records that carry ``meta``."""
-    from pmod.generate import open_image
+    from pmod.data.images import open_image
 
     pixels, targets = [], {name: [] for name in TARGETS}
     for record in records:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pmod.cli import CLIError
+from pmod.core.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         return _synth(args)
     if args.data_command == "check":
         return _check(args)
-    raise CLIError("choose an action: 'pmod data synth --out DIR --n N' or 'pmod data check FILE'")
+    raise UserError("choose an action: 'pmod data synth --out DIR --n N' or 'pmod data check FILE'")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -66,9 +66,9 @@ def _synth(args: argparse.Namespace) -> int:
             question_kinds=None if args.questions is None else [q.strip() for q in args.questions.split(",")],
         )
     except FileExistsError as err:
-        raise CLIError(f"{err}; pass --overwrite to replace it or choose another --out") from err
+        raise UserError(f"{err}; pass --overwrite to replace it or choose another --out") from err
     except ValueError as err:
-        raise CLIError(str(err)) from err
+        raise UserError(str(err)) from err
     n_test = round(args.n * args.test_fraction)
     print(f"wrote {args.n - n_test} samples to {train} and {n_test} to {test} (images in {args.out / 'images'})")
     return 0
@@ -78,10 +78,10 @@ def _check(args: argparse.Namespace) -> int:
     from pmod.data.llava_format import LlavaFormatError, check_records
 
     if args.image_folder is not None and not args.image_folder.is_dir():
-        raise CLIError(f"--image-folder {args.image_folder} is not a folder")
+        raise UserError(f"--image-folder {args.image_folder} is not a folder")
     try:
         report = check_records(args.file, args.image_folder, decode_images=not args.no_decode)
     except LlavaFormatError as err:
-        raise CLIError(f"{err}; give a JSON list of records or a JSONL file") from err
+        raise UserError(f"{err}; give a JSON list of records or a JSONL file") from err
     print(report.format(args.max_problems))
     return 0 if report.ok else 1

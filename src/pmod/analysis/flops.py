@@ -1,4 +1,5 @@
-"""Analytic FLOPs and KV-cache bytes of a decoder-only language model, dense vs p-MoD.
+"""Analytic FLOPs and KV-cache bytes of a decoder-only language model, dense vs a routing method (p-MoD, MoD,
+gamma-MoD, FastV). What each layer computes comes from the method config's ``layer_plan``.
 
 Conventions (they match what runs, and what ``torch.utils.flop_counter.FlopCounterMode`` reports):
 
@@ -9,14 +10,21 @@ Conventions (they match what runs, and what ``torch.utils.flop_counter.FlopCount
   Query heads count here, not KV heads (GQA broadcasts K/V to every query head).
 * Projections: q and o use ``num_heads * head_dim``; k and v use ``num_key_value_heads * head_dim`` (GQA).
   The MLP is gated (Llama/Qwen2/Mistral SwiGLU): gate, up and down, ``3 * 2 * K * hidden * intermediate``.
-* A p-MoD layer with ratio ``R`` processes ``n_text + floor(R * n_vision)`` tokens per sample; its router
-  ``Linear(hidden, 1)`` scores every token of the layer input (``2 * T * hidden``). Dense layers have no router.
+* A routed layer with ratio ``R`` processes ``n_text + floor(R * n_vision)`` tokens per sample (p-MoD, MoD;
+  FastV rounds to the nearest integer); its router ``Linear(hidden, r)`` scores every token of the layer input
+  (``2 * T * hidden * r``: r = 1 for p-MoD/MoD, 2 for gamma-MoD's shared router, 0 for FastV). gamma-MoD routes the
+  text outside the question too: ``n_question`` text tokens are always processed, the rest of the text and the
+  vision tokens are routable (default: every text token is a question token, as at inference without a
+  ``question_mask``). FastV's layer K-1 also computes its last token's attention row: a key projection over the
+  sequence, one query projection and one score row (``2 T hidden kv_width + 2 hidden q_width + 2 heads T head_dim``).
+  Dense layers have no router.
 * The LM head runs on **all** prefill tokens (``2 * T * hidden * vocab``), as a plain ``model(...)`` forward or a
   training step does. ``generate()`` only computes the last position's logits during prefill; use the
   ``*_without_lm_head`` numbers for that case (the head is the same for dense and p-MoD either way).
   Headline totals include the head by default (the paper counts the LLM's prefill FLOPs).
 * Decode: one step after prefill, one new (text) token per sample, processed by every layer, attending to the layer's
-  cached tokens plus itself; the router scores it in p-MoD layers; the LM head runs on it.
+  cached tokens plus itself; the router scores it in routed layers; the LM head runs on it (gamma-MoD may skip it
+  in a layer: this counts the upper bound).
 * KV cache: each layer caches K and V of its processed tokens only:
   ``2 * B * K_l * num_key_value_heads * head_dim * bytes_per_element``.
 * Every sample has the same ``n_vision`` and ``n_text`` (no padding). With padded batches the executed ``K`` is the
@@ -39,154 +47,46 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pmod.config import PModConfig
-from pmod.schedule import kept_count
+from pmod.analysis.dims import (
+    BYTES_PER_ELEMENT,
+    DEFAULT_TEXT_TOKENS,
+    PRESETS,
+    LMDims,
+    Preset,
+    bytes_per_element,
+)
+from pmod.core.config import LayerPlan, MethodConfig, method_class, stored_method_config
+from pmod.core.schedules import kept_count
 
-# Storage size of one KV-cache element.
-BYTES_PER_ELEMENT: dict[str, int] = {
-    "float32": 4,
-    "fp32": 4,
-    "float16": 2,
-    "fp16": 2,
-    "half": 2,
-    "bfloat16": 2,
-    "bf16": 2,
-    "float8": 1,
-    "fp8": 1,
-    "int8": 1,
-}
+__all__ = [
+    "BYTES_PER_ELEMENT",
+    "DEFAULT_TEXT_TOKENS",
+    "PRESETS",
+    "FlopsReport",
+    "LMDims",
+    "LayerCost",
+    "Preset",
+    "bytes_per_element",
+    "estimate",
+    "flop_counter",
+    "layer_cost",
+    "method_config_from",
+]
 
-
-def bytes_per_element(dtype: Any) -> int:
-    """Bytes of one element of ``dtype``: a name from :data:`BYTES_PER_ELEMENT` or anything with ``.itemsize``
-    (e.g. ``torch.float16``)."""
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key not in BYTES_PER_ELEMENT:
-            raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(BYTES_PER_ELEMENT)}.")
-        return BYTES_PER_ELEMENT[key]
-    itemsize = getattr(dtype, "itemsize", None)
-    if not isinstance(itemsize, int):
-        raise ValueError(f"Cannot tell the element size of dtype {dtype!r}; pass a name such as 'float16'.")
-    return itemsize
-
-
-@dataclass(frozen=True)
-class LMDims:
-    """The shape of a decoder-only language model with a gated MLP (Llama, Vicuna, Qwen2, Mistral)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LMDims.{f.name} must be a positive integer, got {value!r}.")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads}).")
-
-    @classmethod
-    def from_config(cls, config: Any) -> LMDims:
-        """Read the dimensions from a transformers config or a ``config.json`` dict.
-
-        Multimodal configs (LLaVA, LLaVA-NeXT) are read from their ``text_config``. A dict whose ``model_type``
-        transformers knows is first built into that config class, so fields left at their defaults (LLaVA's
-        ``text_config`` often lists only a few) get transformers' defaults; other dicts must name every field.
-        """
-        if isinstance(config, Mapping):
-            config = _config_from_dict(config)
-        if isinstance(config, Mapping):
-            return cls._from_mapping(config)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        text = getattr(text, "text_config", None) or text
-        return cls._from_mapping({k: getattr(text, k, None) for k in _CONFIG_KEYS})
-
-    @classmethod
-    def _from_mapping(cls, d: Mapping[str, Any]) -> LMDims:
-        if isinstance(d.get("text_config"), Mapping):
-            d = d["text_config"]
-        missing = [k for k in _REQUIRED_KEYS if d.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"the config has no {', '.join(missing)}; pass a Llama/Qwen2/Mistral or LLaVA config that names "
-                f"{', '.join(_REQUIRED_KEYS)}"
-            )
-        heads = int(d["num_attention_heads"])
-        return cls(
-            hidden=int(d["hidden_size"]),
-            layers=int(d["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
-            intermediate=int(d["intermediate_size"]),
-            vocab=int(d["vocab_size"]),
-        )
-
-
-_REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-_CONFIG_KEYS = (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim")
-
-
-def _config_from_dict(d: Mapping[str, Any]) -> Any:
-    """A transformers config built from ``d`` when its ``model_type`` is known, else ``d`` itself."""
-    model_type = d.get("model_type")
-    if not model_type:
-        return d
-    from transformers import AutoConfig  # lazy: transformers is slow to import
-
-    kwargs = {k: v for k, v in d.items() if k != "model_type"}
-    try:
-        return AutoConfig.for_model(model_type, **kwargs)
-    except (ValueError, KeyError):  # a model type transformers does not know (e.g. the original LLaVA repo's)
-        return d
-
-
-def pmod_config_from(config: Any) -> PModConfig | None:
-    """The p-MoD settings stored in a model config (key ``pmod``, top level or in ``text_config``), if any."""
+def method_config_from(config: Any) -> MethodConfig | None:
+    """The method settings stored in a model config (``pmod_method``, or pmod 0.1's ``pmod``; top level or in
+    ``text_config``), if any."""
 
     def get(obj: Any, key: str) -> Any:
         return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
 
     for obj in (config, get(config, "text_config")):
-        value = get(obj, "pmod") if obj is not None else None
-        if isinstance(value, PModConfig):
-            return value
-        if isinstance(value, Mapping):
-            return PModConfig.from_dict(dict(value))
+        if obj is None:
+            continue
+        stored = stored_method_config(dict(obj) if isinstance(obj, Mapping) else obj)
+        if stored is not None:
+            return stored
     return None
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A published model shape with its typical number of vision tokens per image."""
-
-    name: str
-    dims: LMDims
-    n_vision: int
-    description: str
-
-
-_VICUNA_7B = LMDims(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
-_VICUNA_13B = LMDims(hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, intermediate=13824, vocab=32000)
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("llava-1.5-7b", _VICUNA_7B, 576, "LLaVA-1.5 on Vicuna-7B, 576 vision tokens (336px, 24x24 patches)"),
-        Preset("llava-next-7b", _VICUNA_7B, 2880, "LLaVA-NeXT on Vicuna-7B, up to 2880 vision tokens (AnyRes, 5x576)"),
-        Preset("llava-1.5-13b", _VICUNA_13B, 576, "LLaVA-1.5 on Vicuna-13B, 576 vision tokens"),
-        Preset("llava-next-13b", _VICUNA_13B, 2880, "LLaVA-NeXT on Vicuna-13B, up to 2880 vision tokens"),
-    )
-}
-
-# Text tokens per sample when the caller does not say: a system prompt plus a short question.
-DEFAULT_TEXT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -199,6 +99,7 @@ class LayerCost:
         kept_vision: vision tokens the layer processes per sample.
         processed: tokens the layer processes (and caches) per sample: text + ``kept_vision``.
         attn_proj, attn_scores, attn_values, mlp, router: prefill FLOPs of q/k/v/o, QK^T, AV, the MLP, the router.
+        scoring: prefill FLOPs of FastV's last-token attention row (0 elsewhere).
         kv_bytes: the layer's KV cache after prefill.
         decode: FLOPs of the layer for one decoding step (one new token per sample).
     """
@@ -214,33 +115,48 @@ class LayerCost:
     router: int
     kv_bytes: int
     decode: int
+    scoring: int = 0
 
     @property
     def flops(self) -> int:
         """Prefill FLOPs of the layer."""
-        return self.attn_proj + self.attn_scores + self.attn_values + self.mlp + self.router
+        return self.attn_proj + self.attn_scores + self.attn_values + self.mlp + self.router + self.scoring
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "flops": self.flops}
 
 
 def layer_cost(
-    dims: LMDims, index: int, ratio: float | None, n_vision: int, n_text: int, batch_size: int, elem_bytes: int
+    dims: LMDims,
+    index: int,
+    plan: LayerPlan | float | None,
+    n_vision: int,
+    n_text: int,
+    batch_size: int,
+    elem_bytes: int,
+    n_question: int | None = None,
 ) -> LayerCost:
-    """Cost of decoder layer ``index`` with retention ``ratio`` (None = dense) for the given token counts."""
-    kept = kept_count(n_vision, ratio)
-    k = n_text + kept  # tokens processed per sample
+    """Cost of decoder layer ``index`` under ``plan`` (a :class:`LayerPlan`, or a p-MoD ratio; None = dense)."""
+    if not isinstance(plan, LayerPlan):
+        plan = LayerPlan() if plan is None else LayerPlan(ratio=plan, router_outputs=1)
     t = n_text + n_vision  # tokens entering the layer per sample
+    question = n_text if n_question is None else min(n_question, n_text)
+    routable = n_vision + (n_text - question if plan.routes_text else 0)
+    kept = kept_count(routable, plan.ratio, plan.rounding)
+    k = t - routable + kept  # tokens processed per sample
     b, h, hd = batch_size, dims.hidden, dims.head_dim
     proj_width = 2 * dims.heads * hd + 2 * dims.kv_heads * hd  # q + o, k + v
     proj_per_token = 2 * h * proj_width
     mlp_per_token = 3 * 2 * h * dims.intermediate
-    router_per_token = 2 * h if ratio is not None else 0
+    router_per_token = 2 * h * plan.router_outputs
+    scoring = 0
+    if plan.scores_last_token:  # k_proj over the sequence, q_proj of the last token, one QK^T row
+        scoring = 2 * t * h * dims.kv_heads * hd + 2 * h * dims.heads * hd + 2 * dims.heads * t * hd
     # One AV or QK^T for a query against `n` keys: 2 * n * head_dim per head.
     decode_attn = 2 * (2 * dims.heads * hd * (k + 1))
     return LayerCost(
         index=index,
-        ratio=ratio,
+        ratio=plan.ratio,
         kept_vision=kept,
         processed=k,
         attn_proj=b * k * proj_per_token,
@@ -250,6 +166,7 @@ def layer_cost(
         router=b * t * router_per_token,
         kv_bytes=2 * b * k * dims.kv_heads * hd * elem_bytes,
         decode=b * (proj_per_token + mlp_per_token + router_per_token + decode_attn),
+        scoring=b * scoring,
     )
 
 
@@ -259,14 +176,15 @@ def _ratio(num: float, den: float) -> float:
 
 @dataclass(frozen=True)
 class FlopsReport:
-    """Dense vs p-MoD cost of one prefill (and one decoding step) of the language model.
+    """Dense vs routed cost of one prefill (and one decoding step) of the language model.
 
     All FLOPs and bytes are totals over the batch. ``include_lm_head`` says whether the headline totals
-    (:attr:`dense_flops`, :attr:`pmod_flops`, :attr:`tflops_ratio`) include the LM head.
+    (:attr:`dense_flops`, :attr:`pmod_flops`, :attr:`tflops_ratio`) include the LM head. ``pmod_*`` names the
+    routed model under ``method_config``, whichever method it is.
     """
 
     dims: LMDims
-    pmod_config: PModConfig
+    method_config: MethodConfig
     n_vision: int
     n_text: int
     batch_size: int
@@ -325,7 +243,7 @@ class FlopsReport:
         return math.fsum(1.0 if r is None else r for r in self.schedule) / len(self.schedule)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary; ``layers`` holds the p-MoD per-layer records, ``dense_layers`` the dense ones."""
+        """JSON-ready summary; ``layers`` holds the routed per-layer records, ``dense_layers`` the dense ones."""
         return {
             "dense_tflops": self.dense_flops / 1e12,
             "pmod_tflops": self.pmod_flops / 1e12,
@@ -350,7 +268,8 @@ class FlopsReport:
             "batch_size": self.batch_size,
             "bytes_per_element": self.bytes_per_element,
             "dims": dataclasses.asdict(self.dims),
-            "pmod": self.pmod_config.to_dict(),
+            "method": self.method_config.method,
+            "method_config": self.method_config.to_dict(),
             "schedule": list(self.schedule),
             "layers": [c.to_dict() for c in self.pmod_layers],
             "dense_layers": [c.to_dict() for c in self.dense_layers],
@@ -359,24 +278,26 @@ class FlopsReport:
 
 def estimate(
     config_or_dims: LMDims | Mapping[str, Any] | Any,
-    pmod_config: PModConfig | None = None,
+    method_config: MethodConfig | None = None,
     *,
     n_vision: int,
     n_text: int = DEFAULT_TEXT_TOKENS,
     batch_size: int = 1,
     dtype: Any = "float16",
     include_lm_head: bool = True,
+    n_question: int | None = None,
 ) -> FlopsReport:
-    """Analytic prefill/decode FLOPs and KV-cache bytes of the language model, dense and p-MoD.
+    """Analytic prefill/decode FLOPs and KV-cache bytes of the language model, dense and routed.
 
     Args:
         config_or_dims: :class:`LMDims`, a transformers config (LLaVA configs are read from ``text_config``) or a
             ``config.json`` dict.
-        pmod_config: the p-MoD settings; None takes the config's ``pmod`` entry, else the paper's defaults.
+        method_config: any method config; None takes the config's stored method, else p-MoD's defaults.
         n_vision, n_text: vision (routable) and text tokens per sample.
         batch_size: samples, all with these token counts.
         dtype: KV-cache element type, a name (``"float16"``) or a ``torch.dtype``.
         include_lm_head: whether the headline totals include the LM head (run on every prefill token).
+        n_question: text tokens gamma-MoD always processes (default: all of them).
     """
     if n_vision < 0 or n_text < 0 or n_vision + n_text == 0:
         raise ValueError(f"Token counts must be >= 0 and not both 0, got n_vision={n_vision}, n_text={n_text}.")
@@ -386,22 +307,23 @@ def estimate(
         dims = config_or_dims
     else:
         dims = LMDims.from_config(config_or_dims)
-        if pmod_config is None:
-            pmod_config = pmod_config_from(config_or_dims)
-    pmod_config = pmod_config or PModConfig()
-    schedule = pmod_config.layer_ratios(dims.layers)
+        if method_config is None:
+            method_config = method_config_from(config_or_dims)
+    method_config = method_config or method_class("pmod")()
+    schedule = method_config.layer_ratios(dims.layers)
+    plans = method_config.layer_plan(dims.layers)
     elem = bytes_per_element(dtype)
-    args = (n_vision, n_text, batch_size, elem)
+    args = (n_vision, n_text, batch_size, elem, n_question)
     t = n_vision + n_text
     return FlopsReport(
         dims=dims,
-        pmod_config=pmod_config,
+        method_config=method_config,
         n_vision=n_vision,
         n_text=n_text,
         batch_size=batch_size,
         bytes_per_element=elem,
         dense_layers=[layer_cost(dims, i, None, *args) for i in range(dims.layers)],
-        pmod_layers=[layer_cost(dims, i, r, *args) for i, r in enumerate(schedule)],
+        pmod_layers=[layer_cost(dims, i, plan, *args) for i, plan in enumerate(plans)],
         lm_head_flops=2 * batch_size * t * dims.hidden * dims.vocab,
         lm_head_decode_flops=2 * batch_size * dims.hidden * dims.vocab,
         include_lm_head=include_lm_head,

@@ -1,6 +1,6 @@
 """Per-layer retention ratios (pure functions).
 
-A retention ratio ``R_l`` in (0, 1] says which share of a sample's vision tokens layer ``l`` processes:
+A retention ratio ``R_l`` in (0, 1] says which share of a sample's routable (vision) tokens layer ``l`` processes:
 ``k = floor(R_l * n_vision)``. ``None`` marks a dense layer (an ordinary decoder layer, no router).
 """
 
@@ -66,10 +66,13 @@ def mean_retention(schedule: Sequence[float | None]) -> float:
     return math.fsum(values) / len(values)
 
 
-def kept_count(n_vision: int, ratio: float | None) -> int:
-    """Number of vision tokens a layer with this ratio processes: ``floor(n_vision * ratio)``."""
+def kept_count(n_vision: int, ratio: float | None, rounding: str = "floor") -> int:
+    """Number of vision tokens a layer with this ratio processes: ``floor(n_vision * ratio)``, or with
+    ``rounding="round"`` the nearest integer (halves to even, as Python's and torch's ``round``)."""
     if ratio is None:
         return n_vision
+    if rounding == "round":
+        return round(n_vision * ratio)
     return math.floor(n_vision * ratio)
 
 
@@ -78,7 +81,7 @@ def validate_schedule(schedule: Sequence[float | None], num_layers: int) -> list
     schedule = list(schedule)
     if len(schedule) != num_layers:
         raise ValueError(
-            f"The p-MoD schedule has {len(schedule)} entries but the model has {num_layers} decoder layers; "
+            f"The routing schedule has {len(schedule)} entries but the model has {num_layers} decoder layers; "
             f"give exactly one ratio (or None for a dense layer) per layer."
         )
     for i, r in enumerate(schedule):
@@ -91,7 +94,25 @@ def validate_schedule(schedule: Sequence[float | None], num_layers: int) -> list
             )
     if schedule and schedule[0] is not None:
         raise ValueError(
-            "Layer 0 cannot be a p-MoD layer: transformers sizes attention masks and position ids from the "
+            "Layer 0 cannot be a routed layer: transformers sizes attention masks and position ids from the "
             "cache of layer 0, so it must process (and cache) every token. Set the ratio of layer 0 to None."
         )
     return schedule
+
+
+def layer_set(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """The layers a named set stands for: ``"deep_all"`` (layers 2 to L-2, the original MoD code's choice),
+    ``"interleave"`` (the odd layers), ``"all"`` (every layer but 0), or an explicit list of indices."""
+    if isinstance(spec, str):
+        if spec == "deep_all":
+            return list(range(2, num_layers - 1))
+        if spec == "interleave":
+            return list(range(1, num_layers, 2))
+        if spec == "all":
+            return list(range(1, num_layers))
+        raise ValueError(f"Unknown layer set {spec!r}; use 'deep_all', 'interleave', 'all' or a list of layer indices.")
+    layers = sorted({int(i) for i in spec})
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"Layer indices {bad} are outside 0..{num_layers - 1}; the model has {num_layers} layers.")
+    return layers

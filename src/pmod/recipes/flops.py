@@ -1,27 +1,26 @@
-"""``pmod flops``: analytic FLOPs and KV-cache bytes of dense vs p-MoD, as a table or JSON.
+"""``pmod flops``: analytic FLOPs and KV-cache bytes of dense vs a routing method, as a table or JSON.
 
-The conventions (what is counted and how) are in :mod:`pmod.flops`.
+The conventions (what is counted and how) are in :mod:`pmod.analysis.flops`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
-from pmod.cli import CLIError
-from pmod.config import PModConfig
-from pmod.flops import (
+from pmod.analysis.flops import (
     BYTES_PER_ELEMENT,
     DEFAULT_TEXT_TOKENS,
     PRESETS,
     FlopsReport,
     LMDims,
     estimate,
-    pmod_config_from,
+    method_config_from,
 )
+from pmod.core.config import MethodConfig, method_names
+from pmod.core.errors import UserError
+from pmod.recipes import method_flags
 
 # Vision tokens per image when a config does not say: LLaVA-1.5's 576, or LLaVA-NeXT's AnyRes maximum.
 _DEFAULT_VISION = 576
@@ -51,14 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(BYTES_PER_ELEMENT),
         help="KV-cache element type (default: %(default)s)",
     )
-    group = parser.add_argument_group(
-        "p-MoD settings", "override the config's 'pmod' entry (or the paper's defaults when it has none)"
+    parser.add_argument(
+        "--method",
+        choices=method_names(),
+        help="routing method to cost (default: the model's stored method, else pmod); its settings below",
     )
-    group.add_argument("--schedule", choices=["prd", "linear", "constant"], help="retention schedule")
-    group.add_argument("--beta", type=float, help="PRD/linear shift")
-    group.add_argument("--max-ratio", type=float, help="ratios at or above this stay dense")
-    group.add_argument("--min-ratio", type=float, help="ratios are clamped to at least this")
-    group.add_argument("--ratio", type=float, help="ratio of the constant schedule (implies --schedule constant)")
+    parser.add_argument("--question-tokens", type=int, help="gamma-MoD: text tokens always processed (default all)")
+    method_flags.add_method_arguments(parser)
     parser.add_argument(
         "--no-lm-head",
         action="store_true",
@@ -74,22 +72,24 @@ def run(args: argparse.Namespace) -> int:
         ("--batch-size", args.batch_size, 1),
     ):
         if value is not None and value < least:
-            raise CLIError(f"{flag} is {value}; give a number >= {least}")
-    name, dims, stored_pmod, default_vision = _load_source(args)
-    pmod_config = _pmod_config(args, stored_pmod)
+            raise UserError(f"{flag} is {value}; give a number >= {least}")
+    name, dims, stored, default_vision = _load_source(args)
+    method = args.method or (stored.method if stored is not None else "pmod")
+    config = method_flags.config_from_values(vars(args), method, base=stored)
     n_vision = default_vision if args.vision_tokens is None else args.vision_tokens
     try:
         report = estimate(
             dims,
-            pmod_config,
+            config,
             n_vision=n_vision,
             n_text=args.text_tokens,
             batch_size=args.batch_size,
             dtype=args.dtype,
             include_lm_head=not args.no_lm_head,
+            n_question=args.question_tokens,
         )
     except ValueError as err:
-        raise CLIError(str(err)) from None
+        raise UserError(str(err)) from None
     if args.json:
         print(json.dumps({"model": name, **report.to_dict()}, indent=2))
     else:
@@ -97,57 +97,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, PModConfig | None, int]:
-    """(name, dims, the config's p-MoD settings, default vision tokens) from ``--preset`` or a folder/config.json."""
+def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | None, int]:
+    """(name, dims, the config's method settings, default vision tokens) from ``--preset`` or a folder/config.json."""
     if args.preset and args.model:
-        raise CLIError("give either a model folder/config.json or --preset, not both")
+        raise UserError("give either a model folder/config.json or --preset, not both")
     if args.preset:
         preset = PRESETS.get(args.preset)
         if preset is None:
-            raise CLIError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
         return preset.name, preset.dims, None, preset.n_vision
     if not args.model:
-        raise CLIError(f"give a model folder or config.json, or --preset (one of {', '.join(PRESETS)})")
+        raise UserError(f"give a model folder or config.json, or --preset (one of {', '.join(PRESETS)})")
     path = Path(args.model)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         where = f"{path} has no config.json" if path.is_dir() else f"{path} does not exist"
-        raise CLIError(f"{where}; pass a local model folder with config.json, a config.json file, or --preset")
+        raise UserError(f"{where}; pass a local model folder with config.json, a config.json file, or --preset")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CLIError(f"cannot read {file} as JSON ({err}); pass a valid config.json") from None
+        raise UserError(f"cannot read {file} as JSON ({err}); pass a valid config.json") from None
     if not isinstance(data, dict):
-        raise CLIError(f"{file} is not a JSON object; pass a model's config.json")
+        raise UserError(f"{file} is not a JSON object; pass a model's config.json")
     try:
         dims = LMDims.from_config(data)
-        stored = pmod_config_from(data)
+        stored = method_config_from(data)
     except (ValueError, TypeError) as err:
-        raise CLIError(f"{file}: {err}") from None
+        raise UserError(f"{file}: {err}") from None
     default_vision = _DEFAULT_VISION_BY_TYPE.get(
         data.get("model_type"), data.get("image_seq_length") or _DEFAULT_VISION
     )
     return str(path), dims, stored, int(default_vision)
-
-
-def _pmod_config(args: argparse.Namespace, stored: PModConfig | None) -> PModConfig:
-    overrides: dict[str, Any] = {
-        key: value
-        for key, value in (
-            ("schedule", args.schedule),
-            ("beta", args.beta),
-            ("max_ratio", args.max_ratio),
-            ("min_ratio", args.min_ratio),
-            ("ratio", args.ratio),
-        )
-        if value is not None
-    }
-    if args.ratio is not None and args.schedule is None:
-        overrides["schedule"] = "constant"
-    try:
-        return dataclasses.replace(stored or PModConfig(), **overrides)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
 
 
 _FLOP_UNITS = ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs"), (1.0, "FLOPs"))
@@ -160,12 +140,18 @@ def _unit(largest: float, units: tuple[tuple[float, str], ...]) -> tuple[float, 
 
 
 def _describe(report: FlopsReport) -> str:
-    p = report.pmod_config
-    if p.schedule in ("prd", "linear"):
-        return f"{p.schedule} (beta {p.beta}, max ratio {p.max_ratio}, min ratio {p.min_ratio})"
-    if p.schedule == "constant":
-        return f"constant {p.ratio}"
-    return "explicit"
+    c = report.method_config
+    if c.method == "pmod":
+        if c.schedule in ("prd", "linear"):
+            return f"p-MoD {c.schedule} (beta {c.beta}, max ratio {c.max_ratio}, min ratio {c.min_ratio})"
+        return f"p-MoD constant {c.ratio}" if c.schedule == "constant" else "p-MoD explicit"
+    if c.method == "mod":
+        return f"MoD constant {c.ratio} on {c.layers if isinstance(c.layers, str) else 'layers ' + str(c.layers)}"
+    if c.method == "gamma_mod":
+        return f"gamma-MoD skip {c.skip_ratio} on layers {c.mod_layers(report.dims.layers)}"
+    if c.method == "fastv":
+        return f"FastV K={c.layer} keep {c.keep}"
+    return c.method
 
 
 def format_report(report: FlopsReport, name: str) -> str:
@@ -180,7 +166,7 @@ def format_report(report: FlopsReport, name: str) -> str:
         f"per sample: {report.n_vision} vision + {report.n_text} text = {t} tokens; batch {report.batch_size}; "
         f"KV {report.bytes_per_element} bytes/element; schedule {_describe(report)}",
         "",
-        f"p-MoD layers (prefill in {unit}, decode in {dunit} per step, KV in {bunit}):",
+        f"layers under {report.method_config.method} (prefill in {unit}, decode in {dunit} per step, KV in {bunit}):",
     ]
     header = ("layer", "ratio", "vision", "tokens", "attn proj", "QK^T+AV", "MLP", "router", "total", "vs dense")
     header += ("KV", "decode")
@@ -218,7 +204,7 @@ def format_report(report: FlopsReport, name: str) -> str:
         (f"decode {sunit} per step", report.dense_decode_flops / sscale, report.pmod_decode_flops / sscale, "%.3f"),
         (f"KV cache {kunit}", report.dense_kv_bytes / kscale, report.pmod_kv_bytes / kscale, "%.2f"),
     )
-    lines += ["", f"{'':34}{'dense':>12}{'p-MoD':>12}{'ratio':>9}"]
+    lines += ["", f"{'':34}{'dense':>12}{report.method_config.method:>12}{'ratio':>9}"]
     for label, dense_v, pmod_v, fmt in summary:
         ratio = pmod_v / dense_v if dense_v else float("nan")
         lines.append(f"{label:34}{fmt % dense_v:>12}{fmt % pmod_v:>12}{ratio:>9.1%}")

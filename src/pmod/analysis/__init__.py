@@ -1,0 +1,1 @@
+"""Measurements of routed models: analytic FLOPs and KV bytes, routing statistics, plots."""

@@ -1,0 +1,215 @@
+"""Turn a Hugging Face model into a routed model with any method, reload one, and record its routing decisions.
+
+``convert(model, config)`` puts a backbone adapter (where the layers are, which tokens are routable) and a method
+config (which layers route, and how) together. Conversion happens in place: each routed decoder layer keeps its
+class (a routed subclass of it), its weights and parameter names, and gains its method's rule (and router). The
+method and its settings are stored in ``config.json`` (key ``"pmod_method"``); :func:`load` restores the model from
+a folder, routers included, and also reads folders saved by pmod 0.1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from pmod.core import recording
+from pmod.core.backbone import BackboneAdapter, backbone_for, backbone_for_class_name, find_backbone, supported_classes
+from pmod.core.config import MethodConfig, method_class, store_method_config, stored_method_config
+from pmod.core.errors import UserError
+from pmod.core.routed_layer import RoutingInputs, is_routed_layer, make_routed_layer
+
+
+def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The routed layers of a model, by layer index (empty for a dense or unsupported model)."""
+    adapter = find_backbone(model)
+    if adapter is None:
+        return {}
+    return {i: layer for i, layer in enumerate(adapter.decoder_layers(model)) if is_routed_layer(layer)}
+
+
+def is_routed_model(model: nn.Module) -> bool:
+    return bool(routed_layers(model))
+
+
+def get_method_config(model: nn.Module) -> MethodConfig | None:
+    """The model's method config (``PModConfig``, ``MoDConfig``, ...), or None for a dense model."""
+    return stored_method_config(model.config)
+
+
+def layer_ratios(model: nn.Module) -> list[float | None]:
+    """Per-layer share of the routable tokens each layer processes (None = dense layer)."""
+    layers = backbone_for(model).decoder_layers(model)
+    return [layer.pmod_ratio if is_routed_layer(layer) else None for layer in layers]
+
+
+def convert(model: nn.Module, config: MethodConfig | None = None) -> nn.Module:
+    """Convert a supported Hugging Face model in place with a routing method; returns the model.
+
+    ``config`` is any method config (``pmod.PModConfig()`` by default, the paper's p-MoD). For LLaVA models the
+    routable tokens are the image tokens (``config.image_token_id``); a bare decoder takes a ``vision_mask`` keyword
+    (bool [batch, seq]) in its forward, without which every token is text. A ``question_mask`` keyword (bool
+    [batch, seq] or [batch, past + seq]) marks tokens a method must always process (gamma-MoD's masked routing).
+    """
+    adapter = backbone_for(model)
+    if is_routed_model(model):
+        raise ValueError("This model is already converted; convert the original model, not a converted one.")
+    if stored_method_config(model.config) is not None:
+        raise ValueError(
+            "This model's config.json names a routing method, but its layers are not converted: it was loaded "
+            "without pmod, which drops the trained routers. Load it with pmod.load(path) instead."
+        )
+    if config is None:
+        config = method_class("pmod")()
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"pmod.convert takes a method config (e.g. pmod.PModConfig()), got {type(config).__name__}.")
+    return _convert(model, config, adapter)
+
+
+def _convert(model: nn.Module, config: MethodConfig, adapter: BackboneAdapter) -> nn.Module:
+    layers = adapter.decoder_layers(model)
+    config = config.resolved(len(layers))
+    rules = config.build(adapter.decoder(model), layers)
+    for i, rule in sorted(rules.items()):
+        make_routed_layer(layers[i], i, rule)
+    store_method_config(model.config, config)
+    hook = _RoutingHook(model, adapter)
+    model.register_forward_pre_hook(hook.before, with_kwargs=True)
+    model.register_forward_hook(hook.after, with_kwargs=True)
+    model._pmod_routing_hook = hook
+    return model
+
+
+class _RoutingHook:
+    """Hooks of the top-level model. Before the forward: work out which tokens are routable, which are padding and
+    which are question tokens, and hand that to the decoder layers as the ``pmod_routing`` keyword (which
+    transformers passes down to them). After it: add the routing losses the layers collected to the loss.
+
+    A keyword, not state on the model, so that gradient checkpointing replays each layer with its own inputs.
+    """
+
+    def __init__(self, model: nn.Module, adapter: BackboneAdapter) -> None:
+        self.signature = inspect.signature(model.forward)
+        self.routable_ids = adapter.routable_token_ids(model.config)
+        self.current: RoutingInputs | None = None
+        self.last_routing_loss: torch.Tensor | None = None
+
+    def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        vision_mask = kwargs.pop("vision_mask", None)
+        question_mask = kwargs.pop("question_mask", None)
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        input_ids, inputs_embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            return args, kwargs
+        bsz, seq = reference.shape[:2]
+
+        if vision_mask is not None:
+            if tuple(vision_mask.shape) != (bsz, seq):
+                raise ValueError(
+                    f"vision_mask has shape {tuple(vision_mask.shape)} but the input is [{bsz}, {seq}]; pass a bool "
+                    f"mask of shape [batch, seq] for the tokens of this call (True = vision token)."
+                )
+            vision_mask = vision_mask.to(device=reference.device, dtype=torch.bool)
+        elif input_ids is not None and self.routable_ids:
+            vision_mask = torch.isin(input_ids, torch.tensor(self.routable_ids, device=input_ids.device))
+            if not bool(vision_mask.any()):
+                vision_mask = None  # text only (every decode step): lets the layers skip routing; one check here
+
+        token_mask = bound.get("attention_mask")
+        if token_mask is not None:
+            if token_mask.dim() != 2:
+                raise ValueError(
+                    f"routed models take a 2-D padding attention_mask [batch, past + seq], got {token_mask.dim()}-D; "
+                    f"pass the tokenizer's attention_mask (1 = token, 0 = padding)."
+                )
+            total = token_mask.shape[1]
+            token_mask = token_mask[:, -seq:].to(device=reference.device, dtype=torch.bool)
+        else:
+            total = seq
+        if question_mask is not None:
+            # generate() passes the prompt's mask again at every decode step: it only describes the prompt chunk.
+            width = question_mask.shape[-1]
+            question_mask = question_mask[:, -seq:] if width in (seq, total) else None
+            if question_mask is not None:
+                question_mask = question_mask.to(device=reference.device, dtype=torch.bool)
+        labels = bound.get("labels")
+        collect = model.training and torch.is_grad_enabled()
+        self.current = RoutingInputs(
+            vision_mask=vision_mask,
+            token_mask=token_mask,
+            question_mask=question_mask,
+            labels=labels[:, -seq:] if labels is not None and labels.dim() == 2 else None,
+            routing_losses=[] if collect else None,
+        )
+        kwargs["pmod_routing"] = self.current
+        return args, kwargs
+
+    def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        routing, self.current = self.current, None
+        if routing is None or not routing.routing_losses:
+            return output
+        loss = torch.stack([value.float() for value in routing.routing_losses]).sum()
+        routing.routing_losses = None  # consumed: layers replayed by gradient checkpointing add nothing more
+        self.last_routing_loss = loss.detach()
+        if getattr(output, "loss", None) is not None:
+            output.loss = output.loss + loss.to(output.loss.dtype)
+        return output
+
+
+def routing_loss(model: nn.Module) -> torch.Tensor | None:
+    """The weighted routing loss of the model's last training forward (gamma-MoD), already added to its loss when
+    labels were given; None when the method has none."""
+    hook = getattr(model, "_pmod_routing_hook", None)
+    return None if hook is None else hook.last_routing_loss
+
+
+def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a routed model saved with ``save_pretrained``: the base class from ``config.json``, converted with the
+    stored method config, routers and all weights loaded by transformers' own ``from_pretrained``.
+
+    Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) go to ``from_pretrained``. Reads
+    folders saved by pmod 0.1 (p-MoD settings under ``"pmod"``) too.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; pass a folder written by save_pretrained.")
+    config = transformers.AutoConfig.from_pretrained(path)
+    method_config = stored_method_config(config)
+    if method_config is None:
+        raise ValueError(
+            f"{path} holds a model without a routing method; load it with transformers and call pmod.convert(model)."
+        )
+    archs = getattr(config, "architectures", None) or []
+    base = getattr(transformers, archs[0], None) if archs else None
+    adapter = backbone_for_class_name(base.__name__) if base is not None else None
+    if adapter is None:
+        raise UserError(f"{path} has architecture {archs}; pmod supports {', '.join(supported_classes())}.")
+
+    def init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, *args, **kwargs)
+        _convert(self, method_config, adapter)
+
+    # A subclass that converts itself on construction lets from_pretrained load the routers with every other
+    # weight (including its own checkpoint key mappings); the class is switched back once loaded.
+    loader = type(base.__name__, (base,), {"__init__": init, "__module__": base.__module__})
+    model = loader.from_pretrained(path, **from_pretrained_kwargs)
+    model.__class__ = base
+    return model
+
+
+def record_routing(model: nn.Module) -> Any:
+    """Record which tokens each routed layer processes, and its method's weights, for the forwards inside::
+
+    with pmod.record_routing(model) as rec:
+        model(**batch)
+    rec.processed[8][0]  # bool [batch, seq] of layer 8, first forward
+    """
+    return recording.recording(
+        routed_layers(model),
+        lambda: ValueError("record_routing needs a routed model; convert it with pmod.convert(model) first."),
+    )

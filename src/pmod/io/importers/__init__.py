@@ -1,0 +1,1 @@
+"""Importers of checkpoints saved by other code bases."""

@@ -1,0 +1,9 @@
+"""The routing methods, one module each: its config dataclass, its router (or none), its selection rule, its output
+rule and its training loss if any. Importing this package registers them with ``pmod.core``."""
+
+from pmod.methods.fastv import FastVConfig
+from pmod.methods.gamma_mod import GammaMoDConfig
+from pmod.methods.mod import MoDConfig
+from pmod.methods.pmod import PModConfig
+
+__all__ = ["FastVConfig", "GammaMoDConfig", "MoDConfig", "PModConfig"]

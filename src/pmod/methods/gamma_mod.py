@@ -1,0 +1,198 @@
+"""gamma-MoD (Luo et al., ICLR 2025): ARank-chosen MoD layers, one shared vision-language router, masked routing.
+
+* Layer choice: the layers whose attention-map rank (ARank, :mod:`pmod.methods.arank`) is below the 4th largest
+  become MoD layers (most of the model); or an explicit list.
+* Router: ONE ``Linear(hidden, 2)`` shared by every MoD layer, on the layer's normalised input; binary softmax,
+  routing probability ``p = softmax(.)[..., 1]``.
+* Masked routing: every real token is routable (image, system prompt, response) except the question tokens, which
+  are always processed. Pass them as ``question_mask``; without it every prompt text token counts as question
+  (in training the tokens without a label, at inference every text token of a multi-token chunk).
+* Training and prefill keep the top ``floor(n_routable * (1 - skip_ratio))`` routable tokens by ``p``; a decode
+  step (a one-token chunk) processes its token when ``p >= decode_threshold`` and otherwise skips the layer and
+  leaves no cache entry there. ``prefill_rule="threshold"`` keeps every routable token with
+  ``p > prefill_threshold`` instead (the original evaluation code's rule).
+* Kept tokens: ``h + p * MLP(LN(h))``; skipped tokens: unchanged.
+* Routing loss: cross-entropy of the router logits against the top-k labels (routable tokens only), times
+  ``routing_loss_weight``, summed over the MoD layers and added to the LM loss in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pmod.core import schedules
+from pmod.core.compaction import kept_counts, top_k_mask
+from pmod.core.config import LayerPlan, MethodConfig, register_method
+from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
+from pmod.methods.arank import choose_layers
+
+#: Where the shared router lives: an attribute of the decoder module (next to its ``layers``).
+ROUTER_NAME = "gamma_mod_router"
+
+
+@register_method
+@dataclass
+class GammaMoDConfig(MethodConfig):
+    """Settings of gamma-MoD.
+
+    Attributes:
+        layers: ``"arank"`` (choose from ``arank`` / ``arank_file``) or a list of MoD layer indices.
+        arank_file: JSON written by ``pmod arank --json`` (or a plain list of per-layer values).
+        arank: per-layer ARank values (filled from ``arank_file`` at conversion).
+        threshold_rank: the ``threshold_rank``-th largest ARank is the threshold; layers below it route.
+        skip_ratio: share of the routable tokens a MoD layer skips.
+        routing_loss_weight: weight of the routing loss added to the LM loss.
+        router_bias: whether the shared ``Linear(hidden, 2)`` router has a bias.
+        decode_threshold: a decoded token goes through a MoD layer when ``p >= decode_threshold``.
+        prefill_rule: ``"top_k"`` (training's rule) or ``"threshold"`` (``p > prefill_threshold``) for multi-token
+            chunks outside training.
+        renumber_positions: give processed tokens positions 0..K-1, as the original code does (no KV cache);
+            off: they keep their own positions.
+    """
+
+    method: ClassVar[str] = "gamma_mod"
+    display_name: ClassVar[str] = "gamma-MoD"
+    paper: ClassVar[str] = "gamma-MoD: Exploring Mixture-of-Depth Adaptation for Multimodal LLMs (ICLR 2025)"
+    listing_order: ClassVar[int] = 2
+
+    layers: Literal["arank"] | list[int] = field(
+        default="arank", metadata={"help": "arank (from --gamma-mod-arank-file) or MoD layer indices, e.g. 1,2,3"}
+    )
+    arank_file: str | None = field(default=None, metadata={"help": "JSON of per-layer ARank (pmod arank --json)"})
+    arank: list[float] | None = field(default=None, metadata={"help": "per-layer ARank values"})
+    threshold_rank: int = field(default=4, metadata={"help": "the k-th largest ARank is the threshold"})
+    skip_ratio: float = field(default=0.5, metadata={"help": "share of routable tokens a MoD layer skips"})
+    routing_loss_weight: float = field(default=0.01, metadata={"help": "weight of the routing loss"})
+    router_bias: bool = field(default=True, metadata={"help": "the shared Linear(hidden, 2) router has a bias"})
+    decode_threshold: float = field(default=0.5, metadata={"help": "decoded tokens with p >= this are processed"})
+    prefill_rule: Literal["top_k", "threshold"] = field(
+        default="top_k", metadata={"help": "top_k, or threshold (p > prefill_threshold) outside training"}
+    )
+    prefill_threshold: float = field(default=0.005, metadata={"help": "threshold of prefill_rule=threshold"})
+    renumber_positions: bool = field(
+        default=False, metadata={"help": "positions 0..K-1 for processed tokens (original code; no KV cache)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.skip_ratio < 1.0:
+            raise ValueError(f"skip_ratio {self.skip_ratio} is outside [0, 1); choose a share of tokens to skip.")
+        if isinstance(self.layers, str) and self.layers != "arank":
+            raise ValueError(f"layers must be 'arank' or a list of layer indices, got {self.layers!r}.")
+        if self.threshold_rank < 1:
+            raise ValueError(f"threshold_rank must be >= 1, got {self.threshold_rank}.")
+
+    def resolved(self, num_layers: int) -> GammaMoDConfig:
+        """The config with ``layers`` chosen from ARank (read from ``arank_file`` if needed)."""
+        if not isinstance(self.layers, str):
+            return self
+        values = self.arank if self.arank is not None else read_arank_file(self.arank_file)
+        if len(values) != num_layers:
+            raise ValueError(
+                f"The ARank values have {len(values)} entries but the model has {num_layers} layers; compute them "
+                f"for this model with `pmod arank`."
+            )
+        return dataclasses.replace(self, layers=choose_layers(values, self.threshold_rank), arank=list(values))
+
+    def mod_layers(self, num_layers: int) -> list[int]:
+        return schedules.layer_set(self.resolved(num_layers).layers, num_layers)
+
+    def layer_ratios(self, num_layers: int) -> list[float | None]:
+        chosen = set(self.mod_layers(num_layers))
+        ratios = [1.0 - self.skip_ratio if i in chosen else None for i in range(num_layers)]
+        return schedules.validate_schedule(ratios, num_layers)
+
+    def layer_plan(self, num_layers: int) -> list[LayerPlan]:
+        return [
+            LayerPlan() if r is None else LayerPlan(ratio=r, router_outputs=2, routes_text=True)
+            for r in self.layer_ratios(num_layers)
+        ]
+
+    def build(self, decoder: nn.Module, layers: nn.ModuleList) -> dict[int, GammaMoDRule]:
+        weight = layers[0].input_layernorm.weight
+        router = nn.Linear(weight.shape[-1], 2, bias=self.router_bias, device=weight.device, dtype=weight.dtype)
+        setattr(decoder, ROUTER_NAME, router)  # registered once; the layers' rules hold a reference
+        return {i: GammaMoDRule(router, r, self) for i, r in enumerate(self.layer_ratios(len(layers))) if r is not None}
+
+
+def read_arank_file(path: str | None) -> list[float]:
+    """Per-layer ARank values from a ``pmod arank --json`` file (``{"arank": [...]}``) or a plain JSON list."""
+    if path is None:
+        raise ValueError(
+            "GammaMoDConfig(layers='arank') needs the ARank values: pass arank_file= (from `pmod arank --json`) "
+            "or arank=[...], or give the MoD layers as a list."
+        )
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the ARank file {path} ({err}); write it with `pmod arank --json`.") from err
+    values = data.get("arank") if isinstance(data, dict) else data
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"{path} holds no list of per-layer ARank values under 'arank'; write it with `pmod arank`.")
+    return [float(v) for v in values]
+
+
+def question_tokens(inputs: RoutingInputs, real: torch.Tensor, seq: int) -> torch.Tensor:
+    """The always-processed tokens: ``question_mask``, or without one every prompt text token of a multi-token
+    chunk (text without a label when labels are given)."""
+    if inputs.question_mask is not None:
+        return inputs.question_mask & real
+    if seq == 1:
+        return torch.zeros_like(real)
+    text = real if inputs.vision_mask is None else real & ~inputs.vision_mask
+    if inputs.labels is not None:
+        text = text & (inputs.labels == -100)
+    return text
+
+
+class GammaMoDRule(RoutingRule):
+    """One gamma-MoD layer: the shared router's probability decides, per chunk kind, which routable tokens run."""
+
+    def __init__(self, router: nn.Linear, ratio: float, config: GammaMoDConfig) -> None:
+        self.router, self.ratio, self.config = router, float(ratio), config
+
+    def route(
+        self, layer: nn.Module, hidden: torch.Tensor, inputs: RoutingInputs, position_embeddings: object = None
+    ) -> RouteDecision:
+        cfg = self.config
+        bsz, seq = hidden.shape[:2]
+        real = inputs.token_mask
+        if real is None:
+            real = torch.ones(bsz, seq, dtype=torch.bool, device=hidden.device)
+        logits = self.router(layer.input_layernorm(hidden)).float()
+        p = logits.softmax(dim=-1)[..., 1]
+        routable = real & ~question_tokens(inputs, real, seq)
+        training = torch.is_grad_enabled() and layer.training
+        if seq == 1:
+            kept = routable & (p >= cfg.decode_threshold)
+        elif cfg.prefill_rule == "threshold" and not training:
+            kept = routable & (p > cfg.prefill_threshold)
+        else:
+            kept = top_k_mask(p, routable, kept_counts(routable.sum(dim=1), self.ratio))
+        if training:
+            # Computed in every training forward (also when gradient checkpointing replays the layer, so the replay
+            # saves the same tensors); collected only once, by the model's hook.
+            loss = routing_loss(logits, kept, routable) * cfg.routing_loss_weight
+            if inputs.routing_losses is not None:
+                inputs.routing_losses.append(loss)
+        return RouteDecision(
+            processed=~routable | kept,
+            mlp_scale=torch.where(kept, p, 1.0),
+            weights=p,
+            renumber_positions=cfg.renumber_positions,
+        )
+
+
+def routing_loss(logits: torch.Tensor, kept: torch.Tensor, routable: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the router logits [B, T, 2] against the top-k labels (1 = kept) over the routable
+    tokens; 0 for a chunk without routable tokens (still connected to the router, so data-parallel wrappers see it
+    used)."""
+    per_token = F.cross_entropy(logits.flatten(0, 1), kept.flatten().long(), reduction="none").view(kept.shape)
+    return (per_token * routable).sum() / routable.sum().clamp(min=1)

@@ -1,0 +1,92 @@
+"""`pmod arank`: gamma-MoD's attention rank (ARank) of every decoder layer of a dense model, on LLaVA-format samples.
+
+Prints the per-layer values (or JSON with ``--json``) and the layers gamma-MoD would convert (those below the
+``--threshold-rank``-th largest value), and writes a bar plot. The JSON is what ``GammaMoDConfig(arank_file=...)``
+and ``pmod train --method gamma_mod --gamma-mod-arank-file`` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pmod.analysis.plots import plot_arank
+from pmod.core.convert import is_routed_model
+from pmod.core.errors import UserError
+from pmod.io.loading import load_model
+from pmod.methods.arank import choose_layers, layer_aranks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a dense LLaVA / LLaVA-NeXT model folder")
+    parser.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL samples")
+    parser.add_argument("--image-folder", help="image root (default: the data file's folder)")
+    parser.add_argument("--samples", type=int, default=50, help="samples to average over (the paper: 50)")
+    parser.add_argument(
+        "--variant",
+        choices=["scores", "softmax"],
+        default="scores",
+        help="scores: rank of pre-softmax Q K^T (the paper's Eq. 5); softmax: post-softmax causal attention with "
+        "the diagonal zeroed (the original code)",
+    )
+    parser.add_argument("--threshold-rank", type=int, default=4, help="the k-th largest ARank is the threshold")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--plot", default="arank.png", help="where to write the bar plot")
+    parser.add_argument("--out", help="also write the JSON result to this file")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pmod.data.batching import LlavaCollator
+    from pmod.data.dataset import LlavaDataset
+
+    if args.samples < 1:
+        raise UserError(f"--samples is {args.samples}; give at least 1")
+    if not Path(args.data).is_file():
+        raise UserError(f"--data {args.data} does not exist; pass a LLaVA-format JSON or JSONL file")
+    model, processor = load_model(args.model, args.device)
+    if is_routed_model(model):
+        raise UserError(f"{args.model} is already converted; ARank is measured on the dense model before conversion")
+    model = model.float() if model.device.type == "cpu" else model
+    dataset = LlavaDataset(args.data, processor, image_folder=args.image_folder, max_length=args.max_length)
+    collate = LlavaCollator.from_tokenizer(processor.tokenizer)
+    count = min(args.samples, len(dataset))
+
+    def batches():
+        for i in range(count):
+            batch = collate([dataset[i]])
+            batch.pop("labels", None)
+            yield {k: v.to(model.device) for k, v in batch.items()}
+
+    values = layer_aranks(model, batches(), args.variant)
+    chosen = choose_layers(values, args.threshold_rank)
+    threshold = sorted(values, reverse=True)[args.threshold_rank - 1]
+    result = {
+        "model": str(args.model),
+        "samples": count,
+        "variant": args.variant,
+        "arank": values,
+        "threshold_rank": args.threshold_rank,
+        "threshold": threshold,
+        "mod_layers": chosen,
+        "bad_samples": len(dataset.bad_samples),
+    }
+    plot = plot_arank(values, threshold, chosen, args.plot)
+    result["plot"] = str(plot)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"ARank ({args.variant}) over {count} samples of {args.data}; head dim bounds it")
+    for i, value in enumerate(values):
+        print(f"  layer {i:3d}  {value:8.2f}  {'MoD' if i in chosen else 'dense'}")
+    print(f"threshold (the {args.threshold_rank}th largest): {threshold:.2f}; MoD layers: {chosen}")
+    print(f"plot: {plot}", file=sys.stderr)
+    return 0
+
+
+

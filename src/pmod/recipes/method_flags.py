@@ -1,0 +1,111 @@
+"""Command-line flags generated from the method config dataclasses, so no recipe keeps a hand-made copy.
+
+Every settable field ``f`` of a method ``m`` becomes ``--<m>-<f>`` (``--pmod-beta``, ``--mod-ratio``,
+``--gamma-mod-skip-ratio``, ``--fastv-keep``), with the field's help; its destination (and its key in a YAML
+recipe) is ``<m>_<f>`` (``pmod_beta``). Values are read by the field's type (``pmod.core.config.parse_field``):
+lists are comma-separated, ``none`` marks a dense layer in a ratio list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pmod.core.config import MethodConfig, method_class, method_names, parse_field, settable_fields
+from pmod.core.errors import UserError
+
+DENSE = "dense"
+
+
+def flag_prefix(method: str) -> str:
+    return method.replace("_", "-")
+
+
+def destination(method: str, name: str) -> str:
+    return f"{method}_{name}"
+
+
+def add_method_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    methods: Iterable[str] | None = None,
+    suppress: bool = False,
+) -> None:
+    """Add ``--<method>-<field>`` for every settable field of ``methods`` (default: all registered methods).
+
+    With ``suppress`` unset flags are left out of the namespace (so a recipe file can supply them); otherwise they
+    are None.
+    """
+    for method in methods or method_names():
+        cls = method_class(method)
+        group = parser.add_argument_group(f"{method} settings", cls.paper) if hasattr(parser, "add_argument_group") \
+            else parser  # fmt: skip
+        for f in settable_fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            group.add_argument(
+                f"--{flag_prefix(method)}-{f.name.replace('_', '-')}",
+                dest=destination(method, f.name),
+                default=argparse.SUPPRESS if suppress else None,
+                metavar=f.name.upper(),
+                help=f"{f.metadata.get('help', '')} (default: {default})",
+            )
+
+
+def method_settings(values: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The fields of ``method`` given in ``values`` (flag destinations, e.g. from a namespace or a recipe)."""
+    cls = method_class(method)
+    out = {}
+    for f in settable_fields(cls):
+        key = destination(method, f.name)
+        if values.get(key) is not None:
+            out[f.name] = values[key]
+    return out
+
+
+def given_method_flags(values: Mapping[str, Any]) -> dict[str, str]:
+    """Every method-flag destination present in ``values`` -> the method it belongs to."""
+    owners = {}
+    for method in method_names():
+        for f in settable_fields(method_class(method)):
+            key = destination(method, f.name)
+            if values.get(key) is not None:
+                owners[key] = method
+    return owners
+
+
+def build_config(method: str, settings: Mapping[str, Any], base: MethodConfig | None = None) -> MethodConfig:
+    """A method config from field values given as text or as YAML/JSON values, on top of ``base`` (default: the
+    method's defaults); a :class:`UserError` names the flag and the fix when a value cannot be read or the config
+    refuses it."""
+    cls = method_class(method)
+    parsed = {}
+    for name, value in settings.items():
+        flag = f"--{flag_prefix(method)}-{name.replace('_', '-')}"
+        try:
+            parsed[name] = parse_field(cls, name, value)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{flag}: {err}") from err
+    try:
+        return dataclasses.replace(base, **parsed) if base is not None else cls(**parsed)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{method} settings: {err}") from err
+
+
+def config_from_values(
+    values: Mapping[str, Any], method: str, base: MethodConfig | None = None
+) -> MethodConfig | None:
+    """The config of ``method`` (None for ``dense``) from flag values, on top of ``base`` when it is a config of
+    the same method; flags of other methods are an error."""
+    known = [DENSE, *method_names()]
+    if method not in known:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(known)}")
+    strays = {key: owner for key, owner in given_method_flags(values).items() if owner != method}
+    if strays:
+        key, owner = next(iter(strays.items()))
+        flag = "--" + key.replace("_", "-")
+        raise UserError(f"{flag} is a setting of method {owner}, but the method is {method}; pass --method {owner}")
+    if method == DENSE:
+        return None
+    same = base if base is not None and base.method == method else None
+    return build_config(method, method_settings(values, method), same)

@@ -1,0 +1,212 @@
+"""The Trainer of ``pmod train``: modality-grouped batches, a separate vision-tower learning rate, routing logs,
+non-finite losses counted and skipped instead of crashing a run, and atomic checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from pmod.analysis.stats import RoutingStats
+from pmod.core.backbone import find_backbone
+from pmod.core.convert import is_routed_model, load, record_routing, routing_loss
+
+TMP_PREFIX = "tmp-"
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader over a batch sampler that forwards ``set_epoch`` to it (Trainer calls it each epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class PModTrainer(Trainer):
+    """Trainer with modality-grouped batches, a separate vision-tower lr, routing logs (``pmod/...`` keys),
+    non-finite losses skipped and counted (``pmod/nonfinite_loss_steps``), and atomic checkpoints."""
+
+    def __init__(
+        self, *args: Any, group_by_modality: bool = False, vision_lr: float | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.group_by_modality = group_by_modality
+        self.vision_lr = vision_lr
+        base = base_model(self.model)
+        self._routing = RoutingStats(base) if is_routed_model(base) else None
+        self._routing_model = base
+        self._staging_dir: str | None = None
+        self.nonfinite_loss_steps = 0
+        self._routing_losses: list[torch.Tensor] = []
+
+    # -- data
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.group_by_modality:
+            return super().get_train_dataloader()
+        from pmod.data.batching import ModalityLengthGroupedSampler
+
+        # The sampler is rank-aware and seeded by (seed, epoch), so a resumed run replays the same order; it
+        # is not passed through accelerator.prepare, which would shard its batches a second time.
+        sampler = ModalityLengthGroupedSampler(
+            self.train_dataset.modality_lengths,
+            self.args.per_device_train_batch_size,
+            world_size=self.args.world_size,
+            rank=self.args.process_index,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        return EpochDataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    # -- optimizer
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        if self.vision_lr is None or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        adapter = find_backbone(base_model(self.model))
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                groups[(adapter is not None and adapter.is_vision_parameter(name), name in decay)].append(param)
+        cls, kw = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = cls(
+            [
+                {
+                    "params": params,
+                    "weight_decay": self.args.weight_decay if is_decay else 0.0,
+                    **({"lr": self.vision_lr} if is_vision else {}),
+                }
+                for (is_vision, is_decay), params in groups.items()
+            ],
+            **kw,
+        )
+        return self.optimizer
+
+    # -- routing statistics on logging steps; non-finite losses
+    def _is_logging_step(self) -> bool:
+        args, step = self.args, self.state.global_step + 1  # the step this forward belongs to
+        if args.logging_strategy != "steps" or not args.logging_steps:
+            return False
+        steps = args.logging_steps
+        if steps < 1:  # a fraction of max_steps
+            steps = max(1, math.ceil(self.state.max_steps * steps))
+        return step % int(steps) == 0 or (args.logging_first_step and step == 1)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self._routing is None or not model.training or not self._is_logging_step():
+            out = super().compute_loss(model, inputs, *args, **kwargs)
+        else:
+            with record_routing(self._routing_model) as rec:
+                out = super().compute_loss(model, inputs, *args, **kwargs)
+            self._routing.add(rec, inputs)
+        if not model.training:
+            return out
+        extra = routing_loss(self._routing_model)
+        if extra is not None:
+            self._routing_losses.append(extra)
+        return self._finite_or_skipped(model, out)
+
+    def _finite_or_skipped(self, model: nn.Module, out: Any) -> Any:
+        # A non-finite loss (e.g. vanilla MoD's unbounded router weights overflowing) would turn every weight into
+        # NaN at the next optimizer step. Count it and give this micro-batch an exact zero loss instead, built from
+        # the parameters only, so backward does not touch the broken graph and every gradient is 0.
+        loss = out[0] if isinstance(out, tuple) else out
+        if bool(torch.isfinite(loss.detach()).all()):
+            return out
+        self.nonfinite_loss_steps += 1
+        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return (zero, *out[1:]) if isinstance(out, tuple) else zero
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            logs = dict(logs)
+            if self._routing is not None:
+                logs.update(self._routing.summary())
+                self._routing.reset()
+            if self._routing_losses:
+                logs["pmod/routing_loss"] = float(torch.stack(self._routing_losses).mean())
+                self._routing_losses.clear()
+            logs["pmod/nonfinite_loss_steps"] = self.nonfinite_loss_steps
+        super().log(logs, *args, **kwargs)
+
+    # -- resume
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # Trainer loads model.safetensors with a plain load_state_dict, but save_pretrained writes LLaVA weights
+        # under their legacy key names, so nothing would match; from_pretrained applies the key mapping.
+        target = model if model is not None else self.model
+        base = base_model(target)
+        if hasattr(target, "get_base_model") or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = (
+            load(resume_from_checkpoint)
+            if is_routed_model(base)
+            else type(base).from_pretrained(resume_from_checkpoint)
+        )
+        base.load_state_dict(loaded.state_dict())
+
+    # -- atomic checkpoints
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Trainer writes <run_dir>/checkpoint-N; pointing its run dir at a staging folder makes it write
+        # <run_dir>/tmp-checkpoint-N/checkpoint-N, which is renamed into place once every rank is done.
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, TMP_PREFIX + name), os.path.join(run_dir, name)
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isdir(final):  # re-saving a step (e.g. after resuming): replace the old one
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = final
+            rotate(self, run_dir)
+        self.accelerator.wait_for_everyone()
+
+
+def rotate(trainer: Trainer, run_dir: str) -> None:
+    """Delete checkpoints beyond ``save_total_limit`` (oldest first, the best one kept)."""
+    try:  # transformers >= 5.x helper
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:
+        trainer._rotate_checkpoints(use_mtime=False, output_dir=run_dir)  # type: ignore[attr-defined]
+        return
+    rotate_checkpoints(
+        output_dir=run_dir,
+        save_total_limit=trainer.args.save_total_limit,
+        best_model_checkpoint=trainer.state.best_model_checkpoint,
+        use_mtime=False,
+    )
+
+
+def clean_staging(output_dir: str) -> None:
+    """Remove leftovers of a run killed while saving: never complete, never resumed from."""
+    if os.path.isdir(output_dir):
+        for entry in os.listdir(output_dir):
+            if entry.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR):
+                shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)

@@ -1,0 +1,189 @@
+"""Independent references of the routing methods: a plain full-length forward of the *unconverted* model in which
+every layer runs over all T tokens with explicit masks, and each method's rule is written out again here (Python
+sorts per row, eager attention probabilities) without ``pmod.core`` or ``pmod.methods``.
+
+In a routed layer the attention mask removes unprocessed tokens as keys (their own query rows are discarded), then
+the output rules are applied token by token: processed ``h + s * m`` (``s`` the method's MLP scale), skipped
+``w * x`` (p-MoD's STRing) or ``x``. Tests and ``benchmarks/gpu_check.py`` compare the compacted execution with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    """What the reference rules see of the whole sequence.
+
+    ``prompt_length``: positions from here on are tokens decoded one at a time in a cached run (teacher-forced
+    here); None: the whole sequence is one forward.
+    """
+
+    real: torch.Tensor
+    vision: torch.Tensor
+    question: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    prompt_length: int | None = None
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> probs [B, H, T, T]
+
+    @property
+    def decode(self) -> torch.Tensor:
+        """Bool [T]: positions decoded one at a time."""
+        seq = self.real.shape[1]
+        start = seq if self.prompt_length is None else self.prompt_length
+        return torch.arange(seq, device=self.real.device) >= start
+
+
+Decision = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _top(scores: torch.Tensor, candidates: list[int], k: int) -> list[int]:
+    return sorted(candidates, key=lambda p: (-scores[p].item(), p))[:k]
+
+
+class VisionRouterReference:
+    """p-MoD and MoD: per-layer ``Linear(hidden, 1)`` logit, top ``floor(ratio * n_vision)`` vision tokens,
+    ``w = scale * act(logit) + bias``; kept ``h + w m``, skipped ``w x`` with STRing, else ``x``."""
+
+    def __init__(self, router: nn.Module, ratio: float, act: str, scale: float, bias: float, string: bool) -> None:
+        self.router, self.ratio, self.act, self.scale, self.bias, self.string = router, ratio, act, scale, bias, string
+
+    def decide(self, layer: nn.Module, idx: int, x: torch.Tensor, ctx: Context) -> Decision:
+        logits = self.router(x).squeeze(-1).float()
+        act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "none": lambda t: t}[self.act](logits)
+        w = self.scale * act + self.bias
+        vision = ctx.vision & ctx.real
+        kept = torch.zeros_like(vision)
+        for b in range(x.shape[0]):
+            candidates = vision[b].nonzero().flatten().tolist()
+            kept[b, _top(logits[b], candidates, math.floor(len(candidates) * self.ratio))] = True
+        processed = (ctx.real & ~vision) | kept
+        skip = torch.where(vision & ~kept, w, 1.0) if self.string else None
+        return processed, torch.where(kept, w, 1.0), skip, w
+
+
+class GammaMoDReference:
+    """gamma-MoD: shared ``Linear(hidden, 2)`` on the normalised input, ``p = softmax[..., 1]``; routable = real and
+    not question; prompt positions keep the top ``floor(n_routable * ratio)`` by ``p``, decoded positions keep
+    ``p >= threshold``; kept ``h + p m``, skipped ``x``."""
+
+    def __init__(self, router: nn.Module, ratio: float, decode_threshold: float = 0.5) -> None:
+        self.router, self.ratio, self.threshold = router, ratio, decode_threshold
+
+    def decide(self, layer: nn.Module, idx: int, x: torch.Tensor, ctx: Context) -> Decision:
+        p = self.router(layer.input_layernorm(x)).float().softmax(-1)[..., 1]
+        decode = ctx.decode[None, :].expand_as(ctx.real)
+        if ctx.question is not None:
+            question = ctx.question & ctx.real
+        else:  # every prompt text token (without a label, when labels are given)
+            question = ctx.real & ~ctx.vision & ~decode
+            if ctx.labels is not None:
+                question &= ctx.labels == -100
+        routable = ctx.real & ~question
+        kept = torch.zeros_like(routable)
+        for b in range(x.shape[0]):
+            prompt = (routable[b] & ~decode[b]).nonzero().flatten().tolist()
+            kept[b, _top(p[b], prompt, math.floor(len(prompt) * self.ratio))] = True
+            for pos in (routable[b] & decode[b]).nonzero().flatten().tolist():
+                kept[b, pos] = bool(p[b, pos] >= self.threshold)
+        processed = (ctx.real & ~routable) | kept
+        return processed, torch.where(kept, p, 1.0), None, p
+
+
+class FastVReference:
+    """FastV: layers >= K keep the top ``round(n_vision * keep)`` vision tokens by the softmax attention (eager,
+    mean over heads) that the last real prompt token pays them in layer K-1."""
+
+    def __init__(self, first_layer: int, keep: float) -> None:
+        self.first_layer, self.keep = first_layer, keep
+
+    def decide(self, layer: nn.Module, idx: int, x: torch.Tensor, ctx: Context) -> Decision:
+        probs = ctx.attention[self.first_layer - 1]
+        vision = ctx.vision & ctx.real
+        kept = torch.zeros_like(vision)
+        rows = []
+        for b in range(x.shape[0]):
+            prompt = ctx.real[b] & ~ctx.decode
+            last = int(prompt.nonzero().max())
+            row = probs[b, :, last, :].float().mean(0)
+            rows.append(row)
+            candidates = vision[b].nonzero().flatten().tolist()
+            kept[b, _top(row, candidates, round(len(candidates) * self.keep))] = True
+        return (ctx.real & ~vision) | kept, None, None, torch.stack(rows)
+
+
+def reference_logits(
+    dense_model: nn.Module,
+    rules: Mapping[int, Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    vision_mask: torch.Tensor,
+    question_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    prompt_length: int | None = None,
+    processed: Mapping[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits [B, T, vocab] of the unconverted Llama-family ``dense_model`` (``LlamaForCausalLM``; eager attention
+    for FastV, whose rule reads attention probabilities) with each layer in ``rules`` applying its reference rule.
+
+    ``processed`` (layer -> bool [B, T]) imposes the processed tokens instead of the rule's choice (its scales are
+    kept), e.g. the decisions a bf16 run recorded, so that arithmetic can be compared where near-ties could flip.
+    """
+    lm = dense_model.model
+    bsz, seq = input_ids.shape
+    device = input_ids.device
+    ctx = Context(attention_mask.bool(), vision_mask.bool(), question_mask, labels, prompt_length)
+    x = lm.embed_tokens(input_ids)
+    pos = torch.arange(seq, device=device)[None].expand(bsz, seq)
+    cos_sin = lm.rotary_emb(x, pos)
+    causal = torch.ones(seq, seq, device=device).tril().bool()
+    eye = torch.eye(seq, dtype=torch.bool, device=device)
+    for idx, layer in enumerate(lm.layers):
+        rule = rules.get(idx)
+        keep, mlp_scale, skip_scale = ctx.real, None, None
+        if rule is not None:
+            keep, mlp_scale, skip_scale, _ = rule.decide(layer, idx, x, ctx)
+            if processed is not None and idx in processed:
+                keep = processed[idx].to(device).bool() & ctx.real
+        allowed = (causal[None] & keep[:, None, :] | eye[None])[:, None]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)  # additive: works for eager and sdpa
+        attn_out, probs = layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)
+        if probs is not None:
+            ctx.attention[idx] = probs
+        h = x + attn_out
+        m = layer.mlp(layer.post_attention_layernorm(h))
+        if rule is None:
+            x = h + m
+            continue
+        y = h + (m if mlp_scale is None else mlp_scale.to(x.dtype)[..., None] * m)
+        base = x if skip_scale is None else skip_scale.to(x.dtype)[..., None] * x
+        x = torch.where(keep[..., None], y, base)
+    return dense_model.lm_head(lm.norm(x))
+
+
+def reference_forward(
+    dense_model: nn.Module,
+    routers: Mapping[int, nn.Module],
+    ratios: Sequence[float | None],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    vision_mask: torch.Tensor,
+    cfg: Any,
+    processed: Mapping[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`reference_logits` of p-MoD / MoD: ``routers`` per routed layer, ``ratios`` per layer, ``cfg`` the
+    method's settings (``weight_norm``, ``scale``, ``bias``, ``string``; MoD: raw logit + 1, no STRing)."""
+    act = getattr(cfg, "weight_norm", "none")
+    scale, bias, string = getattr(cfg, "scale", 1.0), getattr(cfg, "bias", 1.0), getattr(cfg, "string", False)
+    rules = {
+        i: VisionRouterReference(routers[i], r, act, scale, bias, string) for i, r in enumerate(ratios) if r is not None
+    }
+    return reference_logits(dense_model, rules, input_ids, attention_mask, vision_mask, processed=processed)
