@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -238,3 +239,73 @@ def transformers_llama(config):  # noqa: ANN001, ANN201
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("flags", "method", "routed"),
+    [
+        (("--method", "mod", "--mod-layers", "1,2", "--mod-ratio", "0.25"), "mod", [1, 2]),
+        (("--method", "gamma_mod", "--gamma-mod-layers", "1,3", "--gamma-mod-skip-ratio", "0.25"), "gamma_mod", [1, 3]),
+    ],
+)
+def test_stage2_trains_other_methods(
+    setup: dict[str, str], tmp_path: Path, flags: tuple[str, ...], method: str, routed: list[int]
+) -> None:
+    import pmod
+
+    trainer = train(*parse_args(_argv(setup, tmp_path, "--max-steps", "3", *flags)))
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(math.isfinite(log["loss"]) for log in logs) and logs[-1]["pmod/nonfinite_loss_steps"] == 0
+    if method == "gamma_mod":
+        assert all(log["pmod/routing_loss"] > 0 for log in logs)  # logged each step, and added to the loss
+    model = pmod.load(tmp_path)
+    assert pmod.get_method_config(model).method == method and sorted(pmod.routed_layers(model)) == routed
+    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    routers = [k for k in after if k not in before]
+    assert routers and all("router" in k for k in routers)
+
+
+def test_method_flags_are_checked(setup: dict[str, str]) -> None:
+    with pytest.raises(TrainError, match="--mod-ratio is a setting of method mod"):
+        parse_args(["--model", "m", "--mod-ratio", "0.3"])
+    with pytest.raises(TrainError, match="--pmod-beta"):
+        parse_args(["--model", "m", "--pmod-beta", "x"])
+    with pytest.raises(TrainError, match="unknown method"):
+        parse_args(["--model", "m", "--method", "moe"])
+    margs, _, _ = parse_args(["--model", "m", "--pmod-ratios", "none,0.5,dense,0.25", "--pmod-schedule", "explicit"])
+    assert margs.method_config().layer_ratios(4) == [None, 0.5, None, 0.25]
+    margs, _, _ = parse_args(["--model", "m", "--no-pmod"])
+    assert margs.method_config() is None
+
+
+class _OverflowOnce(TrainerCallback):
+    """Makes every MoD router's bias infinite for one step (unbounded router weights overflowing), then restores
+    it."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.saved = step, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+        if state.global_step == self.step:
+            routers = [m.router for m in model.modules() if hasattr(m, "router")]
+            self.saved = [r.bias.detach().clone() for r in routers]
+            with torch.no_grad():
+                for r in routers:
+                    r.bias.fill_(float("inf"))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+        if self.saved is not None:
+            with torch.no_grad():
+                for r, b in zip([m.router for m in model.modules() if hasattr(m, "router")], self.saved):
+                    r.bias.copy_(b)
+            self.saved = None
+
+
+def test_nonfinite_losses_are_counted_and_skipped(setup: dict[str, str], tmp_path: Path) -> None:
+    flags = ("--max-steps", "4", "--method", "mod", "--mod-layers", "1,2", "--max-grad-norm", "1.0")
+    trainer = train(*parse_args(_argv(setup, tmp_path, *flags)), callbacks=[_OverflowOnce(1)])
+    assert trainer.nonfinite_loss_steps == 1
+    assert trainer.state.global_step == 4  # the run went on
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs[-1]["pmod/nonfinite_loss_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -177,7 +177,7 @@ def _parse(tp: Any, value: Any, name: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "dense", "")):
             if type(None) in args:
                 return None
         errors = []

@@ -187,3 +187,33 @@ def reference_forward(
         i: VisionRouterReference(routers[i], r, act, scale, bias, string) for i, r in enumerate(ratios) if r is not None
     }
     return reference_logits(dense_model, rules, input_ids, attention_mask, vision_mask, processed=processed)
+
+
+def reference_rules(model: nn.Module) -> dict[int, Any]:
+    """The reference rule of every routed layer of a converted model, wired to the model's own routers and
+    settings (the rules themselves are the ones above, not the model's)."""
+    from pmod.core.backbone import backbone_for
+    from pmod.core.convert import get_method_config, routed_layers
+    from pmod.methods.gamma_mod import ROUTER_NAME
+
+    cfg = get_method_config(model)
+    layers = routed_layers(model)
+    if cfg.method == "pmod":
+        return {
+            i: VisionRouterReference(layer.router, layer.pmod_ratio, cfg.weight_norm, cfg.scale, cfg.bias, cfg.string)
+            for i, layer in layers.items()
+        }
+    if cfg.method == "mod":
+        return {
+            i: VisionRouterReference(layer.router, layer.pmod_ratio, "none", 1.0, 1.0, False)
+            for i, layer in layers.items()
+        }
+    if cfg.method == "gamma_mod":
+        router = getattr(backbone_for(model).decoder(model), ROUTER_NAME)
+        return {i: GammaMoDReference(router, layer.pmod_ratio, cfg.decode_threshold) for i, layer in layers.items()}
+    if cfg.method == "fastv":
+        return {
+            i: FastVReference(cfg.layer, cfg.keep)
+            for i in range(cfg.layer, len(backbone_for(model).decoder_layers(model)))
+        }
+    raise ValueError(f"no reference for method {cfg.method!r}")
