@@ -1,7 +1,8 @@
 """Correctness checks that ``gpu_check.py`` runs on the device before it times anything.
 
-* routed layers against the independent reference of :mod:`pmod.testing` (batch 4: left and right padding, unequal
-  vision counts, a row without an image, scattered vision tokens), per method and attention backend;
+* routed layers of every method (p-MoD, MoD, gamma-MoD, FastV) against the independent references of
+  :mod:`pmod.testing.reference` (batch 4: left and right padding, unequal vision counts, a row without an image,
+  scattered vision tokens), per attention backend;
 * cached generation against recomputation;
 * a batch of 8 with mixed lengths against each row alone.
 
@@ -25,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 import pmod
-from pmod import PModConfig, RoutingRecord
+from pmod import FastVConfig, GammaMoDConfig, MethodConfig, MoDConfig, PModConfig, RoutingRecord
 from pmod.testing import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
@@ -37,21 +38,21 @@ from pmod.testing import (
     tiny_llava,
     tiny_llava_next,
 )
-from pmod.testing.reference import reference_forward
+from pmod.testing.reference import reference_logits, reference_rules
 
 Check = dict[str, Any]
 
 FP32_ATOL = 1e-4
 BF16_SLACK = 3.0
-LAYER_RATIOS = [None, 0.9, 0.5, 0.25, 0.15, 0.5]
 ROWS = [(5, 23, False), (9, 11, True), (4, 0, False), (6, 17, False)]  # unequal vision counts, a row without
 GEN = dict(do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None)
 
-#: The methods pmod carries, as configs over the explicit test schedule.
-METHODS: dict[str, PModConfig] = {
-    "pmod": PModConfig(schedule="explicit", ratios=LAYER_RATIOS),
-    # Vanilla MoD: raw router logit used as w~ = w + 1, skipped tokens unchanged.
-    "mod": PModConfig(schedule="explicit", ratios=LAYER_RATIOS, weight_norm="none", weight_bias=1.0, string=False),
+#: Every method pmod carries, on a 6-layer model.
+METHODS: dict[str, MethodConfig] = {
+    "pmod": PModConfig(schedule="explicit", ratios=[None, 0.9, 0.5, 0.25, 0.15, 0.5]),
+    "mod": MoDConfig(ratio=0.5, layers=[1, 2, 4]),
+    "gamma_mod": GammaMoDConfig(layers=[1, 2, 3, 5], skip_ratio=0.5),
+    "fastv": FastVConfig(layer=2, keep=0.5),
 }
 
 
@@ -67,19 +68,18 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    return {i: layer.router for i, layer in pmod.pmod_layers(model).items()}
-
-
-def _selection_is_top_k(record: RoutingRecord, vision: torch.Tensor, real: torch.Tensor,
-                        ratios: list[float | None], forward: int = 0) -> bool:  # fmt: skip
-    """Every routed layer kept floor(R * n_vision) vision tokens per row, none weighted below a skipped one."""
+def _selection_is_top_k(record: RoutingRecord, model: torch.nn.Module, vision: torch.Tensor, real: torch.Tensor,
+                        forward: int = 0) -> bool:  # fmt: skip
+    """Every routed layer kept the method's count of vision tokens per row, none weighted below a skipped one
+    (the weights are monotone in the scores that choose)."""
+    rounding = round if pmod.get_method_config(model).method == "fastv" else math.floor
     vision = vision & real
     for layer, masks in record.processed.items():
+        ratio = pmod.layer_ratios(model)[layer]
         kept, weights = masks[forward] & vision, record.weights[layer][forward]
         for b in range(vision.shape[0]):
             n = int(vision[b].sum())
-            if int(kept[b].sum()) != math.floor(n * ratios[layer]):
+            if int(kept[b].sum()) != rounding(n * ratio):
                 return False
             skipped = vision[b] & ~kept[b]
             if bool(kept[b].any()) and bool(skipped.any()) and weights[b][kept[b]].min() < weights[b][skipped].max():
@@ -97,35 +97,37 @@ def _bf16_verdict(err_model: float, err_reference: float) -> dict[str, Any]:
     }
 
 
+def _models(method: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    dense = tiny_llama(num_layers=6, attn_implementation="eager")  # eager: FastV's reference reads probabilities
+    model = pmod.convert(copy.deepcopy(dense), METHODS[method])
+    randomize_routers(model, scale=3.0)
+    return dense.to(device), model.to(device)
+
+
 def check_layers(method: str, device: str, dtype: torch.dtype, attn: str, padding_side: str) -> Check:
     """Compacted execution of a routed model vs the dense masked reference, on a 4-row padded batch."""
-    cfg = METHODS[method]
-    dense = tiny_llama(num_layers=len(LAYER_RATIOS), attn_implementation="eager")
-    model = pmod.convert(copy.deepcopy(dense), cfg)
-    randomize_routers(model, scale=3.0)
-    model.set_attn_implementation(attn)
+    dense32, model32 = _models(method, device)
+    model32.set_attn_implementation(attn)
     ids, am, vm = (t.to(device) for t in routed_batch(ROWS, padding_side))
     real = am.bool()
     result: Check = {"check": "layers", "method": method, "attn": attn, "padding_side": padding_side,
                      "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
-    model32, dense32 = model.to(device), dense.to(device)
     if dtype == torch.float32:
         with torch.no_grad():
             got = model32(input_ids=ids, attention_mask=am, vision_mask=vm).logits
-            want = reference_forward(dense32, _routers(model32), LAYER_RATIOS, ids, am, vm, cfg)
+            want = reference_logits(dense32, reference_rules(model32), ids, am, vm)
         err = _max_err(got[real], want[real])
         return {**result, "max_err": err, "tolerance": FP32_ATOL, "passed": err <= FP32_ATOL}
 
-    model16 = copy.deepcopy(model32).to(dtype)
-    dense16 = copy.deepcopy(dense32).to(dtype)
+    model16, dense16 = copy.deepcopy(model32).to(dtype), copy.deepcopy(dense32).to(dtype)
     with torch.no_grad(), pmod.record_routing(model16) as record:
         got = model16(input_ids=ids, attention_mask=am, vision_mask=vm).logits
     chosen = {layer: masks[0] for layer, masks in record.processed.items()}
     with torch.no_grad():
-        want32 = reference_forward(dense32, _routers(model32), LAYER_RATIOS, ids, am, vm, cfg, processed=chosen)
-        want16 = reference_forward(dense16, _routers(model16), LAYER_RATIOS, ids, am, vm, cfg, processed=chosen)
+        want32 = reference_logits(dense32, reference_rules(model32), ids, am, vm, processed=chosen)
+        want16 = reference_logits(dense16, reference_rules(model16), ids, am, vm, processed=chosen)
     verdict = _bf16_verdict(_max_err(got[real], want32[real]), _max_err(want16[real], want32[real]))
-    top_k = _selection_is_top_k(record, vm, real, LAYER_RATIOS)
+    top_k = _selection_is_top_k(record, model16, vm, real)
     return {**result, **verdict, "selection_is_top_k": top_k, "passed": verdict["passed"] and top_k}
 
 
@@ -135,23 +137,33 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, am: torch.Tensor, vm: tor
     cache, logits, new = DynamicCache(), [], []
     with torch.no_grad(), (pmod.record_routing(model) if record else contextlib.nullcontext()) as rec:
         out = model(input_ids=ids, attention_mask=am, vision_mask=vm, past_key_values=cache, use_cache=True)
-    step_logits = out.logits[:, -1]
-    for _ in range(steps):
-        logits.append(step_logits)
-        token = step_logits.argmax(-1, keepdim=True)
-        new.append(token)
-        am = torch.cat([am, torch.ones_like(token)], dim=1)
-        with torch.no_grad():
+        step_logits = out.logits[:, -1]
+        for _ in range(steps):
+            logits.append(step_logits)
+            token = step_logits.argmax(-1, keepdim=True)
+            new.append(token)
+            am = torch.cat([am, torch.ones_like(token)], dim=1)
             step_logits = model(input_ids=token, attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1]
     return torch.cat(new, dim=1), logits, rec
 
 
+def _decisions(rec: RoutingRecord, steps: int) -> dict[int, torch.Tensor]:
+    """Each routed layer's processed mask over prompt + decoded tokens: the recorded decode steps (gamma-MoD routes
+    them), or every decoded token when the layer did not route them (text)."""
+    out = {}
+    for layer, masks in rec.processed.items():
+        prompt, decoded = masks[0], masks[1:]
+        if len(decoded) == steps:
+            out[layer] = torch.cat([prompt, *decoded], dim=1)
+        else:
+            out[layer] = torch.cat([prompt, torch.ones(prompt.shape[0], steps, dtype=torch.bool,
+                                                       device=prompt.device)], dim=1)  # fmt: skip
+    return out
+
+
 def check_cached_decoder(method: str, device: str, dtype: torch.dtype, steps: int = 12) -> Check:
     """Cached greedy decoding of a routed bare decoder (left padding) vs the reference over the whole sequence."""
-    cfg = METHODS[method]
-    dense = tiny_llama(num_layers=len(LAYER_RATIOS), attn_implementation="eager").to(device)
-    model = pmod.convert(copy.deepcopy(dense), cfg)
-    randomize_routers(model, scale=3.0)
+    dense, model = _models(method, device)
     model.set_attn_implementation("sdpa")
     ids, am, vm = (t.to(device) for t in routed_batch(ROWS, "left", seed=2))
     result: Check = {"check": "cached_decoding", "method": method, "dtype": str(dtype).removeprefix("torch."),
@@ -161,23 +173,24 @@ def check_cached_decoder(method: str, device: str, dtype: torch.dtype, steps: in
     full_ids = torch.cat([ids, new], dim=1)
     full_am = torch.cat([am, torch.ones_like(new)], dim=1)
     full_vm = torch.cat([vm, torch.zeros_like(new, dtype=torch.bool)], dim=1)
-    chosen = {layer: torch.cat([m[0], torch.ones_like(new, dtype=torch.bool)], dim=1)
-              for layer, m in rec.processed.items()}  # fmt: skip
     positions = slice(ids.shape[1] - 1, full_ids.shape[1] - 1)
     cached = torch.stack(logits, dim=1)
+    prompt = ids.shape[1]
     with torch.no_grad():
         if dtype == torch.float32:
-            want = reference_forward(dense, _routers(model), LAYER_RATIOS, full_ids, full_am, full_vm, cfg)
+            want = reference_logits(dense, reference_rules(model), full_ids, full_am, full_vm, prompt_length=prompt)
             err = _max_err(cached, want[:, positions])
             same_tokens = bool(torch.equal(want[:, positions].argmax(-1), new))
             return {**result, "max_err": err, "tolerance": FP32_ATOL, "same_tokens": same_tokens,
                     "passed": err <= FP32_ATOL and same_tokens}  # fmt: skip
-        want32 = reference_forward(dense, _routers(model), LAYER_RATIOS, full_ids, full_am, full_vm, cfg, chosen)
+        chosen = _decisions(rec, steps)
+        args = (full_ids, full_am, full_vm)
+        want32 = reference_logits(dense, reference_rules(model), *args, prompt_length=prompt, processed=chosen)
         dense16 = copy.deepcopy(dense).to(dtype)
-        want16 = reference_forward(dense16, _routers(run), LAYER_RATIOS, full_ids, full_am, full_vm, cfg, chosen)
+        want16 = reference_logits(dense16, reference_rules(run), *args, prompt_length=prompt, processed=chosen)
     want32, want16 = want32[:, positions], want16[:, positions]
     verdict = _bf16_verdict(_max_err(cached, want32), _max_err(want16, want32))
-    top_k = _selection_is_top_k(rec, vm, am.bool(), LAYER_RATIOS)
+    top_k = _selection_is_top_k(rec, run, vm, am.bool())
     return {**result, **verdict, "selection_is_top_k": top_k, "passed": verdict["passed"] and top_k}
 
 

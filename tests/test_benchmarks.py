@@ -106,7 +106,7 @@ def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path) -> None
     checks = result["correctness"]
     methods = gpu_check.gpu_correctness.METHODS
     # per dtype and method: 2 backends x 2 padding sides + cached decoding; then the LLaVA generate and batch checks
-    assert len(checks) == 2 * len(methods) * (2 * 2 + 1) + 2 and set(methods) >= {"pmod", "mod"}
+    assert len(checks) == 2 * len(methods) * (2 * 2 + 1) + 2 and set(methods) == set(pmod.method_names())
     assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
     setting = gpu_check.DRY
     assert [run["batch_size"] for run in result["prefill"]] == [1, 2, len(setting["mixed"]), 1]

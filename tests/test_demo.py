@@ -133,3 +133,16 @@ def test_prior_baseline_by_hand(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(train))
     test = [rec("What color?", "red"), rec("What color?", "blue"), rec("How many?", "two"), rec("Which shape?", "x")]
     assert prior_baseline(tmp_path, test) == 0.5  # red: hit, blue: miss, two: hit, unseen question: miss
+
+
+def test_method_flags_set_the_variants(tmp_path, capsys):
+    from pmod.recipes.demo import DemoSettings
+
+    settings = DemoSettings(variants=("dense", "pmod", "mod"), method_settings={"pmod": {"beta": "0.4"}})
+    assert settings.variant_config("pmod") == pmod.PModConfig(beta=0.4)
+    assert settings.variant_config("mod") == pmod.MoDConfig()
+    assert settings.variant_config("dense") is None
+    assert main(["demo", "--out", str(tmp_path), "--mod-ratio", "0.3"]) == 2  # default variants: dense, pmod
+    assert "--mod-ratio sets mod, which no variant" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--pmod-beta", "x"]) == 2
+    assert "--pmod-beta" in capsys.readouterr().err

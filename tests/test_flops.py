@@ -198,3 +198,39 @@ def test_cli_unreadable_config(tmp_path, capsys: pytest.CaptureFixture[str]) -> 
     (tmp_path / "config.json").write_text("{not json")
     code, _, err = _run_cli(["flops", str(tmp_path)], capsys)
     assert code == 2 and "config.json" in err and err.count("\n") == 1
+
+
+def test_cli_costs_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    """Method flags come from the config fields: FastV, gamma-MoD with question tokens, an explicit p-MoD schedule."""
+    code, out, _ = _run_cli(
+        ["flops", "--preset", "llava-next-7b", "--method", "fastv", "--fastv-layer", "2", "--fastv-keep", "0.5",
+         "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert data["method"] == "fastv"
+    assert [layer["processed"] for layer in data["layers"]] == [2944, 2944] + [64 + 1440] * 30
+    assert data["layers"][1]["scoring"] == 2 * 2944 * 4096 * 4096 + 2 * 4096 * 4096 + 2 * 32 * 2944 * 128
+
+    code, out, _ = _run_cli(
+        ["flops", "--preset", "llava-1.5-7b", "--method", "gamma_mod", "--gamma-mod-layers", "1,2",
+         "--question-tokens", "16", "--json"], capsys,
+    )  # fmt: skip
+    data = json.loads(out)
+    assert [layer["processed"] for layer in data["layers"][:4]] == [640, 16 + 312, 16 + 312, 640]
+    assert data["layers"][1]["router"] == 2 * 640 * 4096 * 2  # the shared Linear(hidden, 2) on every token
+
+    ratios = ",".join(["none"] * 8 + ["0.5"] * 24)
+    code, out, _ = _run_cli(
+        ["flops", "--preset", "llava-1.5-7b", "--pmod-schedule", "explicit", "--pmod-ratios", ratios, "--json"],
+        capsys,
+    )
+    data = json.loads(out)
+    assert data["schedule"] == [None] * 8 + [0.5] * 24 and data["layers"][8]["processed"] == 64 + 288
+
+
+def test_cli_method_flag_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run_cli(["flops", "--preset", "llava-1.5-7b", "--mod-ratio", "0.3"], capsys)
+    assert code == 2 and "--mod-ratio is a setting of method mod, but the method is pmod; pass --method mod" in err
+    code, _, err = _run_cli(["flops", "--preset", "llava-1.5-7b", "--method", "fastv", "--fastv-keep", "x"], capsys)
+    assert code == 2 and "--fastv-keep" in err and err.count("\n") == 1

@@ -85,3 +85,21 @@ def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, capsys, case, messag
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert message in err[-1] and err[-1].startswith("pmod generate: error:")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [pmod.MoDConfig(), pmod.GammaMoDConfig(layers=[1, 2, 4]), pmod.FastVConfig(layer=2, keep=0.5)],
+    ids=lambda c: c.method,
+)
+def test_generate_with_every_method(tmp_path, capsys, config):
+    folder = tmp_path / config.method
+    tiny_llava_folder(str(folder), num_layers=6, pmod_config=config)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
+    rc = main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt",
+               "What color is the shape ?", "--max-new-tokens", "6"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert captured.out.strip() == direct_answer(folder, "What color is the shape ?", "red.png")
+    share = float(captured.err.split("dense model:")[1].split(",")[1].split("%")[0]) / 100
+    assert 0 < share < 1  # the routed layers cache fewer tokens

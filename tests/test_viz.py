@@ -70,3 +70,24 @@ def test_pmod_viz_command(folder, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert names == ["kept_tokens.png", "schedule.png", "token_heatmap.png"]
     assert all(Image.open(tmp_path / "plots" / n).size[0] > 100 for n in names)
+
+
+@pytest.mark.parametrize(
+    ("config", "kept"),
+    [
+        (pmod.MoDConfig(ratio=0.25, layers=[2, 3]), {2: 4, 3: 4}),
+        (pmod.GammaMoDConfig(layers=[1, 4], skip_ratio=0.5), {1: 8, 4: 8}),  # no question mask: text is kept
+        (pmod.FastVConfig(layer=4, keep=0.3), {4: 5, 5: 5}),  # round(16 * 0.3)
+    ],
+    ids=lambda c: getattr(c, "method", ""),
+)
+def test_viz_every_method(tmp_path, capsys, config, kept):
+    folder = tmp_path / "model"
+    tiny_llava_folder(str(folder), num_layers=6, image_size=32, patch_size=8, pmod_config=config)
+    model, processor = pmod.load(folder).eval(), AutoProcessor.from_pretrained(folder)
+    routing = image_routing(model, processor, Image.new("RGB", (32, 32), (9, 9, 9)), "What color ?")
+    assert dict(zip(routing.layers, routing.kept.sum(1).tolist())) == kept
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    rc = main(["viz", "--model", str(folder), "--image", str(tmp_path / "x.png"), "--prompt", "What ?",
+               "--out", str(tmp_path / "plots")])  # fmt: skip
+    assert rc == 0 and len(list((tmp_path / "plots").iterdir())) == 3

@@ -14,16 +14,17 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from pmod.core.config import MethodConfig
+from pmod.core.config import MethodConfig, method_names
 from pmod.core.convert import is_routed_model, layer_ratios
 from pmod.methods import MoDConfig, PModConfig
+from pmod.recipes import method_flags
 
 
 @dataclass
@@ -52,6 +53,15 @@ class DemoSettings:
     eval_samples: int = 200
     seed: int = 0
     variants: tuple[str, ...] = ("dense", "pmod")
+    # Settings given as ``--<method>-<field>`` flags, per method, on top of the variants' configs.
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def variant_config(self, name: str) -> MethodConfig | None:
+        """The method config variant ``name`` trains (None: the dense baseline)."""
+        base = VARIANTS[name]
+        if base is None:
+            return None
+        return method_flags.build_config(base.method, self.method_settings.get(base.method, {}), base)
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -76,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="synthetic samples (train + test)")
     parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: dense,pmod)")
     parser.add_argument("--seed", type=int, default=0)
+    methods = sorted({c.method for c in VARIANTS.values() if c is not None}, key=method_names().index)
+    method_flags.add_method_arguments(parser, methods)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
         if unknown or "dense" not in names:
             raise UserError(f"--variants must include 'dense' and come from {', '.join(VARIANTS)}; got {args.variants}")
         settings.variants = names
+    given = method_flags.given_method_flags(vars(args))
+    trained = {c.method for c in map(VARIANTS.get, settings.variants) if c is not None}
+    for key, method in given.items():
+        if method not in trained:
+            raise UserError(f"--{key.replace('_', '-')} sets {method}, which no variant in --variants trains")
+    settings.method_settings = {m: method_flags.method_settings(vars(args), m) for m in trained}
+    for name in settings.variants:
+        settings.variant_config(name)  # a bad setting fails here, before any work
     report = run_demo(Path(args.out), settings)
     print(report["table"])
     print(f"\nreport: {Path(args.out) / 'report.md'}")
@@ -246,7 +266,7 @@ def train_variant(
 
     from pmod.recipes.train import DataArguments, ModelArguments, train
 
-    config = VARIANTS[name]
+    config = settings.variant_config(name)
     margs = ModelArguments(model=str(base), stage="finetune", method=config.method if config else "dense")
     dargs = DataArguments(data_path=str(data / "train.json"), max_length=256)
     targs = TrainingArguments(
