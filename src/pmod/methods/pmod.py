@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from pmod.core import schedules
 from pmod.core.config import LayerPlan, MethodConfig, register_method
-from pmod.methods.vision_router import VisionRouterRule, make_router
+from pmod.methods.vision_router import VisionRouterRule, build_vision_routers, vision_router_plan
 
 ScheduleKind = Literal["prd", "linear", "constant", "explicit"]
 WeightNorm = Literal["tanh", "sigmoid", "none"]
@@ -96,14 +97,9 @@ class PModConfig(MethodConfig):
         return schedules.validate_schedule(ratios, num_layers)
 
     def layer_plan(self, num_layers: int) -> list[LayerPlan]:
-        return [
-            LayerPlan() if r is None else LayerPlan(ratio=r, router_outputs=1) for r in self.layer_ratios(num_layers)
-        ]
+        return vision_router_plan(self.layer_ratios(num_layers))
 
     def build(self, decoder: nn.Module, layers: nn.ModuleList) -> dict[int, VisionRouterRule]:
-        rules = {}
-        for i, ratio in enumerate(self.layer_ratios(len(layers))):
-            if ratio is not None:
-                make_router(layers[i], self.router_bias)
-                rules[i] = VisionRouterRule(ratio, self.weight_norm, self.scale, self.bias, self.string)
-        return rules
+        rule = functools.partial(VisionRouterRule, activation=self.weight_norm, scale=self.scale, bias=self.bias,
+                                 string=self.string)  # fmt: skip
+        return build_vision_routers(layers, self.layer_ratios(len(layers)), self.router_bias, rule)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pmod.core.compaction import select_tokens
+from pmod.core.config import LayerPlan
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -69,3 +70,20 @@ class VisionRouterRule(RoutingRule):
         mlp_scale = torch.where(kept, weights, 1.0)
         skip_scale = torch.where(vision & ~kept, weights, 1.0) if self.string else None
         return RouteDecision(processed, mlp_scale=mlp_scale, skip_scale=skip_scale, weights=weights)
+
+
+def build_vision_routers(
+    layers: nn.ModuleList, ratios: list[float | None], router_bias: bool, rule: Callable[[float], VisionRouterRule]
+) -> dict[int, VisionRouterRule]:
+    """A zero router and the rule ``rule(ratio)`` for every layer with a ratio (None: the layer stays dense)."""
+    rules = {}
+    for i, ratio in enumerate(ratios):
+        if ratio is not None:
+            make_router(layers[i], router_bias)
+            rules[i] = rule(ratio)
+    return rules
+
+
+def vision_router_plan(ratios: list[float | None]) -> list[LayerPlan]:
+    """The analytic plan of routed layers with a ``Linear(hidden, 1)`` router."""
+    return [LayerPlan() if r is None else LayerPlan(ratio=r, router_outputs=1) for r in ratios]

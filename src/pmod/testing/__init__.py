@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 from transformers import (
-    LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -22,17 +21,8 @@ IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
 
 
-def tiny_llama_config(
-    num_layers: int = 6,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 128,
-    attn_implementation: str = "sdpa",
-    **kwargs,
-) -> LlamaConfig:
-    """A small Llama config (GQA, SwiGLU) whose forward runs in milliseconds on a CPU."""
-    return small_llama_config(num_layers, hidden, heads, kv_heads, vocab, attn_implementation, PAD_TOKEN_ID, **kwargs)
+#: A small Llama config (GQA, SwiGLU) whose forward runs in milliseconds on a CPU (padding id ``PAD_TOKEN_ID``).
+tiny_llama_config = small_llama_config
 
 
 def tiny_llava(
