@@ -7,12 +7,15 @@ the vision tower and the projector (for freezing and learning-rate groups). Fami
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pmod.core.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,14 @@ class UnsupportedModelError(UserError, TypeError):
 
 
 _BACKBONES: dict[str, BackboneAdapter] = {}
+#: The package whose modules register pmod's own families; imported on the first lookup (a plugin load by name, so
+#: that core names no backbone and ``import pmod`` stays light).
+BUILTIN_BACKBONES = "pmod.backbones"
+
+
+def _registry() -> dict[str, BackboneAdapter]:
+    importlib.import_module(BUILTIN_BACKBONES)
+    return _BACKBONES
 
 
 def register_backbone(adapter: BackboneAdapter) -> BackboneAdapter:
@@ -70,14 +81,15 @@ def register_backbone(adapter: BackboneAdapter) -> BackboneAdapter:
 
 
 def supported_classes() -> list[str]:
-    return list(_BACKBONES)
+    return list(_registry())
 
 
 def find_backbone(model: nn.Module) -> BackboneAdapter | None:
     """The adapter of a model, by class name (also through subclasses), or None."""
+    registry = _registry()
     for cls in type(model).__mro__:
-        if cls.__name__ in _BACKBONES:
-            return _BACKBONES[cls.__name__]
+        if cls.__name__ in registry:
+            return registry[cls.__name__]
     return None
 
 
@@ -94,4 +106,4 @@ def backbone_for(model: nn.Module) -> BackboneAdapter:
 
 
 def backbone_for_class_name(name: str) -> BackboneAdapter | None:
-    return _BACKBONES.get(name)
+    return _registry().get(name)

@@ -8,12 +8,14 @@ hold p-MoD settings under ``"pmod"``; they are read as a ``PModConfig``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 #: The config.json key of the method and its settings.
 CONFIG_KEY = "pmod_method"
@@ -21,6 +23,14 @@ CONFIG_KEY = "pmod_method"
 LEGACY_KEY = "pmod"
 
 _METHODS: dict[str, type[MethodConfig]] = {}
+#: The package whose modules register pmod's own methods; imported on the first lookup (a plugin load by name, so
+#: that core names no method). Method configs import no torch, so this stays light.
+BUILTIN_METHODS = "pmod.methods"
+
+
+def _registry() -> dict[str, type[MethodConfig]]:
+    importlib.import_module(BUILTIN_METHODS)
+    return _METHODS
 
 
 @dataclass(frozen=True)
@@ -53,13 +63,15 @@ def register_method(cls: type[MethodConfig]) -> type[MethodConfig]:
 
 def method_names() -> list[str]:
     """Names of the registered methods, in their ``listing_order`` (p-MoD first)."""
-    return sorted(_METHODS, key=lambda name: (_METHODS[name].listing_order, name))
+    registry = _registry()
+    return sorted(registry, key=lambda name: (registry[name].listing_order, name))
 
 
 def method_class(name: str) -> type[MethodConfig]:
-    if name not in _METHODS:
-        raise ValueError(f"Unknown routing method {name!r}; this pmod knows {', '.join(_METHODS)}.")
-    return _METHODS[name]
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"Unknown routing method {name!r}; this pmod knows {', '.join(method_names())}.")
+    return registry[name]
 
 
 @dataclass

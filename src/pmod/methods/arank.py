@@ -93,14 +93,3 @@ def layer_aranks(
     if rows == 0:
         raise ValueError("ARank needs at least one sample; pass a non-empty set of batches.")
     return [s / rows for s in sums]
-
-
-def choose_layers(values: list[float], threshold_rank: int = 4) -> list[int]:
-    """The MoD layers: those whose ARank is below the ``threshold_rank``-th largest value (the paper's 4th).
-
-    Layer 0 stays dense whatever its ARank (transformers sizes masks and positions from its cache).
-    """
-    if threshold_rank > len(values):
-        raise ValueError(f"threshold_rank {threshold_rank} exceeds the {len(values)} layers.")
-    threshold = sorted(values, reverse=True)[threshold_rank - 1]
-    return [i for i, value in enumerate(values) if value < threshold and i != 0]

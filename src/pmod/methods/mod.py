@@ -10,15 +10,16 @@ skips those steps instead of crashing.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pmod.core import schedules
 from pmod.core.config import LayerPlan, MethodConfig, register_method
-from pmod.methods.vision_router import VisionRouterRule, build_vision_routers, vision_router_plan
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pmod.methods.vision_router import VisionRouterRule
 
 
 @register_method
@@ -55,8 +56,14 @@ class MoDConfig(MethodConfig):
         return schedules.validate_schedule(schedules.constant_schedule(num_layers, self.ratio, chosen), num_layers)
 
     def layer_plan(self, num_layers: int) -> list[LayerPlan]:
-        return vision_router_plan(self.layer_ratios(num_layers))
+        return [
+            LayerPlan() if r is None else LayerPlan(ratio=r, router_outputs=1) for r in self.layer_ratios(num_layers)
+        ]
 
     def build(self, decoder: nn.Module, layers: nn.ModuleList) -> dict[int, VisionRouterRule]:
+        import functools
+
+        from pmod.methods.vision_router import VisionRouterRule, build_vision_routers  # torch: only when building
+
         rule = functools.partial(VisionRouterRule, activation="none", scale=1.0, bias=1.0, string=False)
         return build_vision_routers(layers, self.layer_ratios(len(layers)), self.router_bias, rule)

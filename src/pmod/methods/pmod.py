@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pmod.core import schedules
 from pmod.core.config import LayerPlan, MethodConfig, register_method
-from pmod.methods.vision_router import VisionRouterRule, build_vision_routers, vision_router_plan
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pmod.methods.vision_router import VisionRouterRule
 
 ScheduleKind = Literal["prd", "linear", "constant", "explicit"]
 WeightNorm = Literal["tanh", "sigmoid", "none"]
@@ -97,9 +98,15 @@ class PModConfig(MethodConfig):
         return schedules.validate_schedule(ratios, num_layers)
 
     def layer_plan(self, num_layers: int) -> list[LayerPlan]:
-        return vision_router_plan(self.layer_ratios(num_layers))
+        return [
+            LayerPlan() if r is None else LayerPlan(ratio=r, router_outputs=1) for r in self.layer_ratios(num_layers)
+        ]
 
     def build(self, decoder: nn.Module, layers: nn.ModuleList) -> dict[int, VisionRouterRule]:
+        import functools
+
+        from pmod.methods.vision_router import VisionRouterRule, build_vision_routers  # torch: only when building
+
         rule = functools.partial(VisionRouterRule, activation=self.weight_norm, scale=self.scale, bias=self.bias,
                                  string=self.string)  # fmt: skip
         return build_vision_routers(layers, self.layer_ratios(len(layers)), self.router_bias, rule)

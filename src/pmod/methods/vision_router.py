@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from pmod.core.compaction import select_tokens
-from pmod.core.config import LayerPlan
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -82,8 +81,3 @@ def build_vision_routers(
             make_router(layers[i], router_bias)
             rules[i] = rule(ratio)
     return rules
-
-
-def vision_router_plan(ratios: list[float | None]) -> list[LayerPlan]:
-    """The analytic plan of routed layers with a ``Linear(hidden, 1)`` router."""
-    return [LayerPlan() if r is None else LayerPlan(ratio=r, router_outputs=1) for r in ratios]

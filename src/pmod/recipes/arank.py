@@ -16,7 +16,8 @@ from pmod.analysis.plots import plot_arank
 from pmod.core.convert import is_routed_model
 from pmod.core.errors import UserError
 from pmod.io.loading import load_model
-from pmod.methods.arank import choose_layers, layer_aranks
+from pmod.methods.arank import layer_aranks
+from pmod.methods.gamma_mod import choose_layers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,83 @@
+"""FastV at run time: layer K-1 computes the last token's attention row, layers >= K keep the top vision tokens
+by it (the settings are :class:`pmod.methods.fastv.FastVConfig`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pmod.core.compaction import gather_tokens, top_k_mask
+from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
+from pmod.methods.arank import rotary
+
+SCORES = "fastv_scores"
+KEPT = "fastv_kept"
+
+
+def last_token_attention(
+    layer: nn.Module, hidden: torch.Tensor, real: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Softmax attention [B, T] that each row's last real token pays every token in ``layer``, mean over heads.
+
+    Costs one key projection over the sequence, one query projection and one score row per row.
+    """
+    attn = layer.self_attn
+    bsz, seq = real.shape
+    positions = torch.arange(seq, device=real.device).expand(bsz, seq)
+    last = positions.masked_fill(~real, -1).max(dim=1).values  # [B]
+    normed = layer.input_layernorm(hidden)
+    at_last = last.view(bsz, 1)
+    cos, sin = (t.expand(bsz, *t.shape[1:]) for t in position_embeddings)
+    q = attn.q_proj(gather_tokens(normed, at_last)).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
+    k = attn.k_proj(normed).view(bsz, seq, -1, attn.head_dim).transpose(1, 2)  # [B, KV, T, d]
+    apply = rotary(attn)
+    q = apply(q, q, gather_tokens(cos, at_last), gather_tokens(sin, at_last))[0]
+    k = apply(k, k, cos, sin)[1].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, T]
+    visible = real & (positions <= last[:, None])
+    probs = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(dim=-1)
+    return probs.mean(dim=1)
+
+
+class FastVScoreRule(RoutingRule):
+    """Layer K-1: runs densely and leaves the last-token attention row for the pruned layers."""
+
+    def route(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        inputs: RoutingInputs,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        if inputs.vision_mask is not None:
+            real = inputs.token_mask
+            if real is None:
+                real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            with torch.no_grad():
+                inputs.shared[SCORES] = last_token_attention(layer, hidden, real, position_embeddings)
+            inputs.shared.pop(KEPT, None)
+        return None
+
+
+class FastVPruneRule(RoutingRule):
+    """Layers >= K: the same kept vision tokens in every layer, chosen once per forward."""
+
+    def __init__(self, keep: float) -> None:
+        self.ratio = float(keep)
+
+    def route(
+        self, layer: nn.Module, hidden: torch.Tensor, inputs: RoutingInputs, position_embeddings: object = None
+    ) -> RouteDecision | None:
+        vision = inputs.vision_mask
+        if vision is None:
+            return None  # text only (decode steps): every token, against the pruned cache
+        scores = inputs.shared.get(SCORES)
+        if scores is None:
+            raise RuntimeError("FastV's ranking is missing: layer K-1 did not run in this forward.")
+        kept = inputs.shared.get(KEPT)
+        if kept is None:
+            if inputs.token_mask is not None:
+                vision = vision & inputs.token_mask
+            counts = torch.round(vision.sum(dim=1).double() * self.ratio).long()
+            kept = inputs.shared[KEPT] = top_k_mask(scores, vision, counts)
+        return RouteDecision(processed=~vision | kept, weights=scores)
