@@ -66,7 +66,7 @@ def test_side_by_side_training_changes_nothing(demo, tmp_path):
     """The demo trains variants in worker processes when cores allow; the same variant trained here, in this
     process, gives the same weights bit for bit."""
     from pmod.io.loading import load_model
-    from pmod.recipes.demo import parallel_workers, threads_per_worker, train_variant
+    from pmod.recipes.demo_runs import parallel_workers, threads_per_worker, train_variant
 
     out, report = demo
     settings = DemoSettings.quick()
@@ -90,7 +90,7 @@ def test_report_kv_bytes_are_what_the_cache_holds(demo):
     """The analytic KV bytes in the report equal the bytes of a real prefill cache for one test prompt."""
     out, report = demo
     from pmod.io.loading import encode, load_model
-    from pmod.recipes.demo import question_and_answer, record_image
+    from pmod.recipes.demo_runs import question_and_answer, record_image
 
     data = out / "data"
     record = next(r for r in json.loads((data / "test.json").read_text()) if r.get("image"))

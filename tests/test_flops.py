@@ -167,7 +167,8 @@ def test_cli_config_folder_with_pmod(tmp_path, capsys: pytest.CaptureFixture[str
     code, out, _ = _run_cli(["flops", str(tmp_path), "--json"], capsys)
     assert code == 0
     data = json.loads(out)
-    assert data["n_vision"] == 2880  # LLaVA-NeXT default
+    # LLaVA-NeXT's own count for its largest anyres grid (672 x 672 px with CLIP-336/14): base 24x24 + 48x48 + 48
+    assert data["n_vision"] == 576 + 48 * 48 + 48
     assert data["schedule"] == [None, 0.5, 0.5, 0.5]  # the stored settings
     assert data["mean_retention"] == (1 + 3 * 0.5) / 4
     code, out, _ = _run_cli(

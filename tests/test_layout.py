@@ -25,7 +25,8 @@ def private_imports(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pmod") and node.level == 0:
             if node.module != own:
-                found += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names if a.name[0] == "_"]
+                found += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             chain, value = [node.attr], node.value
             while isinstance(value, ast.Attribute):

@@ -69,3 +69,11 @@ def test_config_errors_and_roundtrip():
     assert PModConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="Unknown p-MoD config keys"):
         PModConfig.from_dict({"shedule": "prd"})
+
+
+def test_low_beta_keeps_layer_0_dense():
+    """beta 0.3 would give layer 0 a ratio of 0.8 < 0.85: layer 0 stays dense, the rest follows the formula."""
+    ratios = PModConfig(beta=0.3).layer_ratios(32)
+    assert ratios[0] is None
+    assert ratios[1] == pytest.approx(0.5 * math.cos(math.pi / 31) + 0.3)
+    assert PModConfig(schedule="linear", beta=0.2).layer_ratios(8)[:2] == [None, pytest.approx(0.5 - 1 / 7 + 0.2)]

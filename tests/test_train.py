@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pmod.data import synth
-from pmod.recipes.train import TrainError, parse_args, train
+from pmod.recipes.train import TrainError, parse_args
+from pmod.recipes.training import train
 from pmod.testing import tiny_llava_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,8 @@ def test_bad_arguments() -> None:
 
 _DIST_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from pmod.recipes.train import parse_args, train
+from pmod.recipes.train import parse_args
+from pmod.recipes.training import train
 trainer = train(*parse_args(sys.argv[2:]))
 rank = dist.get_rank() if dist.is_initialized() else 0
 params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}

@@ -140,3 +140,42 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_TEXT_TOKENS = 64
 
 
+
+
+def vision_tokens(config: Mapping[str, Any]) -> tuple[int, str] | None:
+    """Vision tokens one image gives a LLaVA model, from its own config (a ``config.json`` dict), and how that was
+    worked out; None for a model without a vision config.
+
+    LLaVA-1.5: the tower's patches, ``(image_size / patch_size) ** 2`` (plus the CLS token with the ``full`` select
+    strategy). LLaVA-NeXT: the base view plus the largest anyres grid with its newline tokens (what the processor
+    gives an image of that size).
+    """
+    cfg = _config_from_dict(config)
+    vision = cfg.get("vision_config") if isinstance(cfg, Mapping) else getattr(cfg, "vision_config", None)
+    if vision is None:
+        return None
+
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+    size, patch = get(vision, "image_size"), get(vision, "patch_size")
+    if not size or not patch:
+        return None
+    side = int(size) // int(patch)
+    strategy = get(cfg, "vision_feature_select_strategy") or "default"
+    base = side * side + (1 if strategy == "full" else 0)
+    pinpoints = get(cfg, "image_grid_pinpoints")
+    if get(cfg, "model_type") == "llava_next" and pinpoints:
+        h, w = max(pinpoints, key=lambda hw: hw[0] * hw[1])
+        rows, cols = h // int(size) * side, w // int(size) * side
+        return base + rows * cols + rows, f"a {h}x{w} px image: base view + largest anyres grid + newlines"
+    return base, f"({size} / {patch})^2 patches of one image"
+
+
+def weight_dtype(config: Mapping[str, Any]) -> str | None:
+    """The dtype a ``config.json`` says the weights are stored in (``dtype``, or the older ``torch_dtype``)."""
+    for obj in (config, config.get("text_config") or {}):
+        value = obj.get("dtype") or obj.get("torch_dtype")
+        if isinstance(value, str) and value in BYTES_PER_ELEMENT:
+            return value
+    return None

@@ -15,16 +15,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+DENSE_COLOR, ROUTED_COLOR = "#999999", "#1f77b4"
+
 
 def plot_schedule(ratios: Sequence[float | None], path: str | Path, title: str = "retention per layer") -> Path:
-    """Bar chart of per-layer retention (dense layers as 1.0, drawn in grey)."""
+    """Bar chart of per-layer retention: routed layers in blue, dense layers (every token, 1.0) in grey."""
+    from matplotlib.patches import Patch
+
     values = [1.0 if r is None else r for r in ratios]
-    colors = ["#999999" if r is None else "#1f77b4" for r in ratios]
-    fig, ax = plt.subplots(figsize=(max(4, len(values) * 0.3), 3))
+    colors = [DENSE_COLOR if r is None else ROUTED_COLOR for r in ratios]
+    fig, ax = plt.subplots(figsize=(max(5, len(values) * 0.3), 3.2))
     ax.bar(range(len(values)), values, color=colors)
-    ax.set(xlabel="layer", ylabel="share of vision tokens processed", ylim=(0, 1.05), title=title)
-    ax.axhline(np.mean(values), ls="--", color="k", lw=0.8, label=f"mean {np.mean(values):.3f}")
-    ax.legend(loc="upper right")
+    ax.set(xlabel="layer", ylabel="share of vision\ntokens processed", ylim=(0, 1.15), title=title)
+    mean = ax.axhline(np.mean(values), ls="--", color="k", lw=0.8)
+    handles = [Patch(color=ROUTED_COLOR), Patch(color=DENSE_COLOR), mean]
+    labels = ["routed layer", "dense layer (every token)", f"mean {np.mean(values):.3f}"]
+    ax.legend(handles, labels, loc="upper right", fontsize=7, ncol=3)
     return _save(fig, path)
 
 
@@ -51,14 +57,47 @@ class ImageRouting:
     weights: np.ndarray
     grid: tuple[int, int]
     image: np.ndarray
+    num_layers: int = 0  # every decoder layer, routed or dense (0: unknown)
+
+    @property
+    def dense_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self.layers]
+
+
+def _dense_note(routing: ImageRouting) -> str:
+    dense = routing.dense_layers
+    if not dense:
+        return ""
+    runs = _runs(dense)
+    return f"layers {runs} are dense (every token) and not shown"
+
+
+def _runs(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, start = [], indices[0]
+    for prev, cur in zip(indices, [*indices[1:], None]):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)
 
 
 def plot_token_heatmap(routing: ImageRouting, path: str | Path, title: str = "vision tokens kept per layer") -> Path:
-    """Layer x vision-token map: dark = processed by that layer, light = skipped."""
-    fig, ax = plt.subplots(figsize=(8, max(2, 0.3 * len(routing.layers) + 1)))
-    ax.imshow(routing.kept.astype(float), aspect="auto", cmap="Blues", interpolation="nearest", vmin=0, vmax=1)
+    """Routed layer x vision-token map: dark = processed by that layer, light = skipped, with a legend; tokens in
+    the image's row-by-row order (left to right, top to bottom); dense layers named under the plot."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.3 * len(routing.layers) + 1.6)))
+    cmap = ListedColormap(["#deebf7", "#08519c"])
+    ax.imshow(routing.kept.astype(float), aspect="auto", cmap=cmap, interpolation="nearest", vmin=0, vmax=1)
     ax.set_yticks(range(len(routing.layers)), [str(i) for i in routing.layers])
-    ax.set(xlabel="vision token (raster order)", ylabel="layer", title=title)
+    rows, cols = routing.grid
+    xlabel = f"vision token: the image's {rows}x{cols} patches row by row (left to right, top to bottom)"
+    note = _dense_note(routing)
+    ax.set(xlabel=xlabel + (f"\n{note}" if note else ""), ylabel="routed layer", title=title)
+    ax.legend([Patch(color="#08519c"), Patch(color="#deebf7")], ["kept (processed)", "skipped"],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # fmt: skip
     return _save(fig, path)
 
 
@@ -66,18 +105,21 @@ def plot_kept_overlay(routing: ImageRouting, path: str | Path, depths: Sequence[
     """The image beside copies with the kept tokens of a few routed layers highlighted (skipped ones dimmed)."""
     rows, cols = routing.grid
     picks = list(depths) if depths is not None else _spread(len(routing.layers), 3)
-    fig, axes = plt.subplots(1, len(picks) + 1, figsize=(2.4 * (len(picks) + 1), 2.6))
+    fig, axes = plt.subplots(1, len(picks) + 1, figsize=(2.8 * (len(picks) + 1), 3.4))
     axes[0].imshow(routing.image)
-    axes[0].set_title("image")
+    axes[0].set_title("image", fontsize=9)
     h, w = routing.image.shape[:2]
     for ax, i in zip(axes[1:], picks):
         kept = routing.kept[i, : rows * cols]
         mask = kept_pixel_mask(kept, routing.grid, (h, w))
         shown = routing.image.astype(float) * (0.25 + 0.75 * mask[..., None])
         ax.imshow(shown.astype(np.uint8))
-        ax.set_title(f"layer {routing.layers[i]}: {kept.mean():.0%} kept")
+        ax.set_title(f"layer {routing.layers[i]}\n{kept.mean():.0%} of tokens kept", fontsize=9)
     for ax in axes:
         ax.axis("off")
+    note = _dense_note(routing)
+    fig.suptitle("kept tokens at full brightness, skipped tokens dimmed" + (f"; {note}" if note else ""),
+                 fontsize=8, y=0.02, va="bottom")  # fmt: skip
     return _save(fig, path)
 
 
@@ -106,7 +148,10 @@ def image_routing(model: torch.nn.Module, processor: Any, inputs: Any) -> ImageR
     pixels = inputs["pixel_values"][0]
     if pixels.dim() == 4:  # LLaVA-NeXT: the first tile is the whole image, and its tokens come first
         pixels = pixels[0]
-    return ImageRouting(layers, kept, weights, (side, side), _unnormalize(processor, pixels))
+    from pmod.core.backbone import backbone_for
+
+    num_layers = len(backbone_for(model).decoder_layers(model))
+    return ImageRouting(layers, kept, weights, (side, side), _unnormalize(processor, pixels), num_layers)
 
 
 def _weights_row(weights: torch.Tensor | None, vision: torch.Tensor) -> np.ndarray:
@@ -131,7 +176,7 @@ def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # titles and legends outside the axes stay whole
     plt.close(fig)
     return path
 

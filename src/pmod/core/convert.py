@@ -50,7 +50,14 @@ def layer_ratios(model: nn.Module) -> list[float | None]:
 def convert(model: nn.Module, config: MethodConfig | None = None) -> nn.Module:
     """Convert a supported Hugging Face model in place with a routing method; returns the model.
 
-    ``config`` is any method config (``pmod.PModConfig()`` by default, the paper's p-MoD). For LLaVA models the
+    ``config`` is any method config (``pmod.PModConfig()`` by default, the paper's p-MoD).
+
+    When does the converted model equal its base? Only when every routed layer processes every token: a ratio of 1
+    everywhere (e.g. ``PModConfig(schedule="constant", ratio=1.0)`` or ``MoDConfig(ratio=1.0)``) with zero routers,
+    whose weights are exactly 1. At any smaller ratio, zero routers still keep only the first
+    ``floor(R * n_vision)`` vision tokens of each routed layer (ties are broken by position), so the outputs differ.
+
+    For LLaVA models the
     routable tokens are the image tokens (``config.image_token_id``); a bare decoder takes a ``vision_mask`` keyword
     (bool [batch, seq]) in its forward, without which every token is text. A ``question_mask`` keyword (bool
     [batch, seq] or [batch, past + seq]) marks tokens a method must always process (gamma-MoD's masked routing).

@@ -25,14 +25,16 @@ def linear_ratio(layer: int, num_layers: int, beta: float = 0.5) -> float:
 
 
 def _thresholded(raw: Sequence[float], max_ratio: float, min_ratio: float) -> list[float | None]:
-    # Layers at or above `max_ratio` stay dense; the tail is clamped so no layer drops (almost) every token.
-    return [None if r >= max_ratio else max(r, min_ratio) for r in raw]
+    # Layers at or above `max_ratio` stay dense; the tail is clamped so no layer drops (almost) every token. Layer 0
+    # stays dense whatever its ratio (see `validate_schedule`): with beta below 0.35 PRD would route it.
+    return [None if i == 0 or r >= max_ratio else max(r, min_ratio) for i, r in enumerate(raw)]
 
 
 def prd_schedule(
     num_layers: int, beta: float = 0.5, max_ratio: float = 0.85, min_ratio: float = 0.15
 ) -> list[float | None]:
-    """The p-MoD PRD schedule: cosine decay, dense above ``max_ratio``, clamped at ``min_ratio``.
+    """The p-MoD PRD schedule: ``R_l = 0.5 cos(pi l / (L-1)) + beta``, dense at or above ``max_ratio``, clamped at
+    ``min_ratio``; layer 0 always dense.
 
     For 32 layers and the defaults, layers 0-7 are dense, ``R_8 = 0.8445`` and the last layers sit at 0.15.
     """
@@ -42,7 +44,7 @@ def prd_schedule(
 def linear_schedule(
     num_layers: int, beta: float = 0.5, max_ratio: float = 0.85, min_ratio: float = 0.15
 ) -> list[float | None]:
-    """The shifted-linear ablation of PRD, with the same thresholds."""
+    """The shifted-linear ablation of PRD (``R_l = 0.5 - l / (L-1) + beta``), with the same thresholds."""
     return _thresholded([linear_ratio(i, num_layers, beta) for i in range(num_layers)], max_ratio, min_ratio)
 
 

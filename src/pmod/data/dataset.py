@@ -22,6 +22,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from pmod.core.errors import UserError
 from pmod.data.images import ImageError, open_image
 from pmod.data.llava_format import IMAGE_TOKEN, Record, Turn, load_records, parse_record, resolve_image
 from pmod.data.tokenizer import VICUNA_SYSTEM
@@ -36,7 +37,7 @@ OnBadSample = Literal["skip", "error"]
 IMAGE_KEYS = ("pixel_values", "image_sizes")
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError, ValueError):
     """A record that cannot be turned into a training sample (raised with ``on_bad_sample="error"``)."""
 
 
@@ -261,12 +262,18 @@ class LlavaDataset(Dataset):
             except _Unusable as err:
                 self._mark(j, err)
         modality = "with images" if self._has_image[index] else "text-only"
-        raise BadSampleError(f"no usable {modality} record left to stand in for record {index}\n{self.summary()}")
+        raise BadSampleError(
+            f"no usable {modality} record left to stand in for record {index} ({self.summary().splitlines()[0]}); "
+            f"check the images' folder and `pmod data check` the file"
+        )
 
     def _mark(self, index: int, err: _Unusable) -> None:
         bad = BadSample(index, self._record_id(index), err.reason, err.kind)
         if err.kind == "bad" and self.on_bad_sample == "error":
-            raise BadSampleError(f"bad sample: {bad}")
+            raise BadSampleError(
+                f"bad sample: {bad}; fix or remove the record (`pmod data check` lists them), or pass "
+                f"--on-bad-sample skip to count and skip such records"
+            )
         self._unusable[index] = bad
         logger.warning("%s %s", "skipping" if err.kind == "bad" else "dropping", bad)
 

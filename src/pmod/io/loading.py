@@ -1,46 +1,79 @@
 """Open what a user points pmod at: a model folder (routed or plain LLaVA) with its processor, and prompts about
-images encoded for it."""
+images encoded for it.
+
+:func:`check_model_folder` reads only JSON, so commands can refuse a wrong folder before torch loads; the rest
+imports torch and transformers when called.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import transformers
-from PIL import Image
-
-from pmod.core.backbone import backbone_for_class_name
 from pmod.core.config import stored_method_config
-from pmod.core.convert import load
 from pmod.core.errors import UserError
-from pmod.data.tokenizer import VICUNA_SYSTEM
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 #: Top-level model classes that take images (what ``pmod generate`` and ``pmod viz`` can run).
 MULTIMODAL_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
 
-def load_model(folder: str | Path, device: str = "auto") -> tuple[torch.nn.Module, Any]:
-    """Load a routed model (``pmod.load``) or a dense LLaVA model, and its processor, from a local folder."""
+#: Files a saved processor leaves in a folder (transformers 5 writes processor_config.json; older versions
+#: preprocessor_config.json), and the tokenizer's.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_model_folder(folder: str | Path, command: str = "pmod") -> dict[str, Any]:
+    """Check that ``folder`` holds a LLaVA model (dense or routed) with its processor, reading JSON only; returns its
+    config.json. The :class:`UserError` names what is missing and how to add it."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json; pass a model folder written by save_pretrained.")
-    config = json.loads((folder / "config.json").read_text())
-    arch = (config.get("architectures") or [""])[0]
-    if arch not in MULTIMODAL_CLASSES or backbone_for_class_name(arch) is None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
         raise UserError(
-            f"{folder} holds a {arch or 'model of unknown class'}, not a LLaVA model (dense or routed); "
-            f"this needs one of {', '.join(MULTIMODAL_CLASSES)}."
+            f"{folder}/config.json cannot be read ({err}); pass a folder written by save_pretrained."
+        ) from err
+    arch = (config.get("architectures") or [""])[0]
+    if arch not in MULTIMODAL_CLASSES:
+        raise UserError(
+            f"{folder} holds a {arch or 'model of unknown class'}, not a LLaVA model (dense or routed); {command} "
+            f"needs one of {', '.join(MULTIMODAL_CLASSES)}."
         )
+    try:
+        stored_method_config(config)
+    except ValueError as err:
+        raise UserError(f"{folder}/config.json: {err}") from err
+    has_processor = any((folder / name).is_file() for name in PROCESSOR_FILES)
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    if not (has_processor and has_tokenizer):
+        raise UserError(
+            f"{folder} has the model but no processor ({' or '.join(PROCESSOR_FILES)} and the tokenizer files); "
+            f"save it beside the model: AutoProcessor.from_pretrained(<original folder>).save_pretrained('{folder}')."
+        )
+    return config
+
+
+def load_model(folder: str | Path, device: str = "auto", command: str = "pmod") -> tuple[torch.nn.Module, Any]:
+    """Load a routed model (``pmod.load``) or a dense LLaVA model, and its processor, from a local folder."""
+    import torch
+    import transformers
+
+    from pmod.core.convert import load
+
+    folder = Path(folder)
+    config = check_model_folder(folder, command)
+    arch = config["architectures"][0]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        routed = stored_method_config(config) is not None
-    except ValueError as err:
-        raise UserError(f"{folder}/config.json: {err}") from err
-    if routed:
+    if stored_method_config(config) is not None:
         model = load(folder, dtype=dtype)
     else:
         model = getattr(transformers, arch).from_pretrained(folder, dtype=dtype)
@@ -57,6 +90,8 @@ def build_prompt(processor: Any, prompt: str, n_images: int) -> str:
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
+    from pmod.data.tokenizer import VICUNA_SYSTEM
+
     return f"{VICUNA_SYSTEM} USER: " + "<image>\n" * n_images + f"{prompt} ASSISTANT:"
 
 

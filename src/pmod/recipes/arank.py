@@ -12,11 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from pmod.analysis.plots import plot_arank
-from pmod.core.convert import is_routed_model
 from pmod.core.errors import UserError
-from pmod.io.loading import load_model
-from pmod.methods.arank import layer_aranks
 from pmod.methods.gamma_mod import choose_layers
 
 
@@ -41,16 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmod.data.batching import LlavaCollator
-    from pmod.data.dataset import LlavaDataset
+    from pmod.io.loading import check_model_folder
 
     if args.samples < 1:
         raise UserError(f"--samples is {args.samples}; give at least 1")
+    if args.threshold_rank < 1:
+        raise UserError(f"--threshold-rank is {args.threshold_rank}; give at least 1")
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data} does not exist; pass a LLaVA-format JSON or JSONL file")
-    model, processor = load_model(args.model, args.device)
-    if is_routed_model(model):
+    config = check_model_folder(args.model, "pmod arank")
+    if "pmod_method" in config or "pmod" in config:
         raise UserError(f"{args.model} is already converted; ARank is measured on the dense model before conversion")
+
+    from pmod.analysis.plots import plot_arank
+    from pmod.data.batching import LlavaCollator
+    from pmod.data.dataset import LlavaDataset
+    from pmod.io.loading import load_model
+    from pmod.methods.arank import layer_aranks
+
+    model, processor = load_model(args.model, args.device, "pmod arank")
     model = model.float() if model.device.type == "cpu" else model
     dataset = LlavaDataset(args.data, processor, image_folder=args.image_folder, max_length=args.max_length)
     collate = LlavaCollator.from_tokenizer(processor.tokenizer)

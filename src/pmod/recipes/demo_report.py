@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from pmod.analysis import plots as plotting
-from pmod.recipes.demo import (
-    DemoSettings,
+from pmod.recipes.demo import DemoSettings
+from pmod.recipes.demo_runs import (
     load_variant,
     parallel_workers,
     question_and_answer,

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pmod.analysis.dims import vision_tokens, weight_dtype
 from pmod.analysis.flops import (
     BYTES_PER_ELEMENT,
     DEFAULT_TEXT_TOKENS,
@@ -22,9 +23,10 @@ from pmod.core.config import MethodConfig, method_names
 from pmod.core.errors import UserError
 from pmod.recipes import method_flags
 
-# Vision tokens per image when a config does not say: LLaVA-1.5's 576, or LLaVA-NeXT's AnyRes maximum.
-_DEFAULT_VISION = 576
-_DEFAULT_VISION_BY_TYPE = {"llava_next": 2880}
+#: Vision tokens per sample when the model's config does not say (LLaVA-1.5's 576).
+DEFAULT_VISION = 576
+#: KV-cache element type when the model's config does not say.
+DEFAULT_DTYPE = "float16"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vision-tokens",
         type=int,
-        help="vision tokens per sample (default: the preset's, LLaVA-NeXT 2880, else the config's "
-        "image_seq_length, else 576)",
+        help="vision tokens per sample (default: what the model makes of one image, from its vision config; a "
+        "preset's own; else 576)",
     )
     parser.add_argument(
         "--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="text tokens per sample (default: %(default)s)"
@@ -46,9 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="samples per batch (default: %(default)s)")
     parser.add_argument(
         "--dtype",
-        default="float16",
         choices=sorted(BYTES_PER_ELEMENT),
-        help="KV-cache element type (default: %(default)s)",
+        help="KV-cache element type (default: the model's weights' dtype from config.json, else float16)",
     )
     parser.add_argument(
         "--method",
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None and value < least:
             raise UserError(f"{flag} is {value}; give a number >= {least}")
-    name, dims, stored, default_vision = _load_source(args)
+    name, dims, stored, default_vision, stored_dtype = _load_source(args)
+    dtype = args.dtype or stored_dtype or DEFAULT_DTYPE
     method = args.method or (stored.method if stored is not None else "pmod")
     config = method_flags.config_from_values(vars(args), method, base=stored)
     n_vision = default_vision if args.vision_tokens is None else args.vision_tokens
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             n_vision=n_vision,
             n_text=args.text_tokens,
             batch_size=args.batch_size,
-            dtype=args.dtype,
+            dtype=dtype,
             include_lm_head=not args.no_lm_head,
             n_question=args.question_tokens,
         )
@@ -97,15 +99,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | None, int]:
-    """(name, dims, the config's method settings, default vision tokens) from ``--preset`` or a folder/config.json."""
+def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | None, int, str | None]:
+    """(name, dims, the config's method settings, default vision tokens, the weights' dtype) from ``--preset`` or a
+    folder/config.json."""
     if args.preset and args.model:
         raise UserError("give either a model folder/config.json or --preset, not both")
     if args.preset:
         preset = PRESETS.get(args.preset)
         if preset is None:
             raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-        return preset.name, preset.dims, None, preset.n_vision
+        return preset.name, preset.dims, None, preset.n_vision, None
     if not args.model:
         raise UserError(f"give a model folder or config.json, or --preset (one of {', '.join(PRESETS)})")
     path = Path(args.model)
@@ -122,21 +125,15 @@ def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | 
     try:
         dims = LMDims.from_config(data)
         stored = method_config_from(data)
+        per_image = vision_tokens(data)
     except (ValueError, TypeError) as err:
         raise UserError(f"{file}: {err}") from None
-    default_vision = _DEFAULT_VISION_BY_TYPE.get(
-        data.get("model_type"), data.get("image_seq_length") or _DEFAULT_VISION
-    )
-    return str(path), dims, stored, int(default_vision)
+    default_vision = per_image[0] if per_image is not None else DEFAULT_VISION
+    return str(path), dims, stored, int(default_vision), weight_dtype(data)
 
 
-_FLOP_UNITS = ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs"), (1.0, "FLOPs"))
-_BYTE_UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
-
-
-def _unit(largest: float, units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
-    # The largest unit that keeps the biggest value at or above 1, so every column stays readable.
-    return next(((s, n) for s, n in units if largest >= s), units[-1])
+#: Fixed units, whatever the model's size: FLOPs in GFLOPs, bytes in MiB.
+GFLOP, MIB = 1e9, 2**20
 
 
 def _describe(report: FlopsReport) -> str:
@@ -154,19 +151,23 @@ def _describe(report: FlopsReport) -> str:
     return c.method
 
 
+def _g(value: float) -> str:
+    """Four significant digits (a tiny model's numbers stay readable in the fixed units)."""
+    return f"{value:.4g}"
+
+
 def format_report(report: FlopsReport, name: str) -> str:
-    """The human-readable table of ``pmod flops``."""
+    """The human-readable table of ``pmod flops``: FLOPs in GFLOPs and bytes in MiB, always."""
     d, t = report.dims, report.n_vision + report.n_text
-    scale, unit = _unit(max(c.flops for c in report.dense_layers), _FLOP_UNITS)
-    dscale, dunit = _unit(max(c.decode for c in report.dense_layers), _FLOP_UNITS)
-    bscale, bunit = _unit(max(c.kv_bytes for c in report.dense_layers), _BYTE_UNITS)
+    method = report.method_config.method
     lines = [
         f"{name}: hidden {d.hidden}, {d.layers} layers, {d.heads} heads / {d.kv_heads} KV heads, head_dim "
         f"{d.head_dim}, MLP {d.intermediate}, vocab {d.vocab}",
         f"per sample: {report.n_vision} vision + {report.n_text} text = {t} tokens; batch {report.batch_size}; "
-        f"KV {report.bytes_per_element} bytes/element; schedule {_describe(report)}",
+        f"KV {report.bytes_per_element} bytes/element; {_describe(report)}",
         "",
-        f"layers under {report.method_config.method} (prefill in {unit}, decode in {dunit} per step, KV in {bunit}):",
+        f"every layer under {method} (ratio 'dense': the layer processes every token); prefill and decode in "
+        f"GFLOPs, KV in MiB:",
     ]
     header = ("layer", "ratio", "vision", "tokens", "attn proj", "QK^T+AV", "MLP", "router", "total", "vs dense")
     header += ("KV", "decode")
@@ -178,40 +179,33 @@ def format_report(report: FlopsReport, name: str) -> str:
             "dense" if c.ratio is None else f"{c.ratio:.4f}",
             str(c.kept_vision),
             str(c.processed),
-            f"{c.attn_proj / scale:.3f}",
-            f"{(c.attn_scores + c.attn_values) / scale:.3f}",
-            f"{c.mlp / scale:.3f}",
-            f"{c.router / scale:.3f}",
-            f"{c.flops / scale:.3f}",
+            _g(c.attn_proj / GFLOP),
+            _g((c.attn_scores + c.attn_values) / GFLOP),
+            _g(c.mlp / GFLOP),
+            _g((c.router + c.scoring) / GFLOP),
+            _g(c.flops / GFLOP),
             f"{c.flops / dense.flops:.1%}",
-            f"{c.kv_bytes / bscale:.1f}",
-            f"{c.decode / dscale:.3f}",
+            _g(c.kv_bytes / MIB),
+            _g(c.decode / GFLOP),
         )
         lines.append("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
     head = "included" if report.include_lm_head else "excluded"
     r = report.to_dict()
-    tscale, tunit = _unit(report.dense_flops, _FLOP_UNITS)
-    sscale, sunit = _unit(report.dense_decode_flops, _FLOP_UNITS)
-    kscale, kunit = _unit(report.dense_kv_bytes, _BYTE_UNITS)
     summary = (
-        (f"prefill {tunit} (LM head {head})", report.dense_flops / tscale, report.pmod_flops / tscale, "%.3f"),
-        (
-            f"prefill {tunit} without LM head",
-            report.dense_layers_flops / tscale,
-            report.pmod_layers_flops / tscale,
-            "%.3f",
-        ),
-        (f"decode {sunit} per step", report.dense_decode_flops / sscale, report.pmod_decode_flops / sscale, "%.3f"),
-        (f"KV cache {kunit}", report.dense_kv_bytes / kscale, report.pmod_kv_bytes / kscale, "%.2f"),
+        (f"prefill GFLOPs (LM head {head})", report.dense_flops / GFLOP, report.pmod_flops / GFLOP),
+        ("prefill GFLOPs without LM head", report.dense_layers_flops / GFLOP, report.pmod_layers_flops / GFLOP),
+        ("decode GFLOPs per step", report.dense_decode_flops / GFLOP, report.pmod_decode_flops / GFLOP),
+        ("KV cache MiB", report.dense_kv_bytes / MIB, report.pmod_kv_bytes / MIB),
     )
-    lines += ["", f"{'':34}{'dense':>12}{report.method_config.method:>12}{'ratio':>9}"]
-    for label, dense_v, pmod_v, fmt in summary:
-        ratio = pmod_v / dense_v if dense_v else float("nan")
-        lines.append(f"{label:34}{fmt % dense_v:>12}{fmt % pmod_v:>12}{ratio:>9.1%}")
+    lines += ["", f"{'':34}{'dense':>12}{method:>12}{'ratio':>9}"]
+    for label, dense_v, routed_v in summary:
+        ratio = routed_v / dense_v if dense_v else float("nan")
+        lines.append(f"{label:34}{_g(dense_v):>12}{_g(routed_v):>12}{ratio:>9.1%}")
     lines += [
         "",
-        f"LM head: {report.lm_head_flops / tscale:.3f} {tunit} on all {t} prefill tokens per sample "
-        f"(generate() computes only the last position's logits: {report.lm_head_decode_flops / dscale:.3f} {dunit}).",
-        f"mean vision retention {r['mean_retention']:.4f}; attention counted over the full K x K score matrix.",
+        f"LM head: {_g(report.lm_head_flops / GFLOP)} GFLOPs on all {t} prefill tokens per sample (generate() "
+        f"computes only the last position's logits: {_g(report.lm_head_decode_flops / GFLOP)} GFLOPs).",
+        f"mean vision retention {r['mean_retention']:.4f}; attention counted over the full K x K score matrix; "
+        f"the router column includes FastV's scoring row.",
     ]
     return "\n".join(lines)

@@ -4,6 +4,9 @@ folder.
 One prompt streams its answer; ``--batch-file`` answers a JSONL file of ``{"image", "prompt"}`` records in batches
 (left padding) and prints one JSON line per record. Either way the KV cache size is printed next to the size a
 dense model would need for the same tokens.
+
+torch, transformers and the model code are imported inside the functions that use them, so that
+``pmod generate --help`` and flag errors answer without loading them.
 """
 
 from __future__ import annotations
@@ -14,19 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
-
-from pmod.core.cache import kv_cache_bytes
 from pmod.core.errors import UserError
-from pmod.data.images import open_image
-from pmod.io.loading import encode, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder of a routed or LLaVA model saved with save_pretrained")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     parser.add_argument("--prompt", help="the question")
+    parser.add_argument("--text-only", action="store_true", help="ask --prompt without an image")
     parser.add_argument("--batch-file", help='JSONL of {"image": PATH, "prompt": TEXT} records to answer in batches')
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -36,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cache_report(cache: Any) -> str:
     """KV bytes of the cache next to what a dense model holds for the same tokens (every layer like layer 0)."""
+    from pmod.core.cache import kv_cache_bytes
+
     size = kv_cache_bytes(cache)
     dense = size.layer_bytes[0] * len(size.layer_bytes)  # layer 0 is always dense and caches every token
     mib, share = 2**20, size.total_bytes / dense
@@ -43,6 +43,10 @@ def cache_report(cache: Any) -> str:
 
 
 def answer(model, processor, prompts, images, max_new_tokens, temperature, streamer=None) -> tuple[list[str], str]:
+    import torch
+
+    from pmod.io.loading import encode
+
     inputs = encode(processor, model, prompts, images)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     with torch.inference_mode():
@@ -81,11 +85,24 @@ def read_batch_file(path: str) -> list[dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pmod.data.images import open_image
+    from pmod.io.loading import check_model_folder, load_model
+
     if (args.prompt is None) == (args.batch_file is None):
         raise UserError("give either --prompt (with --image) or --batch-file, not both or neither.")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be at least 1.")
+    check_model_folder(args.model, "pmod generate")  # before any weight is read
     if args.prompt is not None:
+        if not args.image and not args.text_only:
+            raise UserError("no --image given: pass --image FILE for a question about an image, or --text-only to ask "
+                            "without one.")  # fmt: skip
+        if args.image and args.text_only:
+            raise UserError("--text-only and --image exclude each other; drop one.")
         images = [[open_image(p) for p in args.image]]  # bad input fails before the model loads
         model, processor = load_model(args.model, args.device)
+        import transformers
+
         streamer = transformers.TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         _, report = answer(model, processor, [args.prompt], images, args.max_new_tokens, args.temperature, streamer)
         print(report, file=sys.stderr)
@@ -95,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
     records = read_batch_file(args.batch_file)
     base = Path(args.batch_file).parent
+    for record in records:  # every image is checked before the model loads
+        if record.get("image"):
+            open_image(base / record["image"])
     model, processor = load_model(args.model, args.device)
     for start in tqdm(range(0, len(records), args.batch_size), desc="batches", file=sys.stderr):
         chunk = records[start : start + args.batch_size]

@@ -1,48 +1,39 @@
-"""Stage-1 (projector pre-training) and stage-2 (routed instruction tuning) recipe on the Hugging Face Trainer.
+"""`pmod train`: stage-1 (projector) and stage-2 (routed instruction tuning) training on the Hugging Face Trainer.
 
-``pmod train --stage finetune --model DIR --data-path train.json --output-dir OUT [--method M] [TrainingArguments]``
+``pmod train --stage finetune --model DIR --data-path train.json --output-dir OUT [--method M] [Trainer flags]``
 
 * ``--stage pretrain`` trains only the projector (paper: lr 1e-3, batch 256).
 * ``--stage finetune`` converts the model with ``--method`` (``pmod`` by default, ``mod``, ``gamma_mod``, or
   ``dense`` for the baseline; FastV is training-free) and its ``--<method>-<setting>`` flags, then trains the
   projector, the LLM and the routers; the vision tower stays frozen unless ``--vision-lr`` is given.
-* ``--config recipe.yaml`` supplies any flag (keys are the flag names with underscores); flags given on the command
-  line win over the file.
-* Checkpoints are written to ``tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete, so a run killed
-  while saving never leaves a half-written ``checkpoint-N`` behind; ``--resume-from-checkpoint auto`` picks the
-  last complete one.
-* On logging steps, routing statistics are logged with the loss (``pmod/...`` keys), with gamma-MoD's routing loss
-  and the count of skipped non-finite losses.
+* ``--recipe paper`` takes the paper's schedule (lr, cosine, warmup 3%, 1 epoch); ``--config recipe.yaml`` supplies
+  any flag (keys are the flag names with underscores). Command-line flags win over both.
+* Every ``transformers.TrainingArguments`` field is a flag too (``--bf16``, ``--deepspeed``, ...).
+* Checkpoints are written atomically; ``--resume-from-checkpoint auto`` resumes the last complete one.
 
-Also runs as ``python -m pmod.recipes.train ...`` (e.g. under ``torchrun``).
+This module only reads and checks the flags (no torch, so ``--help`` and mistakes answer at once); the run itself
+is :mod:`pmod.recipes.training`. Also runs as ``python -m pmod.recipes.train ...`` (e.g. under ``torchrun``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
-import logging
-import os
 import sys
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import transformers
-from torch import nn
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
-
-from pmod.core.backbone import backbone_for
-from pmod.core.config import MethodConfig, method_names, stored_method_config
-from pmod.core.convert import convert, get_method_config, is_routed_model, load
+from pmod.core.config import MethodConfig, method_names
 from pmod.core.errors import UserError
-from pmod.io.importers.llava_parts import assemble_llava
 from pmod.recipes import method_flags
-from pmod.recipes.trainer import PModTrainer, clean_staging
+from pmod.recipes.parsing import CommandParser, dashed
+from pmod.recipes.trainer_fields import FALSE, TRUE, check_value, trainer_fields
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 
 class TrainError(UserError):
@@ -62,8 +53,8 @@ class ModelArguments:
     method: str = field(default="pmod", metadata={"help": "stage-2 routing method: pmod, mod, gamma_mod or dense"})
     no_pmod: bool = field(default=False, metadata={"help": "finetune the dense baseline (same as --method dense)"})
     lora_r: int | None = field(default=None, metadata={"help": "train the LLM with LoRA of this rank (needs peft)"})
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     #: ``--<method>-<setting>`` values (generated flags, see ``pmod.recipes.method_flags``).
     method_settings: dict[str, Any] = field(default_factory=dict, init=False)
 
@@ -99,36 +90,82 @@ class DataArguments:
 
     data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON/JSONL training file"})
     image_folder: str | None = field(default=None, metadata={"help": "image root; default: the data file's folder"})
-    max_length: int = 2048
+    max_length: int = field(default=2048, metadata={"help": "tokens per sample; longer ones are truncated"})
     conv_template: str = field(default="auto", metadata={"help": "auto, vicuna_v1 or chat_template"})
-    on_bad_sample: str = field(default="skip", metadata={"help": "skip or error"})
+    on_bad_sample: str = field(default="skip", metadata={"help": "skip (count and go on) or error (stop)"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "never mix image / text-only batches"})
 
 
-ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+ARG_CLASSES = (ModelArguments, DataArguments)
 #: Methods ``pmod train`` can train (and so takes flags of).
 TRAINABLE = tuple(m for m in method_names() if m != "fastv")
+#: ``--recipe paper``: the paper's schedule (LLaVA's recipe); batch sizes are global (devices x per device x
+#: accumulation), so they are the user's to set: 256 for stage 1, 128 for stage 2.
+PAPER_RECIPE: dict[str, dict[str, Any]] = {
+    "pretrain": dict(learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=1,
+                     weight_decay=0.0),
+    "finetune": dict(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=1,
+                     weight_decay=0.0),
+}  # fmt: skip
+
+EPILOG = """\
+Defaults are the Hugging Face Trainer's, not the paper's: --recipe paper takes the paper's schedule (stage 1 lr 1e-3,
+stage 2 lr 2e-5; cosine, warmup 3%, 1 epoch), and recipes/*.yaml in the repository hold the full runs (--config).
+
+--resume-from-checkpoint auto resumes the last complete checkpoint-N in --output-dir (and says which, or that there
+is none and the run starts fresh); a path resumes that checkpoint.
+
+Trainer flags: every transformers.TrainingArguments field is a flag ({count} of them, e.g. --learning-rate,
+--per-device-train-batch-size, --gradient-accumulation-steps, --bf16, --gradient-checkpointing, --save-steps,
+--save-total-limit, --deepspeed, --report-to). `pmod train --help-trainer` lists them with their help.
+"""
 
 
 # ----------------------------------------------------------------------------------------------------------- args
+def _parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in TRUE or value in FALSE:
+        return value in TRUE
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_dataclass(group: argparse._ArgumentGroup, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        base = next(t for t in (bool, int, float, str) if t is hints[f.name] or t in typing.get_args(hints[f.name]))
+        kwargs: dict[str, Any] = {"nargs": "?", "const": True, "type": _parse_bool} if base is bool else {"type": base}
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                           help=f"{f.metadata.get('help', '')} (default: {f.default})", **kwargs)  # fmt: skip
+
+
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     # Defaults are SUPPRESSed so the parsed namespace holds only the flags actually given: those override --config.
-    hf = HfArgumentParser(ARG_CLASSES)
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML/JSON recipe; command-line flags win")
-    for action in hf._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        action = copy.copy(action)
-        action.default = argparse.SUPPRESS
-        action.required = False
-        parser._add_action(action)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG.format(count=len(trainer_fields()))
+    run = parser.add_argument_group("recipe")
+    run.add_argument("--config", default=argparse.SUPPRESS, help="YAML/JSON recipe; command-line flags win")
+    run.add_argument("--recipe", choices=["paper"], default=argparse.SUPPRESS, help="the paper's schedule (see below)")
+    run.add_argument("--help-trainer", action="store_true", default=argparse.SUPPRESS,
+                     help="list the Trainer's flags with their help and exit")  # fmt: skip
+    _add_dataclass(parser.add_argument_group("model and stage"), ModelArguments)
+    _add_dataclass(parser.add_argument_group("data"), DataArguments)
     method_flags.add_method_arguments(parser, TRAINABLE, suppress=True)
+    trainer = parser.add_argument_group("Trainer (transformers.TrainingArguments; see --help-trainer)")
+    for name in trainer_fields():
+        trainer.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs="?", const="true",
+                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``pmod train`` flags (ModelArguments, DataArguments, TrainingArguments, method settings,
-    ``--config``)."""
+    """Register the ``pmod train`` flags: pmod's own first, the Trainer's under one heading."""
     _add_flags(parser)
+
+
+def trainer_help() -> str:
+    """Every Trainer flag with its help, one per line."""
+    return "\n".join(f"  --{f.name.replace('_', '-'):38} {f.help[:110]}" for f in trainer_fields().values())
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -145,8 +182,9 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def args_from_namespace(ns: argparse.Namespace) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Build the three argument dataclasses from a namespace of given flags (plus the ``--config`` file)."""
-    given = {k: v for k, v in vars(ns).items() if not k.startswith("_") and k not in ("command", "config")}
+    """Build the argument dataclasses from a namespace of given flags, the ``--recipe`` and the ``--config`` file
+    (later wins). Everything that can be checked without torch is checked first."""
+    given = {k: v for k, v in vars(ns).items() if not k.startswith("_") and k not in ("command", "config", "recipe")}
     merged: dict[str, Any] = {}
     if getattr(ns, "config", None):
         try:
@@ -155,175 +193,85 @@ def args_from_namespace(ns: argparse.Namespace) -> tuple[ModelArguments, DataArg
             raise TrainError(f"cannot read --config {ns.config}: {err}") from err
     merged.update(given)
     settings = {key: merged.pop(key) for key in list(method_flags.given_method_flags(merged))}
-    known = {f.name for cls in ARG_CLASSES for f in fields(cls) if f.init}
-    unknown = sorted(set(merged) - known)
+    own = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
+    fields = trainer_fields()
+    unknown = sorted(set(merged) - own - set(fields))
     if unknown:
-        raise TrainError(f"unknown settings {unknown}")
-    # HF defaults this to "trainer_output"; a recipe needs a deliberate place.
-    merged.setdefault("output_dir", "trainer_output")
+        raise TrainError(f"unknown settings {unknown}; `pmod train --help` lists the flags")
+    for key in sorted(set(merged) & set(fields)):
+        problem = check_value(fields[key], merged[key])
+        if problem:
+            raise TrainError(f"--{key.replace('_', '-')} {problem}")
+    def values_of(cls: type) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return {k: v for k, v in merged.items() if k in names}
+
     try:
-        margs, dargs, targs = HfArgumentParser(ARG_CLASSES).parse_dict(merged)
-    except TrainError:
-        raise
-    except (ValueError, TypeError) as err:
+        margs, dargs = ModelArguments(**values_of(ModelArguments)), DataArguments(**values_of(DataArguments))
+    except TypeError as err:
         raise TrainError(str(err)) from err
     margs.method_settings = settings
     if margs.stage == "finetune":
         margs.method_config()  # a bad method or setting fails here, before any model is loaded
-    return margs, dargs, targs
+    trainer = {k: v for k, v in merged.items() if k in fields}
+    if getattr(ns, "recipe", None) == "paper":
+        trainer = {**PAPER_RECIPE[margs.stage], **trainer}
+    return margs, dargs, training_arguments(trainer)
+
+
+def training_arguments(values: dict[str, Any]) -> TrainingArguments:
+    """``TrainingArguments`` of flag values (text from the command line, typed values from a recipe file)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    text = {k: v for k, v in values.items() if isinstance(v, str)}
+    typed = {k: v for k, v in values.items() if not isinstance(v, str)}
+    typed.setdefault("output_dir", text.pop("output_dir", "trainer_output"))  # a recipe needs a deliberate place
+    tokens = [token for k, v in text.items() for token in (f"--{k}", v)]
+    try:
+        (from_text,) = HfArgumentParser((TrainingArguments,)).parse_args_into_dataclasses(
+            args=tokens, look_for_args_file=False
+        )
+        parsed = {k: getattr(from_text, k) for k in text}
+        (targs,) = HfArgumentParser((TrainingArguments,)).parse_dict({**typed, **parsed})
+    except SystemExit as err:  # argparse inside HfArgumentParser rejected a value
+        raise TrainError(f"a Trainer flag has a value transformers cannot read: {' '.join(tokens)}") from err
+    except (ValueError, TypeError) as err:
+        raise TrainError(" ".join(str(err).split())) from err
+    return targs
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse ``pmod train`` flags (and ``--config``) into (ModelArguments, DataArguments, TrainingArguments)."""
-    parser = argparse.ArgumentParser(prog="pmod train")
+    """Parse ``pmod train`` flags (and ``--config`` / ``--recipe``) into the three argument dataclasses."""
+    parser = CommandParser(prog="pmod train", allow_abbrev=False)
     _add_flags(parser)
-    return args_from_namespace(parser.parse_args(argv))
-
-
-# ---------------------------------------------------------------------------------------------------------- model
-def _architecture(folder: str) -> type:
-    config = transformers.AutoConfig.from_pretrained(folder)
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise TrainError(f"{folder} has no known architecture in its config.json ({archs})")
-    return cls
-
-
-def build_model(margs: ModelArguments, method_config: MethodConfig | None = None) -> tuple[nn.Module, Any]:
-    """Load or assemble the model and processor, convert it for stage 2 (with ``method_config``, or the one of
-    ``--method``) and set what trains."""
-    if margs.model is not None:
-        if not (Path(margs.model) / "config.json").is_file():
-            raise TrainError(f"--model {margs.model} has no config.json")
-        cls = _architecture(margs.model)
-        config = transformers.AutoConfig.from_pretrained(margs.model)
-        stored = stored_method_config(config)
-        model = load(margs.model) if stored is not None else cls.from_pretrained(margs.model)
-        processor = transformers.AutoProcessor.from_pretrained(margs.model)
-    else:
-        model, processor = assemble_llava(margs.llm, margs.vision_tower, margs.projector)  # type: ignore[arg-type]
-
-    if margs.stage == "finetune":
-        wanted = method_config if method_config is not None else margs.method_config()
-        if is_routed_model(model):
-            logger.info("model is already routed (%s); keeping its routing", get_method_config(model))
-        elif wanted is not None:
-            convert(model, wanted)
-    set_trainable(model, margs.stage, train_vision=margs.vision_lr is not None)
-    model.config.use_cache = False
-    return model, processor
-
-
-def set_trainable(model: nn.Module, stage: str, train_vision: bool = False) -> None:
-    """Stage 1: only the projector trains. Stage 2: everything but the vision tower (unless ``train_vision``)."""
-    adapter = backbone_for(model)
-    for name, param in model.named_parameters():
-        if stage == "pretrain":
-            param.requires_grad_(adapter.is_projector_parameter(name))
-        else:
-            param.requires_grad_(train_vision or not adapter.is_vision_parameter(name))
-
-
-def _apply_lora(model: nn.Module, margs: ModelArguments) -> nn.Module:
-    try:
-        import peft
-    except ImportError as err:
-        raise TrainError("--lora-r needs peft: pip install peft") from err
-    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    # Routers and projector are new / small: train them fully rather than through low-rank adapters.
-    config = peft.LoraConfig(
-        r=margs.lora_r,
-        lora_alpha=margs.lora_alpha,
-        lora_dropout=margs.lora_dropout,
-        target_modules=targets,
-        modules_to_save=["multi_modal_projector", "router", "gamma_mod_router"],
-    )
-    return peft.get_peft_model(model, config)
+    return args_from_namespace(parser.parse_args([dashed(a) for a in argv]))
 
 
 # ------------------------------------------------------------------------------------------------------------ run
-def train(
-    margs: ModelArguments,
-    dargs: DataArguments,
-    targs: TrainingArguments,
-    callbacks: list[TrainerCallback] | None = None,
-    method_config: MethodConfig | None = None,
-) -> PModTrainer:
-    """Run one training stage and save the final model and processor to ``targs.output_dir``; returns the
-    trainer (its ``state.log_history`` holds the logs). ``method_config`` overrides ``--method`` for stage 2."""
-    from pmod.data.batching import LlavaCollator
-    from pmod.data.dataset import LlavaDataset
-
-    if dargs.data_path is None:
-        raise TrainError("--data-path is required")
-    if not Path(dargs.data_path).is_file():
-        raise TrainError(f"--data-path {dargs.data_path} not found")
-    if method_config is not None and not method_config.trainable:
-        raise TrainError(f"{method_config.method} is training-free: it has nothing to train.")
-    transformers.set_seed(targs.seed)
-    model, processor = build_model(margs, method_config)
-    if margs.lora_r:
-        model = _apply_lora(model, margs)
-    if targs.gradient_checkpointing:
-        targs.gradient_checkpointing_kwargs = targs.gradient_checkpointing_kwargs or {"use_reentrant": False}
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    targs.remove_unused_columns = False  # the collator's keys are the model's inputs; keep image_sizes etc.
-    dataset = LlavaDataset(
-        dargs.data_path,
-        processor,
-        image_folder=dargs.image_folder,
-        max_length=dargs.max_length,
-        conv_template=dargs.conv_template,  # type: ignore[arg-type]
-        on_bad_sample=dargs.on_bad_sample,  # type: ignore[arg-type]
-    )
-    trainer = PModTrainer(
-        model=model,
-        args=targs,
-        train_dataset=dataset,
-        data_collator=LlavaCollator.from_tokenizer(processor.tokenizer),
-        processing_class=processor,
-        callbacks=callbacks,
-        group_by_modality=dargs.group_by_modality_length,
-        vision_lr=margs.vision_lr,
-    )
-    resume: str | bool | None = targs.resume_from_checkpoint
-    if resume == "auto":
-        resume = get_last_checkpoint(targs.output_dir) if os.path.isdir(targs.output_dir) else None
-        logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
-    elif resume is not None and not os.path.isdir(resume):
-        raise TrainError(f"--resume-from-checkpoint {resume} is not a folder")
-    if trainer.args.should_save:
-        clean_staging(targs.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    if margs.lora_r:
-        trainer.model = trainer.model.merge_and_unload()  # a plain (routed) model folder for pmod.load / generate
-    trainer.model.config.use_cache = True
-    trainer.save_model(targs.output_dir)
-    if trainer.args.should_save:
-        processor.save_pretrained(targs.output_dir)
-    trainer.accelerator.wait_for_everyone()
-    return trainer
-
-
 def run(args: argparse.Namespace) -> int:
     """``pmod train``: parse the given flags and ``--config``, then train."""
+    if getattr(args, "help_trainer", False):
+        print(trainer_help())
+        return 0
     margs, dargs, targs = args_from_namespace(args)
+    from pmod.recipes.training import train
+
     train(margs, dargs, targs)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pmod.recipes.train`` (e.g. under torchrun)."""
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = CommandParser(prog="pmod train", allow_abbrev=False)
+    _add_flags(parser)
     try:
-        margs, dargs, targs = parse_args(sys.argv[1:] if argv is None else argv)
-        train(margs, dargs, targs)
+        return run(parser.parse_args([dashed(a) for a in (sys.argv[1:] if argv is None else argv)]))
     except UserError as err:
         print(f"pmod train: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
 """`pmod viz`: plot which vision tokens each routed layer keeps for an image (schedule, layer x token heatmap,
-kept-token overlays)."""
+kept-token overlays). torch, matplotlib and the model code load inside the functions, after the flags are read."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pmod.analysis import plots
-from pmod.core.convert import is_routed_model, layer_ratios
 from pmod.core.errors import UserError
-from pmod.data.images import open_image
-from pmod.io.loading import build_prompt, load_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from pmod.analysis.plots import ImageRouting
 
 
-def image_routing(model: torch.nn.Module, processor: Any, image: Any, prompt: str) -> plots.ImageRouting:
+def image_routing(model: torch.nn.Module, processor: Any, image: Any, prompt: str) -> ImageRouting:
     """One forward over ``prompt`` about ``image``: what each routed layer kept of the image's tokens."""
+    from pmod.analysis import plots
+    from pmod.io.loading import build_prompt
+
     inputs = processor(text=[build_prompt(processor, prompt, 1)], images=[image], return_tensors="pt")
     return plots.image_routing(model, processor, inputs)
 
@@ -31,10 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pmod.data.images import open_image
+    from pmod.io.loading import check_model_folder, load_model
+
+    config = check_model_folder(args.model, "pmod viz")
+    if "pmod_method" not in config and "pmod" not in config:
+        raise UserError(
+            f"{args.model} is a dense model: there is no routing to show. Convert it (pmod.convert) or train it "
+            f"with pmod train first."
+        )
     image = open_image(args.image)
-    model, processor = load_model(args.model, args.device)
-    if not is_routed_model(model):
-        raise UserError(f"{args.model} is a dense model: there is no routing to show. Convert and train it first.")
+    model, processor = load_model(args.model, args.device, "pmod viz")
+
+    from pmod.analysis import plots
+    from pmod.core.convert import layer_ratios
+
     routing = image_routing(model, processor, image, args.prompt)
     out = Path(args.out)
     paths = [

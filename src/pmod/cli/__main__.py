@@ -1,0 +1,7 @@
+"""``python -m pmod.cli``: the ``pmod`` command."""
+
+import sys
+
+from pmod.cli import main
+
+sys.exit(main())

@@ -1,0 +1,229 @@
+"""The steps of ``pmod demo`` that run models: the tower pre-training, the variants' training (side by side on a
+CPU), evaluation and the prefill timing. ``pmod.recipes.demo`` holds the settings and the orchestration."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from pmod.core.convert import is_routed_model, layer_ratios
+from pmod.recipes.demo import DemoSettings
+
+
+def pretrain_vision(base: Path, data: Path, settings: DemoSettings) -> dict[str, Any]:
+    """Pre-train the base model's vision tower on per-patch labels and save it back (the stand-in for CLIP)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from pmod.recipes.vision_pretrain import pretrain_vision_tower
+
+    model = LlavaForConditionalGeneration.from_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base)
+    records = [r for r in json.loads((data / "train.json").read_text()) if r.get("image")]
+    held_out = [r for r in json.loads((data / "test.json").read_text()) if r.get("image")]
+    result = pretrain_vision_tower(
+        model, processor, records, data, steps=settings.vision_pretrain_steps, seed=settings.seed,
+        eval_records=held_out,
+    )  # fmt: skip
+    model.save_pretrained(base)
+    return result
+
+
+def parallel_workers(settings: DemoSettings) -> int:
+    """How many variants train at once: one per CPU core on a CPU-only machine (each single-threaded, since a
+    second thread per process was measured slower on 2 vCPUs), else one at a time."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(len(settings.variants), os.cpu_count() or 1))
+
+
+def threads_per_worker(workers: int) -> int:
+    """torch threads each of ``workers`` side-by-side training processes uses: the cores shared out evenly."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def train_variants(base: Path, data: Path, out: Path, settings: DemoSettings) -> dict[str, dict[str, Any]]:
+    """Train every variant of ``settings.variants`` from ``base``; side by side in worker processes when
+    :func:`parallel_workers` allows, which changes nothing but the wall time (each run is seeded on its own)."""
+    workers = parallel_workers(settings)
+    if workers == 1:
+        return {name: train_variant(name, base, data, out / name, settings) for name in settings.variants}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = threads_per_worker(workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            name: pool.submit(_train_in_worker, name, base, data, out / name, settings, position, threads)
+            for position, name in enumerate(settings.variants)
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _train_in_worker(
+    name: str, base: Path, data: Path, folder: Path, settings: DemoSettings, position: int, threads: int
+) -> dict[str, Any]:
+    """One variant in a worker process: its own progress bar line; the Trainer's log lines go to train.log."""
+    import contextlib
+
+    torch.set_num_threads(threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log):
+        return train_variant(name, base, data, folder, settings, progress_position=position)
+
+
+class _ProgressBar(TrainerCallback):
+    """A progress bar pinned to one terminal line, so that variants trained side by side do not draw over each
+    other."""
+
+    def __init__(self, name: str, position: int) -> None:
+        self.name, self.position, self.bar = name, position, None
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, desc=f"train {self.name}", position=self.position, leave=True)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.bar.close()
+
+
+def train_variant(
+    name: str, base: Path, data: Path, folder: Path, settings: DemoSettings, progress_position: int | None = None
+) -> dict[str, Any]:
+    """Train one variant with the library's stage-2 recipe: projector, LLM (and routers) train, the tower is frozen.
+
+    ``progress_position``: draw the progress bar on that terminal line (for runs side by side) instead of the
+    Trainer's own bar.
+    """
+    from transformers import TrainingArguments
+
+    from pmod.recipes.train import DataArguments, ModelArguments
+    from pmod.recipes.training import train
+
+    config = settings.variant_config(name)
+    margs = ModelArguments(model=str(base), stage="finetune", method=config.method if config else "dense")
+    dargs = DataArguments(data_path=str(data / "train.json"), max_length=256)
+    targs = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings.steps // 20),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(1, settings.steps // 30),
+        save_strategy="no",
+        report_to="none",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=progress_position is not None,
+    )
+    callbacks = None
+    if progress_position is not None:
+        callbacks = [_ProgressBar(name, progress_position)]
+    started = time.time()
+    trainer = train(margs, dargs, targs, callbacks=callbacks, method_config=config)
+    seconds = time.time() - started
+    history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    return {"folder": folder, "seconds": round(seconds, 1), "loss": history}
+
+
+def load_variant(folder: Path) -> tuple[torch.nn.Module, Any]:
+    """A trained variant and its processor."""
+    from pmod.io.loading import load_model
+
+    return load_model(folder, "auto")
+
+
+def question_and_answer(record: dict[str, Any]) -> tuple[str, str]:
+    """The first question of a synthetic record (without its image token) and its answer."""
+    human, gpt = record["conversations"][0]["value"], record["conversations"][1]["value"]
+    return human.replace("<image>", "").strip(), gpt.strip()
+
+
+def record_image(data: Path, record: dict[str, Any]):
+    """The image of a synthetic record."""
+    from pmod.data.images import open_image
+
+    return open_image(data / record["image"])
+
+
+def evaluate(folder: Path, data: Path, test: list[dict[str, Any]], batch_size: int = 32) -> dict[str, Any]:
+    """Exact-match accuracy of the first answer word on the held-out image questions, and analytic cost."""
+    from pmod.analysis.flops import estimate
+    from pmod.data.synth import question_kind
+    from pmod.io.loading import encode
+    from pmod.recipes.generate import answer
+
+    model, processor = load_variant(folder)
+    correct, per_kind = 0, {}
+    for start in range(0, len(test), batch_size):
+        chunk = test[start : start + batch_size]
+        questions = [question_and_answer(r) for r in chunk]
+        images = [[record_image(data, r)] for r in chunk]
+        texts, _ = answer(model, processor, [q for q, _ in questions], images, max_new_tokens=3, temperature=0.0)
+        for (question, truth), text in zip(questions, texts):
+            words = text.strip().split()
+            ok = bool(words) and words[0].lower() == truth.lower()
+            correct += ok
+            kind = question_kind(question)
+            per_kind.setdefault(kind, [0, 0])
+            per_kind[kind][0] += ok
+            per_kind[kind][1] += 1
+    sample = encode(processor, model, [question_and_answer(test[0])[0]], [[record_image(data, test[0])]])
+    n_vision = int((sample["input_ids"] == model.config.image_token_id).sum())
+    n_text = int(sample["input_ids"].shape[1]) - n_vision
+    cost = estimate(model.config, n_vision=n_vision, n_text=n_text, dtype="float32").to_dict()
+    key = "pmod" if is_routed_model(model) else "dense"
+    return {
+        "accuracy": correct / len(test),
+        "per_question_kind": {k: round(c / n, 3) for k, (c, n) in sorted(per_kind.items())},
+        "prefill_tflops": cost[f"{key}_tflops"],
+        "kv_bytes": cost[f"{key}_kv_bytes"],
+        "mean_retention": cost["mean_retention"] if key == "pmod" else 1.0,
+        "n_vision": n_vision,
+        "n_text": n_text,
+        "layer_ratios": layer_ratios(model),
+    }
+
+
+def measure_prefill(
+    folders: dict[str, Path], data: Path, test: list[dict[str, Any]], reps: int = 5
+) -> dict[str, float]:
+    """Median prefill latency (ms) of one batch of test prompts, the variants measured alternately."""
+    from pmod.io.loading import encode
+
+    loaded = {name: load_variant(folder) for name, folder in folders.items()}
+    chunk = test[:16]
+    inputs = {
+        name: encode(
+            processor, model, [question_and_answer(r)[0] for r in chunk], [[record_image(data, r)] for r in chunk]
+        )
+        for name, (model, processor) in loaded.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in loaded}
+    with torch.inference_mode():
+        for rep in range(reps + 1):
+            for name, (model, _) in loaded.items():
+                started = time.perf_counter()
+                model(**inputs[name], use_cache=False)
+                if rep:  # the first round warms up
+                    times[name].append((time.perf_counter() - started) * 1000)
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}

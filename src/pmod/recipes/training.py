@@ -1,0 +1,210 @@
+"""The run of ``pmod train``: load or assemble the model, convert it with the stage-2 method, freeze what stays
+frozen, and train on the Hugging Face Trainer (:mod:`pmod.recipes.trainer`). The flags are read and checked by
+:mod:`pmod.recipes.train`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from pmod.core.backbone import backbone_for
+from pmod.core.config import MethodConfig, stored_method_config
+from pmod.core.convert import convert, get_method_config, is_routed_model, load
+from pmod.io.importers.llava_parts import assemble_llava
+from pmod.io.loading import check_model_folder
+from pmod.recipes.train import DataArguments, ModelArguments, TrainError
+from pmod.recipes.trainer import PModTrainer, clean_staging
+
+logger = logging.getLogger(__name__)
+
+#: Records tried before training to catch a wrong --image-folder (every one unusable) at once.
+PRECHECK_RECORDS = 8
+
+
+def build_model(margs: ModelArguments, method_config: MethodConfig | None = None) -> tuple[nn.Module, Any]:
+    """Load or assemble the model and processor, convert it for stage 2 (with ``method_config``, or the one of
+    ``--method``) and set what trains."""
+    wanted = None
+    if margs.stage == "finetune":
+        wanted = method_config if method_config is not None else margs.method_config()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars would interleave with the run's logs
+    try:
+        if margs.model is not None:
+            config = check_model_folder(margs.model, "pmod train")
+            if stored_method_config(config) is not None:
+                model = load(margs.model)
+            else:
+                model = getattr(transformers, config["architectures"][0]).from_pretrained(margs.model)
+            processor = transformers.AutoProcessor.from_pretrained(margs.model)
+        else:
+            model, processor = assemble_llava(margs.llm, margs.vision_tower, margs.projector)  # type: ignore[arg-type]
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+    if margs.stage == "finetune":
+        if is_routed_model(model):
+            logger.info("model is already routed (%s); keeping its routing", get_method_config(model))
+        elif wanted is not None:
+            convert(model, wanted)
+    set_trainable(model, margs.stage, train_vision=margs.vision_lr is not None)
+    model.config.use_cache = False
+    return model, processor
+
+
+def set_trainable(model: nn.Module, stage: str, train_vision: bool = False) -> None:
+    """Stage 1: only the projector trains. Stage 2: everything but the vision tower (unless ``train_vision``)."""
+    adapter = backbone_for(model)
+    for name, param in model.named_parameters():
+        if stage == "pretrain":
+            param.requires_grad_(adapter.is_projector_parameter(name))
+        else:
+            param.requires_grad_(train_vision or not adapter.is_vision_parameter(name))
+
+
+def apply_lora(model: nn.Module, margs: ModelArguments) -> nn.Module:
+    """LoRA adapters on the language model's projections; routers and projector train fully."""
+    try:
+        import peft
+    except ImportError as err:
+        raise TrainError("--lora-r needs peft: pip install peft") from err
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = peft.LoraConfig(
+        r=margs.lora_r,
+        lora_alpha=margs.lora_alpha,
+        lora_dropout=margs.lora_dropout,
+        target_modules=targets,
+        modules_to_save=["multi_modal_projector", "router", "gamma_mod_router"],
+    )
+    return peft.get_peft_model(model, config)
+
+
+def precheck(dataset: Any, image_folder: str | None) -> None:
+    """Encode the first records once, before the Trainer writes anything: with ``--on-bad-sample error`` a bad one
+    stops the run here; otherwise, if every one is unusable (a wrong --image-folder, say), stop with the reason of
+    the first."""
+    first = range(min(PRECHECK_RECORDS, len(dataset)))
+    if dataset.on_bad_sample == "error":
+        for i in first:
+            dataset[i]  # raises BadSampleError (a one-line UserError) for a bad record
+        return
+    problems = []
+    for i in first:
+        try:
+            dataset.encode(i)
+            return
+        except Exception as err:  # noqa: BLE001 - the dataset's own "unusable" error, whatever its reason
+            problems.append(str(err))
+    if problems:
+        where = f"--image-folder {image_folder}" if image_folder else "the data file's folder (no --image-folder)"
+        raise TrainError(
+            f"none of the first {len(problems)} records can be used (first: {problems[0]}); check the images' "
+            f"root, now {where}, and `pmod data check` the file"
+        )
+
+
+def resume_point(targs: TrainingArguments) -> str | None:
+    """The checkpoint ``--resume-from-checkpoint`` names (``auto``: the last complete one, or None)."""
+    resume = targs.resume_from_checkpoint
+    if resume == "auto":
+        return get_last_checkpoint(targs.output_dir) if os.path.isdir(targs.output_dir) else None
+    if resume is not None and not os.path.isdir(resume):
+        raise TrainError(f"--resume-from-checkpoint {resume} is not a folder; pass a checkpoint-N folder or auto")
+    return resume
+
+
+def check_resume_matches(checkpoint: str | None, model: nn.Module) -> None:
+    """Refuse a checkpoint whose routing differs from the model this run built, naming both."""
+    if checkpoint is None or not (Path(checkpoint) / "config.json").is_file():
+        return
+    import json
+
+    stored = stored_method_config(json.loads((Path(checkpoint) / "config.json").read_text()))
+    current = get_method_config(model)
+    if stored == current:
+        return
+    if stored is not None and current is not None and stored.method == current.method:
+        theirs, ours = stored.to_dict(), current.to_dict()
+        differ = ", ".join(f"{k}={theirs[k]!r} (this run: {ours[k]!r})" for k in theirs if theirs[k] != ours[k])
+        held = f"a {stored.method} model with {differ}"
+    else:
+        held = "a dense model" if stored is None else f"a {stored.method} model"
+        held += f", but this run builds {'a dense model' if current is None else 'a ' + current.method + ' model'}"
+    raise TrainError(
+        f"{checkpoint} holds {held}; resume with the same --method and --<method>-* flags, or start a new "
+        f"--output-dir"
+    )
+
+
+def train(
+    margs: ModelArguments,
+    dargs: DataArguments,
+    targs: TrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
+    method_config: MethodConfig | None = None,
+) -> PModTrainer:
+    """Run one training stage and save the final model and processor to ``targs.output_dir``; returns the
+    trainer (its ``state.log_history`` holds the logs). ``method_config`` overrides ``--method`` for stage 2."""
+    from pmod.data.batching import LlavaCollator
+    from pmod.data.dataset import LlavaDataset
+
+    if dargs.data_path is None:
+        raise TrainError("--data-path is required: a LLaVA-format JSON or JSONL file")
+    if not Path(dargs.data_path).is_file():
+        raise TrainError(f"--data-path {dargs.data_path} not found; pass a LLaVA-format JSON or JSONL file")
+    if method_config is not None and not method_config.trainable:
+        raise TrainError(f"{method_config.method} is training-free: it has nothing to train.")
+    transformers.set_seed(targs.seed)
+    model, processor = build_model(margs, method_config)
+    if margs.lora_r:
+        model = apply_lora(model, margs)
+    if targs.gradient_checkpointing:
+        targs.gradient_checkpointing_kwargs = targs.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    targs.remove_unused_columns = False  # the collator's keys are the model's inputs; keep image_sizes etc.
+    if not torch.cuda.is_available():
+        targs.dataloader_pin_memory = False  # pinning needs an accelerator; on a CPU it only warns
+    dataset = LlavaDataset(
+        dargs.data_path,
+        processor,
+        image_folder=dargs.image_folder,
+        max_length=dargs.max_length,
+        conv_template=dargs.conv_template,  # type: ignore[arg-type]
+        on_bad_sample=dargs.on_bad_sample,  # type: ignore[arg-type]
+    )
+    precheck(dataset, dargs.image_folder)
+    resume = resume_point(targs)
+    check_resume_matches(resume, model)
+    if targs.resume_from_checkpoint is not None:
+        said = f"resuming from {resume}" if resume else f"no checkpoint in {targs.output_dir}: starting from scratch"
+        print(f"pmod train: {said}", file=sys.stderr)
+    trainer = PModTrainer(
+        model=model,
+        args=targs,
+        train_dataset=dataset,
+        data_collator=LlavaCollator.from_tokenizer(processor.tokenizer),
+        processing_class=processor,
+        callbacks=callbacks,
+        group_by_modality=dargs.group_by_modality_length,
+        vision_lr=margs.vision_lr,
+    )
+    if trainer.args.should_save:
+        clean_staging(targs.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    if margs.lora_r:
+        trainer.model = trainer.model.merge_and_unload()  # a plain (routed) model folder for pmod.load / generate
+    trainer.model.config.use_cache = True
+    trainer.save_model(targs.output_dir)
+    if trainer.args.should_save:
+        processor.save_pretrained(targs.output_dir)
+        print(f"pmod train: data: {dataset.summary().splitlines()[0]}", file=sys.stderr)
+    trainer.accelerator.wait_for_everyone()
+    return trainer
