@@ -146,3 +146,16 @@ def test_method_flags_set_the_variants(tmp_path, capsys):
     assert "--mod-ratio sets mod, which no variant" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--pmod-beta", "x"]) == 2
     assert "--pmod-beta" in capsys.readouterr().err
+
+
+def test_pmod_flops_on_the_demo_models_matches_the_report(demo, capsys):
+    """`pmod flops FOLDER` takes vision tokens and dtype from the model itself: the report's numbers come back."""
+    out, report = demo
+    for name in ("dense", "pmod"):
+        result = report["results"][name]
+        assert main(["flops", str(out / name), "--text-tokens", str(result["n_text"]), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["n_vision"] == result["n_vision"] and data["bytes_per_element"] == 4  # fp32 weights
+        key = "pmod" if name == "pmod" else "dense"
+        assert data[f"{key}_tflops"] == result["prefill_tflops"]
+        assert data[f"{key}_kv_bytes"] == result["kv_bytes"]

@@ -143,6 +143,7 @@ def _add_dataclass(group: argparse._ArgumentGroup, cls: type) -> None:
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     # Defaults are SUPPRESSed so the parsed namespace holds only the flags actually given: those override --config.
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.usage = "%(prog)s --model DIR --data-path FILE --output-dir DIR [--method METHOD] [--recipe paper] [...]"
     parser.epilog = EPILOG.format(count=len(trainer_fields()))
     run = parser.add_argument_group("recipe")
     run.add_argument("--config", default=argparse.SUPPRESS, help="YAML/JSON recipe; command-line flags win")
