@@ -90,6 +90,10 @@ MISTAKES = [
     ("arank a converted model", lambda w, o: ["arank", "--model", str(w["routed"]), "--data", str(w["data"]),
                                               "--plot", str(o / "a.png")], ["already converted", "dense model"]),
     ("a mistyped command", lambda w, o: ["trian"], ["did you mean `pmod train`"]),
+    ("import a folder that is not there", lambda w, o: ["import-llava", str(w["root"] / "nowhere"), "--out", str(o)],
+     ["nowhere"]),
+    ("import a Hugging Face folder", lambda w, o: ["import-llava", str(w["routed"]), "--out", str(o)],
+     ["llava_llama"]),
 ]  # fmt: skip
 
 
