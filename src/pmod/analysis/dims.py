@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pmod.core.backbone import backbone_for_model_type
+
 # Storage size of one KV-cache element.
 BYTES_PER_ELEMENT: dict[str, int] = {
     "float32": 4,
@@ -123,18 +125,17 @@ class Preset:
     description: str
 
 
-_VICUNA_7B = LMDims(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
-_VICUNA_13B = LMDims(hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, intermediate=13824, vocab=32000)
+def presets() -> dict[str, Preset]:
+    """The published shapes of every registered backbone family (``pmod flops --preset``), by name."""
+    from pmod.core.backbone import supported_model_types
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("llava-1.5-7b", _VICUNA_7B, 576, "LLaVA-1.5 on Vicuna-7B, 576 vision tokens (336px, 24x24 patches)"),
-        Preset("llava-next-7b", _VICUNA_7B, 2880, "LLaVA-NeXT on Vicuna-7B, up to 2880 vision tokens (AnyRes, 5x576)"),
-        Preset("llava-1.5-13b", _VICUNA_13B, 576, "LLaVA-1.5 on Vicuna-13B, 576 vision tokens"),
-        Preset("llava-next-13b", _VICUNA_13B, 2880, "LLaVA-NeXT on Vicuna-13B, up to 2880 vision tokens"),
-    )
-}
+    out: dict[str, Preset] = {}
+    for model_type in supported_model_types():
+        adapter = backbone_for_model_type(model_type)
+        for name, (fields, n_vision, description) in adapter.flops_presets.items():
+            out[name] = Preset(name, LMDims._from_mapping(fields), n_vision, description)
+    return out
+
 
 # Text tokens per sample when the caller does not say: a system prompt plus a short question.
 DEFAULT_TEXT_TOKENS = 64

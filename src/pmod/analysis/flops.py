@@ -50,10 +50,10 @@ from typing import Any
 from pmod.analysis.dims import (
     BYTES_PER_ELEMENT,
     DEFAULT_TEXT_TOKENS,
-    PRESETS,
     LMDims,
     Preset,
     bytes_per_element,
+    presets,
 )
 from pmod.core.config import LayerPlan, MethodConfig, method_class, stored_method_config
 from pmod.core.schedules import kept_count
@@ -61,7 +61,7 @@ from pmod.core.schedules import kept_count
 __all__ = [
     "BYTES_PER_ELEMENT",
     "DEFAULT_TEXT_TOKENS",
-    "PRESETS",
+    "presets",
     "FlopsReport",
     "LMDims",
     "LayerCost",

@@ -1,23 +1,12 @@
-"""Bare Llama-family decoders: Llama (Vicuna), Mistral and Qwen2, with or without their LM head.
+"""Bare decoders: Llama (Vicuna), Mistral, Qwen2 and Qwen3, with or without their LM head.
 
 They have no image tokens: routable tokens are passed to the forward as ``vision_mask`` (bool [batch, seq]).
 """
 
 from __future__ import annotations
 
-from pmod.core.backbone import BackboneAdapter, register_backbone
+from pmod.core.backbone import BackboneAdapter, register_backbone, text_decoder
 
-CAUSAL_LM = register_backbone(
-    BackboneAdapter(
-        name="decoder",
-        model_classes=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
-        decoder=lambda model: model.model,
-    )
-)
-BASE_MODEL = register_backbone(
-    BackboneAdapter(
-        name="decoder-base",
-        model_classes=("LlamaModel", "MistralModel", "Qwen2Model"),
-        decoder=lambda model: model,
-    )
+DECODERS = register_backbone(
+    BackboneAdapter(name="decoder", model_types=("llama", "mistral", "qwen2", "qwen3"), decoder=text_decoder)
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pmod.core.errors import UserError
@@ -24,19 +24,30 @@ class BackboneAdapter:
 
     Attributes:
         name: the family's name.
-        model_classes: class names of the top-level models of this family.
-        decoder: the module holding the decoder layers (its ``.layers``) of a model.
+        model_types: the ``config.model_type`` values of this family (dispatch is on them).
+        decoder: the module holding the decoder layers (its ``.layers``) of a model, with or without its head.
         routable_token_keys: config attributes holding the ids of routable tokens (image, video).
-        vision_prefixes, projector_prefixes: module paths of the vision tower and the projector, as
-            ``named_parameters`` spells them.
+        vision_prefixes, projector_prefixes: module names of the vision tower and the projector; a parameter
+            belongs to them when one of these stands as a whole path component in its name.
+        image_grid: ``(model, processor inputs) -> (rows, cols)`` of the first image's tokens, in the order they
+            stand in the sequence (row by row), for the plots; None where the family has no images.
+        flops_presets: published shapes of this family for ``pmod flops --preset`` (name -> (model dims
+            as config fields, vision tokens, description)).
     """
 
     name: str
-    model_classes: tuple[str, ...]
+    model_types: tuple[str, ...]
     decoder: Callable[[nn.Module], nn.Module]
     routable_token_keys: tuple[str, ...] = ()
     vision_prefixes: tuple[str, ...] = ()
     projector_prefixes: tuple[str, ...] = ()
+    image_grid: Callable[[nn.Module, dict], tuple[int, int] | None] | None = None
+    flops_presets: dict[str, tuple[dict[str, int], int, str]] = field(default_factory=dict)
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether the family takes images (and so runs under ``pmod generate`` / ``pmod viz``)."""
+        return bool(self.routable_token_keys)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.decoder(model).layers
@@ -53,13 +64,25 @@ class BackboneAdapter:
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    # Wrappers (PEFT, DDP) put their own prefix in front: match a whole path component anywhere.
+    # Wrappers (PEFT, DDP) and heads put their own prefix in front: match whole path components anywhere.
     dotted = f".{name}."
     return any(f".{prefix}." in dotted for prefix in prefixes)
 
 
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder of a multimodal model with a head (``model.model.language_model``) or without one."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The decoder of a text model with a head (``model.model``) or without one (the model itself)."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "layers") else model
+
+
 class UnsupportedModelError(UserError, TypeError):
-    """A model class no registered backbone adapter covers."""
+    """A model no registered backbone adapter covers."""
 
 
 _BACKBONES: dict[str, BackboneAdapter] = {}
@@ -74,36 +97,34 @@ def _registry() -> dict[str, BackboneAdapter]:
 
 
 def register_backbone(adapter: BackboneAdapter) -> BackboneAdapter:
-    """Make an adapter the one for each of its ``model_classes``."""
-    for cls in adapter.model_classes:
-        _BACKBONES[cls] = adapter
+    """Make an adapter the one for each of its ``model_types``."""
+    for model_type in adapter.model_types:
+        _BACKBONES[model_type] = adapter
     return adapter
 
 
-def supported_classes() -> list[str]:
+def supported_model_types() -> list[str]:
     return list(_registry())
 
 
+def backbone_for_model_type(model_type: str | None) -> BackboneAdapter | None:
+    return _registry().get(model_type or "")
+
+
 def find_backbone(model: nn.Module) -> BackboneAdapter | None:
-    """The adapter of a model, by class name (also through subclasses), or None."""
-    registry = _registry()
-    for cls in type(model).__mro__:
-        if cls.__name__ in registry:
-            return registry[cls.__name__]
-    return None
+    """The adapter of a model, by its config's ``model_type``, or None."""
+    config = getattr(model, "config", None)
+    return backbone_for_model_type(getattr(config, "model_type", None))
 
 
 def backbone_for(model: nn.Module) -> BackboneAdapter:
-    """The adapter of a model; an :class:`UnsupportedModelError` naming the supported classes otherwise."""
+    """The adapter of a model; an :class:`UnsupportedModelError` naming the supported families otherwise."""
     adapter = find_backbone(model)
     if adapter is None:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
         raise UnsupportedModelError(
-            f"pmod does not support {type(model).__name__}. Supported model classes: "
-            f"{', '.join(supported_classes())}. Load the model with one of them "
-            f"(e.g. LlavaForConditionalGeneration.from_pretrained)."
+            f"pmod does not support {type(model).__name__} (model type {kind!r}). Supported model types: "
+            f"{', '.join(supported_model_types())}. Load a LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen-VL or "
+            f"Llama-family model (e.g. LlavaForConditionalGeneration.from_pretrained)."
         )
     return adapter
-
-
-def backbone_for_class_name(name: str) -> BackboneAdapter | None:
-    return _registry().get(name)

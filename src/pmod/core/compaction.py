@@ -61,6 +61,18 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape))
 
 
+def gather_positions(t: torch.Tensor, index: torch.Tensor, per_token_dims: int) -> torch.Tensor:
+    """RoPE cos/sin (``per_token_dims=1``: [1 or B, T, d], or M-RoPE's [3, 1 or B, T, d]) or position ids (``0``:
+    [1 or B, T], or [3 or 4, 1 or B, T]) at the processed rows ``index`` [B, K].
+
+    A leading axis beyond batch and sequence (M-RoPE's, up to transformers ~5.15) is kept and gathered per axis.
+    """
+    bsz = index.shape[0]
+    if t.dim() == 2 + per_token_dims:
+        return gather_tokens(t.expand(bsz, *t.shape[1:]), index)
+    return torch.stack([gather_tokens(axis.expand(bsz, *axis.shape[1:]), index) for axis in t])
+
+
 def scatter_tokens(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``base`` [B, T, D] with rows ``index`` [B, K] replaced by ``values`` [B, K, D] (out of place)."""
     return base.scatter(1, index.unsqueeze(-1).expand_as(values), values)

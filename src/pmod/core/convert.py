@@ -18,7 +18,13 @@ import transformers
 from torch import nn
 
 from pmod.core import recording
-from pmod.core.backbone import BackboneAdapter, backbone_for, backbone_for_class_name, find_backbone, supported_classes
+from pmod.core.backbone import (
+    BackboneAdapter,
+    backbone_for,
+    backbone_for_model_type,
+    find_backbone,
+    supported_model_types,
+)
 from pmod.core.config import MethodConfig, method_class, store_method_config, stored_method_config
 from pmod.core.errors import UserError
 from pmod.core.routed_layer import RoutingInputs, is_routed_layer, make_routed_layer
@@ -193,9 +199,12 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
         )
     archs = getattr(config, "architectures", None) or []
     base = getattr(transformers, archs[0], None) if archs else None
-    adapter = backbone_for_class_name(base.__name__) if base is not None else None
-    if adapter is None:
-        raise UserError(f"{path} has architecture {archs}; pmod supports {', '.join(supported_classes())}.")
+    adapter = backbone_for_model_type(getattr(config, "model_type", None))
+    if base is None or adapter is None:
+        raise UserError(
+            f"{path} has architecture {archs} (model type {getattr(config, 'model_type', None)!r}); pmod supports "
+            f"the model types {', '.join(supported_model_types())}."
+        )
 
     def init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
         base.__init__(self, *args, **kwargs)

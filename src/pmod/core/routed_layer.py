@@ -27,6 +27,7 @@ from pmod.core.cache import as_pmod_cache
 from pmod.core.compaction import (
     build_attention_mask,
     compact_index,
+    gather_positions,
     gather_tokens,
     scatter_tokens,
     sdpa_without_cudnn,
@@ -169,12 +170,9 @@ class RoutedLayerMixin:
                         "model with use_cache=False, or keep renumber_positions off."
                     )
                 where = torch.arange(most, device=index.device).expand_as(index)
-            position_embeddings = (
-                gather_tokens(cos.expand(bsz, *cos.shape[1:]), where),
-                gather_tokens(sin.expand(bsz, *sin.shape[1:]), where),
-            )
+            position_embeddings = (gather_positions(cos, where, 1), gather_positions(sin, where, 1))
             if position_ids is not None:
-                position_ids = position_ids.expand(bsz, seq).gather(1, where)
+                position_ids = gather_positions(position_ids, where, 0)
 
         past_valid = None
         if past_key_values is not None:

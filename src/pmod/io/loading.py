@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pmod.core.backbone import backbone_for_model_type
 from pmod.core.config import stored_method_config
 from pmod.core.errors import UserError
 
@@ -18,8 +19,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-#: Top-level model classes that take images (what ``pmod generate`` and ``pmod viz`` can run).
-MULTIMODAL_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+#: The model families that take images (what ``pmod generate`` and ``pmod viz`` can run), for messages.
+MULTIMODAL_FAMILIES = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL"
 
 
 #: Files a saved processor leaves in a folder (transformers 5 writes processor_config.json; older versions
@@ -41,10 +42,11 @@ def check_model_folder(folder: str | Path, command: str = "pmod") -> dict[str, A
             f"{folder}/config.json cannot be read ({err}); pass a folder written by save_pretrained."
         ) from err
     arch = (config.get("architectures") or [""])[0]
-    if arch not in MULTIMODAL_CLASSES:
+    adapter = backbone_for_model_type(config.get("model_type"))
+    if adapter is None or not adapter.multimodal or not arch:
         raise UserError(
-            f"{folder} holds a {arch or 'model of unknown class'}, not a LLaVA model (dense or routed); {command} "
-            f"needs one of {', '.join(MULTIMODAL_CLASSES)}."
+            f"{folder} holds a {arch or 'model of unknown class'}, not a LLaVA model or another model that takes "
+            f"images (dense or routed); {command} needs a {MULTIMODAL_FAMILIES} folder."
         )
     try:
         stored_method_config(config)

@@ -13,11 +13,11 @@ from pmod.analysis.dims import vision_tokens, weight_dtype
 from pmod.analysis.flops import (
     BYTES_PER_ELEMENT,
     DEFAULT_TEXT_TOKENS,
-    PRESETS,
     FlopsReport,
     LMDims,
     estimate,
     method_config_from,
+    presets,
 )
 from pmod.core.config import MethodConfig, method_names
 from pmod.core.errors import UserError
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", nargs="?", help="a local model folder (with config.json) or a config.json file; or use --preset"
     )
     parser.add_argument(
-        "--preset", metavar="NAME", help=f"a published model shape instead of a folder: {', '.join(PRESETS)}"
+        "--preset", metavar="NAME", help=f"a published model shape instead of a folder: {', '.join(presets())}"
     )
     parser.add_argument(
         "--vision-tokens",
@@ -105,12 +105,12 @@ def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | 
     if args.preset and args.model:
         raise UserError("give either a model folder/config.json or --preset, not both")
     if args.preset:
-        preset = PRESETS.get(args.preset)
+        preset = presets().get(args.preset)
         if preset is None:
-            raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets())}")
         return preset.name, preset.dims, None, preset.n_vision, None
     if not args.model:
-        raise UserError(f"give a model folder or config.json, or --preset (one of {', '.join(PRESETS)})")
+        raise UserError(f"give a model folder or config.json, or --preset (one of {', '.join(presets())})")
     path = Path(args.model)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
