@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pmod.recipes.train", "stage-1 (projector) / stage-2 (routed finetune) training on the HF Trainer"),
     "generate": ("pmod.recipes.generate", "answer prompts about images with a model folder (streams; batches)"),
     "viz": ("pmod.recipes.viz", "plot which vision tokens each routed layer keeps for an image"),
+    "ablate": ("pmod.recipes.ablate", "the papers' ablations on the built-in task, with seeds and spread"),
+    "eval": ("pmod.recipes.eval", "evaluate models with lmms-eval: each task's metric next to TFLOPs, KV and latency"),
     "arank": ("pmod.recipes.arank", "per-layer attention rank (gamma-MoD's ARank) of a model on LLaVA samples"),
     "import-llava": ("pmod.recipes.import_llava", "turn an original LLaVA / p-MoD checkpoint into a pmod folder"),
     "data": ("pmod.recipes.data", "LLaVA-format data: synth (make a synthetic VQA set), check (find bad records)"),
