@@ -131,27 +131,38 @@ def kept_pixel_mask(kept: np.ndarray, grid: tuple[int, int], size: tuple[int, in
     return cells[(np.arange(h) * rows) // h][:, (np.arange(w) * cols) // w]
 
 
-def image_routing(model: torch.nn.Module, processor: Any, inputs: Any) -> ImageRouting:
+def image_routing(model: torch.nn.Module, processor: Any, inputs: Any, image: Any = None) -> ImageRouting:
     """Run one forward over the encoded prompt ``inputs`` (one image, batch 1) and collect what each routed layer
-    kept of its vision tokens."""
+    kept of the image's tokens, laid on the model's own token grid (the backbone adapter's ``image_grid``).
+
+    The view shown is the image the tower saw when the processor's pixels are images (LLaVA family), else ``image``
+    (Qwen-VL's pixels are flattened patches) resized to the grid.
+    """
+    from pmod.core.backbone import backbone_for
     from pmod.core.convert import record_routing
 
-    inputs = inputs.to(model.device)
+    adapter = backbone_for(model)
+    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with record_routing(model) as rec, torch.inference_mode():
         model(**inputs)
     vision = (inputs["input_ids"][0] == model.config.image_token_id).cpu()
     layers = sorted(rec.processed)
     kept = np.stack([rec.processed[i][0][0].cpu()[vision].numpy() for i in layers])
     weights = np.stack([_weights_row(rec.weights[i][0], vision) for i in layers])
-    vc = model.config.vision_config
-    side = vc.image_size // vc.patch_size
-    pixels = inputs["pixel_values"][0]
-    if pixels.dim() == 4:  # LLaVA-NeXT: the first tile is the whole image, and its tokens come first
-        pixels = pixels[0]
-    from pmod.core.backbone import backbone_for
-
-    num_layers = len(backbone_for(model).decoder_layers(model))
-    return ImageRouting(layers, kept, weights, (side, side), _unnormalize(processor, pixels), num_layers)
+    grid = adapter.image_grid(model, inputs) if adapter.image_grid is not None else None
+    if grid is None:  # no grid known: the closest square
+        side = int(np.sqrt(int(vision.sum())))
+        grid = (side, side)
+    pixels = inputs["pixel_values"]
+    if pixels.dim() >= 4 and processor is not None:  # images (LLaVA-NeXT / OneVision: tiles, base view first)
+        view = _unnormalize(processor, pixels[0] if pixels.dim() == 4 else pixels[0, 0])
+    elif image is not None:
+        rows, cols = grid
+        view = np.asarray(image.convert("RGB").resize((cols * 16, rows * 16)))
+    else:
+        raise ValueError("image_routing needs the image itself for a model whose pixels are flattened patches")
+    num_layers = len(adapter.decoder_layers(model))
+    return ImageRouting(layers, kept, weights, grid, view, num_layers)
 
 
 def _weights_row(weights: torch.Tensor | None, vision: torch.Tensor) -> np.ndarray:

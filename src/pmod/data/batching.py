@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Sampler
 
-from pmod.data.dataset import IGNORE_INDEX
+from pmod.data.dataset import IGNORE_INDEX, TOKEN_KEYS
 
 
 @dataclass
@@ -51,9 +51,14 @@ class LlavaCollator:
                 most = max(p.shape[1] for p in pixels)
                 pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
             batch["pixel_values"] = torch.cat(pixels)
-        sizes = [it["image_sizes"] for it in items if "image_sizes" in it]
-        if sizes:
-            batch["image_sizes"] = torch.cat(sizes)
+        for key in ("image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):  # in item order
+            parts = [it[key] for it in items if key in it]
+            if parts:
+                batch[key] = torch.cat(parts)
+        for key in TOKEN_KEYS:  # per-token marks (Qwen-VL's mm_token_type_ids), padded like the mask
+            if any(key in it for it in items):
+                batch[key] = torch.stack([self._pad(it.get(key, torch.zeros_like(it["input_ids"])), length, 0)
+                                          for it in items])  # fmt: skip
         return batch
 
     def _pad(self, t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -33,8 +33,11 @@ IGNORE_INDEX = -100
 ConvTemplate = Literal["auto", "vicuna_v1", "chat_template"]
 Truncation = Literal["truncate", "drop"]
 OnBadSample = Literal["skip", "error"]
-# Processor outputs that belong to images and are batched by the collator.
-IMAGE_KEYS = ("pixel_values", "image_sizes")
+# Processor outputs that belong to images (LLaVA: pixel_values, image_sizes; Qwen-VL: flattened patches and their
+# grids) and are batched by the collator.
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+# Per-token processor outputs, padded like the attention mask (Qwen-VL marks its image / video tokens).
+TOKEN_KEYS = ("mm_token_type_ids",)
 
 
 class BadSampleError(UserError, ValueError):
@@ -340,6 +343,7 @@ class LlavaDataset(Dataset):
         item = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
         if images:
             item.update({k: out[k] for k in IMAGE_KEYS if k in out})
+        item.update({k: out[k][0][: len(input_ids)] for k in TOKEN_KEYS if k in out})
         return item
 
     def _labels(self, prompt: Prompt, input_ids: torch.Tensor) -> torch.Tensor:

@@ -86,23 +86,43 @@ def load_model(folder: str | Path, device: str = "auto", command: str = "pmod") 
     return model.to(device).eval(), processor
 
 
-def build_prompt(processor: Any, prompt: str, n_images: int) -> str:
+def build_prompt(processor: Any, prompt: str, n_images: int, n_videos: int = 0) -> str:
     """The model's chat template if the processor has one, otherwise the Vicuna v1 prompt used by LLaVA-1.5."""
     if getattr(processor, "chat_template", None):
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     from pmod.data.tokenizer import VICUNA_SYSTEM
 
+    if n_videos:
+        raise UserError("this model's processor has no chat template, so it cannot place a video; pass images")
     return f"{VICUNA_SYSTEM} USER: " + "<image>\n" * n_images + f"{prompt} ASSISTANT:"
 
 
-def encode(processor: Any, model: torch.nn.Module, prompts: list[str], images: list[list[Image.Image]]) -> dict:
-    """Processor inputs for a batch of prompts (left padding, for generation) on the model's device."""
-    texts = [build_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+def encode(
+    processor: Any,
+    model: torch.nn.Module,
+    prompts: list[str],
+    images: list[list[Image.Image]],
+    videos: list[list[list[Image.Image]]] | None = None,
+) -> dict:
+    """Processor inputs for a batch of prompts (left padding, for generation) on the model's device; each prompt
+    with its images and, for models that take them, its videos (each a list of frames)."""
+    videos = videos or [[] for _ in prompts]
+    texts = [build_prompt(processor, p, len(imgs), len(vids)) for p, imgs, vids in zip(prompts, images, videos)]
     flat = [img for imgs in images for img in imgs]
+    clips = [clip for vids in videos for clip in vids]
     processor.tokenizer.padding_side = "left"  # generation appends on the right
-    inputs = processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+    extra = {}
+    if clips:
+        if getattr(processor, "video_processor", None) is None:
+            raise UserError("this model's processor takes no video; pass images (--image), or a model that reads "
+                            "videos (Qwen-VL, LLaVA-OneVision)")  # fmt: skip
+        extra["videos"] = clips
+    try:
+        inputs = processor(text=texts, images=flat or None, return_tensors="pt", padding=True, **extra)
+    except ImportError as err:  # video processors need torchvision
+        raise UserError(f"the processor cannot run here: {' '.join(str(err).split())[:160]}") from err
     limit = model.config.get_text_config().max_position_embeddings
     if inputs["input_ids"].shape[1] >= limit:
         raise UserError(

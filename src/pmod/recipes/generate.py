@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder of a routed or LLaVA model saved with save_pretrained")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     parser.add_argument("--prompt", help="the question")
+    parser.add_argument("--video", action="append", default=[], help="video file (Qwen-VL, OneVision; needs PyAV)")
+    parser.add_argument("--frames", type=int, default=32, help="frames sampled evenly from each --video")
     parser.add_argument("--text-only", action="store_true", help="ask --prompt without an image")
     parser.add_argument("--batch-file", help='JSONL of {"image": PATH, "prompt": TEXT} records to answer in batches')
     parser.add_argument("--batch-size", type=int, default=4)
@@ -42,12 +44,15 @@ def cache_report(cache: Any) -> str:
     return f"KV cache: {size.total_bytes / mib:.2f} MiB (dense model: {dense / mib:.2f} MiB, {share:.1%})"
 
 
-def answer(model, processor, prompts, images, max_new_tokens, temperature, streamer=None) -> tuple[list[str], str]:
+def answer(
+    model, processor, prompts, images, max_new_tokens, temperature, streamer=None, videos=None
+) -> tuple[list[str], str]:
+    """Greedy (or sampled) answers to ``prompts`` with their images (and videos), and the KV-cache report."""
     import torch
 
     from pmod.io.loading import encode
 
-    inputs = encode(processor, model, prompts, images)
+    inputs = encode(processor, model, prompts, images, videos)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     with torch.inference_mode():
         out = model.generate(
@@ -94,17 +99,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-size and --max-new-tokens must be at least 1.")
     check_model_folder(args.model, "pmod generate")  # before any weight is read
     if args.prompt is not None:
-        if not args.image and not args.text_only:
-            raise UserError("no --image given: pass --image FILE for a question about an image, or --text-only to ask "
-                            "without one.")  # fmt: skip
-        if args.image and args.text_only:
-            raise UserError("--text-only and --image exclude each other; drop one.")
+        if not args.image and not args.video and not args.text_only:
+            raise UserError("no --image given: pass --image FILE for a question about an image (or --video FILE), "
+                            "or --text-only to ask without one.")  # fmt: skip
+        if (args.image or args.video) and args.text_only:
+            raise UserError("--text-only excludes --image and --video; drop one.")
+        from pmod.data.video import read_video_frames
+
         images = [[open_image(p) for p in args.image]]  # bad input fails before the model loads
+        videos = [[read_video_frames(v, args.frames) for v in args.video]]
         model, processor = load_model(args.model, args.device)
         import transformers
 
         streamer = transformers.TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        _, report = answer(model, processor, [args.prompt], images, args.max_new_tokens, args.temperature, streamer)
+        _, report = answer(model, processor, [args.prompt], images, args.max_new_tokens, args.temperature, streamer,
+                           videos)  # fmt: skip
         print(report, file=sys.stderr)
         return 0
 

@@ -21,7 +21,7 @@ def image_routing(model: torch.nn.Module, processor: Any, image: Any, prompt: st
     from pmod.io.loading import build_prompt
 
     inputs = processor(text=[build_prompt(processor, prompt, 1)], images=[image], return_tensors="pt")
-    return plots.image_routing(model, processor, inputs)
+    return plots.image_routing(model, processor, inputs, image)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

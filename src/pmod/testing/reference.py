@@ -119,6 +119,48 @@ class FastVReference:
         return (ctx.real & ~vision) | kept, None, None, torch.stack(rows)
 
 
+def run_layers(
+    layers: Sequence[nn.Module],
+    x: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ctx: Context,
+    rules: Mapping[int, Any],
+    processed: Mapping[int, torch.Tensor] | None = None,
+    between: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """The decoder layers over the full sequence ``x`` [B, T, D] with explicit masks, each layer in ``rules`` applying
+    its reference rule; ``between[i]`` is added after layer i (what the model adds there, e.g. Qwen3-VL's deepstack).
+    """
+    bsz, seq = x.shape[:2]
+    device = x.device
+    causal = torch.ones(seq, seq, device=device).tril().bool()
+    eye = torch.eye(seq, dtype=torch.bool, device=device)
+    for idx, layer in enumerate(layers):
+        rule = rules.get(idx)
+        keep, mlp_scale, skip_scale = ctx.real, None, None
+        if rule is not None:
+            keep, mlp_scale, skip_scale, _ = rule.decide(layer, idx, x, ctx)
+            if processed is not None and idx in processed:
+                keep = processed[idx].to(device).bool() & ctx.real
+        allowed = (causal[None] & keep[:, None, :] | eye[None])[:, None]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)  # additive: works for eager and sdpa
+        attn_out, probs = layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)
+        if probs is not None:
+            ctx.attention[idx] = probs
+        h = x + attn_out
+        m = layer.mlp(layer.post_attention_layernorm(h))
+        if rule is None:
+            x = h + m
+        else:
+            y = h + (m if mlp_scale is None else mlp_scale.to(x.dtype)[..., None] * m)
+            base = x if skip_scale is None else skip_scale.to(x.dtype)[..., None] * x
+            x = torch.where(keep[..., None], y, base)
+        if between is not None and between[idx] is not None:
+            x = x + between[idx]
+    return x
+
+
 def reference_logits(
     dense_model: nn.Module,
     rules: Mapping[int, Any],
@@ -138,35 +180,72 @@ def reference_logits(
     """
     lm = dense_model.model
     bsz, seq = input_ids.shape
-    device = input_ids.device
     ctx = Context(attention_mask.bool(), vision_mask.bool(), question_mask, labels, prompt_length)
     x = lm.embed_tokens(input_ids)
-    pos = torch.arange(seq, device=device)[None].expand(bsz, seq)
-    cos_sin = lm.rotary_emb(x, pos)
-    causal = torch.ones(seq, seq, device=device).tril().bool()
-    eye = torch.eye(seq, dtype=torch.bool, device=device)
-    for idx, layer in enumerate(lm.layers):
-        rule = rules.get(idx)
-        keep, mlp_scale, skip_scale = ctx.real, None, None
-        if rule is not None:
-            keep, mlp_scale, skip_scale, _ = rule.decide(layer, idx, x, ctx)
-            if processed is not None and idx in processed:
-                keep = processed[idx].to(device).bool() & ctx.real
-        allowed = (causal[None] & keep[:, None, :] | eye[None])[:, None]
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
-        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)  # additive: works for eager and sdpa
-        attn_out, probs = layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)
-        if probs is not None:
-            ctx.attention[idx] = probs
-        h = x + attn_out
-        m = layer.mlp(layer.post_attention_layernorm(h))
-        if rule is None:
-            x = h + m
-            continue
-        y = h + (m if mlp_scale is None else mlp_scale.to(x.dtype)[..., None] * m)
-        base = x if skip_scale is None else skip_scale.to(x.dtype)[..., None] * x
-        x = torch.where(keep[..., None], y, base)
-    return dense_model.lm_head(lm.norm(x))
+    cos_sin = lm.rotary_emb(x, torch.arange(seq, device=input_ids.device)[None].expand(bsz, seq))
+    return dense_model.lm_head(lm.norm(run_layers(lm.layers, x, cos_sin, ctx, rules, processed)))
+
+
+@dataclass
+class DecoderInputs:
+    """What a dense multimodal model hands its decoder layers for one input: the merged embeddings, the RoPE cos/sin
+    (M-RoPE included) and what it adds between layers (Qwen3-VL's deepstack; None elsewhere)."""
+
+    hidden: torch.Tensor
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    between: list[torch.Tensor | None]
+
+
+def capture_decoder_inputs(dense_model: nn.Module, decoder: nn.Module, **inputs: Any) -> DecoderInputs:
+    """Run ``dense_model`` once on ``inputs`` and record what its ``decoder``'s layers receive."""
+    layers = decoder.layers
+    seen_in: dict[int, torch.Tensor] = {}
+    seen_out: dict[int, torch.Tensor] = {}
+    first: dict[str, Any] = {}
+
+    def before(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            seen_in[i] = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                first["cos_sin"] = kwargs["position_embeddings"]
+
+        return hook
+
+    def after(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            seen_out[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(after(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            dense_model(**inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    between: list[torch.Tensor | None] = []
+    for i in range(len(layers)):
+        delta = seen_in[i + 1] - seen_out[i] if i + 1 < len(layers) else None
+        between.append(None if delta is None or not bool(delta.any()) else delta)
+    return DecoderInputs(seen_in[0], first["cos_sin"], between)
+
+
+def reference_decoder_logits(
+    dense_model: nn.Module,
+    decoder: nn.Module,
+    rules: Mapping[int, Any],
+    captured: DecoderInputs,
+    attention_mask: torch.Tensor,
+    vision_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Logits of a multimodal ``dense_model`` whose ``decoder`` layers apply the reference ``rules``, from the layer
+    inputs the dense model itself computed (:func:`capture_decoder_inputs`): embeddings, M-RoPE and deepstack come
+    from transformers, the routing from here."""
+    ctx = Context(attention_mask.bool(), vision_mask.bool())
+    x = run_layers(decoder.layers, captured.hidden, captured.cos_sin, ctx, rules, between=captured.between)
+    return dense_model.lm_head(decoder.norm(x))
 
 
 def reference_forward(
