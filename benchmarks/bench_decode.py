@@ -14,6 +14,7 @@ minutes-long batch-8 prefill; the prefill time reported is then that of one row.
     python benchmarks/bench_decode.py --out benchmarks/results/decode.json
     python benchmarks/bench_decode.py --batch 8 --new-tokens 32 --reps 2   # what fits a 2-core CPU's time budget
     python benchmarks/bench_decode.py --quick
+    python benchmarks/bench_decode.py --backbone qwen2.5-vl-7b --batch 1 8   # a 7B-shaped Qwen2.5-VL, 64-frame video
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def greedy_decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tens
     return torch.cat(out, dim=1)
 
 
-def prefill(model: torch.nn.Module, ids: torch.Tensor, device: str, **kwargs: Any) -> tuple[Any, common.Metrics]:
+def prefill(model: torch.nn.Module, inputs: dict[str, Any], device: str) -> tuple[Any, common.Metrics]:
     """Prefill the prompt into a fresh cache; returns ``(cache, first new token)`` and time and peak memory."""
     cache = DynamicCache(config=model.config)
 
     def run() -> torch.Tensor:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).logits
+        logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
     with common.PeakMemory(device) as mem:
@@ -93,17 +94,16 @@ def measure(
 ) -> dict[str, Any]:
     """Prefill once per model, then time the decode of both models alternately for one prompt and batch size."""
     rows = batch if args.batch_prefill else 1
-    ids, vision = common.prompt(rows, n_vision, args.n_text, args.vocab, args.device, args.seed)
-    extra = {"dense": {}, "pmod": {"vision_mask": vision}}
+    inputs = common.model_inputs(args, models["dense"], rows, n_vision)
     steps = args.new_tokens - 1
     common.log(f"decode n_vision={n_vision} n_text={args.n_text} batch={batch} (prefill rows={rows})")
     with torch.inference_mode():
-        short = min(128, ids.shape[1])
-        for name, model in models.items():  # warm the prefill path on a short prompt
-            model(input_ids=ids[:, :short], use_cache=False, **{k: v[:, :short] for k, v in extra[name].items()})
+        if args.backbone == "llama":  # warm the prefill path on a short prompt (a video cannot be cut short)
+            for name, model in models.items():
+                model(**{k: v[:, :128] for k, v in inputs[name].items()}, use_cache=False)
         states, pre = {}, {}
         for name, model in models.items():
-            states[name], pre[name] = prefill(model, ids, args.device, **extra[name])
+            states[name], pre[name] = prefill(model, inputs[name], args.device)
         common.log(f"prefill: { {n: round(m['seconds'], 3) for n, m in pre.items()} }")
         for _ in range(args.warmup):  # a short decode warms the step path; the full one is what is timed
             for name, model in models.items():
@@ -113,7 +113,7 @@ def measure(
         }
         samples = common.alternate(runs, 0, args.reps, common.log)
 
-    ana = common.analytic(models["dense"], n_vision, args.n_text, batch, dtype)
+    ana = common.analytic(models["dense"], n_vision, args.n_text, batch, dtype, common.method_config(args))
     med = {name: common.medians(s) for name, s in samples.items()}
     kv_ratio = med["pmod"]["kv_bytes_prompt"] / med["dense"]["kv_bytes_prompt"]
     tput_ratio = med["pmod"]["tokens_per_s"] / med["dense"]["tokens_per_s"]
@@ -154,7 +154,7 @@ def measure(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_args(parser)
+    common.add_args(parser, backbones=True)
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 128)")
     parser.add_argument("--batch-prefill", action="store_true", help="prefill every row instead of repeating one")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = common.header(args, __file__, argv)
     result["new_tokens"] = args.new_tokens
     result["cache_built_by"] = "prefill of every row" if args.batch_prefill else "prefill of one row, repeated"
-    dense, routed = common.build_models(common.shape_of(args), args.device, dtype, args.seed)
+    dense, routed = common.build_pair(args, dtype)
     models = {"dense": dense, "pmod": routed}
     result["runs"] = []
     for n_vision in args.n_vision:

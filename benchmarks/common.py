@@ -3,7 +3,8 @@ machine info and JSON output.
 
 Every script compares a dense random-weight Llama with a p-MoD copy of it (``pmod.convert`` with the paper's PRD
 defaults and random non-zero routers) in one process, alternating the two so that drift of the machine (thermal
-state, other load) hits both alike.
+state, other load) hits both alike. ``--backbone qwen2.5-vl-7b`` runs a Qwen2.5-VL-7B-shaped model on a video
+instead (``video_backbone.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 import transformers
+import video_backbone
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pmod
@@ -78,8 +80,9 @@ class Shape:
         )
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments every script takes; None means: the script's full default, or its quick one with ``--quick``."""
+def add_args(parser: argparse.ArgumentParser, backbones: bool = False) -> None:
+    """Arguments every script takes; None means: the script's full default, or its quick one with ``--quick``.
+    With ``backbones``, also ``--backbone`` (and the video's ``--frames``, ``--frame-size``)."""
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 60 s on 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     for name in ("layers", "hidden", "heads", "kv-heads", "intermediate", "vocab", "n-text", "warmup", "reps"):
@@ -89,11 +92,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--threads", type=int, default=None, help=f"CPU threads (default {CPU_THREADS})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(backbone="llama")
+    if not backbones:
+        return
+    parser.add_argument("--backbone", choices=BACKBONES, default="llama",
+                        help=f"llama (default) or {video_backbone.NAME}: a 7B-shaped Qwen2.5-VL on a video")
+    parser.add_argument("--frames", type=int, default=None, help=f"{video_backbone.NAME}: video frames (default 64)")
+    parser.add_argument("--frame-size", type=int, default=None, help=f"{video_backbone.NAME}: px (default 448)")
+
+
+BACKBONES = ("llama", video_backbone.NAME)
 
 
 def resolve(args: argparse.Namespace, full: dict[str, Any], quick: dict[str, Any]) -> argparse.Namespace:
     """Fill the arguments left unset from the full or the quick defaults."""
     defaults = quick if args.quick else full
+    if args.backbone == video_backbone.NAME:
+        if args.n_vision is not None:
+            raise SystemExit(f"--backbone {args.backbone} takes --frames and --frame-size, not --n-vision.")
+        defaults = {**defaults, **(video_backbone.QUICK if args.quick else video_backbone.FULL)}
+        for key in ("frames", "frame_size"):
+            setattr(args, key, getattr(args, key) or defaults[key])
+        args.n_vision = [video_backbone.vision_tokens(args.frames, args.frame_size)]
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -126,6 +146,28 @@ def build_models(
     return dense, routed.eval()
 
 
+def build_pair(args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The dense model and its p-MoD copy of ``--backbone``."""
+    if args.backbone == video_backbone.NAME:
+        return video_backbone.build_models(shape_of(args), args.device, dtype, args.seed)
+    return build_models(shape_of(args), args.device, dtype, args.seed)
+
+
+def method_config(args: argparse.Namespace) -> PModConfig:
+    """The p-MoD settings of ``--backbone``: the paper's PRD, or its sampled ratios at reduced depth."""
+    return video_backbone.method_config(args.layers) if args.backbone == video_backbone.NAME else PModConfig()
+
+
+def model_inputs(args: argparse.Namespace, model: torch.nn.Module, batch: int, n_vision: int) -> dict[str, Metrics]:
+    """Keyword inputs of the dense and the p-MoD model for one prompt: ids (and the vision mask p-MoD needs) for
+    the Llama; the processor-like video batch for the Qwen2.5-VL, which finds its video tokens by id."""
+    if args.backbone == video_backbone.NAME:
+        inputs = video_backbone.video_inputs(model, batch, args.frames, args.frame_size, args.n_text, args.device)
+        return {"dense": inputs, "pmod": inputs}
+    ids, vision = prompt(batch, n_vision, args.n_text, args.vocab, args.device, args.seed)
+    return {"dense": {"input_ids": ids}, "pmod": {"input_ids": ids, "vision_mask": vision}}
+
+
 def prompt(
     batch: int, n_vision: int, n_text: int, vocab: int, device: str, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +180,17 @@ def prompt(
     return ids.to(device), vision.to(device)
 
 
-def analytic(model: LlamaForCausalLM, n_vision: int, n_text: int, batch: int, dtype: torch.dtype) -> Metrics:
+def analytic(
+    model: torch.nn.Module,
+    n_vision: int,
+    n_text: int,
+    batch: int,
+    dtype: torch.dtype,
+    method: PModConfig | None = None,
+) -> Metrics:
     """The analytic dense vs p-MoD cost of ``pmod.flops.estimate`` (LM head on every prompt token included)."""
-    d = estimate(model.config, PModConfig(), n_vision=n_vision, n_text=n_text, batch_size=batch, dtype=dtype)
+    method = PModConfig() if method is None else method
+    d = estimate(model.config, method, n_vision=n_vision, n_text=n_text, batch_size=batch, dtype=dtype)
     keys = (
         "dense_tflops", "pmod_tflops", "tflops_ratio", "tflops_ratio_without_lm_head", "dense_kv_bytes",
         "pmod_kv_bytes", "kv_cache_ratio", "decode_flops_ratio", "mean_retention", "schedule",
@@ -154,6 +204,7 @@ def analytic(model: LlamaForCausalLM, n_vision: int, n_text: int, batch: int, dt
         attn = sum((c.attn_scores + c.attn_values) * (1 - (c.processed + 1) / (2 * c.processed)) for c in layers)
         return sum(c.flops for c in layers) - attn + d.lm_head_flops
 
+    result["lm_head_tflops"] = d.lm_head_flops / 1e12
     result["causal_tflops_ratio"] = causal(d.pmod_layers) / causal(d.dense_layers)
     result["causal_dense_tflops"] = causal(d.dense_layers) / 1e12
     result["causal_pmod_tflops"] = causal(d.pmod_layers) / 1e12
@@ -293,13 +344,19 @@ def machine_info(device: str, dtype: torch.dtype, attn: str = "sdpa") -> Metrics
 def header(args: argparse.Namespace, script: str, argv: list[str]) -> Metrics:
     """The part of every result that says what ran where, and how to run it again."""
     dtype = getattr(torch, args.dtype)
+    video = None
+    if args.backbone == video_backbone.NAME:
+        video = {"frames": args.frames, "frame_size": args.frame_size, "vision_tokens": args.n_vision[0],
+                 "reduced_depth": video_backbone.reduced_depth(args.layers)}  # fmt: skip
     return {
         "benchmark": Path(script).stem,
         "command": " ".join(["python", f"benchmarks/{Path(script).name}", *argv]),
         "quick": args.quick,
         "machine": machine_info(args.device, dtype),
+        "backbone": args.backbone,
+        **({"video": video} if video else {}),
         "model": asdict(shape_of(args)),
-        "pmod_config": PModConfig().to_dict(),
+        "pmod_config": method_config(args).to_dict(),
         "warmup": args.warmup,
         "reps": args.reps,
     }

@@ -215,7 +215,7 @@ def decode_section(models: dict[str, torch.nn.Module], setting: dict[str, Any], 
                    dtype: torch.dtype) -> list[dict[str, Any]]:  # fmt: skip
     args = argparse.Namespace(
         n_text=setting["n_text"], vocab=setting["shape"].vocab, device=device, seed=0, batch_prefill=False,
-        new_tokens=setting["new_tokens"], warmup=1, reps=setting["decode_reps"],
+        new_tokens=setting["new_tokens"], warmup=1, reps=setting["decode_reps"], backbone="llama",
     )  # fmt: skip
     runs = []
     for batch in setting["decode_batches"]:

@@ -136,3 +136,33 @@ def test_gpu_correctness_checks_can_fail(bench: dict[str, ModuleType], monkeypat
     for dtype in (torch.float32, torch.bfloat16):
         assert not checks.check_layers("pmod", "cpu", dtype, "sdpa", "left")["passed"]
         assert not checks.check_cached_decoder("pmod", "cpu", dtype, steps=3)["passed"]
+
+
+def test_video_backbone_prefill_and_decode(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """``--backbone qwen2.5-vl-7b`` at a tiny width: a 4-frame 112-px video is 2 temporal groups of 4 x 4 merged
+    tokens; the 4 layers take the 28-layer PRD ratios of layers 0, 9, 18, 27 (by hand: dense, 0.75, 0.25,
+    0.15 clamped), and the p-MoD KV cache holds exactly the kept tokens of each layer."""
+    tiny = ["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
+            "--vocab", "256", "--frames", "4", "--frame-size", "112", "--n-text", "16", "--warmup", "0", "--reps", "1",
+            "--backbone", "qwen2.5-vl-7b"]  # fmt: skip
+    n_vision, n_text = 4 // 2 * (112 // 28) ** 2, 16
+    prefill = bench["bench_prefill"].main([*tiny, "--out", str(tmp_path / "prefill.json")])
+    assert prefill["backbone"] == "qwen2.5-vl-7b" and prefill["video"]["vision_tokens"] == n_vision
+    assert prefill["video"]["reduced_depth"].startswith("4 of 28 layers")
+    assert prefill["pmod_config"]["ratios"] == [None, 0.75, pytest.approx(0.25), 0.15]
+    (run,) = prefill["runs"]
+    assert run["logits"] == "last token" and run["n_vision"] == n_vision
+    assert run["analytic_tflops_ratio"] == run["analytic"]["tflops_ratio_without_lm_head"] < 1
+
+    decode = bench["bench_decode"].main([*tiny, "--batch", "1", "2", "--new-tokens", "3"])
+    kept = [n_text + math.floor(n_vision * r) if r else n_text + n_vision for r in (None, 0.75, 0.25, 0.15)]
+    per_token = 2 * 2 * (64 // 4) * 4  # K and V, 2 KV heads of 16, fp32
+    for run, batch in zip(decode["runs"], (1, 2), strict=True):
+        assert run["dense_kv_bytes"] == batch * 4 * (n_vision + n_text) * per_token
+        assert run["pmod_kv_bytes"] == batch * sum(kept) * per_token
+        assert run["kv_target_met"] is True
+
+
+def test_video_backbone_refuses_n_vision(bench: dict[str, ModuleType]) -> None:
+    with pytest.raises(SystemExit, match="--frames and --frame-size, not --n-vision"):
+        bench["bench_prefill"].main(["--quick", "--backbone", "qwen2.5-vl-7b", "--n-vision", "100"])

@@ -14,7 +14,7 @@ from transformers import LlavaProcessor
 from pmod.data import synth
 from pmod.data.batching import LlavaCollator, ModalityLengthGroupedSampler
 from pmod.data.dataset import IGNORE_INDEX, BadSampleError, LlavaDataset
-from pmod.data.tokenizer import VICUNA_CHAT_TEMPLATE, build_llava_processor, build_word_tokenizer
+from pmod.data.tokenizer import VICUNA_CHAT_TEMPLATE, build_llava_processor, build_word_tokenizer, image_processor_class
 
 X = IGNORE_INDEX
 SIZE, PATCH = 32, 8
@@ -248,8 +248,7 @@ def test_collator_padding(processor, folder: Path) -> None:
 def test_collator_llava_next(tok, folder: Path) -> None:
     import transformers
 
-    image_processor_class = getattr(transformers, "LlavaNextImageProcessorPil", transformers.LlavaNextImageProcessor)
-    image_processor = image_processor_class(
+    image_processor = image_processor_class("LlavaNextImageProcessor")(
         size={"shortest_edge": SIZE},
         crop_size={"height": SIZE, "width": SIZE},
         image_grid_pinpoints=[[SIZE, SIZE], [SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]],

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import pmod
 from pmod import PModConfig
-from pmod.analysis.flops import LMDims, estimate, flop_counter
+from pmod.analysis.flops import LMDims, counted_flops, estimate, flop_counter
 from pmod.cli import main
 
 TOY = LMDims(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
@@ -109,7 +109,7 @@ def test_dense_matches_flop_counter(attn: str) -> None:
     with torch.no_grad(), counter:
         model(ids, use_cache=False)
     expected = estimate(model.config, n_vision=0, n_text=40, batch_size=2).dense_flops
-    assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
+    assert counted_flops(counter) == pytest.approx(expected, rel=0.02)
 
 
 @pytest.mark.skipif(not hasattr(pmod, "convert"), reason="pmod.convert is not written yet")
@@ -125,7 +125,7 @@ def test_pmod_matches_flop_counter(attn: str) -> None:
     with torch.no_grad(), counter:
         model(ids, vision_mask=vision, use_cache=False)
     report = estimate(model.config, config, n_vision=32, n_text=16)
-    assert counter.get_total_flops() == pytest.approx(report.pmod_flops, rel=0.02)
+    assert counted_flops(counter) == pytest.approx(report.pmod_flops, rel=0.02)
     assert report.pmod_flops < 0.75 * report.dense_flops  # routing really saves work here
 
 
@@ -235,3 +235,48 @@ def test_cli_method_flag_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "--mod-ratio is a setting of method mod, but the method is pmod; pass --method mod" in err
     code, _, err = _run_cli(["flops", "--preset", "llava-1.5-7b", "--method", "fastv", "--fastv-keep", "x"], capsys)
     assert code == 2 and "--fastv-keep" in err and err.count("\n") == 1
+
+
+def _qwen_vl_smart_resize(height: int, width: int) -> tuple[int, int]:
+    # transformers' own resize rule (Qwen2-VL image processor); the PIL module exists from 5.1 on
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    return smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280 * 16)
+
+
+def _onevision_image_tokens(height: int, width: int) -> int:
+    # The LLaVA-OneVision processor's count, on an instance that carries only what the count reads.
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionConfig
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    processor.image_processor = SimpleNamespace(image_grid_pinpoints=LlavaOnevisionConfig().image_grid_pinpoints)
+    processor.num_image_tokens, processor.vision_aspect_ratio = (384 // 14) ** 2, "anyres_max_9"
+    return processor._get_number_of_features(height, width, 384, 384)
+
+
+@pytest.mark.parametrize(
+    ("preset", "layers", "hidden", "vision_tokens"),
+    [
+        ("qwen2.5-vl-7b", 28, 3584, lambda: math.prod(_qwen_vl_smart_resize(720, 1280)) // 28**2),
+        # 64 frames at 448x448, two frames per temporal patch, 2x2 merged 14-px patches
+        ("qwen2.5-vl-7b-video", 28, 3584, lambda: 64 // 2 * math.prod(_qwen_vl_smart_resize(448, 448)) // 28**2),
+        ("qwen3-vl-8b", 36, 4096, lambda: math.prod(_qwen_vl_smart_resize(720, 1280)) // 28**2),
+        ("llava-onevision-7b", 28, 3584, lambda: _onevision_image_tokens(720, 1280)),
+    ],
+)
+def test_new_backbone_presets(preset, layers, hidden, vision_tokens, capsys: pytest.CaptureFixture[str]) -> None:
+    """The presets' vision-token counts are what the families' own processors give for the stated inputs."""
+    code, out, _ = _run_cli(["flops", "--preset", preset, "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["n_vision"] == vision_tokens()
+    assert (data["dims"]["layers"], data["dims"]["hidden"]) == (layers, hidden)
+    # dense prefill cost per token is at least the projections: a 7B-8B decoder is 12-16 GFLOPs per token
+    per_token = data["dense_tflops"] * 1e12 / (data["n_vision"] + data["n_text"])
+    assert 12e9 < per_token < 20e9
+    assert data["tflops_ratio"] < 0.7 and data["kv_cache_ratio"] < 0.7

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
@@ -34,7 +33,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 import pmod
 from pmod.cli import main
 from pmod.core.errors import UserError
-from pmod.data.tokenizer import VICUNA_SYSTEM
+from pmod.data.tokenizer import VICUNA_SYSTEM, image_processor_class
 from pmod.io.importers.original_config import count_exact, original_ratios, weight_norm
 from pmod.io.importers.original_llava import import_llava
 from pmod.io.importers.original_processor import load_tokenizer
@@ -90,7 +89,8 @@ def tower_folder(root: Path, preprocessor: bool = False) -> Path:
     if not folder.exists():
         tower_config().save_pretrained(folder)
         if preprocessor:
-            CLIPImageProcessorPil(size={"shortest_edge": S}, crop_size=S, resample=2).save_pretrained(folder)
+            clip_processor = image_processor_class("CLIPImageProcessor")
+            clip_processor(size={"shortest_edge": S}, crop_size=S, resample=2).save_pretrained(folder)
     return folder
 
 

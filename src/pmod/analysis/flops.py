@@ -348,3 +348,14 @@ def flop_counter(display: bool = False) -> Any:
     if cpu_sdpa is not None:
         mapping[cpu_sdpa] = cpu_sdpa_flop
     return FlopCounterMode(display=display, custom_mapping=mapping)
+
+
+def counted_flops(counter: Any) -> int:
+    """What a finished ``FlopCounterMode`` counted, less the rotary-embedding tables (``rotary_emb`` modules).
+
+    Some transformers releases build the cos/sin tables with a matmul (``inv_freq @ positions``), others with an
+    elementwise product; the analytic model counts rotary work as elementwise (0), so this leaves it out either way.
+    """
+    per_module = counter.get_flop_counts()
+    rotary = sum(sum(ops.values()) for name, ops in per_module.items() if name.split(".")[-1] == "rotary_emb")
+    return counter.get_total_flops() - rotary

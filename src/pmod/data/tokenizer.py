@@ -86,13 +86,15 @@ def build_word_tokenizer(words: Iterable[str], *, include_template_words: bool =
     )
 
 
-def _clip_image_processor_class() -> type:
-    # Without torchvision, transformers falls back to the PIL backend anyway but warns each time; ask for it directly.
+def image_processor_class(name: str) -> type:
+    """The transformers image processor class ``name`` (e.g. ``"CLIPImageProcessor"``), its PIL backend when
+    torchvision is missing: transformers would fall back to it anyway, with a warning on every call. Before the PIL
+    backends got their own ``...Pil`` names (transformers < 5.1) the plain class is the PIL one."""
     import transformers
 
-    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
-        return transformers.CLIPImageProcessorPil
-    return transformers.CLIPImageProcessor
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, name + "Pil"):
+        return getattr(transformers, name + "Pil")
+    return getattr(transformers, name)
 
 
 def build_llava_processor(
@@ -113,7 +115,7 @@ def build_llava_processor(
     """
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    image_processor = _clip_image_processor_class()(
+    image_processor = image_processor_class("CLIPImageProcessor")(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pmod.core.compaction import gather_tokens, top_k_mask
+from pmod.core.compaction import gather_positions, gather_tokens, top_k_mask
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
 from pmod.methods.arank import rotary
 
@@ -27,11 +27,12 @@ def last_token_attention(
     last = positions.masked_fill(~real, -1).max(dim=1).values  # [B]
     normed = layer.input_layernorm(hidden)
     at_last = last.view(bsz, 1)
-    cos, sin = (t.expand(bsz, *t.shape[1:]) for t in position_embeddings)
+    # [1 or B, T, d], or M-RoPE's [3, 1 or B, T, d] (Qwen2-VL up to transformers ~5.15)
+    cos, sin = (t.expand(*t.shape[:-3], bsz, *t.shape[-2:]) for t in position_embeddings)
     q = attn.q_proj(gather_tokens(normed, at_last)).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
     k = attn.k_proj(normed).view(bsz, seq, -1, attn.head_dim).transpose(1, 2)  # [B, KV, T, d]
     apply = rotary(attn)
-    q = apply(q, q, gather_tokens(cos, at_last), gather_tokens(sin, at_last))[0]
+    q = apply(q, q, gather_positions(cos, at_last, 1), gather_positions(sin, at_last, 1))[0]
     k = apply(k, k, cos, sin)[1].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, T]
     visible = real & (positions <= last[:, None])

@@ -3,6 +3,7 @@ videos per row, built from configs in code (no downloads, no processor)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -160,8 +161,10 @@ def onevision_batch(
             image_counts = [f.shape[0] for f in feats]
         if videos:
             batch["pixel_values_videos"] = torch.stack(videos)
-            feats = model.model.get_video_features(batch["pixel_values_videos"]).pooler_output
-            video_counts = [f.shape[0] for f in feats]
+            # Each frame's patch grid is pooled to half its side (rounded up), then one newline ends the video.
+            # Counted here: where the newline is appended moved between transformers releases.
+            grid = math.ceil(side // config.vision_config.patch_size / 2)
+            video_counts = [v.shape[0] * grid * grid + 1 for v in videos]
     image_it, video_it = iter(image_counts), iter(video_counts)
     seqs = []
     for (before, items, after), g in zip(rows, generators):

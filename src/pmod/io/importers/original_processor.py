@@ -22,7 +22,7 @@ from transformers import AddedToken, CLIPVisionConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from pmod.core.errors import UserError
-from pmod.data.tokenizer import VICUNA_CHAT_TEMPLATE
+from pmod.data.tokenizer import VICUNA_CHAT_TEMPLATE, image_processor_class
 from pmod.io.importers.original_config import OriginalLlava
 from pmod.io.importers.tensor_files import WEIGHT_FILES, WEIGHT_INDEXES
 
@@ -135,21 +135,14 @@ def _preprocessing(name: str, folder: Path | None, image_size: int) -> dict[str,
     return {**CLIP_PREPROCESSING, "size": size, "crop_size": {"height": image_size, "width": image_size}}
 
 
-def _image_processor_class(name: str) -> type:
-    # Without torchvision transformers falls back to the PIL backend anyway, with a warning each time; ask for it.
-    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, name + "Pil"):
-        return getattr(transformers, name + "Pil")
-    return getattr(transformers, name)
-
-
 def image_processor(settings: OriginalLlava, tower: Tower) -> Any:
     """LLaVA-NeXT: anyres tiles over ``image_grid_pinpoints``; LLaVA-1.5: the CLIP preprocessing, after padding to a
     square with the mean colour for ``image_aspect_ratio: pad`` (the original's ``expand2square``)."""
     if settings.anyres:
-        return _image_processor_class("LlavaNextImageProcessor")(
+        return image_processor_class("LlavaNextImageProcessor")(
             **tower.preprocessing, image_grid_pinpoints=settings.grid_pinpoints, do_pad=True
         )
-    return _image_processor_class("LlavaImageProcessor")(**tower.preprocessing, do_pad=settings.pad_to_square)
+    return image_processor_class("LlavaImageProcessor")(**tower.preprocessing, do_pad=settings.pad_to_square)
 
 
 def load_tokenizer(src: Path) -> Any:
