@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder of a routed or LLaVA model saved with save_pretrained")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     parser.add_argument("--prompt", help="the question")
-    parser.add_argument("--video", action="append", default=[], help="video file (needs PyAV) or folder of frame images (Qwen-VL, OneVision)")
+    parser.add_argument("--video", action="append", default=[],
+                        help="video file (needs PyAV) or folder of frame images (Qwen-VL, OneVision)")  # fmt: skip
     parser.add_argument("--frames", type=int, default=32, help="frames sampled evenly from each --video")
     parser.add_argument("--text-only", action="store_true", help="ask --prompt without an image")
     parser.add_argument("--batch-file", help='JSONL of {"image": PATH, "prompt": TEXT} records to answer in batches')

@@ -1,0 +1,109 @@
+"""Open a model for evaluation: a pmod folder or a plain Hugging Face LLaVA folder, optionally converted on the fly
+with a method (``method=fastv``), in the dtype, attention backend and device asked for.
+
+Model arguments come as text (lmms-eval's ``--model_args k=v,...``); method settings are named like the keys of a
+YAML recipe, ``<method>_<field>`` (``fastv_keep=0.25``), lists written ``[a,b]`` or ``"a,b"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pmod.core.config import MethodConfig, method_class, method_names, parse_field, settable_fields
+from pmod.core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}  # fmt: skip
+
+
+def method_from_args(method: str | None, settings: dict[str, Any]) -> MethodConfig | None:
+    """The method config named by ``method`` with ``settings`` (``<method>_<field>`` keys); None for no method
+    (the folder's own, or dense). Unknown keys and unreadable values raise :class:`UserError`."""
+    if method in (None, "", "none"):
+        if settings:
+            raise UserError(f"unknown model args {', '.join(sorted(settings))}; the model takes pretrained, dtype, "
+                            f"attn_implementation, device, batch_size, max_new_tokens, chat_template, cost_dir and "
+                            f"method=<{'|'.join(method_names())}> with its settings (<method>_<field>).")  # fmt: skip
+        return None
+    if method not in method_names():
+        raise UserError(f"unknown method={method}; choose one of {', '.join(method_names())}.")
+    cls = method_class(method)
+    fields = {f"{method}_{f.name}": f.name for f in settable_fields(cls)}
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise UserError(f"unknown model args {', '.join(unknown)}; method {method} takes {', '.join(fields)}.")
+    values = {}
+    for key, value in settings.items():
+        if isinstance(value, str):  # lmms-eval keeps the quotes and brackets that protect commas
+            value = value.strip().strip("'\"").strip("[]")
+        try:
+            values[fields[key]] = parse_field(cls, fields[key], value)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"model arg {key}: {err}") from err
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{method} settings: {err}") from err
+
+
+def torch_dtype(name: str | None, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU, float32 on a CPU (as ``pmod generate``); else the named dtype."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if str(name) not in DTYPES:
+        raise UserError(f"dtype={name} is not known; use auto, float32, bfloat16 or float16.")
+    return getattr(torch, DTYPES[str(name)])
+
+
+def load_for_eval(
+    pretrained: str | Path,
+    method_config: MethodConfig | None = None,
+    dtype: str | None = "auto",
+    attn_implementation: str | None = None,
+    device: str = "cpu",
+    chat_template: str | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """The model (in eval mode, on ``device``) and its processor. A folder that does not hold a model pmod can run,
+    or whose weights do not load, raises :class:`UserError` naming the folder and the fix."""
+    import transformers
+
+    from pmod.core.config import stored_method_config
+    from pmod.core.convert import convert, load
+    from pmod.io.loading import check_model_folder
+
+    folder = Path(pretrained)
+    config = check_model_folder(folder, "pmod eval")
+    stored = stored_method_config(config)
+    if stored is not None and method_config is not None:
+        raise UserError(f"{folder} is already a {stored.method} model; drop method= (or pass the dense base model "
+                        f"to convert it to {method_config.method}).")  # fmt: skip
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype, device)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device.startswith("cuda"):
+        kwargs["device_map"] = device  # straight onto the GPU, not through CPU memory
+    try:
+        if stored is not None:
+            model = load(folder, **kwargs)
+        else:
+            model = getattr(transformers, config["architectures"][0]).from_pretrained(folder, **kwargs)
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+    except Exception as err:  # safetensors, torch and transformers each raise their own kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{folder} does not load ({first}); pass a folder written by save_pretrained / pmod "
+                        f"import-llava, with its weights and processor.") from err  # fmt: skip
+    if method_config is not None:
+        try:
+            convert(model, method_config)
+        except ValueError as err:
+            raise UserError(f"cannot convert {folder} to {method_config.method}: {err}") from err
+    if chat_template:
+        path = Path(chat_template)
+        processor.chat_template = path.read_text(encoding="utf-8") if path.is_file() else chat_template
+    return model.to(device).eval(), processor

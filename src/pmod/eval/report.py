@@ -1,0 +1,180 @@
+"""``report.json`` / ``report.md`` of ``pmod eval``: per task and model the task's own metric next to the cost of
+the same requests (prefill TFLOPs, KV bytes after prefill, prefill latency, decode speed), the ratios against the
+first model (the dense reference), and the metric's difference from it with a paired bootstrap confidence
+interval over the documents both were scored on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+#: Bootstrap resamples and the confidence level of the intervals.
+BOOTSTRAP_SAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+def mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def paired_bootstrap(
+    scores: Sequence[Any], reference: Sequence[Any], aggregate: Callable[[list[Any]], float] = mean,
+    samples: int = BOOTSTRAP_SAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
+) -> tuple[float, float, float]:  # fmt: skip
+    """(observed difference, low, high): ``aggregate(scores) - aggregate(reference)`` and its percentile interval
+    when the documents (pairs) are resampled with replacement."""
+    import numpy as np
+
+    if len(scores) != len(reference) or not scores:
+        raise ValueError(f"need the same non-zero number of paired scores, got {len(scores)} and {len(reference)}")
+    observed = aggregate(list(scores)) - aggregate(list(reference))
+    rng = np.random.default_rng(seed)
+    n = len(scores)
+    numeric = all(isinstance(v, int | float) for v in [*scores, *reference]) and aggregate is mean
+    if numeric:  # vectorised: the same resamples, without a Python loop over them
+        diff = np.asarray(scores, dtype=float) - np.asarray(reference, dtype=float)
+        deltas = diff[rng.integers(0, n, size=(samples, n))].mean(axis=1)
+    else:
+        deltas = []
+        for _ in range(samples):
+            idx = rng.integers(0, n, size=n)
+            deltas.append(aggregate([scores[i] for i in idx]) - aggregate([reference[i] for i in idx]))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(deltas, [tail, 100 - tail])
+    return float(observed), float(low), float(high)
+
+
+def primary_metric(result: dict[str, Any], task: str) -> tuple[str, str, float] | None:
+    """(task entry, metric, value) of the task's own first metric in lmms-eval's results (a group's first
+    subtask when the task is a group without a score of its own)."""
+    entries = result["results"]
+    for name in [task, *entries]:
+        for key, value in entries.get(name, {}).items():
+            metric, _, _filter = key.partition(",")
+            if _filter and "_stderr" not in metric and isinstance(value, int | float):
+                return name, metric, float(value)
+    return None
+
+
+def aggregation(manager: Any, task: str, metric: str) -> Callable[[list[Any]], float]:
+    """The task's own aggregation of ``metric`` (from its YAML), for per-sample scores that are not plain numbers
+    (MME and POPE keep a record per document); ``mean`` when none is found."""
+    try:
+        from lmms_eval.api.registry import get_aggregation
+        from lmms_eval.utils import load_yaml_config
+
+        config = load_yaml_config(manager.task_index[task]["yaml_path"], mode="full")
+        for entry in config.get("metric_list", []):
+            if entry.get("metric") == metric:
+                agg = entry.get("aggregation", "mean")
+                return agg if callable(agg) else get_aggregation(agg)
+    except Exception:  # a group, a Python task: fall back to the mean
+        pass
+    return mean
+
+
+def read_scores(task_dir: Path, task: str, metric: str) -> dict[Any, Any]:
+    """doc id -> per-sample score of ``metric`` from ``samples.jsonl``."""
+    scores = {}
+    path = task_dir / "samples.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        sample = json.loads(line)
+        if sample.get("task") == task and metric in sample:
+            scores[sample["doc_id"]] = sample[metric]
+    return scores
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value is not None and reference else None
+
+
+def write_report(out: Path, specs: Sequence[Any], tasks: Sequence[str], manager: Any = None) -> dict[str, Any]:
+    """Build the report from the finished task folders under ``out`` and write report.json and report.md."""
+    report: dict[str, Any] = {"reference": specs[0].label, "models": {s.label: s.folder for s in specs}, "tasks": {}}
+    for task in tasks:
+        rows, ref = [], None
+        for spec in specs:
+            path = out / spec.label / task / "result.json"
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            found = primary_metric(result, task)
+            if found is None:
+                continue
+            entry, metric, value = found
+            cost = result["cost"].get(entry) or next(iter(result["cost"].values()), {})
+            row = {"model": spec.label, "entry": entry, "metric": metric, "score": value,
+                   "higher_is_better": result["higher_is_better"].get(entry, {}).get(metric),
+                   "documents": len(read_scores(out / spec.label / task, entry, metric)), **cost}  # fmt: skip
+            if ref is None:
+                ref = row
+            else:
+                row.update(compare(row, ref, out, spec.label, task, manager))
+            rows.append(row)
+        report["tasks"][task] = rows
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def compare(row: dict[str, Any], ref: dict[str, Any], out: Path, label: str, task: str, manager: Any) -> dict:
+    """Ratios of ``row``'s cost to the reference's, and the metric's difference with its bootstrap interval."""
+    cmp = {
+        "tflops_ratio": _ratio(row.get("prefill_tflops"), ref.get("prefill_tflops")),
+        "kv_ratio": _ratio(row.get("kv_bytes"), ref.get("kv_bytes")),
+        "latency_ratio": _ratio(row.get("prefill_ms_per_request"), ref.get("prefill_ms_per_request")),
+        "delta": row["score"] - ref["score"],
+    }
+    if row["entry"] != ref["entry"] or row["metric"] != ref["metric"]:
+        return cmp
+    mine = read_scores(out / label / task, row["entry"], row["metric"])
+    theirs = read_scores(out / ref["model"] / task, ref["entry"], ref["metric"])
+    shared = sorted(set(mine) & set(theirs), key=str)
+    if shared:
+        agg = aggregation(manager, row["entry"], row["metric"]) if manager is not None else mean
+        delta, low, high = paired_bootstrap([mine[d] for d in shared], [theirs[d] for d in shared], agg)
+        cmp.update(delta=delta, ci_low=low, ci_high=high, paired_documents=len(shared))
+    return cmp
+
+
+def _fmt(value: Any, spec: str = ".4g", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    level = int(CONFIDENCE * 100)
+    lines = [
+        "# pmod eval", "",
+        f"Reference (ratios and differences against it): **{report['reference']}**. Cost of the same requests: "
+        "prefill TFLOPs summed over them (analytic, `pmod flops` with the LM head on every prefill token), KV "
+        "cache after prefill summed over them (measured), median prefill latency per request (a batch's time "
+        "shared by its rows) and decode speed; each metric's difference from the reference comes with a paired "
+        f"bootstrap {level}% interval over the documents both models were scored on.", "",
+    ]  # fmt: skip
+    for task, rows in report["tasks"].items():
+        if not rows:
+            continue
+        metric = rows[0]["metric"]
+        lines += [f"## {task} ({metric})", "",
+                  f"| model | {metric} | diff [{level}% CI] | docs | TFLOPs | ratio | KV MiB | ratio | prefill ms/req "
+                  "| ratio | decode tok/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            diff = "reference"
+            if "delta" in r:
+                diff = f"{r['delta']:+.4f}"
+                if "ci_low" in r:
+                    diff += f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+            kv = r.get("kv_bytes")
+            lines.append(
+                f"| {r['model']} | {r['score']:.4f} | {diff} | {r['documents']} | {_fmt(r.get('prefill_tflops'))} "
+                f"| {_fmt(r.get('tflops_ratio'), '.1%')} | {_fmt(kv / 2**20 if kv else None)} "
+                f"| {_fmt(r.get('kv_ratio'), '.1%')} | {_fmt(r.get('prefill_ms_per_request'), '.2f')} "
+                f"| {_fmt(r.get('latency_ratio'), '.1%')} | {_fmt(r.get('decode_tokens_per_s'), '.1f')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
