@@ -94,6 +94,13 @@ MISTAKES = [
      ["nowhere"]),
     ("import a Hugging Face folder", lambda w, o: ["import-llava", str(w["routed"]), "--out", str(o)],
      ["llava_llama"]),
+    ("ablate an unknown variant", lambda w, o: ["ablate", "--variants", "pmod,foo", "--out", str(o)],
+     ["foo", "choose from", "dense"]),
+    ("ablate resume where no run is", lambda w, o: ["ablate", "--resume", str(w["root"] / "nowhere")],
+     ["no pmod ablate run there", "pmod ablate --out"]),
+    ("ablate zero seeds", lambda w, o: ["ablate", "--seeds", "0", "--out", str(o)], ["--seeds", "at least 1"]),
+    ("eval a folder without a model", lambda w, o: ["eval", "--model", str(w["root"] / "nowhere"), "--tasks",
+                                                    "pmod_shapes", "--out", str(o)], ["no config.json"]),
 ]  # fmt: skip
 
 
@@ -134,7 +141,8 @@ def test_readme_quickstart_folder_works_with_generate(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "argv",
     [["--help"], ["train", "--help"], ["generate", "--help"], ["flops", "--help"], ["viz", "--help"],
-     ["demo", "--help"], ["arank", "--help"], ["data", "--help"], ["import-llava", "--help"],
+     ["demo", "--help"], ["arank", "--help"], ["data", "--help"], ["import-llava", "--help"], ["ablate", "--help"],
+     ["eval", "--help"], ["ablate", "--variants", "foo"],
      ["train", "--model", "m", "--data_path", "x", "--bogus"], ["generate", "--model"]],
 )  # fmt: skip
 def test_help_and_flag_errors_load_no_torch(argv: list[str]) -> None:

@@ -159,3 +159,32 @@ def test_pmod_flops_on_the_demo_models_matches_the_report(demo, capsys):
         key = "pmod" if name == "pmod" else "dense"
         assert data[f"{key}_tflops"] == result["prefill_tflops"]
         assert data[f"{key}_kv_bytes"] == result["kv_bytes"]
+
+
+def test_seeds_section_reports_the_gap_with_its_spread():
+    """`pmod demo --seeds N`: per-seed accuracies, and the p-MoD - dense gap paired by seed, against numpy."""
+    import numpy as np
+
+    from pmod.recipes.demo_report import seeds_section
+
+    def result(acc, position):
+        return {"accuracy": acc, "per_question_kind": {"color": 1.0, "position": position}}
+
+    dense = {0: result(1.0, 1.0), 1: result(0.99, 0.98), 2: result(1.0, 1.0)}
+    pm = {0: result(0.965, 0.926), 1: result(0.995, 0.989), 2: result(0.95, 0.9)}
+    lines, summary = seeds_section({"dense": dense, "pmod": pm}, DemoSettings(seeds=3))
+    diffs = 100 * (np.array([pm[s]["accuracy"] for s in range(3)]) - np.array([dense[s]["accuracy"] for s in range(3)]))
+    gap = summary["gap_points"]["pmod"]
+    assert gap["points"] == pytest.approx(diffs.tolist(), abs=0.01)
+    assert gap["mean"] == pytest.approx(diffs.mean(), abs=0.01) and gap["sd"] == pytest.approx(
+        diffs.std(ddof=1), abs=0.01
+    )
+    assert gap["larger_than_spread"] == (abs(diffs.mean()) > diffs.std(ddof=1))
+    assert "| pmod | 1 | 0.995 | 1.000 | 0.989 |" in lines
+    within = diffs.mean() >= -2.0  # p-MoD at most 2 points below dense
+    assert f"the mean is {'within' if within else 'outside'} the 2-point goal" in summary["summary"]
+
+
+def test_seeds_must_be_positive(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--seeds", "0"]) == 2
+    assert "--seeds is 0" in capsys.readouterr().err

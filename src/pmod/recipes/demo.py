@@ -47,6 +47,8 @@ class DemoSettings:
     learning_rate: float = 1e-3
     eval_samples: int = 200
     seed: int = 0
+    # Seeds per variant: seed, seed + 1, ... (the first is the demo's run; more give the spread of the results).
+    seeds: int = 1
     variants: tuple[str, ...] = ("dense", "pmod")
     # Settings given as ``--<method>-<field>`` flags, per method, on top of the variants' configs.
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -81,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="synthetic samples (train + test)")
     parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: dense,pmod)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="train every variant with N seeds (SEED, SEED+1, ...) and "
+                        "report the p-MoD vs dense gap with its spread over them (default: 1)")  # fmt: skip
     methods = sorted({c.method for c in VARIANTS.values() if c is not None}, key=method_names().index)
     method_flags.add_method_arguments(parser, methods)
 
@@ -90,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     settings.seed = args.seed
+    if args.seeds < 1:
+        raise UserError(f"--seeds is {args.seeds}; give at least 1")
+    settings.seeds = args.seeds
     if args.steps is not None:
         settings.steps = args.steps
     if args.samples is not None:
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         settings.variant_config(name)  # a bad setting fails here, before any work
     report = run_demo(Path(args.out), settings)
     print(report["table"])
+    if report.get("seeds_summary"):
+        print(f"\n{report['seeds_summary']}")
     print(f"\nreport: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -118,38 +127,24 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo into ``out`` and return the report (also written as report.json / report.md)."""
     import torch
 
-    from pmod.data import synth
-    from pmod.data.tokenizer import SHORT_CHAT_TEMPLATE
-    from pmod.io.small_llava import build_small_llava
-    from pmod.recipes.demo_runs import evaluate, measure_prefill, pretrain_vision, train_variants
+    from pmod.core.errors import UserError
+    from pmod.recipes.demo_runs import (
+        build_base_model,
+        evaluate,
+        make_data,
+        measure_prefill,
+        pretrain_vision,
+        train_variants,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() and (os.cpu_count() or 1) <= 2:
         torch.set_num_threads(1)  # on 2 vCPUs a second thread was measured slower (BENCHMARKS.md)
     started = time.time()
     data = out / "data"
-    if not (data / "train.json").is_file():
-        synth.generate(
-            data,
-            settings.samples,
-            seed=settings.seed,
-            image_size=settings.image_size,
-            turns=settings.turns,
-            max_shapes=settings.max_shapes,
-            question_kinds=settings.question_kinds,
-        )
+    make_data(data, settings)
     base = out / "base-model"
-    model, processor = build_small_llava(
-        num_layers=settings.layers,
-        image_size=settings.image_size,
-        patch_size=settings.patch_size,
-        seed=settings.seed,
-        hidden=settings.hidden,
-        vision_hidden=settings.vision_hidden,
-        vision_layers=settings.vision_layers,
-        vision_feature_layer=settings.vision_feature_layer,
-        chat_template=SHORT_CHAT_TEMPLATE,  # no system prompt: most of each sequence is vision tokens
-    )
+    model, processor = build_base_model(settings, settings.seed)
     model.save_pretrained(base)
     processor.save_pretrained(base)
     vision = pretrain_vision(base, data, settings)
@@ -160,9 +155,19 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
     for name in results:
         results[name]["prefill_ms"] = latency[name]
         results[name]["train_seconds"] = runs[name]["seconds"]
+    seeds = None
+    if settings.seeds > 1:
+        from pmod.recipes.demo_runs import train_more_seeds
+
+        more, failures = train_more_seeds(out, settings, test)
+        if failures:
+            raise UserError(f"training another seed failed ({'; '.join(f'{k}: {v}' for k, v in failures.items())}); "
+                            f"see its log.txt under {out / 'runs'}")  # fmt: skip
+        seeds = {name: {settings.seed: results[name], **{r["seed"]: r for r in more.values() if r["variant"] == name}}
+                 for name in settings.variants}  # fmt: skip
     from pmod.recipes.demo_report import write_report
 
-    report = write_report(out, settings, runs, results, data, test, vision)
+    report = write_report(out, settings, runs, results, data, test, vision, seeds)
     report["total_seconds"] = round(time.time() - started, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -101,10 +101,48 @@ answer priors):
 """
 
 
+def seeds_section(seeds: dict[str, dict[int, dict[str, Any]]], settings: DemoSettings) -> tuple[list[str], dict]:
+    """``pmod demo --seeds N``: accuracy per seed and variant, and each variant's paired gap to dense (mean and
+    spread over seeds) against the 2-point goal. Returns the markdown lines and the JSON summary."""
+    from pmod.recipes.ablate_report import describe_difference, goal_clause, paired_difference
+
+    order = sorted({s for runs in seeds.values() for s in runs})
+    kinds = sorted({k for runs in seeds.values() for r in runs.values() for k in r["per_question_kind"]})
+    lines = ["## Seeds", "", f"Every variant trained with seeds {order} (same data, tower and steps; a seed sets the "
+             "projector's, decoder's and routers' initialisation and the data order). The table above is seed "
+             f"{order[0]}'s run: one draw from the spread below.", "",
+             "| variant | seed | accuracy | " + " | ".join(kinds) + " |", "|" + "---|" * (3 + len(kinds))]  # fmt: skip
+    for name, runs in seeds.items():
+        for seed in order:
+            if seed in runs:
+                r = runs[seed]
+                kind_cells = " | ".join(f"{r['per_question_kind'].get(k, float('nan')):.3f}" for k in kinds)
+                lines.append(f"| {name} | {seed} | {r['accuracy']:.3f} | {kind_cells} |")
+    accuracy = {name: {s: r["accuracy"] for s, r in runs.items()} for name, runs in seeds.items()}
+    gaps = {name: paired_difference(accuracy[name], accuracy["dense"]) for name in seeds if name != "dense"}
+    lines.append("")
+    summary = []
+    for name, gap in gaps.items():
+        text = f"{name}: {describe_difference(gap, 'dense')}"
+        if gap is not None and gap["sd"] is not None:
+            text += f"; {goal_clause(gap['mean'])}"
+        summary.append(text + ".")
+    lines += [f"- {t}" for t in summary] + [""]
+    return lines, {"accuracy": accuracy, "gap_points": gaps, "summary": " ".join(summary)}
+
+
 def write_report(
-    out: Path, settings: DemoSettings, runs, results, data: Path, test, vision: dict[str, Any] | None = None
+    out: Path,
+    settings: DemoSettings,
+    runs,
+    results,
+    data: Path,
+    test,
+    vision: dict[str, Any] | None = None,
+    seeds: dict[str, dict[int, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Plots, report.md and the report dict (table, per-variant results, routing analysis)."""
+    """Plots, report.md and the report dict (table, per-variant results, routing analysis; with ``seeds``, the
+    results of every variant per seed, the gap to dense over seeds)."""
 
     workers = parallel_workers(settings)
     plots = {"loss": plotting.plot_loss_curves({n: tuple(zip(*r["loss"])) for n, r in runs.items()}, out / "loss.png")}
@@ -158,6 +196,7 @@ def write_report(
         "has learned to use the image beyond answer priors, so the accuracy comparison says little about p-MoD. "
         "Train longer (`--steps`) for a meaningful comparison."
     )
+    seeds_md, seeds_json = seeds_section(seeds, settings) if seeds else ([], None)
     vision_md = ""
     if vision is not None:
         acc = vision["accuracy"]
@@ -189,6 +228,7 @@ def write_report(
         "",
         prior_md,
         "",
+        *(seeds_md if seeds else []),
         "TFLOPs and KV bytes are analytic (`pmod flops`, fp32, one prompt); prefill ms is measured on this machine "
         "(median of 5 forwards over 16 test prompts, variants alternating). "
         + (
@@ -223,4 +263,5 @@ def write_report(
         "loss": {n: r["loss"] for n, r in runs.items()},
         "plots": {k: Path(p).name for k, p in plots.items()},
         "table": table,
+        **({"seeds": seeds_json, "seeds_summary": seeds_json["summary"]} if seeds_json else {}),
     }

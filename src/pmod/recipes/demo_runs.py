@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from pmod.core.config import MethodConfig
 from pmod.core.convert import is_routed_model, layer_ratios
 from pmod.recipes.demo import DemoSettings
 
@@ -33,6 +34,71 @@ def pretrain_vision(base: Path, data: Path, settings: DemoSettings) -> dict[str,
     )  # fmt: skip
     model.save_pretrained(base)
     return result
+
+
+def make_data(data: Path, settings: DemoSettings) -> None:
+    """The synthetic shapes set of ``settings`` in ``data``; kept when complete (``test.json`` is written last, so
+    a set cut short by a kill is made again)."""
+    from pmod.data import synth
+
+    if (data / "test.json").is_file():
+        return
+    synth.generate(
+        data,
+        settings.samples,
+        seed=settings.seed,
+        image_size=settings.image_size,
+        turns=settings.turns,
+        max_shapes=settings.max_shapes,
+        question_kinds=settings.question_kinds,
+        overwrite=True,
+    )
+
+
+def build_base_model(settings: DemoSettings, seed: int) -> tuple[torch.nn.Module, Any]:
+    """The demo's small LLaVA model, randomly initialised with ``seed``, and its processor."""
+    from pmod.data.tokenizer import SHORT_CHAT_TEMPLATE
+    from pmod.io.small_llava import build_small_llava
+
+    return build_small_llava(
+        num_layers=settings.layers,
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
+        seed=seed,
+        hidden=settings.hidden,
+        vision_hidden=settings.vision_hidden,
+        vision_layers=settings.vision_layers,
+        vision_feature_layer=settings.vision_feature_layer,
+        chat_template=SHORT_CHAT_TEMPLATE,  # no system prompt: most of each sequence is vision tokens
+    )
+
+
+def seed_base_model(tower_base: Path, folder: Path, settings: DemoSettings, seed: int) -> Path:
+    """The starting point of another seed in ``folder``: projector and decoder initialised with ``seed``, the
+    pre-trained tower of ``tower_base`` (frozen in training, so every seed sees the same image features). For the
+    seed ``tower_base`` was built with, the result equals ``tower_base``. Kept if already there; written to a
+    staging folder first, so a killed run leaves no half-written model."""
+    if (folder / "config.json").is_file():
+        return folder
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    from pmod.core.backbone import backbone_for
+
+    model, processor = build_base_model(settings, seed)
+    tower = LlavaForConditionalGeneration.from_pretrained(tower_base).state_dict()
+    adapter = backbone_for(model)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if adapter.is_vision_parameter(name):
+                tensor.copy_(tower[name])
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
 
 
 def parallel_workers(settings: DemoSettings) -> int:
@@ -78,6 +144,26 @@ def _train_in_worker(
         return train_variant(name, base, data, folder, settings, progress_position=position)
 
 
+def train_more_seeds(
+    out: Path, settings: DemoSettings, test: list[dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``pmod demo --seeds N``: every variant trained and evaluated again with seeds ``settings.seed + 1`` on, from
+    base models that share the first seed's pre-trained tower (``pmod.recipes.ablate_runs``: side by side, each
+    unit written as it ends). Returns the results and the failures by unit key (``"pmod/seed1"``)."""
+    import shutil
+
+    from pmod.recipes.ablate_runs import Layout, Unit, run_units, unit_workers
+
+    layout = Layout(out)
+    seeds = range(settings.seed + 1, settings.seed + settings.seeds)
+    for seed in seeds:  # made again: the demo pre-trains its tower afresh on every run
+        shutil.rmtree(layout.base(seed), ignore_errors=True)
+        seed_base_model(layout.tower, layout.base(seed), settings, seed)
+    units = [Unit(name, seed, settings.variant_config(name)) for seed in seeds for name in settings.variants]
+    workers = unit_workers(len(units))
+    return run_units(units, layout, settings, test, threads_per_worker(workers), workers)
+
+
 class _ProgressBar(TrainerCallback):
     """A progress bar pinned to one terminal line, so that variants trained side by side do not draw over each
     other."""
@@ -109,12 +195,29 @@ def train_variant(
     ``progress_position``: draw the progress bar on that terminal line (for runs side by side) instead of the
     Trainer's own bar.
     """
+    callbacks = None if progress_position is None else [_ProgressBar(name, progress_position)]
+    return train_config(settings.variant_config(name), base, data, folder, settings, callbacks=callbacks)
+
+
+def train_config(
+    config: MethodConfig | None,
+    base: Path,
+    data: Path,
+    folder: Path,
+    settings: DemoSettings,
+    seed: int | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """Train ``base`` converted with ``config`` (None: dense) into ``folder`` with the demo's budget and ``seed``
+    (default: ``settings.seed``), which sets the data order and the routers' initialisation. ``callbacks`` replace
+    the Trainer's progress bar. Returns the folder, the wall and CPU time, the loss curve and the count of skipped
+    non-finite losses."""
     from transformers import TrainingArguments
 
     from pmod.recipes.train import DataArguments, ModelArguments
     from pmod.recipes.training import train
 
-    config = settings.variant_config(name)
+    seed = settings.seed if seed is None else seed
     margs = ModelArguments(model=str(base), stage="finetune", method=config.method if config else "dense")
     dargs = DataArguments(data_path=str(data / "train.json"), max_length=256)
     targs = TrainingArguments(
@@ -129,20 +232,23 @@ def train_variant(
         logging_steps=max(1, settings.steps // 30),
         save_strategy="no",
         report_to="none",
-        seed=settings.seed,
-        data_seed=settings.seed,
+        seed=seed,
+        data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        disable_tqdm=progress_position is not None,
+        disable_tqdm=callbacks is not None,
     )
-    callbacks = None
-    if progress_position is not None:
-        callbacks = [_ProgressBar(name, progress_position)]
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     trainer = train(margs, dargs, targs, callbacks=callbacks, method_config=config)
-    seconds = time.time() - started
+    seconds, cpu = time.time() - started, time.process_time() - cpu
     history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return {"folder": folder, "seconds": round(seconds, 1), "loss": history}
+    return {
+        "folder": folder,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),  # this process's CPU time: wall time without other jobs' share
+        "loss": history,
+        "nonfinite_loss_steps": trainer.nonfinite_loss_steps,
+    }
 
 
 def load_variant(folder: Path) -> tuple[torch.nn.Module, Any]:
@@ -166,13 +272,21 @@ def record_image(data: Path, record: dict[str, Any]):
 
 
 def evaluate(folder: Path, data: Path, test: list[dict[str, Any]], batch_size: int = 32) -> dict[str, Any]:
-    """Exact-match accuracy of the first answer word on the held-out image questions, and analytic cost."""
+    """Exact-match accuracy of the first answer word on the held-out image questions, and analytic cost, of the
+    model in ``folder``."""
+    model, processor = load_variant(folder)
+    return evaluate_model(model, processor, data, test, batch_size)
+
+
+def evaluate_model(
+    model: torch.nn.Module, processor: Any, data: Path, test: list[dict[str, Any]], batch_size: int = 32
+) -> dict[str, Any]:
+    """:func:`evaluate` of a loaded model (e.g. one converted with a training-free method)."""
     from pmod.analysis.flops import estimate
     from pmod.data.synth import question_kind
     from pmod.io.loading import encode
     from pmod.recipes.generate import answer
 
-    model, processor = load_variant(folder)
     correct, per_kind = 0, {}
     for start in range(0, len(test), batch_size):
         chunk = test[start : start + batch_size]
@@ -208,9 +322,15 @@ def measure_prefill(
     folders: dict[str, Path], data: Path, test: list[dict[str, Any]], reps: int = 5
 ) -> dict[str, float]:
     """Median prefill latency (ms) of one batch of test prompts, the variants measured alternately."""
+    return measure_prefill_models({name: load_variant(folder) for name, folder in folders.items()}, data, test, reps)
+
+
+def measure_prefill_models(
+    loaded: dict[str, tuple[torch.nn.Module, Any]], data: Path, test: list[dict[str, Any]], reps: int = 5
+) -> dict[str, float]:
+    """:func:`measure_prefill` of loaded models and their processors."""
     from pmod.io.loading import encode
 
-    loaded = {name: load_variant(folder) for name, folder in folders.items()}
     chunk = test[:16]
     inputs = {
         name: encode(

@@ -1,0 +1,228 @@
+"""The rows of ``pmod ablate``: what each variant trains, and the budgets that make the rows comparable.
+
+Every routed row is held to p-MoD's cost, so that accuracy is the only thing left to compare:
+
+* the vanilla-MoD row and the component ladder (MoD -> +TanhNorm -> +STRing) run a constant ratio on MoD's layers
+  (2..L-2), the ratio chosen so that the analytic prefill TFLOPs (:func:`pmod.analysis.flops.estimate`) come
+  closest to p-MoD's; the last rung, +PRD, is p-MoD itself;
+* the schedule shapes (constant, linear, cosine = PRD) have p-MoD's mean retention;
+* FastV keeps the share of vision tokens from layer 2 on that comes closest to p-MoD's TFLOPs;
+* gamma-MoD keeps its paper settings (skip half of the routable tokens on the ARank-chosen layers): its cost is
+  whatever those layers give, shown beside its accuracy.
+
+A layer keeps ``floor(R n_vision)`` tokens, so only ``n_vision`` ratios differ and a budget can be met only to
+one token per routed layer; the solvers return the best ratio on that grid (:func:`grid_ratio`). No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pmod.analysis.dims import LMDims
+from pmod.analysis.flops import estimate
+from pmod.core import schedules
+from pmod.core.config import MethodConfig
+from pmod.core.errors import UserError
+from pmod.methods import FastVConfig, GammaMoDConfig, MoDConfig, PModConfig
+
+#: MoD's layer set (the original code's ``deep_all``); the ladder's constant-ratio rungs route the same layers.
+MOD_LAYERS = "deep_all"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation.
+
+    Attributes:
+        name: the key of ``--variants``.
+        label: the row's name in the report.
+        group: the comparison the row belongs to.
+        meaning: one sentence saying what the row trains and why it is there.
+        trained: False for training-free methods (evaluated on the trained dense model of the same seed).
+        needs_dense: the row needs the trained dense model of its seed (FastV runs on it; gamma-MoD takes its
+            ARank layer choice from it).
+    """
+
+    name: str
+    label: str
+    group: str
+    meaning: str
+    trained: bool = True
+    needs_dense: bool = False
+
+
+#: The comparisons, as the report heads them.
+GROUPS = {
+    "baseline": "baseline",
+    "ladder": "p-MoD's components, each rung at p-MoD's TFLOPs (p-MoD Table 3)",
+    "schedule": "schedule shapes at p-MoD's mean retention (cosine = the +PRD row above)",
+    "gamma-MoD": "gamma-MoD (ARank layer choice, shared router, masked routing; its own settings)",
+    "training-free": "training-free, on the trained dense model",
+}
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("dense", "dense", "baseline", "the dense model: every layer processes every token; the reference."),
+        Variant(
+            "mod", "MoD (at p-MoD's TFLOPs)", "ladder",
+            "vanilla MoD: the constant ratio on layers 2..L-2 whose analytic TFLOPs come closest to p-MoD's (to one "
+            "token per routed layer), raw router weight w+1 on kept tokens, skipped tokens unchanged; the first rung "
+            "of p-MoD's Table 3.",
+        ),
+        Variant(
+            "tanh1", "+TanhNorm (alpha 1)", "ladder",
+            "MoD's schedule with the weight bounded as 1*tanh(w)+1 instead of w+1.",
+        ),
+        Variant(
+            "tanh", "+TanhNorm (alpha 0.2)", "ladder",
+            "the same with p-MoD's bound 0.2*tanh(w)+1: weights stay within 20% of 1.",
+        ),
+        Variant(
+            "string", "+STRing", "ladder",
+            "the same, and skipped vision tokens are scaled by their weight too (w~ x), so the router also learns "
+            "from the tokens it drops.",
+        ),
+        Variant(
+            "pmod", "+PRD = p-MoD", "ladder",
+            "p-MoD as published: TanhNorm 0.2, STRing and the progressive ratio decay (cosine) schedule; the "
+            "budget every other routed row is held to.",
+        ),
+        Variant(
+            "constant", "schedule: constant", "schedule",
+            "p-MoD with one ratio on every layer but 0, at p-MoD's mean retention.",
+        ),
+        Variant(
+            "linear", "schedule: linear", "schedule",
+            "p-MoD with a linearly decaying ratio (same thresholds as PRD), at p-MoD's mean retention.",
+        ),
+        Variant(
+            "gamma_mod", "gamma-MoD (ARank layers)", "gamma-MoD",
+            "gamma-MoD: its shared router and masked routing skip half of the non-question tokens on the layers "
+            "whose attention rank (ARank, measured on the trained dense model of the same seed) is low.",
+            needs_dense=True,
+        ),
+        Variant(
+            "fastv", "FastV (at p-MoD's TFLOPs)", "training-free",
+            "FastV on the trained dense model of the same seed, no training: from layer 2 on only the vision "
+            "tokens the last token attended to most, as many as give p-MoD's TFLOPs.",
+            trained=False, needs_dense=True,
+        ),
+    ]
+}  # fmt: skip
+
+
+def parse_variants(text: str | None) -> tuple[str, ...]:
+    """``--variants`` (comma-separated names) in report order; dense is always included (every row is compared
+    with it). A :class:`UserError` names unknown names and the choices."""
+    if not text:
+        return tuple(VARIANTS)
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise UserError(f"--variants: unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(VARIANTS)}")  # fmt: skip
+    chosen = {"dense", *names}
+    return tuple(v for v in VARIANTS if v in chosen)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the analytic cost is computed for: the language model's shape and one prompt's token counts."""
+
+    dims: LMDims
+    n_vision: int
+    n_text: int
+
+    def tflops(self, config: MethodConfig | None) -> float:
+        """Analytic prefill TFLOPs of the language model under ``config`` (None: dense), LM head included."""
+        report = estimate(self.dims, config or PModConfig(), n_vision=self.n_vision, n_text=self.n_text)
+        return (report.pmod_flops if config is not None else report.dense_flops) / 1e12
+
+
+def grid_ratio(k: int, n: int, rounding: str = "floor") -> float:
+    """The ratio ``k / n``, nudged up where float rounding would make a layer keep ``k - 1`` of ``n`` tokens."""
+    ratio = k / n
+    while schedules.kept_count(n, ratio, rounding) < k:
+        ratio = math.nextafter(ratio, 2.0)
+    return ratio
+
+
+def closest_on_grid(make: Callable[[float], MethodConfig], workload: Workload, target: float,
+                    rounding: str = "floor") -> MethodConfig:  # fmt: skip
+    """The config ``make(k / n_vision)`` (k = 1..n_vision) whose TFLOPs are closest to ``target`` (ties: the
+    cheaper one)."""
+    n = workload.n_vision
+    candidates = [make(grid_ratio(k, n, rounding)) for k in range(1, n + 1)]
+    return min(candidates, key=lambda c: (abs(workload.tflops(c) - target), workload.tflops(c)))
+
+
+def mod_at_budget(workload: Workload, reference: MethodConfig) -> MoDConfig:
+    """Vanilla MoD on its default layers with the constant ratio whose TFLOPs come closest to ``reference``'s."""
+    return closest_on_grid(lambda r: MoDConfig(ratio=r, layers=MOD_LAYERS), workload, workload.tflops(reference))
+
+
+def fastv_at_budget(workload: Workload, reference: MethodConfig, layer: int = 2) -> FastVConfig:
+    """FastV from ``layer`` on, keeping the share of vision tokens whose TFLOPs come closest to ``reference``'s."""
+    target = workload.tflops(reference)
+    return closest_on_grid(lambda r: FastVConfig(layer=layer, keep=r), workload, target, rounding="round")
+
+
+def constant_at_retention(num_layers: int, mean: float, base: PModConfig) -> PModConfig:
+    """``base`` with one ratio on every layer but 0 and mean retention ``mean`` (layer 0 counts 1)."""
+    ratio = (num_layers * mean - 1.0) / (num_layers - 1)
+    if not 0.0 < ratio <= 1.0:
+        raise UserError(f"no constant ratio gives mean retention {mean:.4f} over {num_layers} layers")
+    return dataclasses.replace(base, schedule="constant", ratio=ratio, layers=None)
+
+
+def linear_at_retention(num_layers: int, mean: float, base: PModConfig, iterations: int = 60) -> PModConfig:
+    """``base`` with the linear schedule whose mean retention comes closest to ``mean``: its ``beta`` found by
+    bisection (the mean rises with beta, with steps where a layer turns dense at ``max_ratio``)."""
+
+    def retention(beta: float) -> float:
+        return schedules.mean_retention(
+            dataclasses.replace(base, schedule="linear", beta=beta).layer_ratios(num_layers)
+        )
+
+    lo, hi = -1.0, 2.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if retention(mid) < mean else (lo, mid)
+    beta = min((lo, hi), key=lambda b: abs(retention(b) - mean))
+    return dataclasses.replace(base, schedule="linear", beta=beta)
+
+
+def ladder_rung(ratio: float, num_layers: int, alpha: float, string: bool) -> PModConfig:
+    """A ladder rung: MoD's constant schedule and layers, TanhNorm with scale ``alpha``, STRing on or off."""
+    layers = schedules.layer_set(MOD_LAYERS, num_layers)
+    return PModConfig(schedule="constant", ratio=ratio, layers=layers, weight_norm="tanh", weight_scale=alpha,
+                      weight_bias=1.0, string=string)  # fmt: skip
+
+
+def variant_configs(
+    names: Sequence[str], workload: Workload, arank: Sequence[float] | None = None
+) -> dict[str, MethodConfig | None]:
+    """The method config of each variant in ``names`` (None: dense). gamma-MoD's layers come from ``arank``, the
+    per-layer ARank of the trained dense model; without it they stay ``"arank"``, to be resolved per seed."""
+    reference = PModConfig()
+    layers = workload.dims.layers
+    mod = mod_at_budget(workload, reference)
+    mean = schedules.mean_retention(reference.layer_ratios(layers))
+    configs: dict[str, MethodConfig | None] = {
+        "dense": None,
+        "mod": mod,
+        "tanh1": ladder_rung(mod.ratio, layers, 1.0, string=False),
+        "tanh": ladder_rung(mod.ratio, layers, 0.2, string=False),
+        "string": ladder_rung(mod.ratio, layers, 0.2, string=True),
+        "pmod": reference,
+        "constant": constant_at_retention(layers, mean, reference),
+        "linear": linear_at_retention(layers, mean, reference),
+        "fastv": fastv_at_budget(workload, reference),
+    }
+    gamma = GammaMoDConfig(layers="arank", arank=None if arank is None else list(arank))
+    configs["gamma_mod"] = gamma if arank is None else gamma.resolved(layers)
+    return {name: configs[name] for name in names}
