@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 import pmod
+from pmod.core.cache import cache_kwargs
 
 THROUGHPUT_TARGET = 1.2
 THROUGHPUT_TARGET_BATCH = 8
@@ -40,7 +41,7 @@ def greedy_decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tens
     """``steps`` greedy steps from ``token`` [B, 1] over ``cache`` (updated in place); returns the new tokens."""
     out = []
     for _ in range(steps):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(token)
     return torch.cat(out, dim=1)
@@ -51,7 +52,7 @@ def prefill(model: torch.nn.Module, inputs: dict[str, Any], device: str) -> tupl
     cache = DynamicCache(config=model.config)
 
     def run() -> torch.Tensor:
-        logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(**inputs, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
     with common.PeakMemory(device) as mem:

@@ -3,10 +3,14 @@
 Labels are the input ids on text tokens and -100 on vision tokens (LLaVA's instruction tuning). Target: p-MoD/dense
 time ratio <= 0.75.
 
-The full 32-layer model does not fit a 24 GiB CPU machine for this step (see ``memory_plan`` in the JSON): by
-default the CPU run uses 8 layers and says so in the result (``layers_reduced_from``).
+The full 32-layer model does not fit a 24 GiB CPU machine for this step with every activation saved (see
+``memory_plan`` in the JSON): by default the CPU run uses 8 layers and says so in the result
+(``layers_reduced_from``). With ``--checkpointing`` (activation checkpointing, as LLaVA's stage 2 trains) only the
+layer inputs are kept, and the default is the full depth.
 
     python benchmarks/bench_train_step.py --out benchmarks/results/train_step.json
+    python benchmarks/bench_train_step.py --checkpointing --reps 2 --warmup 0 \
+        --out benchmarks/results/train_step_32_layers.json
     python benchmarks/bench_train_step.py --quick
 """
 
@@ -19,6 +23,8 @@ from typing import Any
 import common
 import torch
 
+from pmod.testing import enable_activation_checkpointing
+
 TARGET = 0.75
 BATCH = 2
 #: Layers a CPU run uses by default, and why (on a GPU the default stays 32).
@@ -30,15 +36,19 @@ CPU_REASON = (
 )
 
 
-def memory_plan(shape: common.Shape, tokens: int, bytes_per_el: int, memory: int | None) -> dict[str, Any]:
+def memory_plan(
+    shape: common.Shape, tokens: int, bytes_per_el: int, memory: int | None, checkpointing: bool = False
+) -> dict[str, Any]:
     """Rough need of one training step of one model: weights, grads and two AdamW states (4 copies of the
     parameters) plus saved activations, ~27.6k values per token per layer (RMSNorm in/out x2, q/k/v, rotated q/k,
     sdpa output, o_proj input: ~16 x hidden; SwiGLU gate, up, act, product: 4 x intermediate) and the logits
-    (logits, log-softmax, their gradient: 3 x vocab per token). The p-MoD copy doubles the states."""
+    (logits, log-softmax, their gradient: 3 x vocab per token); with checkpointing, each layer's input and one
+    layer's activations. The p-MoD copy doubles the states."""
     h, i, v, layers = shape.hidden, shape.intermediate, shape.vocab, shape.layers
     params = layers * (2 * h * h * (1 + shape.kv_heads / shape.heads) + 3 * h * i + 2 * h) + 2 * v * h + h
     states = 4 * params * bytes_per_el
-    activations = tokens * (layers * (16 * h + 4 * i) + 3 * v) * bytes_per_el
+    per_token = layers * h + 16 * h + 4 * i if checkpointing else layers * (16 * h + 4 * i)
+    activations = tokens * (per_token + 3 * v) * bytes_per_el
     need = 2 * states + activations  # both models resident (alternating), one step's activations at a time
     return {
         "layers": layers,
@@ -112,10 +122,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_args(parser)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing on both models (CPU default depth: all 32 layers)")
     args = parser.parse_args(argv)
     layers_given = args.layers is not None
     cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    full = {**common.FULL, "layers": CPU_LAYERS if cpu else common.FULL["layers"], "reps": 2}
+    reduced = cpu and not args.checkpointing
+    full = {**common.FULL, "layers": CPU_LAYERS if reduced else common.FULL["layers"], "reps": 2}
     args = common.resolve(args, full, common.QUICK)
     dtype = getattr(torch, args.dtype)
     result = common.header(args, __file__, argv)
@@ -124,9 +137,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     memory = common.machine_info(args.device, dtype)["memory_bytes"] if cpu else torch.cuda.mem_get_info()[1]
     full_shape = common.Shape(**{**result["model"], "layers": common.FULL["layers"]})
     n_tokens = BATCH * (max(args.n_vision) + args.n_text)
+    result["checkpointing"] = args.checkpointing
     result["memory_plan"] = {
-        "full_model": memory_plan(full_shape, n_tokens, element, memory),
-        "this_run": memory_plan(shape, n_tokens, element, memory),
+        "full_model": memory_plan(full_shape, n_tokens, element, memory, args.checkpointing),
+        "this_run": memory_plan(shape, n_tokens, element, memory, args.checkpointing),
     }
     if not args.quick and args.layers != common.FULL["layers"]:
         plan = result["memory_plan"]["full_model"]
@@ -144,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     dense, routed = common.build_models(shape, args.device, dtype, args.seed)
     models = {"dense": dense.train(), "pmod": routed.train()}
+    if args.checkpointing:
+        for model in models.values():
+            enable_activation_checkpointing(model)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=args.lr) for name, m in models.items()}
     result["runs"] = [measure(models, optimizers, args, n_vision, dtype) for n_vision in args.n_vision]
     common.write_json(result, args.out)

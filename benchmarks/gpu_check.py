@@ -154,10 +154,12 @@ def paired_ratios(samples: dict[str, list[common.Metrics]], key: str = "seconds"
 
 
 def prefill_case(models: dict[str, torch.nn.Module], label: str, n_visions: list[int], setting: dict[str, Any],
-                 device: str, reps: int) -> dict[str, Any]:  # fmt: skip
-    """Median prefill time of both models on one batch, against the analytic causal FLOPs ratio."""
+                 device: str, reps: int, attention_path: str = "auto") -> dict[str, Any]:  # fmt: skip
+    """Median prefill time of both models on one batch, against the analytic causal FLOPs ratio.
+    ``attention_path``: how p-MoD's routed layers attend over rows of unequal counts (``pmod.set_attention_path``)."""
     n_text, vocab = setting["n_text"], setting["shape"].vocab
     inputs = padded_prompt(n_visions, n_text, vocab, device)
+    pmod.set_attention_path(models["pmod"], attention_path)
 
     def forward(name: str) -> common.Metrics:
         kwargs = {k: v for k, v in inputs.items() if v is not None and (name == "pmod" or k != "vision_mask")}
@@ -167,9 +169,12 @@ def prefill_case(models: dict[str, torch.nn.Module], label: str, n_visions: list
         return {"seconds": seconds, "peak_memory_delta_bytes": mem.bytes}
 
     log(f"prefill {label}: rows={len(n_visions)} vision={n_visions[:3]}{'...' if len(n_visions) > 3 else ''}")
-    with torch.inference_mode():
-        samples = common.alternate({"dense": lambda: forward("dense"), "pmod": lambda: forward("pmod")},
-                                   setting["warmup"], reps, log)  # fmt: skip
+    try:
+        with torch.inference_mode():
+            samples = common.alternate({"dense": lambda: forward("dense"), "pmod": lambda: forward("pmod")},
+                                       setting["warmup"], reps, log)  # fmt: skip
+    finally:
+        pmod.set_attention_path(models["pmod"], "auto")
     flops = [causal_flops(models["dense"].config, n, n_text) for n in n_visions]
     dense_flops, pmod_flops = sum(f[0] for f in flops), sum(f[1] for f in flops)
     analytic = pmod_flops / dense_flops
@@ -183,6 +188,7 @@ def prefill_case(models: dict[str, torch.nn.Module], label: str, n_visions: list
         "n_vision": n_visions,
         "n_text": n_text,
         "padded": inputs["attention_mask"] is not None,
+        "attention_path": attention_path,
         "dense_s": med["dense"],
         "pmod_s": med["pmod"],
         "time_ratio": ratio,
@@ -201,14 +207,22 @@ def prefill_case(models: dict[str, torch.nn.Module], label: str, n_visions: list
     }
 
 
-def prefill_section(models: dict[str, torch.nn.Module], setting: dict[str, Any], device: str) -> list[dict[str, Any]]:
+def prefill_section(models: dict[str, torch.nn.Module], setting: dict[str, Any], device: str,
+                    only: str = "") -> list[dict[str, Any]]:  # fmt: skip
+    """The prefill cases whose label matches the regular expression ``only`` (all by default)."""
     n = setting["n_vision"]
     cases = [(f"b{b} {n}+{setting['n_text']}", [n] * b) for b in setting["prefill_batches"]]
-    cases.append((f"b{len(setting['mixed'])} mixed anyres", setting["mixed"]))
+    mixed = f"b{len(setting['mixed'])} mixed anyres"
+    cases.append((mixed, setting["mixed"]))
     cases += [(f"b1 {v}+{setting['n_text']} (curve)", [v]) for v in setting["curve"] if v != n or 1 not in
               setting["prefill_batches"]]  # fmt: skip
-    return [guarded(lambda c=c: prefill_case(models, *c, setting, device, setting["reps"]), device, c[0])
-            for c in cases]  # fmt: skip
+    results = [guarded(lambda c=c: prefill_case(models, *c, setting, device, setting["reps"]), device, c[0])
+               for c in cases if re.search(only, c[0])]  # fmt: skip
+    # Rows of unequal counts: the default path (packed where the varlen kernel runs) against the padded one.
+    if re.search(only, f"{mixed}, padded path"):
+        results.append(guarded(lambda: prefill_case(models, f"{mixed}, padded path", setting["mixed"], setting, device,
+                                                    setting["reps"], "padded"), device, mixed))  # fmt: skip
+    return results
 
 
 def decode_section(models: dict[str, torch.nn.Module], setting: dict[str, Any], device: str,
@@ -378,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
     parser.add_argument("--no-cudnn-attention", action="store_true",
                         help="disable sdpa's cuDNN backend (it builds a plan for every new sequence length)")
+    parser.add_argument("--prefill-cases", default="", metavar="REGEX",
+                        help="only the prefill cases whose label matches (e.g. 'mixed')")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -417,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"building the {setting['shape'].layers}-layer pair on {device}")
         models = build_pair(setting["shape"], device, dtype)
         if "prefill" in sections:
-            result["prefill"] = prefill_section(models, setting, device)
+            result["prefill"] = prefill_section(models, setting, device, args.prefill_cases)
             save()
         if "decode" in sections:
             result["decode"] = decode_section(models, setting, device, dtype)

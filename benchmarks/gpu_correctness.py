@@ -6,6 +6,9 @@
 * cached generation against recomputation;
 * a batch of 8 with mixed lengths against each row alone.
 
+Where sdpa packs rows of unequal counts (``pmod.set_attention_path``'s ``auto``: CUDA, half precision), the sdpa
+checks run the packed path and the padded path is checked beside it.
+
 fp32 is compared with fixed tolerances. In bf16 a near-tie of two router scores can flip a selection between two
 computations that differ only in rounding, so bf16 checks impose the selections the model made (recorded with
 ``pmod.record_routing``) on the reference, check that those selections are the top-k of the model's own weights,
@@ -27,6 +30,8 @@ from transformers import DynamicCache
 
 import pmod
 from pmod import FastVConfig, GammaMoDConfig, MethodConfig, MoDConfig, PModConfig, RoutingRecord
+from pmod.core.cache import cache_kwargs
+from pmod.core.packed_attention import varlen_flash_available
 from pmod.testing import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
@@ -105,14 +110,27 @@ def _models(method: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]
     return dense.to(device), model.to(device)
 
 
-def check_layers(method: str, device: str, dtype: torch.dtype, attn: str, padding_side: str) -> Check:
+def attention_path_used(path: str, attn: str, device: str, dtype: torch.dtype) -> str:
+    """What the routed layers run on rows of unequal counts: ``packed`` (varlen flash on CUDA in half precision,
+    per-row sdpa elsewhere) or ``padded``."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    if attn != "sdpa" or path == "padded" or (path == "auto" and not varlen_flash_available(probe)):
+        return "padded"
+    return "packed (varlen flash)" if varlen_flash_available(probe) else "packed (per-row sdpa)"
+
+
+def check_layers(method: str, device: str, dtype: torch.dtype, attn: str, padding_side: str,
+                 path: str = "auto") -> Check:  # fmt: skip
     """Compacted execution of a routed model vs the dense masked reference, on a 4-row padded batch."""
     dense32, model32 = _models(method, device)
     model32.set_attn_implementation(attn)
+    if attn == "sdpa":
+        pmod.set_attention_path(model32, path)
     ids, am, vm = (t.to(device) for t in routed_batch(ROWS, padding_side))
     real = am.bool()
     result: Check = {"check": "layers", "method": method, "attn": attn, "padding_side": padding_side,
-                     "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+                     "dtype": str(dtype).removeprefix("torch."),
+                     "attention_path": attention_path_used(path, attn, device, dtype)}  # fmt: skip
     if dtype == torch.float32:
         with torch.no_grad():
             got = model32(input_ids=ids, attention_mask=am, vision_mask=vm).logits
@@ -137,14 +155,14 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, am: torch.Tensor, vm: tor
     """Prefill then ``steps`` cached greedy steps of a bare decoder; returns new tokens, per-step logits, record."""
     cache, logits, new = DynamicCache(), [], []
     with torch.no_grad(), (pmod.record_routing(model) if record else contextlib.nullcontext()) as rec:
-        out = model(input_ids=ids, attention_mask=am, vision_mask=vm, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=am, vision_mask=vm, **cache_kwargs(cache), use_cache=True)
         step_logits = out.logits[:, -1]
         for _ in range(steps):
             logits.append(step_logits)
             token = step_logits.argmax(-1, keepdim=True)
             new.append(token)
             am = torch.cat([am, torch.ones_like(token)], dim=1)
-            step_logits = model(input_ids=token, attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1]
+            step_logits = model(input_ids=token, attention_mask=am, **cache_kwargs(cache), use_cache=True).logits[:, -1]
     return torch.cat(new, dim=1), logits, rec
 
 
@@ -257,7 +275,7 @@ def run_all(device: str, log: Callable[[str], None] = print) -> list[Check]:
 
     def add(check: Check) -> None:
         checks.append(check)
-        keys = ("method", "attn", "padding_side", "dtype")
+        keys = ("method", "attn", "attention_path", "padding_side", "dtype")
         label = " ".join(str(check[k]) for k in keys if k in check)
         err = check.get("max_err", check.get("max_err_vs_fp32_reference"))
         log(f"{'PASS' if check['passed'] else 'FAIL'} {check['check']} {label} max_err={err}")
@@ -267,6 +285,9 @@ def run_all(device: str, log: Callable[[str], None] = print) -> list[Check]:
             for attn in attention_backends(dtype):
                 for side in ("left", "right"):
                     add(check_layers(method, device, dtype, attn, side))
+            # sdpa's "auto" packs unequal rows where the varlen kernel runs: check the padded path there too
+            if attention_path_used("auto", "sdpa", device, dtype) != "padded":
+                add(check_layers(method, device, dtype, "sdpa", "left", path="padded"))
             add(check_cached_decoder(method, device, dtype))
     add(check_llava_generate(device))
     add(check_batch_vs_rows(device))

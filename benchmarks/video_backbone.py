@@ -91,7 +91,8 @@ def build_models(shape: Any, device: str, dtype: torch.dtype, seed: int = 0) -> 
                            fullatt_block_indexes=[0]),
         image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID,
     )  # fmt: skip
-    dense = Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # made where it runs: a 7B model built on the host first takes minutes
+        dense = Qwen2_5_VLForConditionalGeneration(config).to(dtype=dtype).eval()
     shared = {id(p): p for p in dense.parameters()}
     routed = pmod.convert(copy.deepcopy(dense, memo=shared), method_config(shape.layers))
     randomize_routers(routed, seed=seed)

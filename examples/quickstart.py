@@ -9,6 +9,7 @@ import tempfile
 import torch
 
 import pmod
+from pmod.core.cache import cache_of  # out.cache from transformers 5.24, out.past_key_values before
 from pmod.testing import llava_batch, randomize_routers, tiny_llava
 
 torch.manual_seed(0)
@@ -27,7 +28,7 @@ with pmod.record_routing(model) as rec, torch.no_grad():
 for layer, masks in rec.processed.items():
     print(f"layer {layer:2d} processed tokens per row: {masks[0].sum(1).tolist()}")
 
-size, dense_size = pmod.kv_cache_bytes(out.past_key_values), pmod.kv_cache_bytes(dense_out.past_key_values)
+size, dense_size = pmod.kv_cache_bytes(cache_of(out)), pmod.kv_cache_bytes(cache_of(dense_out))
 print(
     f"KV cache after prefill: p-MoD {size.total_bytes} B vs dense {dense_size.total_bytes} B "
     f"({size.total_bytes / dense_size.total_bytes:.1%})"

@@ -109,7 +109,9 @@ def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path) -> None
     assert len(checks) == 2 * len(methods) * (2 * 2 + 1) + 2 and set(methods) == set(pmod.method_names())
     assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
     setting = gpu_check.DRY
-    assert [run["batch_size"] for run in result["prefill"]] == [1, 2, len(setting["mixed"]), 1]
+    mixed = len(setting["mixed"])
+    assert [run["batch_size"] for run in result["prefill"]] == [1, 2, mixed, 1, mixed]
+    assert [run["attention_path"] for run in result["prefill"]] == ["auto"] * 4 + ["padded"]
     assert all(0 < run["analytic_causal_tflops_ratio"] < 1 for run in result["prefill"])
     shape, n_vision, n_text = setting["shape"], setting["n_vision"], setting["n_text"]
     _, routed = bench["common"].build_models(shape, "cpu", torch.float32)

@@ -11,6 +11,7 @@ import pmod
 from pmod import PModConfig
 from pmod.testing import (
     IMAGE_TOKEN_ID,
+    enable_activation_checkpointing,
     llava_batch,
     llava_next_batch,
     randomize_routers,
@@ -97,6 +98,26 @@ def test_save_and_reload_offline(tmp_path, monkeypatch):
     assert pmod.layer_ratios(pmod.load(tmp_path / "again")) == pmod.layer_ratios(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_load_with_dtype_and_device_map(tmp_path, dtype):
+    """``pmod.load(..., dtype=, device_map="cpu")``: every weight, routers included, arrives in that dtype, equal to
+    the in-memory model's cast, and so do the logits. from_pretrained casts parameters only (RoPE frequencies stay
+    fp32), so the reference does the same."""
+    model, batch = build("llava")
+    pmod.convert(model)
+    randomize_routers(model, scale=3.0)
+    model.save_pretrained(tmp_path)
+    loaded = pmod.load(tmp_path, dtype=dtype, device_map="cpu").eval()
+    cast = copy.deepcopy(model)
+    for param in cast.parameters():
+        param.data = param.data.to(dtype)
+    assert {(p.dtype, p.device.type) for p in loaded.parameters()} == {(dtype, "cpu")}
+    want, got = cast.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    batch = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
+    torch.testing.assert_close(forward(loaded, batch), forward(cast, batch), atol=0, rtol=0)
+
+
 def test_loading_without_pmod_is_refused_by_convert(tmp_path):
     model = pmod.convert(tiny_llava())
     model.save_pretrained(tmp_path)
@@ -125,16 +146,23 @@ def test_errors_name_the_fix(tmp_path):
 
 def test_output_hidden_states_full_length():
     model, batch = build("llava")
+    dense = copy.deepcopy(model)
     pmod.convert(model)
     randomize_routers(model)
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
+        want = dense(**batch, output_hidden_states=True).hidden_states
     seq = batch["input_ids"].shape[1]
     assert len(out.hidden_states) == 7
     assert all(h.shape == (3, seq, 64) for h in out.hidden_states)
+    # Up to the first routed layer they are the dense model's; the last one (after the norm) gives the logits.
+    first = min(pmod.routed_layers(model))
+    for i in range(first + 1):
+        torch.testing.assert_close(out.hidden_states[i], want[i], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits, atol=1e-5, rtol=0)
 
 
-def test_gradient_checkpointing_matches():
+def test_activation_checkpointing_matches():
     model, batch = build("llava", padding_side="right")
     pmod.convert(model)
     randomize_routers(model)
@@ -149,7 +177,8 @@ def test_gradient_checkpointing_matches():
 
     loss_plain, grads_plain = grads(model)
     ckpt = copy.deepcopy(model)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(ckpt)
+    assert ckpt.model.language_model.layers[1].gradient_checkpointing  # replayed in backward, not kept
     loss_ckpt, grads_ckpt = grads(ckpt)
     torch.testing.assert_close(loss_ckpt, loss_plain)
     assert grads_ckpt.keys() == grads_plain.keys()

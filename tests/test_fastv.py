@@ -10,6 +10,7 @@ import torch
 
 import pmod
 from pmod import FastVConfig
+from pmod.core.cache import cache_of
 from pmod.testing import routed_batch, tiny_llama
 
 ROWS = [(5, 23, False), (9, 11, True), (4, 0, False)]
@@ -44,7 +45,7 @@ def test_cache_of_pruned_layers_holds_only_kept_tokens() -> None:
     model = pmod.convert(tiny_llama(num_layers=6), FastVConfig(layer=2, keep=0.25))
     ids, am, vm = routed_batch(ROWS, "right")
     with torch.no_grad():
-        cache = model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=True).past_key_values
+        cache = cache_of(model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=True))
     size = pmod.kv_cache_bytes(cache)
     n_text = [t for t, _, _ in ROWS]
     for layer in range(6):

@@ -363,20 +363,25 @@ def test_processor_expands_image_tokens_like_the_model(imported: Imported) -> No
         assert n == sum(len(f) for f in feats) and (n == P * P) != CASES[case][1]
 
 
-def test_generate_runs(imported: Imported) -> None:
-    """Generation runs (as ``pmod generate`` loads and encodes); a plain import converts to any method and runs."""
+def test_generate_equals_recomputation(imported: Imported) -> None:
+    """Generation (as ``pmod generate`` loads and encodes) equals recomputation without cache; a plain import
+    converts to any method, and its cached generation equals recomputation too."""
     case, dst, _ = imported
     model, processor = load_model(dst, "cpu")
     inputs = encode(processor, model, ["what is in the image ?", "what ?"], [[Image.new("RGB", (S, S))]] * 2)
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=pad)
-    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+        again = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=pad, use_cache=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3) and torch.equal(out, again)
     if not CASES[case][0]:
         pmod.convert(model, pmod.MoDConfig(ratio=0.5, layers=[1, 2]))
         with torch.no_grad(), pmod.record_routing(model) as rec:
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=pad)
         assert out.shape[1] == inputs["input_ids"].shape[1] + 2 and sorted(rec.processed) == [1, 2]
+        with torch.no_grad():  # cached decoding of the routed model against recomputation without cache
+            again = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=pad, use_cache=False)
+        assert torch.equal(out, again)
 
 
 def test_forty_layer_pmod_gets_the_original_ratios(tmp_path: Path) -> None:

@@ -56,14 +56,18 @@ def test_equal_kept_counts_and_no_padding():
     ids, am, vm = make_batch([(6, 16, True), (6, 16, True), (6, 16, False)], "right", seed=1)
     routers = {i: layer.router for i, layer in pmod.pmod_layers(model).items()}
     with pmod.record_routing(model) as rec, torch.no_grad():
-        got = model(input_ids=ids, attention_mask=am, vision_mask=vm).logits
+        out = model(input_ids=ids, attention_mask=am, vision_mask=vm, output_hidden_states=True)
     want = reference_forward(dense, routers, ratios, ids, am, vm, PModConfig())
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits, want, atol=2e-5, rtol=1e-4)
     assert rec.processed[1][0].sum(1).tolist() == [6 + 8] * 3
     assert rec.processed[2][0].sum(1).tolist() == [6 + 4] * 3
-    # Text tokens are always processed; the weights are the TanhNorm of the router logits.
+    # Text tokens are always processed; the weights are the TanhNorm 0.2 tanh(logit) + 1 of the router logits on
+    # the layer's input.
     assert bool(rec.processed[2][0][~vm].all())
-    assert float(rec.weights[1][0].min()) >= 0.8 and float(rec.weights[1][0].max()) <= 1.2
+    for i, router in routers.items():
+        with torch.no_grad():
+            tanh_norm = 0.2 * torch.tanh(router(out.hidden_states[i]).squeeze(-1)) + 1
+        torch.testing.assert_close(rec.weights[i][0], tanh_norm, atol=1e-6, rtol=0)
 
 
 def test_ties_break_by_lower_position():

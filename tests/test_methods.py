@@ -14,6 +14,7 @@ from transformers import DynamicCache
 import pmod
 from pmod import FastVConfig, GammaMoDConfig, MoDConfig, PModConfig
 from pmod.analysis.flops import counted_flops, estimate
+from pmod.core.cache import cache_kwargs
 from pmod.testing import PAD_TOKEN_ID, llava_batch, randomize_routers, routed_batch, tiny_llama, tiny_llava
 from pmod.testing.reference import reference_logits, reference_rules
 
@@ -55,13 +56,13 @@ def greedy(model: torch.nn.Module, ids, am, vm, steps: int) -> tuple[torch.Tenso
     """Prefill, then ``steps`` cached greedy steps of a bare decoder: (new tokens [B, steps], logits [B, steps, V])."""
     cache, logits, new = DynamicCache(), [], []
     with torch.no_grad():
-        step = model(input_ids=ids, attention_mask=am, vision_mask=vm, past_key_values=cache, use_cache=True)
+        step = model(input_ids=ids, attention_mask=am, vision_mask=vm, **cache_kwargs(cache), use_cache=True)
         for _ in range(steps):
             logits.append(step.logits[:, -1])
             token = step.logits[:, -1].argmax(-1, keepdim=True)
             new.append(token)
             am = torch.cat([am, torch.ones_like(token)], dim=1)
-            step = model(input_ids=token, attention_mask=am, past_key_values=cache, use_cache=True)
+            step = model(input_ids=token, attention_mask=am, **cache_kwargs(cache), use_cache=True)
     return torch.cat(new, dim=1), torch.stack(logits, dim=1)
 
 

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from pmod.data import synth
 from pmod.recipes.train import TrainError, parse_args
+from pmod.recipes.trainer_fields import installed_name
 from pmod.recipes.training import train
 from pmod.testing import tiny_llava_folder
 
@@ -65,13 +66,18 @@ def test_stage2_reduces_loss_and_logs_routing(setup: dict[str, str], tmp_path: P
     first, last = sum(x["loss"] for x in logs[:3]) / 3, sum(x["loss"] for x in logs[-3:]) / 3
     assert last < first - 0.5, (first, last)
     assert {"pmod/w_mean", "pmod/w_std", "pmod/w_saturated", "pmod/processed/L1"} <= logs[-1].keys()
-    assert all(0.0 < v <= 1.0 for k, v in logs[-1].items() if k.startswith("pmod/processed"))
     # The vision tower stays frozen; the result reloads as a p-MoD model.
     before, after = _weights(Path(setup["model"])), _weights(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
     import pmod
 
-    assert pmod.is_pmod_model(pmod.load(tmp_path))
+    model = pmod.load(tmp_path)
+    assert pmod.is_pmod_model(model)
+    # Every image gives 16 vision tokens (32 px, patch 8), of which a layer of ratio R keeps floor(16 R).
+    processed = {k: v for k, v in logs[-1].items() if k.startswith("pmod/processed/")}
+    ratios = pmod.layer_ratios(model)
+    assert processed == pytest.approx({f"pmod/processed/L{i}": math.floor(16 * r) / 16
+                                       for i, r in enumerate(ratios) if r is not None})  # fmt: skip
 
 
 class _StopAfter(TrainerCallback):
@@ -98,10 +104,70 @@ def test_resume_parity_and_atomic_checkpoints(setup: dict[str, str], tmp_path: P
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _checkpoints(folder: Path) -> list[str]:
+    return sorted((p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")), key=lambda n: int(n[11:]))
+
+
+def test_save_total_limit_keeps_the_newest_and_resuming_works(
+    setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--save-total-limit 2 with a save every step: older checkpoints are deleted as new ones land; a run stopped
+    at step 4 resumes from the newest one left and ends with the weights of a run that was never stopped."""
+    common = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "1", "--save-total-limit", "2",
+              "--group-by-modality-length")  # fmt: skip
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(*parse_args(_argv(setup, straight, *common)))
+    assert _checkpoints(straight) == ["checkpoint-5", "checkpoint-6"]
+    train(*parse_args(_argv(setup, broken, *common)), callbacks=[_StopAfter(4)])
+    assert _checkpoints(broken) == ["checkpoint-3", "checkpoint-4"]
+    capsys.readouterr()
+    resumed = train(*parse_args(_argv(setup, broken, *common, "--resume-from-checkpoint", "auto")))
+    assert f"resuming from {broken / 'checkpoint-4'}" in capsys.readouterr().err
+    assert resumed.state.global_step == 6 and _checkpoints(broken) == ["checkpoint-5", "checkpoint-6"]
+    a, b = _weights(straight), _weights(broken)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_vision_lr_gives_the_vision_tower_its_own_groups(setup: dict[str, str], tmp_path: Path) -> None:
+    """--vision-lr unfreezes the tower: its parameters, and only they, train at that lr; weight decay spares biases
+    and norms in both halves (names checked by hand, not by the Trainer's own rule)."""
+    flags = ("--max-steps", "1", "--vision-lr", "1e-5", "--weight-decay", "0.1", "--lr-scheduler-type", "constant")
+    trainer = train(*parse_args(_argv(setup, tmp_path, *flags)))
+    named = list(trainer.model.named_parameters())
+    assert all(p.requires_grad for _, p in named)
+    names = {id(p): n for n, p in named}
+    got = {(g["lr"], g["weight_decay"], frozenset(names[id(p)] for p in g["params"]))
+           for g in trainer.optimizer.param_groups}  # fmt: skip
+    want: dict[tuple[float, float], set[str]] = {}
+    for name, _ in named:
+        lr = 1e-5 if name.startswith("model.vision_tower.") else 1e-3
+        decay = 0.0 if "bias" in name or "norm" in name else 0.1
+        want.setdefault((lr, decay), set()).add(name)
+    assert got == {(lr, decay, frozenset(group)) for (lr, decay), group in want.items()}
+    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)  # the tower trained
+
+
+@pytest.mark.parametrize("flag", ["--activation-checkpointing", "--gradient-checkpointing"])
+def test_checkpointing_flag_under_either_name(setup: dict[str, str], tmp_path: Path, flag: str) -> None:
+    """transformers 5.24 renamed the flag; both names turn it on, under the name this transformers reads, without
+    a deprecation warning, and the decoder layers of the trained model run checkpointed."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
+        args = parse_args(_argv(setup, tmp_path, "--max-steps", "1", flag))
+    assert getattr(args[2], installed_name("activation_checkpointing")) is True
+    layers = train(*args).model.model.language_model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipes_validate(recipe: Path) -> None:
     margs, dargs, targs = parse_args(["--config", str(recipe), "--model", "m", "--learning-rate", "3e-5", "--use-cpu"])
     assert targs.learning_rate == 3e-5  # the command line wins over the file
+    assert getattr(targs, installed_name("activation_checkpointing")) is True  # under this transformers' name
     assert targs.lr_scheduler_type == "cosine" and targs.bf16 and targs.num_train_epochs == 1
     assert margs.stage == "finetune" and not margs.no_pmod and dargs.group_by_modality_length
     assert margs.method_config().layer_ratios(32)[-1] == 0.15

@@ -30,6 +30,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "routing_loss": ("pmod.core.convert", "routing_loss"),
     "UserError": ("pmod.core.errors", "UserError"),
     "RoutingRecord": ("pmod.core.recording", "RoutingRecord"),
+    "set_attention_path": ("pmod.core.routed_layer", "set_attention_path"),
     "FastVConfig": ("pmod.methods", "FastVConfig"),
     "GammaMoDConfig": ("pmod.methods", "GammaMoDConfig"),
     "MoDConfig": ("pmod.methods", "MoDConfig"),
@@ -65,6 +66,7 @@ __all__ = [
     "record_routing",
     "routed_layers",
     "routing_loss",
+    "set_attention_path",
 ]
 
 

@@ -8,10 +8,30 @@ the tensors when generation reorders (beam search), selects, repeats or crops th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+#: What transformers calls the KV cache in model inputs and outputs: ``cache`` from 5.24 (``past_key_values`` stays a
+#: deprecated alias until 5.40), ``past_key_values`` before.
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+#: transformers >= 5.24's ``crop`` takes the number of tokens to remove (negative); before, the length to keep.
+_CROP_TAKES_COUNT = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
+
+
+def cache_of(output: Any) -> DynamicCache | None:
+    """The KV cache of a model output or of ``generate(..., return_dict_in_generate=True)``, on any transformers."""
+    return getattr(output, CACHE_NAME, None)
+
+
+def cache_kwargs(cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
+    """The keyword that hands ``cache`` to a model's forward or ``generate``: ``model(**inputs, **cache_kwargs(c))``."""
+    return {CACHE_NAME: cache}
 
 
 class PModCache(DynamicCache):
@@ -59,16 +79,28 @@ class PModCache(DynamicCache):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a negative count) from every layer.
 
-        Exact when those tokens were processed by every layer, which holds for generated (text) tokens under p-MoD,
-        MoD and FastV. Under gamma-MoD a generated token may skip a layer in every row and leave no slot there.
+        Before transformers 5.24 a value >= 0 is the length to keep (assisted decoding passes it): measured on layer
+        0, which is always dense, and turned into a count, since routed layers hold fewer slots than tokens.
+        Exact when the dropped tokens were processed by every layer, which holds for generated (text) tokens under
+        p-MoD, MoD and FastV. Under gamma-MoD a generated token may skip a layer in every row and leave no slot there.
         """
+        if not _CROP_TAKES_COUNT and tokens_to_remove >= 0:
+            tokens_to_remove = min(tokens_to_remove - self.get_seq_length(), 0)
+            if tokens_to_remove == 0:
+                return  # the count 0 would mean "keep nothing" to these versions
         super().crop(tokens_to_remove)
         if tokens_to_remove < 0:
             for i, valid in self._slots().items():
                 self._pmod_slots[i] = valid[:, :tokens_to_remove]
 
     def reset(self) -> None:
+        """Empty the cache for a new prompt, keeping the object (``generate`` and user code may hold it)."""
         super().reset()
+        # Before 5.24 a dynamic layer's reset zeroes its tensors but keeps their length, and later steps would attend
+        # to those zero slots: drop them, as 5.24 does.
+        for layer in self.layers:
+            layer.keys = layer.values = None
+            layer.is_initialized = False
         self._slots().clear()
 
 

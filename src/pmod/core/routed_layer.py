@@ -32,6 +32,16 @@ from pmod.core.compaction import (
     scatter_tokens,
     sdpa_without_cudnn,
 )
+from pmod.core.packed_attention import (
+    ATTENTION_PATHS,
+    PackedCacheWriter,
+    PackedSdpa,
+    cumulative_lengths,
+    pack_slots,
+    packed_slot_index,
+    unpack_slots,
+    varlen_flash_available,
+)
 
 #: Decoder-layer submodules a routed layer calls (the Llama family: Llama, Vicuna, Mistral, Qwen2).
 REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -105,13 +115,14 @@ class RoutedLayerMixin:
     """Forward of a routed decoder layer; mixed into the model's own decoder-layer class by
     :func:`make_routed_layer`.
 
-    Attributes set by :func:`make_routed_layer`: ``routing_rule``, ``pmod_layer_idx``; ``pmod_recorder`` is set only
-    inside :func:`pmod.record_routing`.
+    Attributes set by :func:`make_routed_layer`: ``routing_rule``, ``pmod_layer_idx``, ``pmod_attention_path``
+    (see :func:`set_attention_path`); ``pmod_recorder`` is set only inside :func:`pmod.record_routing`.
     """
 
     routing_rule: RoutingRule
     pmod_layer_idx: int
     pmod_recorder: Any = None
+    pmod_attention_path: str = "auto"
 
     @property
     def pmod_ratio(self) -> float | None:
@@ -148,10 +159,12 @@ class RoutedLayerMixin:
 
         if decision is None and routing.token_mask is None:
             most = least = seq  # every token, known without asking the device (decode steps without padding)
+            total = bsz * seq
         else:
-            # One host sync for both facts: is every token processed (no compaction), is none (nothing to run).
+            # One host sync for three facts: is every token processed (no compaction), is none (nothing to run),
+            # how many in all (the size of the packed sequence).
             counts = processed.sum(1)
-            most, least = (int(v) for v in torch.stack([counts.max(), counts.min()]).tolist())
+            most, least, total = (int(v) for v in torch.stack([counts.max(), counts.min(), counts.sum()]).tolist())
         skip_scale = None if decision is None else decision.skip_scale
         if most == 0:
             return hidden_states if skip_scale is None else hidden_states * skip_scale.unsqueeze(-1).to(hidden_states)
@@ -178,6 +191,17 @@ class RoutedLayerMixin:
         if past_key_values is not None:
             past_key_values = as_pmod_cache(past_key_values)
             past_valid = past_key_values.pmod_record_slots(self.pmod_layer_idx, slot_valid)
+        if not dense and least < most and self._packs(hidden_states, past_valid):
+            base = hidden_states
+            if skip_scale is not None:
+                base = hidden_states * skip_scale.unsqueeze(-1).to(hidden_states.dtype)
+            mlp_scale = None if decision is None else decision.mlp_scale
+            flat = packed_slot_index(slot_valid, total)
+            y = self._packed_forward(
+                x, slot_valid, flat, position_ids, position_embeddings, past_key_values, cache_name, use_cache,
+                None if mlp_scale is None else gather_tokens(mlp_scale, index), **kwargs,
+            )  # fmt: skip
+            return scatter_tokens(base, index, unpack_slots(y, flat, gather_tokens(base, index)))
         mask = build_attention_mask(
             slot_valid, past_valid, self.self_attn.config._attn_implementation, hidden_states.dtype
         )
@@ -206,6 +230,51 @@ class RoutedLayerMixin:
             base = hidden_states * skip_scale.unsqueeze(-1).to(hidden_states.dtype)
         y = torch.where(slot_valid.unsqueeze(-1), y, gather_tokens(base, index))
         return scatter_tokens(base, index, y)
+
+    def _packs(self, hidden_states: torch.Tensor, past_valid: torch.Tensor | None) -> bool:
+        """Whether this prefill of rows with unequal token counts runs packed (see :mod:`pmod.core.packed_attention`):
+        only with the ``sdpa`` attention and a layer cache that is still empty; ``auto`` also wants CUDA's varlen
+        flash kernel and no autograd (its backward is not measured yet)."""
+        if self.pmod_attention_path == "padded" or (past_valid is not None and past_valid.shape[1] > 0):
+            return False
+        if self.self_attn.config._attn_implementation != "sdpa":
+            return False
+        if self.pmod_attention_path == "packed":
+            return True
+        return not torch.is_grad_enabled() and varlen_flash_available(hidden_states)
+
+    def _packed_forward(
+        self,
+        x: torch.Tensor,
+        slot_valid: torch.Tensor,
+        flat: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Any,
+        cache_name: str,
+        use_cache: bool | None,
+        mlp_scale: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The layer on the valid slots (``flat``) of the compacted batch ``x`` [B, K, D], laid end to end: returns
+        [1, N, D]."""
+        packed = pack_slots(x, flat, 1)
+        cos, sin = position_embeddings
+        with PackedSdpa(cumulative_lengths(slot_valid), x.shape[1]), sdpa_without_cudnn():
+            attn_out, _ = self.self_attn(
+                hidden_states=self.input_layernorm(packed),
+                attention_mask=None,
+                position_ids=None if position_ids is None else pack_slots(position_ids, flat, 0),
+                use_cache=use_cache,
+                position_embeddings=(pack_slots(cos, flat, 1), pack_slots(sin, flat, 1)),
+                **{cache_name: None if cache is None else PackedCacheWriter(cache, slot_valid, flat)},
+                **kwargs,
+            )
+        h = packed + attn_out
+        m = self.mlp(self.post_attention_layernorm(h))
+        if mlp_scale is not None:
+            m = pack_slots(mlp_scale, flat, 0).unsqueeze(-1).to(m.dtype) * m
+        return h + m
 
 
 _ROUTED_CLASSES: dict[type, type] = {}
@@ -247,4 +316,28 @@ def make_routed_layer(layer: nn.Module, layer_idx: int, rule: RoutingRule) -> nn
     layer.routing_rule = rule
     layer.pmod_layer_idx = layer_idx
     layer.pmod_recorder = None
+    layer.pmod_attention_path = "auto"
     return layer
+
+
+def set_attention_path(model: nn.Module, path: str = "auto") -> nn.Module:
+    """How the routed layers of ``model`` attend when the rows of a prefill keep unequal numbers of tokens.
+
+    ``"padded"``: pad the compacted rows to the longest and mask (every backend). ``"packed"``: lay the rows end to
+    end and attend within each (``sdpa`` only; varlen flash on CUDA in fp16/bf16, one sdpa call per row elsewhere).
+    ``"auto"`` (default): packed where the varlen flash kernel runs and no gradient is taken, padded otherwise.
+    Decode steps and forwards over a non-empty cache always run padded. Returns ``model``.
+    """
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path {path!r} is not one of {', '.join(ATTENTION_PATHS)}.")
+    layers = [m for m in model.modules() if is_routed_layer(m)]
+    if path == "packed":
+        other = {m.self_attn.config._attn_implementation for m in layers} - {"sdpa"}
+        if other:
+            raise ValueError(
+                f"the packed attention path runs on attn_implementation='sdpa', this model uses {sorted(other)}; "
+                "load it with attn_implementation='sdpa' (flash_attention_2 already unpads padded rows itself)."
+            )
+    for layer in layers:
+        layer.pmod_attention_path = path
+    return model

@@ -51,7 +51,8 @@ class LlavaCollator:
                 most = max(p.shape[1] for p in pixels)
                 pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
             batch["pixel_values"] = torch.cat(pixels)
-        for key in ("image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):  # in item order
+        # In item order; OneVision's batch_num_images counts each prompt's images (several: base views only).
+        for key in ("image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "batch_num_images"):
             parts = [it[key] for it in items if key in it]
             if parts:
                 batch[key] = torch.cat(parts)

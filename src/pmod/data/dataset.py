@@ -34,8 +34,9 @@ ConvTemplate = Literal["auto", "vicuna_v1", "chat_template"]
 Truncation = Literal["truncate", "drop"]
 OnBadSample = Literal["skip", "error"]
 # Processor outputs that belong to images (LLaVA: pixel_values, image_sizes; Qwen-VL: flattened patches and their
-# grids) and are batched by the collator.
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+# grids; LLaVA-OneVision: batch_num_images, the images of each prompt) and are batched by the collator.
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+              "batch_num_images")  # fmt: skip
 # Per-token processor outputs, padded like the attention mask (Qwen-VL marks its image / video tokens).
 TOKEN_KEYS = ("mm_token_type_ids",)
 
@@ -318,7 +319,7 @@ class LlavaDataset(Dataset):
         prompt = self.build_prompt(record)
         out = self.processor(
             text=[prompt.text],
-            images=images or None,
+            images=[images] if images else None,  # one prompt's images (OneVision: base views when several)
             return_tensors="pt",
             add_special_tokens=prompt.add_special_tokens,
         )

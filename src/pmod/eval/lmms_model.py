@@ -16,7 +16,6 @@ the model on its own device and writes its own cost file.
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import os
 import time
@@ -30,6 +29,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from pmod.core.cache import cache_kwargs
 from pmod.core.errors import UserError
 from pmod.eval.cost import (
     CostLog,
@@ -92,10 +92,6 @@ class PModLMM(lmms):
         generation = self.model.generation_config
         eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        # transformers 5.24 renamed the forward's cache argument (past_key_values still works, with a warning)
-        self._cache_kwarg = (
-            "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        )
         self.keep_model = False  # `pmod eval` keeps the model between tasks; lmms-eval's CLI frees it at the end
         name = Path(pretrained).name + (f"-{config.method}" if config is not None else "")
         self.set_cost_dir(cost_dir or os.environ.get("PMOD_COST_DIR") or Path("pmod-costs") / name)
@@ -191,8 +187,9 @@ class PModLMM(lmms):
 
     def _encode(self, texts: list[str], visuals: list[list[Image.Image]], padding_side: str) -> Any:
         self.tokenizer.padding_side = padding_side
-        flat = [image for images in visuals for image in images]
-        inputs = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True).to(self._device)
+        # One list per prompt, as pmod.io.loading.encode and the processors' apply_chat_template pass them.
+        nested = [list(images) for images in visuals] if any(visuals) else None
+        inputs = self.processor(text=texts, images=nested, return_tensors="pt", padding=True).to(self._device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -227,7 +224,7 @@ class PModLMM(lmms):
         clock.begin()
         with torch.inference_mode():
             out = self.model.generate(
-                **inputs, **{self._cache_kwarg: cache}, max_new_tokens=max_new,
+                **inputs, **cache_kwargs(cache), max_new_tokens=max_new,
                 logits_processor=LogitsProcessorList([clock]),
                 stopping_criteria=StoppingCriteriaList([StopStrings(self.tokenizer, until, mask.shape[1])]),
                 pad_token_id=self.tokenizer.pad_token_id, **gen,
@@ -280,7 +277,7 @@ class PModLMM(lmms):
         _sync()
         started = time.perf_counter()
         with torch.inference_mode():
-            logits = self.model(**inputs, **{self._cache_kwarg: cache}, use_cache=True).logits
+            logits = self.model(**inputs, **cache_kwargs(cache), use_cache=True).logits
         _sync()
         prefill_ms = (time.perf_counter() - started) * 1000
         kv_rows = row_kv_bytes(cache, mask)

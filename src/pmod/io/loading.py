@@ -110,7 +110,9 @@ def encode(
     with its images and, for models that take them, its videos (each a list of frames)."""
     videos = videos or [[] for _ in prompts]
     texts = [build_prompt(processor, p, len(imgs), len(vids)) for p, imgs, vids in zip(prompts, images, videos)]
-    flat = [img for imgs in images for img in imgs]
+    # Images go per prompt (a list of lists), as the processors' own apply_chat_template passes them: LLaVA-OneVision
+    # gives each image of a several-image prompt its base view only, and anyres to a prompt's single image.
+    nested = [list(imgs) for imgs in images] if any(images) else None
     clips = [clip for vids in videos for clip in vids]
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     extra = {}
@@ -120,7 +122,7 @@ def encode(
                             "videos (Qwen-VL, LLaVA-OneVision)")  # fmt: skip
         extra["videos"] = clips
     try:
-        inputs = processor(text=texts, images=flat or None, return_tensors="pt", padding=True, **extra)
+        inputs = processor(text=texts, images=nested, return_tensors="pt", padding=True, **extra)
     except ImportError as err:  # video processors need torchvision
         raise UserError(f"the processor cannot run here: {' '.join(str(err).split())[:160]}") from err
     limit = model.config.get_text_config().max_position_embeddings

@@ -51,6 +51,7 @@ def answer(
     """Greedy (or sampled) answers to ``prompts`` with their images (and videos), and the KV-cache report."""
     import torch
 
+    from pmod.core.cache import cache_of
     from pmod.io.loading import encode
 
     inputs = encode(processor, model, prompts, images, videos)
@@ -65,10 +66,7 @@ def answer(
             **sampling,
         )
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    cache = getattr(out, "cache", None)  # transformers >= 5.24; ``past_key_values`` before
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    return processor.batch_decode(new, skip_special_tokens=True), cache_report(cache)
+    return processor.batch_decode(new, skip_special_tokens=True), cache_report(cache_of(out))
 
 
 def read_batch_file(path: str) -> list[dict[str, str]]:

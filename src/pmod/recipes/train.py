@@ -30,7 +30,7 @@ from pmod.core.config import MethodConfig, method_names
 from pmod.core.errors import UserError
 from pmod.recipes import method_flags
 from pmod.recipes.parsing import CommandParser, dashed
-from pmod.recipes.trainer_fields import FALSE, TRUE, check_value, trainer_fields
+from pmod.recipes.trainer_fields import FALSE, RENAMED, TRUE, check_value, installed_name, trainer_fields
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -116,8 +116,10 @@ stage 2 lr 2e-5; cosine, warmup 3%, 1 epoch), and recipes/*.yaml in the reposito
 is none and the run starts fresh); a path resumes that checkpoint.
 
 Trainer flags: every transformers.TrainingArguments field is a flag ({count} of them, e.g. --learning-rate,
---per-device-train-batch-size, --gradient-accumulation-steps, --bf16, --gradient-checkpointing, --save-steps,
+--per-device-train-batch-size, --gradient-accumulation-steps, --bf16, --activation-checkpointing, --save-steps,
 --save-total-limit, --deepspeed, --report-to). `pmod train --help-trainer` lists them with their help.
+--activation-checkpointing (transformers 5.24's name) and --gradient-checkpointing (the name before) both work
+on every supported transformers.
 """
 
 
@@ -154,7 +156,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     _add_dataclass(parser.add_argument_group("data"), DataArguments)
     method_flags.add_method_arguments(parser, TRAINABLE, suppress=True)
     trainer = parser.add_argument_group("Trainer (transformers.TrainingArguments; see --help-trainer)")
-    for name in trainer_fields():
+    # A flag renamed by transformers is taken under both names, whichever this transformers has.
+    for name in dict.fromkeys([*trainer_fields(), *RENAMED, *RENAMED.values()]):
         trainer.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs="?", const="true",
                              default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
 
@@ -193,6 +196,7 @@ def args_from_namespace(ns: argparse.Namespace) -> tuple[ModelArguments, DataArg
         except (OSError, ValueError) as err:
             raise TrainError(f"cannot read --config {ns.config}: {err}") from err
     merged.update(given)
+    merged = {installed_name(k): v for k, v in merged.items()}
     settings = {key: merged.pop(key) for key in list(method_flags.given_method_flags(merged))}
     own = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
     fields = trainer_fields()

@@ -16,6 +16,11 @@ from pathlib import Path
 
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
+#: Trainer flags transformers 5.24 renamed (new name: old name); the old names stay deprecated aliases until v6.
+RENAMED = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,15 @@ def trainer_fields() -> dict[str, TrainerField]:
         for f in dataclasses.fields(TrainingArguments)
         if f.init
     }
+
+
+def installed_name(name: str) -> str:
+    """The name the installed ``TrainingArguments`` reads a flag under: a renamed flag, given by either name, goes
+    to its new name where that exists and to its old one before 5.24; other names are returned as they are."""
+    new = next((n for n, old in RENAMED.items() if name in (n, old)), None)
+    if new is None:
+        return name
+    return new if new in trainer_fields() else RENAMED[new]
 
 
 def _fields_from_source(text: str) -> dict[str, TrainerField]:

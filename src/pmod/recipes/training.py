@@ -23,6 +23,7 @@ from pmod.io.importers.llava_parts import assemble_llava
 from pmod.io.loading import check_model_folder
 from pmod.recipes.train import DataArguments, ModelArguments, TrainError
 from pmod.recipes.trainer import PModTrainer, clean_staging
+from pmod.recipes.trainer_fields import installed_name
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,10 @@ def train(
     model, processor = build_model(margs, method_config)
     if margs.lora_r:
         model = apply_lora(model, margs)
-    if targs.gradient_checkpointing:
-        targs.gradient_checkpointing_kwargs = targs.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    checkpointing = installed_name("activation_checkpointing")  # gradient_checkpointing before transformers 5.24
+    if getattr(targs, checkpointing):
+        options = f"{checkpointing}_kwargs"
+        setattr(targs, options, getattr(targs, options) or {"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     targs.remove_unused_columns = False  # the collator's keys are the model's inputs; keep image_sizes etc.

@@ -221,3 +221,13 @@ def routed_batch(
         am[r, start : start + t + v] = 1
         vm[r, start : start + t + v] = kinds.bool()
     return ids, am, vm
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing under the installed transformers' name: ``activation_checkpointing_
+    enable`` from 5.24, ``gradient_checkpointing_enable`` (a deprecated alias there) before."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
