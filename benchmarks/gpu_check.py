@@ -24,13 +24,9 @@ routers), alternate in ABBA order after warm-up, and are timed with CUDA events.
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import re
 import statistics
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shar
 import bench_decode  # noqa: E402
 import common  # noqa: E402
 import gpu_correctness  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from gpu_tools import build_pair, card_name, free_memory, guarded, log, paired_ratios, timer  # noqa: E402
+from gpu_train import train_section  # noqa: E402
 
 import pmod  # noqa: E402
 from pmod import PModConfig  # noqa: E402
 from pmod.analysis.flops import estimate  # noqa: E402
-from pmod.testing import randomize_routers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("correctness", "prefill", "decode", "train")
@@ -70,50 +66,6 @@ DRY: dict[str, Any] = dict(
 #: Targets of the GPU issue (checked in this benchmark, never in unit tests).
 PREFILL_SLACK = 1.05  # time ratio <= 1.05 x the analytic causal FLOPs ratio
 DECODE_TARGET = 1.5  # throughput ratio at batch 32
-TRAIN_TARGET = 0.70  # step time ratio
-
-
-def log(message: str) -> None:
-    common.log(message)
-
-
-def card_name(device: str) -> str:
-    """``nvidia_h100_80gb_hbm3`` for a CUDA device, ``cpu`` otherwise."""
-    if not device.startswith("cuda"):
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name().lower()).strip("_")
-
-
-def timer(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
-    """Seconds of ``fn()`` on the device's timeline (CUDA events), or wall seconds on a CPU."""
-    if not device.startswith("cuda"):
-        return common.timed(fn, device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    out = fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3, out
-
-
-def free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def build_pair(shape: common.Shape, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """A random dense Llama made on the device, and a p-MoD model (PRD defaults, random routers) that shares its
-    weights: the memory of one model, so that the 7B pair, a batch-32 cache and training states fit one GPU."""
-    config = shape.llama_config()
-    config.max_position_embeddings = 16384
-    torch.manual_seed(seed)
-    with torch.device(device):
-        dense = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
-    shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
-    routed = pmod.convert(copy.deepcopy(dense, shared), PModConfig())
-    randomize_routers(routed, seed=seed)
-    return {"dense": dense, "pmod": routed.eval()}
 
 
 def causal_flops(config: Any, n_vision: int, n_text: int) -> tuple[float, float]:
@@ -146,11 +98,6 @@ def padded_prompt(n_visions: list[int], n_text: int, vocab: int, device: str, se
     equal = len(set(n_visions)) == 1
     mask = None if equal else am.to(device)
     return {"input_ids": ids.to(device), "attention_mask": mask, "vision_mask": vm.to(device)}
-
-
-def paired_ratios(samples: dict[str, list[common.Metrics]], key: str = "seconds") -> list[float]:
-    """p-MoD / dense per repetition (each pair ran back to back)."""
-    return [p[key] / d[key] for d, p in zip(samples["dense"], samples["pmod"])]
 
 
 def prefill_case(models: dict[str, torch.nn.Module], label: str, n_visions: list[int], setting: dict[str, Any],
@@ -245,99 +192,6 @@ def decode_section(models: dict[str, torch.nn.Module], setting: dict[str, Any], 
         runs.append(guarded(one, device, f"decode b{batch}"))
         free_memory(device)
     return runs
-
-
-def checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing under the current name (transformers >= 5.24), else the older one."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def train_case(models: dict[str, torch.nn.Module], setting: dict[str, Any], device: str) -> dict[str, Any]:
-    """Forward + backward and the AdamW step of both models, batch 2, activation checkpointing on."""
-    batch, n_vision, n_text = setting["train_batch"], setting["n_vision"], setting["n_text"]
-    ids, vision = common.prompt(batch, n_vision, n_text, setting["shape"].vocab, device)
-    labels = ids.masked_fill(vision, -100)
-    for model in models.values():
-        checkpointing(model)
-        model.train()
-    # One optimizer over the p-MoD model's parameters: the shared weights plus the routers (which get no gradient
-    # from the dense model's steps, so AdamW leaves them alone there).
-    optimizer = torch.optim.AdamW(models["pmod"].parameters(), lr=1e-6, foreach=True)
-
-    def step(name: str) -> common.Metrics:
-        model = models[name]
-        extra = {"vision_mask": vision} if name == "pmod" else {}
-
-        def forward_backward() -> torch.Tensor:
-            loss = model(input_ids=ids, labels=labels, use_cache=False, **extra).loss
-            loss.backward()
-            return loss.detach()
-
-        with common.PeakMemory(device) as mem:
-            fb, loss = timer(forward_backward, device)
-            opt, _ = timer(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)), device)
-        return {"seconds": fb + opt, "forward_backward_s": fb, "optimizer_s": opt, "loss": float(loss),
-                "peak_memory_delta_bytes": mem.bytes}  # fmt: skip
-
-    log(f"train step: layers={models['dense'].config.num_hidden_layers} batch={batch}")
-    samples = common.alternate({"dense": lambda: step("dense"), "pmod": lambda: step("pmod")},
-                               1, setting["train_reps"], log)  # fmt: skip
-    med = {name: common.medians(runs) for name, runs in samples.items()}
-    ratio = med["pmod"]["seconds"] / med["dense"]["seconds"]
-    fb_ratio = med["pmod"]["forward_backward_s"] / med["dense"]["forward_backward_s"]
-    return {
-        "label": f"b{batch} {n_vision}+{n_text}, {models['dense'].config.num_hidden_layers} layers, checkpointing",
-        "layers": models["dense"].config.num_hidden_layers,
-        "batch_size": batch,
-        "dense_s": med["dense"]["seconds"],
-        "pmod_s": med["pmod"]["seconds"],
-        "time_ratio": ratio,
-        "forward_backward_ratio": fb_ratio,
-        "paired_ratio_min": min(paired_ratios(samples)),
-        "paired_ratio_max": max(paired_ratios(samples)),
-        "optimizer_s": med["dense"]["optimizer_s"],
-        "dense_peak_memory_delta_bytes": med["dense"]["peak_memory_delta_bytes"],
-        "pmod_peak_memory_delta_bytes": med["pmod"]["peak_memory_delta_bytes"],
-        "losses_finite": all(s["loss"] == s["loss"] and abs(s["loss"]) != float("inf")
-                             for runs in samples.values() for s in runs),  # fmt: skip
-        "target": f"time_ratio <= {TRAIN_TARGET}",
-        "target_met": ratio <= TRAIN_TARGET,
-        "samples": samples,
-    }
-
-
-def guarded(fn: Callable[[], dict[str, Any]], device: str, label: str) -> dict[str, Any]:
-    """Run one case; an out-of-memory or other error is recorded in the result, and the check goes on."""
-    try:
-        return fn()
-    except torch.cuda.OutOfMemoryError as err:
-        free_memory(device)
-        return {"label": label, "error": f"out of memory: {str(err).splitlines()[0]}"}
-    except Exception as err:  # noqa: BLE001 - one broken case must not lose the others' numbers
-        free_memory(device)
-        return {"label": label, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-
-
-def train_section(models: dict[str, torch.nn.Module], setting: dict[str, Any], device: str,
-                  dtype: torch.dtype) -> dict[str, Any]:  # fmt: skip
-    """The training step at full depth; if that runs out of memory, at half the depth (a fresh pair), labelled."""
-    result = guarded(lambda: train_case(models, setting, device), device, "train")
-    layers = setting["shape"].layers
-    if "out of memory" not in result.get("error", ""):
-        return result
-    models.clear()
-    free_memory(device)
-    half = common.Shape(**{**setting["shape"].__dict__, "layers": layers // 2})
-    log(f"train step: {layers} layers ran out of memory; trying {half.layers}")
-    smaller = build_pair(half, device, dtype)
-    retry = guarded(lambda: train_case(smaller, setting, device), device, "train")
-    retry["layers_reduced_from"] = layers
-    retry["layers_reduced_reason"] = result["error"]
-    return retry
 
 
 def table(result: dict[str, Any]) -> str:
