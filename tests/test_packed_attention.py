@@ -14,6 +14,7 @@ import torch
 
 import pmod
 from pmod import PModConfig
+from pmod.core import packed_attention
 from pmod.core.packed_attention import cumulative_lengths, packed_causal_attention
 from pmod.testing import IMAGE_TOKEN_ID, llava_next_batch, randomize_routers, tiny_llama, tiny_llava_next
 from pmod.testing import routed_batch as make_batch
@@ -37,32 +38,31 @@ def routed_llama(method: pmod.MethodConfig | None = None) -> tuple[torch.nn.Modu
     return dense, model
 
 
-def count_packed_calls(model: torch.nn.Module) -> list[int]:
-    """Wraps every routed layer's packed forward to count its calls (so a test knows the path it checks ran)."""
+@pytest.fixture
+def packed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the packed attention calls (one per routed layer that packs), so a test knows the path it checks ran."""
     calls = [0]
-    for layer in pmod.routed_layers(model).values():
-        inner = layer._packed_forward
+    inner = packed_attention.packed_causal_attention
 
-        def counted(*args, _inner=inner, **kwargs):
-            calls[0] += 1
-            return _inner(*args, **kwargs)
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
 
-        layer._packed_forward = counted
+    monkeypatch.setattr(packed_attention, "packed_causal_attention", counted)
     return calls
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_packed_equals_padded_and_the_reference(padding_side: str) -> None:
+def test_packed_equals_padded_and_the_reference(padding_side: str, packed_calls: list[int]) -> None:
     dense, model = routed_llama()
     ids, am, vm = make_batch(ROWS, padding_side)
     routers = {i: layer.router for i, layer in pmod.routed_layers(model).items()}
-    calls = count_packed_calls(model)
     with torch.no_grad():
         padded = pmod.set_attention_path(model, "padded")(input_ids=ids, attention_mask=am, vision_mask=vm).logits
-        assert calls[0] == 0
+        assert packed_calls[0] == 0
         packed = pmod.set_attention_path(model, "packed")(input_ids=ids, attention_mask=am, vision_mask=vm).logits
         want = reference_forward(dense, routers, RATIOS, ids, am, vm, pmod.get_method_config(model))
-    assert calls[0] == 5  # every routed layer packed its unequal rows
+    assert packed_calls[0] == 5  # every routed layer packed its unequal rows
     real = am.bool()
     torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[real], want[real], atol=2e-5, rtol=1e-4)
@@ -84,17 +84,17 @@ def test_other_methods_packed_equal_padded(method: str) -> None:
     torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-5)
 
 
-def test_generation_after_a_packed_prefill_equals_recomputation() -> None:
+def test_generation_after_a_packed_prefill_equals_recomputation(packed_calls: list[int]) -> None:
     """The packed prefill writes the layer caches in the padded slot layout the decode steps read (LLaVA-NeXT
     rows of unequal image sizes and a text-only row)."""
     model = pmod.convert(tiny_llava_next(num_layers=8))
     randomize_routers(model, scale=3.0)
     batch = llava_next_batch(model, [(3, 5), (2, 2), (6, 1), (4, 4)], [(16, 32), (32, 32), None, (32, 16)], "left")
     gen = dict(GEN, suppress_tokens=[IMAGE_TOKEN_ID], output_logits=True, return_dict_in_generate=True)
-    calls = count_packed_calls(pmod.set_attention_path(model, "packed"))
+    pmod.set_attention_path(model, "packed")
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=12, **gen)
-        assert calls[0] == 6  # the prefill of the 6 routed layers; decode steps run padded over the cache
+        assert packed_calls[0] == 6  # the prefill of the 6 routed layers; decode steps run padded over the cache
         full = model.generate(**batch, max_new_tokens=12, use_cache=False, **gen)
         padded = pmod.set_attention_path(model, "padded").generate(**batch, max_new_tokens=12, **gen)
     assert torch.equal(out.sequences, full.sequences)
@@ -119,7 +119,7 @@ def test_packed_gradients_equal_padded() -> None:
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_m_rope_backbones_packed_equal_the_reference(family: str) -> None:
+def test_m_rope_backbones_packed_equal_the_reference(family: str, packed_calls: list[int]) -> None:
     """M-RoPE cos/sin and 3-axis position ids are packed per axis; Qwen3-VL's deepstack layers stay dense."""
     dense = tiny_qwen_vl(family, num_layers=6)
     model = pmod.convert(copy.deepcopy(dense), PModConfig(schedule="explicit", ratios=RATIOS))
@@ -130,14 +130,14 @@ def test_m_rope_backbones_packed_equal_the_reference(family: str) -> None:
     captured = capture_decoder_inputs(dense, decoder, **batch)
     real = batch["attention_mask"].bool()
     vision = ((batch["input_ids"] == IMAGE_ID) | (batch["input_ids"] == VIDEO_ID)) & real
-    calls = count_packed_calls(pmod.set_attention_path(model, "packed"))
+    pmod.set_attention_path(model, "packed")
     with torch.no_grad():
         got = model(**batch).logits
         want = reference_decoder_logits(dense, decoder, reference_rules(model), captured, real, vision)
         generated = model.generate(**batch, max_new_tokens=8, suppress_tokens=[IMAGE_ID, VIDEO_ID, START_ID], **GEN)
         recomputed = model.generate(**batch, max_new_tokens=8, use_cache=False,
                                     suppress_tokens=[IMAGE_ID, VIDEO_ID, START_ID], **GEN)  # fmt: skip
-    assert calls[0] > 0
+    assert packed_calls[0] > 0
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
     assert torch.equal(generated, recomputed)
 
@@ -159,7 +159,7 @@ def test_packed_causal_attention_is_per_row_causal_attention() -> None:
         torch.testing.assert_close(got[0, :, a:b], scores.softmax(-1) @ vv, atol=1e-6, rtol=1e-5)
 
 
-def test_attention_path_mistakes() -> None:
+def test_attention_path_mistakes(packed_calls: list[int]) -> None:
     _, model = routed_llama()
     with pytest.raises(ValueError, match="not one of auto, padded, packed"):
         pmod.set_attention_path(model, "varlen")
@@ -167,8 +167,8 @@ def test_attention_path_mistakes() -> None:
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         pmod.set_attention_path(eager, "packed")
     # auto on the CPU keeps the padded path (no varlen kernel): the layers never pack
-    calls = count_packed_calls(pmod.set_attention_path(model, "auto"))
+    pmod.set_attention_path(model, "auto")
     ids, am, vm = make_batch(ROWS, "left")
     with torch.no_grad():
         model(input_ids=ids, attention_mask=am, vision_mask=vm)
-    assert calls[0] == 0
+    assert packed_calls[0] == 0

@@ -17,6 +17,7 @@ slot layout the :class:`~pmod.core.cache.PModCache` keeps, so decoding after a p
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -33,12 +34,19 @@ def varlen_flash_available(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
 
 
+@functools.cache
 def _varlen_attn() -> Any:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
         return None
     return varlen_attn
+
+
+@functools.cache
+def _varlen_takes() -> frozenset[str]:
+    """The keyword parameters of the installed ``varlen_attn`` (they changed between torch releases)."""
+    return frozenset(inspect.signature(_varlen_attn()).parameters)
 
 
 def packed_slot_index(slot_valid: torch.Tensor, total: int) -> torch.Tensor:
@@ -85,15 +93,14 @@ def packed_causal_attention(
         value = value.repeat_interleave(heads // kv_heads, dim=1)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, d]
     if dropout_p == 0.0 and varlen_flash_available(q):
-        varlen_attn = _varlen_attn()
-        params = inspect.signature(varlen_attn).parameters
+        params = _varlen_takes()
         # torch 2.10 takes ``is_causal`` and no ``scale``; later versions express causality as the window (-1, 0).
         options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
         if "scale" in params:
             options["scale"] = scale
         elif scale is not None:
             q = q * (scale * q.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(d)
-        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
+        out = _varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
     else:
         bounds = cu_seqlens.tolist()
         out = torch.cat([
@@ -111,12 +118,13 @@ class PackedSdpa(TorchFunctionMode):
 
     transformers' ``sdpa`` attention calls it with ``is_causal=True`` and no mask when it gets no mask for a
     multi-token query, which is what the routed layer gives it on the packed path; any other call (a mask, or
-    another length) would mean the attention module did something this path does not know, and raises.
+    another length than the ``total`` packed tokens) would mean the attention module did something this path does
+    not know, and raises.
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_len: int) -> None:
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int, total: int) -> None:
         super().__init__()
-        self.cu_seqlens, self.max_len = cu_seqlens, max_len
+        self.cu_seqlens, self.max_len, self.total = cu_seqlens, max_len, total
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -124,13 +132,14 @@ class PackedSdpa(TorchFunctionMode):
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         call = {**dict(zip(names, args)), **kwargs}
-        if call.get("attn_mask") is not None or not call.get("is_causal", False):
+        query = call["query"]
+        if call.get("attn_mask") is not None or not call.get("is_causal", False) or query.shape[-2] != self.total:
             raise RuntimeError(
                 "pmod's packed attention expected a causal, mask-free sdpa call from the attention module; this "
                 "model's attention does something else. Use pmod.set_attention_path(model, 'padded')."
             )
         return packed_causal_attention(
-            call["query"], call["key"], call["value"], self.cu_seqlens, self.max_len,
+            query, call["key"], call["value"], self.cu_seqlens, self.max_len,
             scale=call.get("scale"), dropout_p=call.get("dropout_p", 0.0),
         )  # fmt: skip
 

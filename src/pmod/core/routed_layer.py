@@ -16,6 +16,7 @@ The rule (one per routed layer, made by the method config's ``build``) is all th
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,45 +192,59 @@ class RoutedLayerMixin:
         if past_key_values is not None:
             past_key_values = as_pmod_cache(past_key_values)
             past_valid = past_key_values.pmod_record_slots(self.pmod_layer_idx, slot_valid)
-        if not dense and least < most and self._packs(hidden_states, past_valid):
-            base = hidden_states
-            if skip_scale is not None:
-                base = hidden_states * skip_scale.unsqueeze(-1).to(hidden_states.dtype)
-            mlp_scale = None if decision is None else decision.mlp_scale
+        mlp_scale = None if decision is None else decision.mlp_scale
+        if mlp_scale is not None and not dense:
+            mlp_scale = gather_tokens(mlp_scale, index)
+        packs = not dense and least < most and self._packs(hidden_states, past_valid)
+        if packs:
             flat = packed_slot_index(slot_valid, total)
-            y = self._packed_forward(
-                x, slot_valid, flat, position_ids, position_embeddings, past_key_values, cache_name, use_cache,
-                None if mlp_scale is None else gather_tokens(mlp_scale, index), **kwargs,
-            )  # fmt: skip
-            return scatter_tokens(base, index, unpack_slots(y, flat, gather_tokens(base, index)))
-        mask = build_attention_mask(
-            slot_valid, past_valid, self.self_attn.config._attn_implementation, hidden_states.dtype
-        )
-        with sdpa_without_cudnn():
+            y = self._packed_block(x, slot_valid, flat, position_ids, position_embeddings, past_key_values,
+                                   cache_name, use_cache, mlp_scale, **kwargs)  # fmt: skip
+        else:
+            mask = build_attention_mask(
+                slot_valid, past_valid, self.self_attn.config._attn_implementation, hidden_states.dtype
+            )
+            y = self._block(x, mask, position_ids, position_embeddings, {cache_name: past_key_values}, use_cache,
+                            mlp_scale, **kwargs)  # fmt: skip
+            if dense:
+                return y
+        base = hidden_states
+        if skip_scale is not None:
+            base = hidden_states * skip_scale.unsqueeze(-1).to(hidden_states.dtype)
+        filler = gather_tokens(base, index)  # unprocessed slots write back their own (scaled) value
+        y = unpack_slots(y, flat, filler) if packs else torch.where(slot_valid.unsqueeze(-1), y, filler)
+        return scatter_tokens(base, index, y)
+
+    def _block(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: dict[str, Any],
+        use_cache: bool | None,
+        mlp_scale: torch.Tensor | None,
+        packing: PackedSdpa | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The decoder layer on ``x``: ``h = x + Attn(LN(x))``, ``h + mlp_scale * MLP(LN(h))``. ``cache`` is the
+        cache keyword (``{"cache": ...}`` or ``{"past_key_values": ...}``); ``packing`` routes the attention's sdpa
+        call to the packed kernel."""
+        with sdpa_without_cudnn(), packing or contextlib.nullcontext():
             attn_out, _ = self.self_attn(
                 hidden_states=self.input_layernorm(x),
-                attention_mask=mask,
+                attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
-                **{cache_name: past_key_values},
+                **cache,
                 **kwargs,
             )
         h = x + attn_out
         m = self.mlp(self.post_attention_layernorm(h))
-
-        mlp_scale = None if decision is None else decision.mlp_scale
         if mlp_scale is not None:
-            mlp_scale = mlp_scale if dense else gather_tokens(mlp_scale, index)
             m = mlp_scale.unsqueeze(-1).to(m.dtype) * m
-        y = h + m
-        if dense:
-            return y
-        base = hidden_states
-        if skip_scale is not None:
-            base = hidden_states * skip_scale.unsqueeze(-1).to(hidden_states.dtype)
-        y = torch.where(slot_valid.unsqueeze(-1), y, gather_tokens(base, index))
-        return scatter_tokens(base, index, y)
+        return h + m
 
     def _packs(self, hidden_states: torch.Tensor, past_valid: torch.Tensor | None) -> bool:
         """Whether this prefill of rows with unequal token counts runs packed (see :mod:`pmod.core.packed_attention`):
@@ -243,7 +258,7 @@ class RoutedLayerMixin:
             return True
         return not torch.is_grad_enabled() and varlen_flash_available(hidden_states)
 
-    def _packed_forward(
+    def _packed_block(
         self,
         x: torch.Tensor,
         slot_valid: torch.Tensor,
@@ -256,25 +271,20 @@ class RoutedLayerMixin:
         mlp_scale: torch.Tensor | None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """The layer on the valid slots (``flat``) of the compacted batch ``x`` [B, K, D], laid end to end: returns
-        [1, N, D]."""
-        packed = pack_slots(x, flat, 1)
+        """:meth:`_block` on the valid slots (``flat``) of the compacted batch ``x`` [B, K, D], laid end to end:
+        returns [1, N, D]."""
         cos, sin = position_embeddings
-        with PackedSdpa(cumulative_lengths(slot_valid), x.shape[1]), sdpa_without_cudnn():
-            attn_out, _ = self.self_attn(
-                hidden_states=self.input_layernorm(packed),
-                attention_mask=None,
-                position_ids=None if position_ids is None else pack_slots(position_ids, flat, 0),
-                use_cache=use_cache,
-                position_embeddings=(pack_slots(cos, flat, 1), pack_slots(sin, flat, 1)),
-                **{cache_name: None if cache is None else PackedCacheWriter(cache, slot_valid, flat)},
-                **kwargs,
-            )
-        h = packed + attn_out
-        m = self.mlp(self.post_attention_layernorm(h))
-        if mlp_scale is not None:
-            m = pack_slots(mlp_scale, flat, 0).unsqueeze(-1).to(m.dtype) * m
-        return h + m
+        return self._block(
+            pack_slots(x, flat, 1),
+            None,
+            None if position_ids is None else pack_slots(position_ids, flat, 0),
+            (pack_slots(cos, flat, 1), pack_slots(sin, flat, 1)),
+            {cache_name: None if cache is None else PackedCacheWriter(cache, slot_valid, flat)},
+            use_cache,
+            None if mlp_scale is None else pack_slots(mlp_scale, flat, 0),
+            packing=PackedSdpa(cumulative_lengths(slot_valid), x.shape[1], len(flat)),
+            **kwargs,
+        )
 
 
 _ROUTED_CLASSES: dict[type, type] = {}
