@@ -63,6 +63,13 @@ def original_ratio(layer: int, factor: float, max_ratio: float, min_ratio: float
     return None if r > max_ratio else max(r, min_ratio)
 
 
+def source_llama_config(layers: int, vocab: int) -> LlamaConfig:
+    """The language model of the tiny original-format checkpoints (Vicuna's layout at width 64)."""
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
 def write_tokenizer(folder: Path) -> int:
     """A word-level stand-in for the sentencepiece LLaMA tokenizer: ``<unk> <s> </s>``, no image or pad token."""
     words = sorted({w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(WORDS)})
@@ -111,18 +118,7 @@ def write_source(
     tower = str(tower_folder(folder.parent, preprocessor=True))
     vocab = write_tokenizer(folder)
     torch.manual_seed(seed)
-    llama = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    llama = source_llama_config(layers, vocab)
     lm = LlamaForCausalLM(llama).state_dict()
     ratios = [original_ratio(i, *schedule) for i in range(layers)] if pmod_source else [None] * layers
     tensors = {}
@@ -230,17 +226,7 @@ def hand_logits(
     """A dense Llama with the source weights on the hand-made input embeddings; p-MoD layers through the reference
     rule with the source routers and the original code's ratios."""
     vocab = tensors["model.embed_tokens.weight"].shape[0]
-    llama = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-    )
-    dense = LlamaForCausalLM(llama).eval()
+    dense = LlamaForCausalLM(source_llama_config(LAYERS, vocab)).eval()
     dense.load_state_dict(
         {
             hf_name(k).replace("model.language_model.", "model."): v
