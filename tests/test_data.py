@@ -177,7 +177,7 @@ def test_truncation_never_cuts_image_tokens(tok, processor, folder: Path) -> Non
     assert kept == list(range(max(image_end, first_target + 1), n + 1))
     assert stood_in == list(range(len(short_full["input_ids"]) - 1, kept[0]))
     drop = LlavaDataset([TWO_TURNS, TWO_TURNS], processor, image_folder=folder, max_length=n - 1, truncation="drop")
-    with pytest.raises(BadSampleError, match="no usable with images record"):
+    with pytest.raises(BadSampleError, match="no usable record left to stand in for record 0"):
         drop[0]
     assert drop.stats["dropped_too_long"] == 2 and "tokens > max_length" in drop.summary()
 
@@ -214,6 +214,19 @@ def test_skip_and_error_on_bad_samples(processor, folder: Path, caplog: pytest.L
     with pytest.raises(BadSampleError, match=r"record 2 \(id text-bad\): no_assistant_turn"):
         strict[2]
     assert LlavaDataset(records, processor, image_folder=folder).scan() == ds.stats
+
+
+def test_a_lone_bad_record_of_its_modality_never_stops_a_run(processor, folder: Path) -> None:
+    """A `null` record (text-only by its modality) among image records, and a lone bad image record among text-only
+    ones: no usable record of their modality is left, so one of the other modality stands in instead of raising
+    (which used to stop training at that step, and again on every resume)."""
+    text = {"id": "text", "conversations": conv("How many sides does a square have?", "four")}
+    for records, bad, good in (([TWO_TURNS, None], 1, 0), ([text, {**TWO_TURNS, "image": "missing.png"}], 1, 0)):
+        ds = LlavaDataset(records, processor, image_folder=folder)
+        assert ds[bad]["input_ids"].tolist() == ds[good]["input_ids"].tolist()
+        assert ds.stats == {"bad": 1, "dropped_too_long": 0, "truncated": 0}
+    with pytest.raises(BadSampleError, match="no usable record left to stand in for record 0"):
+        LlavaDataset([None, None], processor, image_folder=folder)[0]
 
 
 def test_collator_padding(processor, folder: Path) -> None:

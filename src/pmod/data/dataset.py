@@ -157,7 +157,8 @@ class LlavaDataset(Dataset):
             (``"skip"``) or raises :class:`BadSampleError` naming the record (``"error"``).
 
     A skipped or dropped item is replaced by the next usable record of the same modality (image vs text-only), so
-    batch sizes and the sampler's modality grouping hold; :attr:`bad_samples`, :attr:`stats` and :meth:`summary`
+    batch sizes and the sampler's modality grouping hold (or, when that modality has no usable record left, of the
+    other one); :attr:`bad_samples`, :attr:`stats` and :meth:`summary`
     report them. These counters live in the process that builds the items (with DataLoader workers, each worker
     keeps its own); :meth:`scan` builds every item once in this process.
     """
@@ -256,18 +257,21 @@ class LlavaDataset(Dataset):
         return self.stats
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        # The next usable record of the same modality stands in, so modality-grouped batches stay unmixed; when
+        # that modality has none left (a lone `null` or text-only record among image records), one of the other
+        # modality does: a skipped record must never stop a run while any usable record is left.
         n = len(self)
-        for step in range(n):
-            j = (index + step) % n
-            if j in self._unusable or self._has_image[j] != self._has_image[index]:
-                continue
-            try:
-                return self.encode(j)
-            except _Unusable as err:
-                self._mark(j, err)
-        modality = "with images" if self._has_image[index] else "text-only"
+        for same in (True, False):
+            for step in range(n):
+                j = (index + step) % n
+                if j in self._unusable or (self._has_image[j] == self._has_image[index]) != same:
+                    continue
+                try:
+                    return self.encode(j)
+                except _Unusable as err:
+                    self._mark(j, err)
         raise BadSampleError(
-            f"no usable {modality} record left to stand in for record {index} ({self.summary().splitlines()[0]}); "
+            f"no usable record left to stand in for record {index} ({self.summary().splitlines()[0]}); "
             f"check the images' folder and `pmod data check` the file"
         )
 
