@@ -27,6 +27,7 @@ from pmod.core.backbone import (
 )
 from pmod.core.config import MethodConfig, method_class, store_method_config, stored_method_config
 from pmod.core.errors import UserError
+from pmod.core.files import check_complete
 from pmod.core.routed_layer import RoutingInputs, is_routed_layer, make_routed_layer
 
 
@@ -189,6 +190,7 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
     folders saved by pmod 0.1 (p-MoD settings under ``"pmod"``) too.
     """
     path = Path(path)
+    check_complete(path)  # a final save that was interrupted: say so, not "no processor" or a missing weight
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a folder written by save_pretrained.")
     config = transformers.AutoConfig.from_pretrained(path)

@@ -23,6 +23,10 @@ from pmod.core.errors import UserError
 #: The lock file a writing command holds inside its output folder (``fcntl.flock``: the kernel releases it when
 #: the process dies, even by ``kill -9``, so a stale lock never blocks a resume).
 LOCK_NAME = ".pmod.lock"
+#: Written at the top of a folder while a command replaces the files in it one by one (``pmod train``'s final model,
+#: which shares its folder with the checkpoints and cannot be swapped in as a whole); it holds what to do, and is
+#: removed once the last file is in place. :func:`check_complete` refuses a folder that has it.
+INCOMPLETE_NAME = "pmod-save-incomplete.txt"
 #: Suffix of the staging copies :func:`atomic_folder` and :func:`atomic_write_text` rename into place.
 PARTIAL_SUFFIX = ".partial"
 
@@ -42,6 +46,18 @@ def check_output_folder(path: str | os.PathLike[str], flag: str = "--out") -> Pa
         raise UserError(f"{flag} {folder} cannot be written ({err.strerror or err}); pass a folder you can write "
                         f"to.") from err  # fmt: skip
     return folder
+
+
+def check_complete(folder: str | os.PathLike[str]) -> None:
+    """A one-line :class:`UserError` when ``folder`` holds a model whose save was interrupted (it has the
+    :data:`INCOMPLETE_NAME` marker), saying what the marker says to do."""
+    marker = Path(folder) / INCOMPLETE_NAME
+    if marker.is_file():
+        try:
+            advice = " ".join(marker.read_text(encoding="utf-8").split())
+        except OSError:
+            advice = ""
+        raise UserError(f"{folder} holds an incomplete model: its save was interrupted ({marker.name}). {advice}")
 
 
 class OutputLock:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pmod.core.backbone import backbone_for_model_type
 from pmod.core.config import stored_method_config
 from pmod.core.errors import UserError
+from pmod.core.files import check_complete
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +34,7 @@ def check_model_folder(folder: str | Path, command: str = "pmod") -> dict[str, A
     """Check that ``folder`` holds a LLaVA model (dense or routed) with its processor, reading JSON only; returns its
     config.json. The :class:`UserError` names what is missing and how to add it."""
     folder = Path(folder)
+    check_complete(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json; pass a model folder written by save_pretrained.")
     try:
