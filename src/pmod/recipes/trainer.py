@@ -1,5 +1,6 @@
 """The Trainer of ``pmod train``: modality-grouped batches, a separate vision-tower learning rate, routing logs,
-non-finite losses counted and skipped instead of crashing a run, and atomic checkpoints."""
+non-finite losses counted and skipped instead of crashing a run (and logged as they were), atomic checkpoints, and
+no checkpoint of unusable (non-finite or overflowing) weights."""
 
 from __future__ import annotations
 
@@ -13,13 +14,37 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from pmod.analysis.stats import RoutingStats
 from pmod.core.backbone import find_backbone
 from pmod.core.convert import is_routed_model, load, record_routing, routing_loss
+from pmod.recipes.train import TrainError
 
 TMP_PREFIX = "tmp-"
+#: The staging folder of the final model inside the output folder (see :mod:`pmod.recipes.train_output`).
+FINAL_STAGING = TMP_PREFIX + "final"
+#: The largest weight magnitude a saved model may hold: the square root of float32's largest value. A larger weight
+#: overflows the first square it enters (a norm's variance, an attention score), so the model cannot compute a finite
+#: output in float32 or bfloat16; trained networks stay many orders of magnitude below it (LLM weights are O(1)).
+MAX_WEIGHT = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def unusable_weight(model: nn.Module) -> tuple[str, float] | None:
+    """The first parameter (of those this process holds) with a non-finite value or one beyond :data:`MAX_WEIGHT`,
+    and its largest magnitude; None when every weight is usable."""
+    names, peaks = [], []
+    for name, param in model.named_parameters():
+        t = getattr(param, "ds_tensor", param)  # DeepSpeed ZeRO-3 keeps this rank's partition there
+        t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 DTensor: this rank's shard
+        if t.numel() and t.is_floating_point():
+            names.append(name)
+            peaks.append(torch.linalg.vector_norm(t.detach(), ord=math.inf).float().cpu())  # NaN stays NaN
+    if not peaks:
+        return None
+    peak = torch.stack(peaks)
+    bad = (~torch.isfinite(peak) | (peak > MAX_WEIGHT)).nonzero()
+    return (names[int(bad[0])], float(peak[int(bad[0])])) if len(bad) else None
 
 
 class EpochDataLoader(DataLoader):
@@ -49,7 +74,10 @@ class PModTrainer(Trainer):
         self._routing = RoutingStats(base) if is_routed_model(base) else None
         self._routing_model = base
         self._staging_dir: str | None = None
-        self.nonfinite_loss_steps = 0
+        self.nonfinite_loss_steps = 0  # micro-batches skipped for a non-finite loss, this process
+        self.train_batches = 0  # micro-batches trained on, this process
+        self._skipped_loss: float | None = None  # the non-finite loss of the micro-batch in training_step, if any
+        self._window: list[float] = []  # this logging window's micro-batch losses as training_step returned them
         self._routing_losses: list[torch.Tensor] = []
 
     # -- data
@@ -129,15 +157,41 @@ class PModTrainer(Trainer):
         # NaN at the next optimizer step. Count it and give this micro-batch an exact zero loss instead, built from
         # the parameters only, so backward does not touch the broken graph and every gradient is 0.
         loss = out[0] if isinstance(out, tuple) else out
+        self.train_batches += 1
         if bool(torch.isfinite(loss.detach()).all()):
             return out
         self.nonfinite_loss_steps += 1
+        self._skipped_loss = float(loss.detach().float().sum())  # NaN or +-inf, logged as it was
         zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         return (zero, *out[1:]) if isinstance(out, tuple) else zero
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._skipped_loss = None
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self._skipped_loss is not None:  # the zero that was trained on is not this batch's loss
+            loss = torch.full_like(loss, self._skipped_loss)
+        self._window.append(float(loss))
+        return loss
+
+    def _window_loss(self) -> float | None:
+        # The Trainer's own nan/inf filter stands in the window's running mean, which is 0 at a window's start, so a
+        # window with skipped batches would log a loss of 0. Log the mean of its finite batches instead (this
+        # process's; scaled back from the gradient-accumulation share), or the non-finite value itself when every
+        # batch was skipped.
+        finite = [x for x in self._window if math.isfinite(x)]
+        if len(finite) == len(self._window):
+            return None
+        if not finite:
+            return self._window[-1]
+        return sum(finite) / len(finite) * self.args.gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
             logs = dict(logs)
+            honest = self._window_loss()
+            if honest is not None:
+                logs["loss"] = honest
+            self._window.clear()
             if self._routing is not None:
                 logs.update(self._routing.summary())
                 self._routing.reset()
@@ -145,7 +199,52 @@ class PModTrainer(Trainer):
                 logs["pmod/routing_loss"] = float(torch.stack(self._routing_losses).mean())
                 self._routing_losses.clear()
             logs["pmod/nonfinite_loss_steps"] = self.nonfinite_loss_steps
+        if "train_runtime" in logs:  # the run's closing entry
+            logs = {**logs, "pmod/nonfinite_loss_steps": self.nonfinite_loss_steps, "pmod/batches": self.train_batches}
         super().log(logs, *args, **kwargs)
+
+    def skipped_report(self) -> str | None:
+        """One line on the batches skipped for a non-finite loss (None when there were none); it warns when they
+        were most of the run's."""
+        if not self.nonfinite_loss_steps:
+            return None
+        said = f"{self.nonfinite_loss_steps} of {self.train_batches} batches had a non-finite loss and were skipped"
+        if 2 * self.nonfinite_loss_steps <= self.train_batches:
+            return f"{said} (no update from them)"
+        return (
+            f"warning: {said}: most of this run's updates were skipped, so the model barely trained; lower "
+            f"--learning-rate (now {self.args.learning_rate:g}) or set --max-grad-norm"
+        )
+
+    def check_weights(self, what: str) -> None:
+        """Refuse (a one-line :class:`TrainError`) to save ``what`` when any process holds a non-finite weight or one
+        beyond :data:`MAX_WEIGHT`; every process calls it, and every one raises."""
+        found = unusable_weight(self.model)
+        flag = torch.tensor([float(found is not None)], device=self.args.device)
+        if self.args.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if not float(flag.sum()):
+            return
+        name, peak = found if found is not None else ("a weight held by another process", math.nan)
+        size = "non-finite" if not math.isfinite(peak) else f"{peak:.3g} in magnitude (beyond {MAX_WEIGHT:.2g})"
+        run_dir = super()._get_output_dir(None)
+        last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+        kept = f"the last saved checkpoint, {last}, is intact" if last else "no checkpoint was saved before"
+        raise TrainError(
+            f"not saving {what} at step {self.state.global_step}: its weights are unusable ({name} is {size}); "
+            f"{self.nonfinite_loss_steps} of {self.train_batches} batches had a non-finite loss and were skipped. "
+            f"The training diverged: {kept}; lower --learning-rate (now {self.args.learning_rate:g}) or set "
+            f"--max-grad-norm and train again"
+        )
+
+    # -- resuming a finished run
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # Resumed from the run's last step, the Trainer would still train one step (and save checkpoint-<max+1>)
+        # before it checks for the end; a finished run has nothing left to train, only its final save.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
 
     # -- resume
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -167,6 +266,7 @@ class PModTrainer(Trainer):
         return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        self.check_weights(f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         # Trainer writes <run_dir>/checkpoint-N; pointing its run dir at a staging folder makes it write
         # <run_dir>/tmp-checkpoint-N/checkpoint-N, which is renamed into place once every rank is done.
         run_dir = super()._get_output_dir(trial)
@@ -205,8 +305,9 @@ def rotate(trainer: Trainer, run_dir: str) -> None:
 
 
 def clean_staging(output_dir: str) -> None:
-    """Remove leftovers of a run killed while saving: never complete, never resumed from."""
+    """Remove leftovers of a run killed while saving (a checkpoint's or the final model's staging folder): never
+    complete, never resumed from."""
     if os.path.isdir(output_dir):
         for entry in os.listdir(output_dir):
-            if entry.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR):
+            if entry.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR) or entry == FINAL_STAGING:
                 shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)

@@ -5,7 +5,6 @@ frozen, and train on the Hugging Face Trainer (:mod:`pmod.recipes.trainer`). The
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import torch
 import transformers
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from pmod.core.backbone import backbone_for
 from pmod.core.config import MethodConfig, stored_method_config
@@ -22,6 +20,7 @@ from pmod.core.convert import convert, get_method_config, is_routed_model, load
 from pmod.io.importers.llava_parts import assemble_llava
 from pmod.io.loading import check_model_folder
 from pmod.recipes.train import DataArguments, ModelArguments, TrainError
+from pmod.recipes.train_output import output_lock, resume_point, save_final
 from pmod.recipes.trainer import PModTrainer, clean_staging
 from pmod.recipes.trainer_fields import installed_name
 
@@ -111,16 +110,6 @@ def precheck(dataset: Any, image_folder: str | None) -> None:
         )
 
 
-def resume_point(targs: TrainingArguments) -> str | None:
-    """The checkpoint ``--resume-from-checkpoint`` names (``auto``: the last complete one, or None)."""
-    resume = targs.resume_from_checkpoint
-    if resume == "auto":
-        return get_last_checkpoint(targs.output_dir) if os.path.isdir(targs.output_dir) else None
-    if resume is not None and not os.path.isdir(resume):
-        raise TrainError(f"--resume-from-checkpoint {resume} is not a folder; pass a checkpoint-N folder or auto")
-    return resume
-
-
 def check_resume_matches(checkpoint: str | None, model: nn.Module) -> None:
     """Refuse a checkpoint whose routing differs from the model this run built, naming both."""
     if checkpoint is None or not (Path(checkpoint) / "config.json").is_file():
@@ -152,16 +141,31 @@ def train(
     method_config: MethodConfig | None = None,
 ) -> PModTrainer:
     """Run one training stage and save the final model and processor to ``targs.output_dir``; returns the
-    trainer (its ``state.log_history`` holds the logs). ``method_config`` overrides ``--method`` for stage 2."""
-    from pmod.data.batching import LlavaCollator
-    from pmod.data.dataset import LlavaDataset
+    trainer (its ``state.log_history`` holds the logs). ``method_config`` overrides ``--method`` for stage 2.
 
+    The output folder is locked for the run and checked before the model loads; a checkpoint is checked before it
+    is resumed; unusable (non-finite or overflowing) weights are never saved; the final save is atomic or marked
+    as incomplete (:mod:`pmod.recipes.train_output`)."""
     if dargs.data_path is None:
         raise TrainError("--data-path is required: a LLaVA-format JSON or JSONL file")
     if not Path(dargs.data_path).is_file():
         raise TrainError(f"--data-path {dargs.data_path} not found; pass a LLaVA-format JSON or JSONL file")
     if method_config is not None and not method_config.trainable:
         raise TrainError(f"{method_config.method} is training-free: it has nothing to train.")
+    with output_lock(targs):
+        return _train_locked(margs, dargs, targs, callbacks, method_config)
+
+
+def _train_locked(
+    margs: ModelArguments,
+    dargs: DataArguments,
+    targs: TrainingArguments,
+    callbacks: list[TrainerCallback] | None,
+    method_config: MethodConfig | None,
+) -> PModTrainer:
+    from pmod.data.batching import LlavaCollator
+    from pmod.data.dataset import LlavaDataset
+
     transformers.set_seed(targs.seed)
     model, processor = build_model(margs, method_config)
     if margs.lora_r:
@@ -202,12 +206,14 @@ def train(
     if trainer.args.should_save:
         clean_staging(targs.output_dir)
     trainer.train(resume_from_checkpoint=resume)
+    skipped = trainer.skipped_report()
+    if skipped and trainer.args.should_save:
+        logger.warning(skipped)
+        print(f"pmod train: {skipped}", file=sys.stderr)
     if margs.lora_r:
         trainer.model = trainer.model.merge_and_unload()  # a plain (routed) model folder for pmod.load / generate
     trainer.model.config.use_cache = True
-    trainer.save_model(targs.output_dir)
+    save_final(trainer, processor, targs.output_dir)
     if trainer.args.should_save:
-        processor.save_pretrained(targs.output_dir)
         print(f"pmod train: data: {dataset.summary().splitlines()[0]}", file=sys.stderr)
-    trainer.accelerator.wait_for_everyone()
     return trainer
