@@ -196,6 +196,13 @@ def test_a_diverged_run_saves_nothing_and_says_so(
     assert resume_point(parse_args(_argv(setup, out, "--resume-from-checkpoint", "auto"))[2]) == str(
         out / "checkpoint-2"
     )
+    # Logged every 2 steps, the window of steps 3-4 logs step 3's loss (the mean of its finite batches), not half
+    # of it (the skipped batch's zero averaged in).
+    diverge2 = _DivergeAt(2)
+    with pytest.raises(TrainError, match="^not saving checkpoint-4 at step 4"):
+        train(*parse_args(_argv(setup, tmp_path / "out2", *flags, "--logging-steps", "2")), callbacks=[diverge2])
+    pairs = [log["loss"] for log in diverge2.logs if "loss" in log]
+    assert pairs == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], rel=1e-4)
 
 
 def test_a_mostly_skipped_run_warns_and_keeps_no_final_model(

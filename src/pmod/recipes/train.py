@@ -9,7 +9,8 @@
 * ``--recipe paper`` takes the paper's schedule (lr, cosine, warmup 3%, 1 epoch); ``--config recipe.yaml`` supplies
   any flag (keys are the flag names with underscores). Command-line flags win over both.
 * Every ``transformers.TrainingArguments`` field is a flag too (``--bf16``, ``--deepspeed``, ...).
-* Checkpoints are written atomically; ``--resume-from-checkpoint auto`` resumes the last complete one.
+* Checkpoints and the final model are written atomically; ``--resume-from-checkpoint auto`` resumes the newest one
+  that can be resumed. One run at a time writes an ``--output-dir`` (a lock, released when the run ends or dies).
 
 This module only reads and checks the flags (no torch, so ``--help`` and mistakes answer at once); the run itself
 is :mod:`pmod.recipes.training`. Also runs as ``python -m pmod.recipes.train ...`` (e.g. under ``torchrun``).
@@ -112,8 +113,11 @@ EPILOG = """\
 Defaults are the Hugging Face Trainer's, not the paper's: --recipe paper takes the paper's schedule (stage 1 lr 1e-3,
 stage 2 lr 2e-5; cosine, warmup 3%, 1 epoch), and recipes/*.yaml in the repository hold the full runs (--config).
 
---resume-from-checkpoint auto resumes the last complete checkpoint-N in --output-dir (and says which, or that there
-is none and the run starts fresh); a path resumes that checkpoint.
+--resume-from-checkpoint auto resumes the newest checkpoint-N in --output-dir that can be resumed (and says which;
+a newer broken one, with corrupt weights or no optimizer state, is named and passed over), or says there is none and
+the run starts fresh; a path resumes that checkpoint, or is refused if it is broken. Resuming a finished run trains
+nothing more and saves its final model again. --output-dir is locked while a run writes it, and a run whose weights
+became non-finite or overflowed saves nothing (the last checkpoint stays as it was).
 
 Trainer flags: every transformers.TrainingArguments field is a flag ({count} of them, e.g. --learning-rate,
 --per-device-train-batch-size, --gradient-accumulation-steps, --bf16, --activation-checkpointing, --save-steps,

@@ -77,7 +77,9 @@ class PModTrainer(Trainer):
         self.nonfinite_loss_steps = 0  # micro-batches skipped for a non-finite loss, this process
         self.train_batches = 0  # micro-batches trained on, this process
         self._skipped_loss: float | None = None  # the non-finite loss of the micro-batch in training_step, if any
-        self._window: list[float] = []  # this logging window's micro-batch losses as training_step returned them
+        # This logging window's micro-batch losses as training_step returned them: sum and count of the finite
+        # ones, count of the skipped ones, and the last skipped one's value.
+        self._window: dict[str, Any] = {"sum": 0.0, "finite": 0, "skipped": 0, "last": math.nan}
         self._routing_losses: list[torch.Tensor] = []
 
     # -- data
@@ -170,7 +172,12 @@ class PModTrainer(Trainer):
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self._skipped_loss is not None:  # the zero that was trained on is not this batch's loss
             loss = torch.full_like(loss, self._skipped_loss)
-        self._window.append(float(loss))
+        if self._skipped_loss is None:
+            self._window["sum"] = self._window["sum"] + loss.detach()  # on the device: no sync per step
+            self._window["finite"] += 1
+        else:
+            self._window["skipped"] += 1
+            self._window["last"] = self._skipped_loss
         return loss
 
     def _window_loss(self) -> float | None:
@@ -178,12 +185,12 @@ class PModTrainer(Trainer):
         # window with skipped batches would log a loss of 0. Log the mean of its finite batches instead (this
         # process's; scaled back from the gradient-accumulation share), or the non-finite value itself when every
         # batch was skipped.
-        finite = [x for x in self._window if math.isfinite(x)]
-        if len(finite) == len(self._window):
+        window = self._window
+        if not window["skipped"]:
             return None
-        if not finite:
-            return self._window[-1]
-        return sum(finite) / len(finite) * self.args.gradient_accumulation_steps
+        if not window["finite"]:
+            return window["last"]
+        return float(window["sum"]) / window["finite"] * self.args.gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
@@ -191,7 +198,7 @@ class PModTrainer(Trainer):
             honest = self._window_loss()
             if honest is not None:
                 logs["loss"] = honest
-            self._window.clear()
+            self._window = {"sum": 0.0, "finite": 0, "skipped": 0, "last": math.nan}
             if self._routing is not None:
                 logs.update(self._routing.summary())
                 self._routing.reset()
