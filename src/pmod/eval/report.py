@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pmod.core.files import atomic_write_text
+
 #: Bootstrap resamples and the confidence level of the intervals.
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
@@ -92,13 +94,20 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference if value is not None and reference else None
 
 
-def write_report(out: Path, specs: Sequence[Any], tasks: Sequence[str], manager: Any = None) -> dict[str, Any]:
-    """Build the report from the finished task folders under ``out`` and write report.json and report.md."""
-    report: dict[str, Any] = {"reference": specs[0].label, "models": {s.label: s.folder for s in specs}, "tasks": {}}
+def write_report(
+    out: Path, specs: Sequence[Any], tasks: Sequence[str], folders: dict[tuple[str, str], Path], manager: Any = None
+) -> dict[str, Any]:
+    """Build the report from the finished result folders (``folders``: (model label, task) -> its folder under
+    ``out``) and write report.json and report.md."""
+    report: dict[str, Any] = {
+        "reference": specs[0].label, "models": {s.label: s.folder for s in specs},
+        "model_args": {s.label: s.args for s in specs}, "tasks": {},
+    }  # fmt: skip
     for task in tasks:
         rows, ref = [], None
         for spec in specs:
-            path = out / spec.label / task / "result.json"
+            folder = folders[spec.label, task]
+            path = folder / "result.json"
             if not path.is_file():
                 continue
             result = json.loads(path.read_text())
@@ -107,21 +116,21 @@ def write_report(out: Path, specs: Sequence[Any], tasks: Sequence[str], manager:
                 continue
             entry, metric, value = found
             cost = result["cost"].get(entry) or next(iter(result["cost"].values()), {})
-            row = {"model": spec.label, "entry": entry, "metric": metric, "score": value,
-                   "higher_is_better": result["higher_is_better"].get(entry, {}).get(metric),
-                   "documents": len(read_scores(out / spec.label / task, entry, metric)), **cost}  # fmt: skip
+            row = {"model": spec.label, "result": str(folder.relative_to(out)), "entry": entry, "metric": metric,
+                   "score": value, "higher_is_better": result["higher_is_better"].get(entry, {}).get(metric),
+                   "documents": len(read_scores(folder, entry, metric)), **cost}  # fmt: skip
             if ref is None:
                 ref = row
             else:
-                row.update(compare(row, ref, out, spec.label, task, manager))
+                row.update(compare(row, ref, out, manager))
             rows.append(row)
         report["tasks"][task] = rows
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown(report))
     return report
 
 
-def compare(row: dict[str, Any], ref: dict[str, Any], out: Path, label: str, task: str, manager: Any) -> dict:
+def compare(row: dict[str, Any], ref: dict[str, Any], out: Path, manager: Any) -> dict:
     """Ratios of ``row``'s cost to the reference's, and the metric's difference with its bootstrap interval."""
     cmp = {
         "tflops_ratio": _ratio(row.get("prefill_tflops"), ref.get("prefill_tflops")),
@@ -131,8 +140,8 @@ def compare(row: dict[str, Any], ref: dict[str, Any], out: Path, label: str, tas
     }
     if row["entry"] != ref["entry"] or row["metric"] != ref["metric"]:
         return cmp
-    mine = read_scores(out / label / task, row["entry"], row["metric"])
-    theirs = read_scores(out / ref["model"] / task, ref["entry"], ref["metric"])
+    mine = read_scores(out / row["result"], row["entry"], row["metric"])
+    theirs = read_scores(out / ref["result"], ref["entry"], ref["metric"])
     shared = sorted(set(mine) & set(theirs), key=str)
     if shared:
         agg = aggregation(manager, row["entry"], row["metric"]) if manager is not None else mean
@@ -153,7 +162,9 @@ def markdown(report: dict[str, Any]) -> str:
         "prefill TFLOPs summed over them (analytic, `pmod flops` with the LM head on every prefill token), KV "
         "cache after prefill summed over them (measured), median prefill latency per request (a batch's time "
         "shared by its rows) and decode speed; each metric's difference from the reference comes with a paired "
-        f"bootstrap {level}% interval over the documents both models were scored on.", "",
+        f"bootstrap {level}% interval over the documents both models were scored on.",
+        "", *(f"- {label}: {folder} {_args(report.get('model_args', {}).get(label))}".rstrip()
+              for label, folder in report["models"].items()), "",
     ]  # fmt: skip
     for task, rows in report["tasks"].items():
         if not rows:
@@ -178,3 +189,7 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _args(args: dict[str, Any] | None) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")" if args else ""
