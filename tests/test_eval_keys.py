@@ -1,8 +1,9 @@
 """`pmod eval` never reuses or shows a result under another model's name, keeps results of other limits, locks its
-output folder and refuses an --out that is a file."""
+output folder, refuses an --out that is a file, and refuses models whose weights or scores are not finite."""
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -98,3 +99,61 @@ def test_out_that_is_a_file_gives_one_line(setup, tmp_path, capsys):
     assert rc == 2 and err.strip().splitlines() == [
         f"pmod eval: error: --out {target} is an existing file, not a folder; pass a folder path."]  # fmt: skip
     assert target.read_text() == "keep me"
+
+
+def edited_copy(folder, to, edit) -> str:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, to)
+    weights = load_file(os.path.join(to, "model.safetensors"))
+    edit(weights)
+    save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
+    return str(to)
+
+
+def test_diverged_weights_are_refused_by_name(setup, tmp_path, capsys):
+    import torch
+
+    dense = setup[1]
+
+    def nan(w):
+        w[next(k for k in w if k.endswith("layers.1.mlp.up_proj.weight"))][0, 0] = float("nan")
+
+    def huge(w):  # what a learning rate of 1e30 leaves after one step: every weight ~3e30, all finite
+        g = torch.Generator().manual_seed(0)
+        for k, v in w.items():
+            if v.is_floating_point():
+                w[k] = v + 3e30 * torch.randn(v.shape, generator=g).sign()
+
+    for name, edit, message in (
+        ("nan", nan, "has non-finite weights (1 tensors, e.g. model.language_model.layers.1.mlp.up_proj.weight); "
+                     "it was saved from a diverged run (loss NaN or inf); evaluate an earlier checkpoint"),
+        ("huge", huge, "has weights of magnitude 3e+30 ("),
+    ):  # fmt: skip
+        folder = edited_copy(dense, tmp_path / name, edit)
+        rc, err = run_eval(setup, [folder], tmp_path / f"out-{name}", 2, capsys)
+        last = err.strip().splitlines()[-1]
+        assert rc == 2 and last.startswith(f"pmod eval: error: {folder} ") and message in last, err[-2000:]
+
+
+@pytest.mark.parametrize("task", ["pmod_shapes_mc", "pmod_shapes"])
+def test_non_finite_scores_are_refused(setup, tmp_path, monkeypatch, task):
+    """A forward that gives NaN (here one NaN in the LM head: every log-likelihood and every logit row NaN) is an
+    error naming the folder and the task, not a chance-level score."""
+    import torch
+    from lmms_eval.evaluator import simple_evaluate
+
+    from pmod.core.errors import UserError
+    from pmod.eval.lmms_model import PModLMM
+    from pmod.eval.runner import task_manager
+
+    root, dense, routed, data = setup
+    monkeypatch.setenv("PMOD_SHAPES_DIR", str(data))
+    lm = PModLMM(pretrained=dense, device="cpu", batch_size=2, cost_dir=tmp_path / "costs")
+    with torch.no_grad():
+        lm.model.lm_head.weight[0, 0] = float("nan")
+    what = "log-likelihoods" if task.endswith("_mc") else "logits"
+    with pytest.raises(UserError, match=rf"^{dense} gives non-finite {what} \(NaN or inf\) for 2 of 2 requests of "
+                                        rf"task {task} \(1 of its weight tensors are non-finite\); it was likely saved "
+                                        rf"from a diverged run: evaluate an earlier checkpoint"):  # fmt: skip
+        simple_evaluate(model=lm, tasks=[task], limit=2, task_manager=task_manager([], [task]), verbosity="WARNING")
