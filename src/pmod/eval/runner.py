@@ -226,7 +226,7 @@ def _evaluate_locked(specs, tasks, out, limit, include_path, batch_size, model_a
     todo = {spec.label: [t for t in tasks if not plans[spec.label, t].finished] for spec in specs}
     pending = sorted({t for names in todo.values() for t in names}, key=tasks.index)
     check_tasks(pending, manager)
-    for stale in out.glob(f"{SCRATCH_PREFIX}*"):  # cost scratch of a killed run (we hold the lock: none is live)
+    for stale in out.glob(".costs-scratch*"):  # a killed run's cost scratch (we hold the lock: none is live)
         shutil.rmtree(stale, ignore_errors=True)
     for spec in specs:
         for task in tasks:
