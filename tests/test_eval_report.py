@@ -78,9 +78,8 @@ def test_report_ratios_equal_pmod_flops_for_the_same_tokens(setup, first_run, ca
     root, dense, routed, data = setup
     ref, row = first_run["tasks"]["pmod_shapes"]
     assert (ref["model"], row["model"]) == ("dense", "pmod")
-    lines = {label: [json.loads(x) for x in (root / "out" / label / "pmod_shapes" / "costs" /
-                                             "requests.rank0.jsonl").read_text().splitlines()]
-             for label in ("dense", "pmod")}  # fmt: skip
+    lines = {r["model"]: [json.loads(x) for x in (root / "out" / r["result"] / "costs" / "requests.rank0.jsonl")
+                          .read_text().splitlines()] for r in (ref, row)}  # fmt: skip
     counts = {label: sorted((c["doc_id"], c["n_vision"], c["n_text"]) for c in lines[label]) for label in lines}
     assert counts["dense"] == counts["pmod"] and len(counts["dense"]) == LIMIT
     assert len({c[2] for c in counts["dense"]}) > 1  # questions of several lengths: a sum, not one ratio
@@ -100,7 +99,7 @@ def test_report_ratios_equal_pmod_flops_for_the_same_tokens(setup, first_run, ca
 def test_report_scores_are_the_first_answer_word_matches(setup, first_run):
     root, scores = setup[0], {}
     for row in first_run["tasks"]["pmod_shapes"]:
-        samples = [json.loads(x) for x in (root / "out" / row["model"] / "pmod_shapes" / "samples.jsonl").read_text()
+        samples = [json.loads(x) for x in (root / "out" / row["result"] / "samples.jsonl").read_text()
                    .splitlines()]  # fmt: skip
         by_hand = [s["filtered_resps"][0].split()[:1] == [s["target"]] for s in samples]
         assert len(samples) == LIMIT and row["score"] == pytest.approx(sum(by_hand) / LIMIT)
@@ -111,23 +110,26 @@ def test_report_scores_are_the_first_answer_word_matches(setup, first_run):
     assert row["ci_low"] <= row["delta"] <= row["ci_high"] and row["paired_documents"] == LIMIT
 
 
-def test_resume_skips_finished_tasks(setup, first_run, capsys):
+def test_resume_reuses_finished_measurements(setup, first_run, capsys):
     root = setup[0]
-    finished = {m: root / "out" / m / "pmod_shapes" / "result.json" for m in ("dense", "pmod")}
-    before = {m: (p.read_bytes(), p.stat().st_mtime_ns) for m, p in finished.items()}
-    dead = root / "out" / "pmod" / "pmod_shapes_mc"  # what a run killed mid-task leaves: no result.json
-    (dead / "costs").mkdir(parents=True)
+    folders = {r["model"]: root / "out" / r["result"] for r in first_run["tasks"]["pmod_shapes"]}
+    assert [p.parent.name for p in folders.values()] == ["pmod_shapes", "pmod_shapes"]
+    finished = folders["dense"] / "result.json"
+    before = (finished.read_bytes(), finished.stat().st_mtime_ns)
+    dead = folders["pmod"]  # what a run killed mid-task leaves: no result.json
+    (dead / "result.json").unlink()
     (dead / "samples.jsonl").write_text("partial")
     log = evaluate(setup, "pmod_shapes,pmod_shapes_mc", capsys)
-    for m in ("dense", "pmod"):
-        assert f"{m} / pmod_shapes: finished in an earlier run, skipped" in log
-        assert f"{m} / pmod_shapes_mc: evaluating" in log
-        assert (finished[m].read_bytes(), finished[m].stat().st_mtime_ns) == before[m]
+    assert "dense / pmod_shapes: the same model, settings, task and limit finished in an earlier run" in log
+    assert (finished.read_bytes(), finished.stat().st_mtime_ns) == before
+    for m, task in (("pmod", "pmod_shapes"), ("dense", "pmod_shapes_mc"), ("pmod", "pmod_shapes_mc")):
+        assert f"{m} / {task}: evaluating" in log
     assert (dead / "result.json").is_file() and (dead / "samples.jsonl").read_text() != "partial"
     report = json.loads((root / "out" / "report.json").read_text())
     assert [len(report["tasks"][t]) for t in ("pmod_shapes", "pmod_shapes_mc")] == [2, 2]
     again = evaluate(setup, "pmod_shapes,pmod_shapes_mc", capsys)
-    assert "evaluating" not in again and again.count("skipped") == 4
+    assert "evaluating" not in again and again.count("reused") == 4
+    assert not list((root / "out").glob(".costs-scratch*"))  # each run's scratch goes with it
 
 
 def test_paired_bootstrap_interval_matches_the_normal_one():

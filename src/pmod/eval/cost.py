@@ -129,7 +129,8 @@ def read_costs(folder: str | Path) -> list[dict[str, Any]]:
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task: requests, tokens, summed TFLOPs and KV bytes (the model's and a dense model's for the same
     tokens), prefill seconds summed over batches, the median prefill ms per request (a batch's time shared by its
-    rows) and the decode speed (generated tokens over decode seconds)."""
+    rows) with its :func:`spread` over the batches (``prefill_ms_spread``) and the decode speed (generated tokens
+    over decode seconds)."""
     out: dict[str, dict[str, Any]] = {}
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -153,8 +154,31 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "dense_kv_bytes": sum(r["dense_kv_bytes"] for r in rows),
             "prefill_seconds": sum(b["prefill_ms"] for b in batches.values()) / 1000,
             "prefill_ms_per_request": statistics.median(b["prefill_ms"] / b["rows"] for b in batches.values()),
+            # one timing per batch: its spread is the timing noise plus the spread of the requests' sizes
+            "prefill_ms_spread": spread([b["prefill_ms"] / b["rows"] for b in batches.values()]),
             "decode_tokens_per_s": (sum(decoded[b["batch"]] for b in decode) / decode_s) if decode_s else None,
         }
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float | int]:
+    """``n``, ``min``, ``q1``, ``median``, ``q3``, ``max`` of ``values`` (quartiles interpolated linearly between
+    the sorted values, as numpy's default; one value is all of them)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        q1 = median = q3 = ordered[0]
+    else:
+        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    return {"n": len(ordered), "min": ordered[0], "q1": q1, "median": median, "q3": q3, "max": ordered[-1]}
+
+
+def per_document_ms(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """(task, doc id) -> prefill ms of its requests (a batch's time shared by its rows), summed over them (a
+    multiple-choice document asks one request per option)."""
+    out: dict[tuple[str, int], float] = {}
+    for r in records:
+        key = (r["task"], r["doc_id"])
+        out[key] = out.get(key, 0.0) + r["prefill_ms"] / r["rows"]
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ class PModLMM(lmms):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         config = method_from_args(method, method_settings)
+        self.pretrained = str(pretrained)
         self.model, self.processor = load_for_eval(
             pretrained, config, dtype, attn_implementation, str(device), chat_template
         )
@@ -221,11 +223,12 @@ class PModLMM(lmms):
             kv["rows"] = row_kv_bytes(cache, mask.repeat_interleave(beams, 0))[::beams]
 
         clock = PrefillClock(read_cache)
+        guard = FiniteLogits(lambda bad: self._refuse_non_finite(reqs[0], "logits", bad, len(reqs)))
         clock.begin()
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs, **cache_kwargs(cache), max_new_tokens=max_new,
-                logits_processor=LogitsProcessorList([clock]),
+                logits_processor=LogitsProcessorList([guard, clock]),
                 stopping_criteria=StoppingCriteriaList([StopStrings(self.tokenizer, until, mask.shape[1])]),
                 pad_token_id=self.tokenizer.pad_token_id, **gen,
             )  # fmt: skip
@@ -284,11 +287,15 @@ class PModLMM(lmms):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         results, costs, batch = [], [], self.cost_log.next_batch()
         counts = token_counts(inputs["input_ids"], mask, self.image_token_id)
-        for row, (req, start, end) in enumerate(zip(reqs, starts, mask.sum(1).tolist())):
+        for row, (start, end) in enumerate(zip(starts, mask.sum(1).tolist())):
             target = inputs["input_ids"][row, start:end]
             scores = logprobs[row, start - 1 : end - 1]
             nll = -float(scores.gather(-1, target[:, None]).sum())
             results.append((nll, bool((scores.argmax(-1) == target).all())))
+        bad = sum(not math.isfinite(nll) for nll, _ in results)
+        if bad:  # argmin over NaN picks the first option: a silent chance-level score
+            self._refuse_non_finite(reqs[0], "log-likelihoods", bad, len(reqs))
+        for row, req in enumerate(reqs):
             nv, nt = counts[row]
             costs.append(self._cost(req, "loglikelihood", nv, nt, 0, kv_rows[row], prefill_ms, None, batch, len(reqs)))
         self.cost_log.write(costs)
@@ -301,6 +308,18 @@ class PModLMM(lmms):
             batch=batch, rows=rows, **self.costs.analytic(n_vision, n_text),
         )  # fmt: skip
 
+    def _refuse_non_finite(self, req: Instance, what: str, bad: int, total: int) -> None:
+        """One line naming the model folder, the task and the cause, instead of a score computed from NaN."""
+        with torch.no_grad():
+            peaks = [float(torch.linalg.vector_norm(p, ord=float("inf"))) for p in self.model.parameters() if p.numel()]
+        broken = sum(not math.isfinite(x) for x in peaks)
+        weights = (f"{broken} of its weight tensors are non-finite" if broken
+                   else f"its largest weight is {max(peaks, default=0.0):.3g}")  # fmt: skip
+        raise UserError(f"{self.pretrained} gives non-finite {what} (NaN or inf) for {bad} of {total} requests of "
+                        f"task {req.task_name} ({weights}); it was likely saved from a diverged "
+                        f"run: evaluate an earlier checkpoint, or a float32 copy (dtype=float32) if it overflows only "
+                        f"in half precision.")  # fmt: skip
+
     def _finish(self) -> None:
         """After each kind of request: every process has written its lines; the first sums them per task."""
         if self.world_size > 1 and torch.distributed.is_initialized():
@@ -308,6 +327,23 @@ class PModLMM(lmms):
         if self.rank == 0:
             summary = summarize(read_costs(self.cost_dir))
             (self.cost_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class FiniteLogits:
+    """Calls ``refuse(rows)`` when the prefill's next-token scores hold NaN or +inf in ``rows`` rows (a model whose
+    forward overflows), before a token is chosen from them; -inf is left alone (processors such as
+    ``min_new_tokens`` set it). Only the first call checks: one device sync per request batch."""
+
+    def __init__(self, refuse: Any) -> None:
+        self.refuse, self.checked = refuse, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.checked:
+            self.checked = True
+            bad = int((torch.isnan(scores) | torch.isposinf(scores)).any(-1).sum())
+            if bad:
+                self.refuse(bad)
+        return scores
 
 
 class StopStrings:

@@ -7,6 +7,7 @@ YAML recipe, ``<method>_<field>`` (``fastv_keep=0.25``), lists written ``[a,b]``
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,7 @@ def load_for_eval(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{folder} does not load ({first}); pass a folder written by save_pretrained / pmod "
                         f"import-llava, with its weights and processor.") from err  # fmt: skip
+    check_weights(model, folder)
     if method_config is not None:
         try:
             convert(model, method_config)
@@ -107,3 +109,36 @@ def load_for_eval(
         path = Path(chat_template)
         processor.chat_template = path.read_text(encoding="utf-8") if path.is_file() else chat_template
     return model.to(device).eval(), processor
+
+
+#: Weights beyond this magnitude are a diverged run's, not a model's: squared (in norms, attention scores) they
+#: overflow float32 and bfloat16 (past ~1.8e19), and the forward silently degenerates (hidden states normed to zero,
+#: equal or NaN log-likelihoods). Trained models stay many orders of magnitude below it.
+MAX_WEIGHT = 1e15
+
+
+def check_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Refuse a model whose weights are non-finite or absurdly large (:data:`MAX_WEIGHT`) with one line naming
+    the folder and the cause, instead of scoring what its overflowing forward happens to give."""
+    import torch
+
+    bad, huge, largest = [], [], 0.0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.is_floating_point() or param.numel() == 0:
+                continue
+            peak = float(torch.linalg.vector_norm(param, ord=float("inf")))  # max |w|; NaN or inf if any is
+            if not math.isfinite(peak):
+                bad.append(name)
+            elif peak > MAX_WEIGHT:
+                huge.append(name)
+                largest = max(largest, peak)
+    if bad:
+        raise UserError(f"{folder} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); it was saved from a "
+                        f"diverged run (loss NaN or inf); evaluate an earlier checkpoint or train again with a lower "
+                        f"learning rate.")  # fmt: skip
+    if huge:
+        raise UserError(f"{folder} has weights of magnitude {largest:.3g} ({len(huge)} tensors above "
+                        f"{MAX_WEIGHT:.0e}, e.g. {huge[0]}), which overflow in the forward; it was saved from a "
+                        f"diverged run; evaluate an earlier checkpoint or train again with a lower learning "
+                        f"rate.")  # fmt: skip

@@ -1,6 +1,8 @@
 """Evaluate models on lmms-eval tasks through lmms-eval's Python API, one (model, task) at a time, so that nothing
-is lost when a run dies: each finished task lands in ``<out>/<model>/<task>/`` (``result.json`` last, written
-atomically, marks it finished) and a rerun with the same ``out`` skips it.
+is lost when a run dies and nothing is reused that measured something else: each finished (model, task) lands in
+``<out>/<task>/<model name>-<key>/``, the key digesting the model's identity, its args, the task and the limit
+(:mod:`pmod.eval.measurement`); ``result.json``, written atomically and last, marks it finished, and a rerun with the
+same ``out`` reuses exactly the results of the same measurements. One run at a time writes an ``out`` (a lock).
 
 Per finished task: ``result.json`` (the task's metrics from lmms-eval, the cost summed over its requests, the
 settings), ``samples.jsonl`` (per document: answer, target and per-sample scores, for the bootstrap) and
@@ -9,6 +11,7 @@ settings), ``samples.jsonl`` (per document: answer, target and per-sample scores
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pmod.core.errors import UserError
+from pmod.eval.measurement import finished_key, folder_identity, measurement_key, result_folder, task_identity
 
+#: Prefix of the per-run folder that takes the cost lines a model writes before its first task.
+SCRATCH_PREFIX = ".costs-scratch-"
 #: Offline, a hub dataset that is not in the local cache cannot be loaded; these say so.
 _OFFLINE_SIGNS = ("OfflineModeIsEnabled", "offline", "Couldn't reach", "ConnectionError", "LocalEntryNotFound")
 
@@ -43,12 +49,17 @@ class ModelSpec:
             args[key.strip()] = value.strip()
         return cls(folder, args)
 
+    @property
+    def name(self) -> str:
+        """The folder's name, plus ``+method`` when one is given (the label before duplicates are numbered)."""
+        return Path(self.folder).resolve().name + (f"+{self.args['method']}" if self.args.get("method") else "")
+
 
 def label_models(specs: list[ModelSpec]) -> list[ModelSpec]:
     """Give each model a unique folder-safe label: the folder name, plus its method when one is given."""
     seen: dict[str, int] = {}
     for spec in specs:
-        base = Path(spec.folder).resolve().name + (f"+{spec.args['method']}" if spec.args.get("method") else "")
+        base = spec.name
         seen[base] = seen.get(base, 0) + 1
         spec.label = base if seen[base] == 1 else f"{base}-{seen[base]}"
     return specs
@@ -154,15 +165,34 @@ def dataset_error(task: str, err: BaseException) -> str:
     return f"task {task}: its documents do not load ({text}); check the task's data (for pmod_shapes: --shapes-data)."
 
 
-def finished(task_dir: Path, limit: int | None) -> bool:
-    """Whether ``task_dir`` holds a finished result for the same ``--limit``."""
-    path = task_dir / "result.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text())["settings"]["limit"] == limit
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+@dataclass
+class Measurement:
+    """One (model, task) to measure or reuse: the model, its folder for this measurement and the key of what it
+    measures (:mod:`pmod.eval.measurement`)."""
+
+    spec: ModelSpec
+    task: str
+    folder: Path
+    key: str
+    identity: dict[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return finished_key(self.folder) == self.key
+
+
+def plan(specs: list[ModelSpec], tasks: list[str], out: Path, limit: int | None, batch_size: int,
+         model_args: dict[str, Any], manager: Any) -> dict[tuple[str, str], Measurement]:  # fmt: skip
+    """(label, task) -> its :class:`Measurement`, keyed by the model's identity, its args, the task and the limit."""
+    models = {spec.label: folder_identity(spec.folder) for spec in specs}
+    task_ids = {task: task_identity(task, manager) for task in tasks}
+    plans = {}
+    for spec in specs:
+        args = {k: v for k, v in {**model_args, **spec.args}.items() if k != "cost_dir"}
+        for task in tasks:
+            key, identity = measurement_key(models[spec.label], args, task_ids[task], limit, batch_size)
+            plans[spec.label, task] = Measurement(spec, task, result_folder(out, task, spec.name, key), key, identity)
+    return plans
 
 
 def evaluate_models(
@@ -175,65 +205,89 @@ def evaluate_models(
     model_args: dict[str, Any] | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate every model on every task (skipping finished ones), then write ``report.json`` / ``report.md``;
-    returns the report. ``model_args`` go to every model (``dtype``, ``device``, ...); a spec's own args win."""
+    """Evaluate every model on every task (reusing the results of the same measurements), then write
+    ``report.json`` / ``report.md``; returns the report. ``model_args`` go to every model (``dtype``, ``device``,
+    ...); a spec's own args win. The output folder is locked for the run: a second writer gets a one-line error."""
+    from pmod.core.files import OutputLock
+
+    lock = OutputLock(out, "pmod eval") if _first_process() else contextlib.nullcontext()
+    with lock:
+        return _evaluate_locked(specs, tasks, out, limit, include_path, batch_size, model_args or {}, log)
+
+
+def _evaluate_locked(specs, tasks, out, limit, include_path, batch_size, model_args, log) -> dict[str, Any]:
     from pmod.eval.report import write_report
 
     log = log or (lambda message: print(message, file=sys.stderr))
     check_eval_install()
     quiet_lmms_eval()
     manager = task_manager(include_path or [], tasks)
-    todo = {spec.label: [t for t in tasks if not finished(out / spec.label / t, limit)] for spec in specs}
+    plans = plan(specs, tasks, out, limit, batch_size, model_args, manager)
+    todo = {spec.label: [t for t in tasks if not plans[spec.label, t].finished] for spec in specs}
     pending = sorted({t for names in todo.values() for t in names}, key=tasks.index)
     check_tasks(pending, manager)
+    for stale in out.glob(".costs-scratch*"):  # a killed run's cost scratch (we hold the lock: none is live)
+        shutil.rmtree(stale, ignore_errors=True)
     for spec in specs:
         for task in tasks:
             if task not in todo[spec.label]:
-                log(f"{spec.label} / {task}: finished in an earlier run, skipped")
-        if todo[spec.label]:
-            run_model(spec, todo[spec.label], out, limit, manager, batch_size, model_args or {}, log)
-    return write_report(out, specs, tasks, manager)
+                where = plans[spec.label, task].folder.relative_to(out)
+                log(f"{spec.label} / {task}: the same model, settings, task and limit finished in an earlier run "
+                    f"({where}), reused")  # fmt: skip
+        now = [plans[spec.label, t] for t in todo[spec.label] if not plans[spec.label, t].finished]
+        if now:  # (a model given twice is measured once)
+            run_model(spec, now, out, limit, manager, batch_size, model_args, log)
+    return write_report(out, specs, tasks, {k: m.folder for k, m in plans.items()}, manager)
 
 
-def run_model(spec, tasks, out, limit, manager, batch_size, model_args, log) -> None:
-    """Load one model and evaluate it on ``tasks``, writing each task's files as it finishes."""
+def _first_process() -> bool:
+    """Not one of the later processes of a launcher (they write nothing of their own here)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def run_model(spec: ModelSpec, measurements: list[Measurement], out: Path, limit, manager, batch_size, model_args,
+              log) -> None:  # fmt: skip
+    """Load one model and evaluate it on the measurements' tasks, writing each task's files as it finishes."""
+    import tempfile
+
     from lmms_eval.evaluator import simple_evaluate
 
     from pmod.eval.lmms_model import PModLMM
 
     out.mkdir(parents=True, exist_ok=True)
-    lm = PModLMM(pretrained=spec.folder, batch_size=batch_size, cost_dir=out / ".costs-scratch",
-                 **{**model_args, **spec.args})  # fmt: skip
-    lm.keep_model = True  # the next task reuses it
-    for task in tasks:
-        task_dir = out / spec.label / task
-        shutil.rmtree(task_dir, ignore_errors=True)  # what a dead run left of this task
-        lm.set_cost_dir(task_dir / "costs")
-        log(f"{spec.label} / {task}: evaluating")
-        results = simple_evaluate(model=lm, tasks=[task], limit=limit, batch_size=batch_size, log_samples=True,
-                                  task_manager=manager, verbosity="WARNING")  # fmt: skip
-        if results is None:  # not the first of several processes: the first writes
-            continue
-        write_task(task_dir, spec, task, results, limit, batch_size)
-    shutil.rmtree(out / ".costs-scratch", ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=out))  # this run's own, never another's
+    try:
+        lm = PModLMM(pretrained=spec.folder, batch_size=batch_size, cost_dir=scratch, **{**model_args, **spec.args})
+        lm.keep_model = True  # the next task reuses it
+        for m in measurements:
+            shutil.rmtree(m.folder, ignore_errors=True)  # what a dead run left of this measurement
+            lm.set_cost_dir(m.folder / "costs")
+            log(f"{spec.label} / {m.task}: evaluating")
+            results = simple_evaluate(model=lm, tasks=[m.task], limit=limit, batch_size=batch_size, log_samples=True,
+                                      task_manager=manager, verbosity="WARNING")  # fmt: skip
+            if results is None:  # not the first of several processes: the first writes
+                continue
+            write_task(m, results, limit, batch_size)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def write_task(task_dir: Path, spec: ModelSpec, task: str, results: dict[str, Any], limit, batch_size) -> None:
-    """The task's samples, then its result (atomically, last: its presence marks the task finished)."""
+def write_task(m: Measurement, results: dict[str, Any], limit, batch_size) -> None:
+    """The task's samples, then its result (atomically, last: its presence marks the measurement finished)."""
+    from pmod.core.files import atomic_write_json
     from pmod.eval.cost import read_costs, summarize
 
-    with (task_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+    with (m.folder / "samples.jsonl").open("w", encoding="utf-8") as f:
         for name, samples in results.get("samples", {}).items():
             for s in samples:
                 keep = {k: v for k, v in s.items() if k not in ("doc", "arguments", "resps", "doc_hash")}
                 f.write(json.dumps({"task": name, **keep}, default=str) + "\n")
     result = {
-        "model": spec.label, "folder": str(spec.folder), "model_args": spec.args, "task": task,
+        "model": m.spec.label, "folder": str(m.spec.folder), "model_args": m.spec.args, "task": m.task,
         "results": results["results"], "higher_is_better": results.get("higher_is_better", {}),
-        "n_samples": results.get("n-samples", {}), "cost": summarize(read_costs(task_dir / "costs")),
+        "n_samples": results.get("n-samples", {}), "cost": summarize(read_costs(m.folder / "costs")),
         "settings": {"limit": limit, "batch_size": batch_size},
         "lmms_eval_version": results.get("lmms_eval_version"),
+        "key": m.key, "measured": m.identity,
     }  # fmt: skip
-    tmp = task_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(task_dir / "result.json")
+    atomic_write_json(m.folder / "result.json", result, default=str)

@@ -1,6 +1,8 @@
 """`pmod eval`: evaluate model folders with lmms-eval (the field's harness) and report each task's own metric next
 to the cost of the same requests, with ratios and bootstrap intervals against the first model (the dense
-reference). Results land per task as they finish; a rerun with the same ``--out`` skips finished tasks.
+reference). Results land per (model, task) as they finish, keyed by what they measured (the model's folder and
+files, its args, the task and ``--limit``); a rerun with the same ``--out`` reuses exactly those of the same
+measurements, and keeps the others beside them. One run at a time writes an ``--out``.
 
     pmod eval --model pmod-demo/dense --model pmod-demo/pmod --tasks pmod_shapes --shapes-data pmod-demo/data \\
         --out eval-demo
@@ -25,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a model folder (pmod or Hugging Face LLaVA), repeatable; the first is the reference; "
                              "model args may follow: DIR,method=fastv,fastv_keep=0.25")  # fmt: skip
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks (pmod_shapes, gqa, mme, ...)")
-    parser.add_argument("--out", required=True, help="results folder (a rerun with it skips finished tasks)")
+    parser.add_argument("--out", required=True,
+                        help="results folder (a rerun with it reuses the results of the same model, settings, task "
+                             "and limit; one run at a time writes it)")  # fmt: skip
     parser.add_argument("--limit", type=int, help="evaluate the first N documents of each task")
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="a folder of extra lmms-eval task YAMLs (repeatable)")  # fmt: skip
@@ -40,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pmod.core.files import check_output_folder
     from pmod.eval.loading import method_from_args
     from pmod.eval.runner import ModelSpec, evaluate_models, label_models
     from pmod.io.loading import check_model_folder
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model_args = {"dtype": args.dtype, "device": args.device, "max_new_tokens": args.max_new_tokens}
     if args.attn_implementation:
         model_args["attn_implementation"] = args.attn_implementation
-    out = Path(args.out)
+    out = check_output_folder(args.out, "--out")  # a file or an unwritable path: one line, before any loading
     report = evaluate_models(specs, tasks, out, args.limit, args.include_path, args.batch_size, model_args)
     print((out / "report.md").read_text())
     missing = [t for t, rows in report["tasks"].items() if len(rows) < len(specs)]
