@@ -10,15 +10,18 @@ Two ways it broke before, each invisible to the rest of the suite:
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
 
+from pmod.core.errors import UserError
 from pmod.io.importers.original_processor import IMAGE_TOKEN, PAD_TOKEN, load_tokenizer
 
 CORPUS = [
@@ -69,12 +72,42 @@ def test_sentencepiece_only_tokenizer_converts_to_the_same_ids(tmp_path: Path) -
     sentencepiece's own, with ``<image>`` and ``<pad>`` added after the original vocabulary."""
     folder = sentencepiece_checkpoint(tmp_path / "llava-v1.5")
     reference = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    tokenizer = load_tokenizer(folder)  # in a broken environment: UserError "cannot load the tokenizer of ..."
+    tokenizer = load_tokenizer(folder)  # broken environment: "... cannot read it with the installed protobuf"
     for text in TEXTS:
         assert tokenizer(text).input_ids == [reference.bos_id()] + reference.encode(text), text
     size = reference.get_piece_size()
     assert tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, PAD_TOKEN]) == [size, size + 1]
     assert tokenizer.pad_token == PAD_TOKEN and len(tokenizer) == size + 2
+
+
+class _NewerGencode(importlib.abc.MetaPathFinder):
+    """Loading sentencepiece's generated protobuf code fails as it does with sentencepiece 0.2.3 on protobuf 6."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name == "sentencepiece.sentencepiece_model_pb2":
+            from google.protobuf.runtime_version import VersionError
+
+            raise VersionError(
+                "Detected incompatible Protobuf Gencode/Runtime versions when loading sentencepiece_model.proto: "
+                "gencode 7.36.1 runtime 6.33.6. Runtime version cannot be older than the linked gencode version. See "
+                "Protobuf version guarantees at https://protobuf.dev/support/cross-version-runtime-guarantee."
+            )
+
+
+def test_sentencepiece_newer_than_protobuf_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sentencepiece's generated code cannot load, transformers falls back to reading tokenizer.model as a
+    tiktoken file and fails on a parse error that blames the checkpoint; the error names the versions and the fix."""
+    folder = sentencepiece_checkpoint(tmp_path / "llava-v1.5")
+    monkeypatch.delitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", raising=False)
+    monkeypatch.delattr(spm, "sentencepiece_model_pb2", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_NewerGencode(), *sys.meta_path])
+    with pytest.raises(UserError) as caught:
+        load_tokenizer(folder)
+    assert str(caught.value) == (
+        f"{folder} has a sentencepiece tokenizer.model only, and the installed sentencepiece cannot read it with the "
+        f'installed protobuf (gencode 7.36.1 runtime 6.33.6); pip install "sentencepiece<0.2.3" protobuf (pmod\'s '
+        f"import extra), or a protobuf as new as sentencepiece's generated code."
+    )
 
 
 def test_the_eval_extra_leaves_torchvision_and_timm_working() -> None:
