@@ -2,8 +2,8 @@
 Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision folders holding a tiny random model and a real saved processor (the
 families' own processor classes over a word-level tokenizer, built in code; no downloads).
 
-Their video processors import torchvision, which the project's CPU venv leaves out (see README), so the file is
-skipped there; run it in a venv with torch + torchvision + PyAV."""
+Their video processors import torchvision: the README's environment has it (torch and torchvision as a matching
+pair), and tests/test_environment.py fails there without it; an install without torchvision skips this file."""
 
 from __future__ import annotations
 

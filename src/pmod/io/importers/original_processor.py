@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -154,11 +155,8 @@ def load_tokenizer(src: Path) -> Any:
             f"{src} has no tokenizer (tokenizer.model or tokenizer.json); copy the base LLM's tokenizer "
             f"files (e.g. those of lmsys/vicuna-7b-v1.5) into it."
         )
-    if not (src / "tokenizer.json").is_file() and importlib.util.find_spec("sentencepiece") is None:
-        raise UserError(
-            f"{src} has a sentencepiece tokenizer.model only; `pip install sentencepiece protobuf` so that "
-            f"transformers can convert it (the imported folder will not need it)."
-        )
+    if not (src / "tokenizer.json").is_file():
+        check_sentencepiece(src)
     with tempfile.TemporaryDirectory() as tmp:
         # Only the tokenizer files: the checkpoint's config.json names a model type transformers does not know.
         for path in files:
@@ -176,6 +174,27 @@ def load_tokenizer(src: Path) -> Any:
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.unk_token:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
+
+
+def check_sentencepiece(src: Path) -> None:
+    """transformers converts a ``tokenizer.model`` through sentencepiece's generated protobuf code; when that code
+    cannot load it falls back to reading the file as tiktoken's and fails with an unrelated parse error, so the
+    real cause is named here: no sentencepiece, or one whose generated code is newer than the protobuf runtime."""
+    fix = 'pip install "sentencepiece<0.2.3" protobuf (pmod\'s import extra)'
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise UserError(
+            f"{src} has a sentencepiece tokenizer.model only; {fix}, so that transformers can convert it "
+            f"(the imported folder will not need it)."
+        )
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401
+    except Exception as err:  # protobuf's VersionError (gencode newer than the runtime), or a broken install
+        found = re.search(r"gencode \S+ runtime \S+?(?=\.?\s|$)", str(err))
+        reason = found.group(0) if found else str(err).splitlines()[0]
+        raise UserError(
+            f"{src} has a sentencepiece tokenizer.model only, and the installed sentencepiece cannot read it with "
+            f"the installed protobuf ({reason}); {fix}, or a protobuf as new as sentencepiece's generated code."
+        ) from err
 
 
 def build_processor(settings: OriginalLlava, tower: Tower, tokenizer: Any) -> Any:
