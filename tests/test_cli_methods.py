@@ -257,3 +257,19 @@ def test_truncated_weights_are_named_in_every_command(world, tmp_path, capsys) -
         with pytest.raises(UserError, match="model.safetensors is truncated or corrupt"):
             load(folder)
     assert not Path(out).exists()
+
+
+def test_the_command_line_says_so_in_one_line(world) -> None:
+    """Outside pytest's log capture: `pmod generate` prints the warning once, as one line, and answers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pmod.cli", "generate", "--model", str(world["all_dense"]), "--image",
+                           str(world["red"]), "--prompt", PROMPT, "--max-new-tokens", "2"], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "routed" in line]
+    assert lines == [f"no layer of this model is routed ({world['all_dense']}: its pmod settings leave every layer "
+                     f"dense); it runs as the dense model."]  # fmt: skip
