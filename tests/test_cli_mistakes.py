@@ -46,9 +46,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     config = json.loads((checkpoint / "config.json").read_text())
     config["pmod_method"] = pmod.MoDConfig().stored()
     (checkpoint / "config.json").write_text(json.dumps(config))
+    truncated = root / "truncated"  # a copy cut short
+    shutil.copytree(routed, truncated)
+    (truncated / "model.safetensors").write_bytes((routed / "model.safetensors").read_bytes()[:30000])
+    all_dense = tiny_llava_folder(str(root / "all-dense"), num_layers=4,
+                                  pmod_config=pmod.PModConfig(schedule="explicit", ratios=[None] * 4))  # fmt: skip
     return {"root": root, "routed": routed, "dense": dense, "llama": root / "llama", "no_processor": no_processor,
             "data": train_json, "broken": broken, "red": root / "red.png", "bad": root / "bad.png",
-            "resume": root / "resume"}  # fmt: skip
+            "resume": root / "resume", "truncated": truncated, "all_dense": Path(all_dense)}  # fmt: skip
 
 
 def train_flags(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -101,6 +106,24 @@ MISTAKES = [
     ("ablate zero seeds", lambda w, o: ["ablate", "--seeds", "0", "--out", str(o)], ["--seeds", "at least 1"]),
     ("eval a folder without a model", lambda w, o: ["eval", "--model", str(w["root"] / "nowhere"), "--tasks",
                                                     "pmod_shapes", "--out", str(o)], ["no config.json"]),
+    ("generate a truncated model", lambda w, o: ["generate", "--model", str(w["truncated"]), "--image", str(w["red"]),
+                                                 "--prompt", "what ?"], ["model.safetensors is truncated or corrupt",
+                                                                         "re-download"]),
+    ("train a truncated model", lambda w, o: train_flags(w, o, "--model", str(w["truncated"])),
+     ["model.safetensors is truncated or corrupt", "re-download"]),
+    ("viz into an existing file", lambda w, o: ["viz", "--model", str(w["routed"]), "--image", str(w["red"]),
+                                                "--prompt", "what ?", "--out", str(w["red"])],
+     ["--out", "is an existing file"]),
+    ("viz settings that route no layer", lambda w, o: ["viz", "--model", str(w["all_dense"]), "--image",
+                                                       str(w["red"]), "--prompt", "what ?", "--out", str(o)],
+     ["no layer of", "is routed", "every layer dense"]),
+    ("arank a plot into a folder", lambda w, o: ["arank", "--model", str(w["dense"]), "--data", str(w["data"]),
+                                                 "--plot", str(w["root"])], ["--plot", "existing folder"]),
+    ("generate FastV on a routed folder", lambda w, o: ["generate", "--model", str(w["routed"]), "--image",
+                                                        str(w["red"]), "--prompt", "what ?", "--method", "fastv"],
+     ["already a pmod model", "drop --method"]),
+    ("import into an existing file", lambda w, o: ["import-llava", str(w["routed"]), "--out", str(w["red"])],
+     ["is an existing file"]),
 ]  # fmt: skip
 
 
@@ -156,3 +179,33 @@ def test_help_and_flag_errors_load_no_torch(argv: list[str]) -> None:
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("HEAVY [] "), (last, proc.stderr[-500:])
     assert last.endswith(" 0") == ("--help" in argv), last
+
+
+@pytest.mark.parametrize(
+    ("case", "argv", "words"),
+    [("no source", lambda w: [str(w["root"] / "nowhere"), "--out", str(w["root"] / "new")], "has no config.json"),
+     ("a Hugging Face folder", lambda w: [str(w["routed"]), "--out", str(w["root"] / "new")], "model_type='llava'"),
+     ("--out is a file", lambda w: [str(w["routed"]), "--out", str(w["red"])], "is an existing file"),
+     ("--out is not empty", lambda w: [str(w["routed"]), "--out", str(w["dense"])], "already exists and is not empty"),
+     ("--vision-tower without a config", lambda w: [str(w["root"] / "original"), "--out", str(w["root"] / "new"),
+                                                     "--vision-tower", str(w["root"])],
+      "has no config.json; pass a local CLIP folder")],
+    ids=lambda v: v if isinstance(v, str) else "",
+)  # fmt: skip
+def test_import_llava_mistakes_load_no_torch(world: dict[str, Path], case: str, argv, words: str) -> None:
+    """import-llava's mistakes answer before torch and transformers load, like every other command's."""
+    original = world["root"] / "original"  # the config of an original LLaVA-1.5 checkpoint, nothing else
+    original.mkdir(exist_ok=True)
+    (original / "config.json").write_text(json.dumps({
+        "model_type": "llava_llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": 128, "mm_projector_type": "mlp2x_gelu", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    }))  # fmt: skip
+    code = (
+        "import sys\nfrom pmod.cli import main\nrc = main(sys.argv[1:])\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "import-llava", *argv(world)], capture_output=True, text=True,
+                          env=ENV, timeout=60)  # fmt: skip
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY [] 2", proc.stderr[-500:]
+    assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+    assert not (world["root"] / "new").exists()

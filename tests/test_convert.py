@@ -227,3 +227,54 @@ def test_other_llama_family_decoders(family):
     randomize_routers(routed)
     got = forward(routed, batch)
     torch.testing.assert_close(got[0, 4:6], want[0, 4:6], atol=1e-5, rtol=0)
+
+
+def test_damaged_weight_files_are_named_before_loading(tmp_path):
+    """A weights file whose size does not match its safetensors header, a shard an index lists but the folder
+    lacks, a torch zip cut short, a folder without weights: one error naming the file, before any tensor is read."""
+    import struct
+    from pathlib import Path
+
+    from pmod.core.errors import UserError
+    from pmod.io.loading import check_model_folder
+    from pmod.testing import tiny_llava_folder
+
+    folder = Path(tiny_llava_folder(str(tmp_path / "m"), num_layers=2, pmod_config=PModConfig()))
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    (length,) = struct.unpack("<Q", good[:8])
+    cases = [
+        (good + b"\0" * 4, f"its header describes {len(good)} bytes, the file has {len(good) + 4}"),
+        (good[:5], "5 bytes, shorter than a safetensors header"),
+        (struct.pack("<Q", 2**40) + good[8:], f"its header claims {2**40} bytes, the file has {len(good)}"),
+        (good[:8] + b"{" * length + good[8 + length :], "its header is not valid JSON"),
+    ]
+    for data, detail in cases:
+        weights.write_bytes(data)
+        for load in (pmod.load, check_model_folder):
+            with pytest.raises(UserError) as err:
+                load(folder)
+            assert str(err.value).startswith(f"{weights} is truncated or corrupt ({detail}")
+            assert str(err.value).endswith("; re-save or re-download it.")
+    weights.write_bytes(good)
+    assert pmod.is_routed_model(pmod.load(folder))
+
+    model = pmod.load(folder)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(UserError, match=f"model.safetensors.index.json lists {shards[-1].name}, which is not in"):
+        pmod.load(sharded)
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((folder / "config.json").read_text())
+    torch.save({"w": torch.zeros(4096)}, bare / "pytorch_model.bin")
+    (bare / "pytorch_model.bin").write_bytes((bare / "pytorch_model.bin").read_bytes()[:-100])
+    with pytest.raises(UserError, match="pytorch_model.bin is truncated or corrupt .a zip archive without"):
+        pmod.load(bare)
+    (bare / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match="has a config.json but no weights"):
+        pmod.load(bare)

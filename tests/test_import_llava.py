@@ -514,3 +514,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["generate", "--model", str(tmp_path / "dst"), "--image", str(tmp_path / "red.png"), "--prompt", "what ?"]
     assert main([*argv, "--max-new-tokens", "2", "--device", "cpu"]) == 0
     assert "KV cache:" in capsys.readouterr().err
+
+
+def test_rerun_after_a_killed_import_removes_its_staging(tmp_path: Path) -> None:
+    write_source(tmp_path / "src", "llava-1.5")
+    stale = tmp_path / ".dst.k1ll3d.partial"  # what an import killed while writing leaves beside --out
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    assert main(["import-llava", str(tmp_path / "src"), "--out", str(tmp_path / "dst")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip-local", "dst", "src"]

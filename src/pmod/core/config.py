@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -178,11 +179,31 @@ def settable_fields(cls: type[MethodConfig]) -> list[dataclasses.Field]:
 def parse_field(cls: type[MethodConfig], name: str, value: Any) -> Any:
     """A field's value from text (command line) or from YAML/JSON, by the field's type annotation.
 
-    Lists are comma-separated (``"2,3,4"``); in a list of optional ratios ``none`` or ``dense`` is a dense layer;
-    a field typed ``str | list[int]`` takes either a name or a list.
+    Lists are comma-separated (``"2,3,4"``); in a list of integers an item ``a-b`` is the range a, a+1, ..., b
+    (``"1,3-5"`` is 1,3,4,5); in a list of optional ratios ``none`` or ``dense`` is a dense layer; a field typed
+    ``str | list[int]`` takes either a name or a list.
     """
     hints = typing.get_type_hints(cls)
     return _parse(hints[name], value, name)
+
+
+#: An item of a list of integers written as a range, ``a-b`` (both ends included).
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+#: Text meant as a list even without a comma: a (possibly malformed) range such as ``2-26`` or ``2-``.
+_LISTY = re.compile(r"\d\s*-")
+
+
+def _int_items(value: Any, name: str) -> list[int]:
+    """One item of a list of integers: a number, or a range ``a-b`` (a <= b) as the numbers a..b."""
+    if not isinstance(value, str) or "-" not in value.strip().lstrip("-"):
+        return [_parse(int, value.strip() if isinstance(value, str) else value, name)]
+    match = _RANGE.match(value)
+    if match is None:
+        raise ValueError(f"{name}: cannot read {value.strip()!r}; write a number or a range a-b such as 2-26")
+    start, end = int(match.group(1)), int(match.group(2))
+    if start > end:
+        raise ValueError(f"{name}: the range {start}-{end} runs backwards; write {end}-{start}")
+    return list(range(start, end + 1))
 
 
 def _parse(tp: Any, value: Any, name: str) -> Any:
@@ -194,12 +215,14 @@ def _parse(tp: Any, value: Any, name: str) -> Any:
                 return None
         errors = []
         # Literal and str first only when the text is not a list: "2,3" is a list, "arank" a name.
-        listy = isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value)
+        listy = isinstance(value, (list, tuple)) or (isinstance(value, str) and ("," in value or _LISTY.search(value)))
         ordered = sorted(options, key=lambda a: (typing.get_origin(a) is list) != listy)
         for option in ordered:
             try:
                 return _parse(option, value, name)
             except (TypeError, ValueError) as err:
+                if listy and typing.get_origin(option) is list:
+                    raise  # the list's own error names the item it cannot read
                 errors.append(str(err))
         raise ValueError(f"{name}: cannot read {value!r} ({'; '.join(errors)})")
     if origin is typing.Literal:
@@ -209,6 +232,8 @@ def _parse(tp: Any, value: Any, name: str) -> Any:
     if origin is list:
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
         (item_type,) = args
+        if item_type is int:
+            return [n for v in items for n in _int_items(v, name)]
         return [_parse(item_type, v.strip() if isinstance(v, str) else v, name) for v in items]
     if tp is bool:
         if isinstance(value, bool):

@@ -10,6 +10,7 @@ a folder, routers included, and also reads folders saved by pmod 0.1.
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from pmod.core.config import MethodConfig, method_class, store_method_config, st
 from pmod.core.errors import UserError
 from pmod.core.files import check_complete
 from pmod.core.routed_layer import RoutingInputs, is_routed_layer, make_routed_layer
+from pmod.core.weight_files import check_weight_files
+
+logger = logging.getLogger(__name__)
 
 
 def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
@@ -188,11 +192,15 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
 
     Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) go to ``from_pretrained``. Reads
     folders saved by pmod 0.1 (p-MoD settings under ``"pmod"``) too.
+
+    A truncated or corrupt weight file raises :class:`UserError` naming it, before any weight is read. Settings that
+    route no layer (e.g. an explicit schedule of only ``None``) load the dense model they describe, with a warning.
     """
     path = Path(path)
     check_complete(path)  # a final save that was interrupted: say so, not "no processor" or a missing weight
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a folder written by save_pretrained.")
+    check_weight_files(path)
     config = transformers.AutoConfig.from_pretrained(path)
     method_config = stored_method_config(config)
     if method_config is None:
@@ -217,7 +225,15 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
     loader = type(base.__name__, (base,), {"__init__": init, "__module__": base.__module__})
     model = loader.from_pretrained(path, **from_pretrained_kwargs)
     model.__class__ = base
+    if not routed_layers(model):
+        logger.warning("%s", no_routed_layer_warning(path, method_config))
     return model
+
+
+def no_routed_layer_warning(path: str | Path, method_config: MethodConfig) -> str:
+    """The one line every command prints for a folder whose method settings leave every layer dense."""
+    return (f"no layer of this model is routed ({path}: its {method_config.method} settings leave every "
+            f"layer dense); it runs as the dense model.")  # fmt: skip
 
 
 def record_routing(model: nn.Module) -> Any:

@@ -117,6 +117,17 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any, **dumps: Any) -> 
     atomic_write_text(path, json.dumps(data, indent=2, **dumps) + "\n")
 
 
+def check_new_folder(out: str | os.PathLike[str], replace: bool = False) -> Path:
+    """Refuse an ``out`` that :func:`atomic_folder` would refuse, so a command can check it before any work: an
+    existing file, or (without ``replace``) a folder that is not empty."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is an existing file, not a folder; pass a folder path.")
+    if not replace and out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; pass a new folder or remove it first.")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
     """A hidden staging folder next to ``out`` that becomes ``out`` when the block succeeds and is removed when it
@@ -128,11 +139,7 @@ def atomic_folder(out: str | os.PathLike[str], replace: bool = False) -> Iterato
     :func:`remove_stale_partials` (called on entry) puts back. Staging left by a killed run is named
     ``.<out>.*.partial`` and removed by it too.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is an existing file, not a folder; pass a folder path.")
-    if not replace and out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; pass a new folder or remove it first.")
+    out = check_new_folder(out, replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=PARTIAL_SUFFIX, dir=out.parent))

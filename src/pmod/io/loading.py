@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pmod.core.backbone import backbone_for_model_type
-from pmod.core.config import stored_method_config
+from pmod.core.config import MethodConfig, stored_method_config
 from pmod.core.errors import UserError
 from pmod.core.files import check_complete
+from pmod.core.weight_files import check_weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -30,9 +31,12 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def check_model_folder(folder: str | Path, command: str = "pmod") -> dict[str, Any]:
-    """Check that ``folder`` holds a LLaVA model (dense or routed) with its processor, reading JSON only; returns its
-    config.json. The :class:`UserError` names what is missing and how to add it."""
+def check_model_folder(
+    folder: str | Path, command: str = "pmod", method_config: MethodConfig | None = None
+) -> dict[str, Any]:
+    """Check that ``folder`` holds a LLaVA model (dense or routed) with its processor, reading JSON and the weight
+    files' headers only; returns its config.json. The :class:`UserError` names what is missing or damaged and how
+    to fix it. With ``method_config`` (a method to apply on the fly, ``--method``) the folder must be dense."""
     folder = Path(folder)
     check_complete(folder)
     if not (folder / "config.json").is_file():
@@ -51,9 +55,13 @@ def check_model_folder(folder: str | Path, command: str = "pmod") -> dict[str, A
             f"images (dense or routed); {command} needs a {MULTIMODAL_FAMILIES} folder."
         )
     try:
-        stored_method_config(config)
+        stored = stored_method_config(config)
     except ValueError as err:
         raise UserError(f"{folder}/config.json: {err}") from err
+    if stored is not None and method_config is not None:
+        raise UserError(f"{folder} is already a {stored.method} model, so --method {method_config.method} cannot "
+                        f"apply; drop --method, or pass the dense base model folder.")  # fmt: skip
+    check_weight_files(folder)
     has_processor = any((folder / name).is_file() for name in PROCESSOR_FILES)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     if not (has_processor and has_tokenizer):
@@ -64,15 +72,18 @@ def check_model_folder(folder: str | Path, command: str = "pmod") -> dict[str, A
     return config
 
 
-def load_model(folder: str | Path, device: str = "auto", command: str = "pmod") -> tuple[torch.nn.Module, Any]:
-    """Load a routed model (``pmod.load``) or a dense LLaVA model, and its processor, from a local folder."""
+def load_model(
+    folder: str | Path, device: str = "auto", command: str = "pmod", method_config: MethodConfig | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """Load a routed model (``pmod.load``) or a dense LLaVA model, and its processor, from a local folder; a dense
+    one converted with ``method_config`` when given (a training-free method such as FastV, applied on the fly)."""
     import torch
     import transformers
 
-    from pmod.core.convert import load
+    from pmod.core.convert import convert, load
 
     folder = Path(folder)
-    config = check_model_folder(folder, command)
+    config = check_model_folder(folder, command, method_config)
     arch = config["architectures"][0]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,6 +92,11 @@ def load_model(folder: str | Path, device: str = "auto", command: str = "pmod") 
         model = load(folder, dtype=dtype)
     else:
         model = getattr(transformers, arch).from_pretrained(folder, dtype=dtype)
+        if method_config is not None:
+            try:
+                convert(model, method_config)
+            except ValueError as err:
+                raise UserError(f"cannot apply {method_config.method} to {folder}: {err}") from err
     try:
         processor = transformers.AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError) as err:

@@ -1,7 +1,8 @@
 """`pmod arank`: gamma-MoD's attention rank (ARank) of every decoder layer of a dense model, on LLaVA-format samples.
 
 Prints the per-layer values (or JSON with ``--json``) and the layers gamma-MoD would convert (those below the
-``--threshold-rank``-th largest value), and writes a bar plot. The JSON is what ``GammaMoDConfig(arank_file=...)``
+``--threshold-rank``-th largest value); writes a bar plot with ``--plot FILE`` and the JSON with ``--out FILE``,
+nothing otherwise. The JSON is what ``GammaMoDConfig(arank_file=...)``
 and ``pmod train --method gamma_mod --gamma-mod-arank-file`` read.
 """
 
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 
 from pmod.core.errors import UserError
+from pmod.core.files import atomic_write_json
 from pmod.methods.gamma_mod import choose_layers
+from pmod.recipes.parsing import check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threshold-rank", type=int, default=4, help="the k-th largest ARank is the threshold")
     parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--plot", default="arank.png", help="where to write the bar plot")
+    parser.add_argument("--plot", help="write a bar plot of the values to this PNG file (default: no plot)")
     parser.add_argument("--out", help="also write the JSON result to this file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="auto")
@@ -48,6 +51,14 @@ def run(args: argparse.Namespace) -> int:
     config = check_model_folder(args.model, "pmod arank")
     if "pmod_method" in config or "pmod" in config:
         raise UserError(f"{args.model} is already converted; ARank is measured on the dense model before conversion")
+    from pmod.analysis.dims import LMDims
+
+    layers = LMDims.from_config(config).layers
+    if args.threshold_rank > layers:
+        raise UserError(f"--threshold-rank is {args.threshold_rank} but the model has {layers} layers; give at most "
+                        f"{layers} (the paper: 4)")  # fmt: skip
+    plot_file = check_output_file(args.plot, "--plot") if args.plot else None  # before the model loads
+    out_file = check_output_file(args.out, "--out") if args.out else None
 
     from pmod.analysis.plots import plot_arank
     from pmod.data.batching import LlavaCollator
@@ -80,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
         "mod_layers": chosen,
         "bad_samples": len(dataset.bad_samples),
     }
-    plot = plot_arank(values, threshold, chosen, args.plot)
-    result["plot"] = str(plot)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if plot_file is not None:
+        result["plot"] = str(plot_arank(values, threshold, chosen, plot_file))
+    if out_file is not None:
+        atomic_write_json(out_file, result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -91,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     for i, value in enumerate(values):
         print(f"  layer {i:3d}  {value:8.2f}  {'MoD' if i in chosen else 'dense'}")
     print(f"threshold (the {args.threshold_rank}th largest): {threshold:.2f}; MoD layers: {chosen}")
-    print(f"plot: {plot}", file=sys.stderr)
+    if plot_file is not None:
+        print(f"plot: {plot_file}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pmod.analysis.dims import vision_tokens, weight_dtype
@@ -21,6 +22,8 @@ from pmod.analysis.flops import (
 )
 from pmod.core.config import MethodConfig, method_names
 from pmod.core.errors import UserError
+from pmod.core.weight_files import check_weight_files
+from pmod.io.loading import PROCESSOR_FILES
 from pmod.recipes import method_flags
 
 #: Vision tokens per sample when the model's config does not say (LLaVA-1.5's 576).
@@ -43,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "preset's own; else 576)",
     )
     parser.add_argument(
-        "--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="text tokens per sample (default: %(default)s)"
+        "--text-tokens",
+        type=int,
+        help=f"text tokens per sample (default: the model's own prompt around the one-line question "
+        f"{QUESTION!r}, counted with the folder's processor; {DEFAULT_TEXT_TOKENS} for a preset or without one)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="samples per batch (default: %(default)s)")
     parser.add_argument(
@@ -54,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         choices=method_names(),
-        help="routing method to cost (default: the model's stored method, else pmod); its settings below",
+        help="routing method to cost (default: the model's stored method, else pmod); its settings below. On a "
+        "routed model another method is costed on the same model shape (the stored settings are not used)",
     )
     parser.add_argument("--question-tokens", type=int, help="gamma-MoD: text tokens always processed (default all)")
     method_flags.add_method_arguments(parser)
@@ -79,12 +86,16 @@ def run(args: argparse.Namespace) -> int:
     method = args.method or (stored.method if stored is not None else "pmod")
     config = method_flags.config_from_values(vars(args), method, base=stored)
     n_vision = default_vision if args.vision_tokens is None else args.vision_tokens
+    n_text = args.text_tokens
+    if n_text is None:
+        n_text = prompt_text_tokens(Path(args.model)) if args.model else None
+        n_text = DEFAULT_TEXT_TOKENS if n_text is None else n_text
     try:
         report = estimate(
             dims,
             config,
             n_vision=n_vision,
-            n_text=args.text_tokens,
+            n_text=n_text,
             batch_size=args.batch_size,
             dtype=dtype,
             include_lm_head=not args.no_lm_head,
@@ -92,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UserError(str(err)) from None
+    if all(layer.ratio is None for layer in report.pmod_layers):
+        print(f"pmod flops: warning: no layer is routed ({method} settings that leave every layer dense); these are "
+              f"the dense model's costs", file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps({"model": name, **report.to_dict()}, indent=2))
     else:
@@ -116,6 +130,8 @@ def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | 
     if not file.is_file():
         where = f"{path} has no config.json" if path.is_dir() else f"{path} does not exist"
         raise UserError(f"{where}; pass a local model folder with config.json, a config.json file, or --preset")
+    if path.is_dir():
+        check_weight_files(path, required=False)  # the costs need no weights, but damaged ones are named
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -130,6 +146,31 @@ def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | 
         raise UserError(f"{file}: {err}") from None
     default_vision = per_image[0] if per_image is not None else DEFAULT_VISION
     return str(path), dims, stored, int(default_vision), weight_dtype(data)
+
+
+#: The question whose prompt (in the model's own prompt format, with one image) sets the default text length.
+QUESTION = "What is shown in this image?"
+
+
+def prompt_text_tokens(model: Path, question: str = QUESTION) -> int | None:
+    """Text tokens of ``question`` with one image in the prompt format of the processor saved in the folder
+    ``model`` (its chat template, or the Vicuna v1 prompt of LLaVA-1.5 without one): the tokenized prompt without
+    its image placeholder. None when ``model`` holds no processor that loads here."""
+    if not model.is_dir() or not any((model / name).is_file() for name in PROCESSOR_FILES):
+        return None
+    import transformers
+
+    from pmod.io.loading import build_prompt
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(model)
+        ids = processor.tokenizer(build_prompt(processor, question, 1))["input_ids"]
+    except (OSError, ValueError, ImportError, KeyError, TypeError, UserError) as err:
+        print(f"pmod flops: note: the processor in {model} does not load here ({type(err).__name__}); counting "
+              f"{DEFAULT_TEXT_TOKENS} text tokens (pass --text-tokens)", file=sys.stderr)  # fmt: skip
+        return None
+    placeholder = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<image>")
+    return sum(1 for i in ids if i != placeholder)
 
 
 #: Fixed units, whatever the model's size: FLOPs in GFLOPs, bytes in MiB.

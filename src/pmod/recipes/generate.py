@@ -1,5 +1,6 @@
 """`pmod generate`: answer prompts about images with a routed (p-MoD, MoD, gamma-MoD, FastV) or dense LLaVA model
-folder.
+folder; ``--method fastv`` (with its ``--fastv-*`` settings) applies a training-free method to a dense folder as it
+loads.
 
 One prompt streams its answer; ``--batch-file`` answers a JSONL file of ``{"image", "prompt"}`` records in batches
 (left padding) and prints one JSON line per record. Either way the KV cache size is printed next to the size a
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pmod.core.errors import UserError
+from pmod.recipes import method_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    method_flags.add_on_the_fly_arguments(parser)
 
 
 def cache_report(cache: Any) -> str:
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either --prompt (with --image) or --batch-file, not both or neither.")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1.")
-    check_model_folder(args.model, "pmod generate")  # before any weight is read
+    method_config = method_flags.on_the_fly_config(vars(args))
+    check_model_folder(args.model, "pmod generate", method_config)  # before any weight is read
     if args.prompt is not None:
         if not args.image and not args.video and not args.text_only:
             raise UserError("no --image given: pass --image FILE for a question about an image (or --video FILE), "
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
         images = [[open_image(p) for p in args.image]]  # bad input fails before the model loads
         videos = [[read_video_frames(v, args.frames) for v in args.video]]
-        model, processor = load_model(args.model, args.device)
+        model, processor = load_model(args.model, args.device, "pmod generate", method_config)
         import transformers
 
         streamer = transformers.TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     for record in records:  # every image is checked before the model loads
         if record.get("image"):
             open_image(base / record["image"])
-    model, processor = load_model(args.model, args.device)
+    model, processor = load_model(args.model, args.device, "pmod generate", method_config)
     for start in tqdm(range(0, len(records), args.batch_size), desc="batches", file=sys.stderr):
         chunk = records[start : start + args.batch_size]
         images = [[open_image(base / r["image"])] if r.get("image") else [] for r in chunk]

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from pmod.core.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="folder of the original checkpoint (config.json, weights, tokenizer)")
@@ -21,6 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pmod.core.files import check_new_folder
+    from pmod.io.importers.original_config import read_source
+
+    # The mistakes a user can make with the flags answer here, before torch and transformers load.
+    check_new_folder(args.out)
+    settings = read_source(args.src)
+    if args.vision_tower is not None and not (Path(args.vision_tower) / "config.json").is_file():
+        raise UserError(f"--vision-tower {args.vision_tower} has no config.json; pass a local CLIP folder (e.g. a "
+                        f"download of {settings.vision_tower}).")  # fmt: skip
+
     from pmod.io.importers.original_llava import import_llava
 
     out = import_llava(args.src, args.out, vision_tower=args.vision_tower, dtype=args.dtype, progress=True)

@@ -109,3 +109,35 @@ def config_from_values(
         return None
     same = base if base is not None and base.method == method else None
     return build_config(method, method_settings(values, method), same)
+
+
+def training_free_methods() -> list[str]:
+    """The methods with nothing to train (FastV): the ones a command can apply to a dense folder as it loads."""
+    return [name for name in method_names() if not method_class(name).trainable]
+
+
+def add_on_the_fly_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and the settings of the training-free methods, for commands that load a model folder
+    (``pmod generate``, ``pmod viz``): the method is applied to a dense folder as it loads, like ``pmod eval``'s
+    ``method=``."""
+    free = training_free_methods()
+    parser.add_argument(
+        "--method",
+        metavar="METHOD",
+        help=f"apply a training-free method ({', '.join(free)}) to a dense model folder as it loads, with its "
+        f"settings below; a routed folder runs its own method and refuses --method",
+    )
+    add_method_arguments(parser, free)
+
+
+def on_the_fly_config(values: Mapping[str, Any]) -> MethodConfig | None:
+    """The config of ``--method`` (None without it) from the flags of :func:`add_on_the_fly_arguments`; a method
+    with routers to train, an unknown one, or settings without their ``--method`` are a :class:`UserError`."""
+    method = values.get("method")
+    free = training_free_methods()
+    if method is not None and method not in (DENSE, *free):
+        if method in method_names():
+            raise UserError(f"--method {method} has routers that must be trained first (pmod train --method "
+                            f"{method}, then pass that folder); only {', '.join(free)} applies on the fly")  # fmt: skip
+        raise UserError(f"unknown --method {method!r}; choose one of {', '.join(free)}")
+    return config_from_values(values, method or DENSE)

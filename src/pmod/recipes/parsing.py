@@ -1,12 +1,15 @@
-"""Argument parsing shared by the commands: one-line flag errors with a suggestion, and flag names that are the
-same with dashes or underscores."""
+"""Argument parsing shared by the commands: one-line flag errors with a suggestion, flag names that are the same
+with dashes or underscores, and output file paths checked before any work."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
 import sys
+from pathlib import Path
 from typing import NoReturn
+
+from pmod.core.errors import UserError
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -38,3 +41,15 @@ def dashed(token: str) -> str:
         return token
     name, sep, value = token.partition("=")
     return name.replace("_", "-") + sep + value
+
+
+def check_output_file(path: str, flag: str) -> Path:
+    """``path`` as a file the command may write, checked before any work: not an existing folder, in a folder it
+    can write (created if missing). A :class:`UserError` names the flag and the fix."""
+    from pmod.core.files import check_output_folder
+
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{flag} {file} is an existing folder, not a file; pass a file path.")
+    check_output_folder(file.parent, flag)
+    return file

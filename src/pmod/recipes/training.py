@@ -16,7 +16,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from pmod.core.backbone import backbone_for
 from pmod.core.config import MethodConfig, stored_method_config
-from pmod.core.convert import convert, get_method_config, is_routed_model, load
+from pmod.core.convert import convert, get_method_config, load
 from pmod.io.importers.llava_parts import assemble_llava
 from pmod.io.loading import check_model_folder
 from pmod.recipes.train import DataArguments, ModelArguments, TrainError
@@ -50,7 +50,7 @@ def build_model(margs: ModelArguments, method_config: MethodConfig | None = None
     finally:
         transformers.utils.logging.enable_progress_bar()
     if margs.stage == "finetune":
-        if is_routed_model(model):
+        if get_method_config(model) is not None:  # routed, or settings that route no layer (it trains dense)
             logger.info("model is already routed (%s); keeping its routing", get_method_config(model))
         elif wanted is not None:
             convert(model, wanted)

@@ -1,13 +1,14 @@
 """`pmod viz`: plot which vision tokens each routed layer keeps for an image (schedule, layer x token heatmap,
-kept-token overlays). torch, matplotlib and the model code load inside the functions, after the flags are read."""
+kept-token overlays); ``--method fastv`` applies a training-free method to a dense folder as it loads. torch,
+matplotlib and the model code load inside the functions, after the flags are read."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pmod.core.errors import UserError
+from pmod.recipes import method_flags
 
 if TYPE_CHECKING:
     import torch
@@ -25,31 +26,50 @@ def image_routing(model: torch.nn.Module, processor: Any, image: Any, prompt: st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="folder of a routed LLaVA or LLaVA-NeXT model")
+    parser.add_argument("--model", required=True, help="folder of a routed model (or a dense one with --method)")
     parser.add_argument("--image", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     parser.add_argument("--device", default="auto")
+    method_flags.add_on_the_fly_arguments(parser)
+
+
+def routes_no_layer(config: dict[str, Any]) -> bool:
+    """Whether a routed folder's stored settings leave every decoder layer dense (read from config.json)."""
+    from pmod.analysis.dims import LMDims
+    from pmod.core.config import stored_method_config
+
+    stored = stored_method_config(config)
+    try:
+        return stored is not None and all(r is None for r in stored.layer_ratios(LMDims.from_config(config).layers))
+    except (ValueError, TypeError, KeyError):  # settings the model cannot run: loading says what is wrong
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
+    from pmod.core.files import check_output_folder
     from pmod.data.images import open_image
     from pmod.io.loading import check_model_folder, load_model
 
-    config = check_model_folder(args.model, "pmod viz")
-    if "pmod_method" not in config and "pmod" not in config:
+    method_config = method_flags.on_the_fly_config(vars(args))
+    config = check_model_folder(args.model, "pmod viz", method_config)
+    if "pmod_method" not in config and "pmod" not in config and method_config is None:
         raise UserError(
-            f"{args.model} is a dense model: there is no routing to show. Convert it (pmod.convert) or train it "
-            f"with pmod train first."
+            f"{args.model} is a dense model: there is no routing to show. Apply a training-free method with "
+            f"--method {' / '.join(method_flags.training_free_methods())}, or convert it (pmod.convert) or train "
+            f"it with pmod train first."
         )
+    if routes_no_layer(config):
+        raise UserError(f"no layer of {args.model} is routed (its settings leave every layer dense): it runs as the "
+                        f"dense model and there is no routing to show; pass a model with routed layers.")  # fmt: skip
     image = open_image(args.image)
-    model, processor = load_model(args.model, args.device, "pmod viz")
+    out = check_output_folder(args.out, "--out")  # before the model loads: an --out that is a file fails now
+    model, processor = load_model(args.model, args.device, "pmod viz", method_config)
 
     from pmod.analysis import plots
     from pmod.core.convert import layer_ratios
 
     routing = image_routing(model, processor, image, args.prompt)
-    out = Path(args.out)
     paths = [
         plots.plot_schedule(layer_ratios(model), out / "schedule.png"),
         plots.plot_token_heatmap(routing, out / "token_heatmap.png"),

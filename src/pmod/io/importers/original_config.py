@@ -2,18 +2,19 @@
 fork of it) means, as pmod and Hugging Face settings.
 
 Everything a config may say that the Hugging Face LLaVA classes or pmod cannot run the same way is refused here,
-before a byte is written, with the key and what pmod expected.
+before a byte is written, with the key and what pmod expected. Reading a config imports no torch (only a p-MoD
+schedule's exact ratios need it), so ``pmod import-llava`` answers a wrong source at once.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from pmod.core.errors import UserError
 from pmod.methods.pmod import PModConfig
@@ -95,6 +96,8 @@ def count_exact(ratio: float, max_tokens: int) -> float:
     The two differ by one token at some counts (e.g. 2365 vision tokens at the 32-layer schedule's layer 10). The
     ratios that reproduce every count form an interval near ``ratio`` (its lower end a few 1e-8 away).
     """
+    import torch
+
     n = torch.arange(1, max_tokens + 1, dtype=torch.int32)
     want = torch.trunc(n * ratio).long()  # int32 tensor times a Python float: float32, as in the original
 
@@ -232,3 +235,15 @@ def read_original(cfg: dict[str, Any]) -> OriginalLlava:
         pmod=pmod_config(cfg, num_layers) if model_type == PMOD else None,
         original={k: cfg[k] for k in sorted(cfg) if k.startswith(("mm_", "mod_", "image_")) or k == "model_type"},
     )
+
+
+def read_source(src: str | Path) -> OriginalLlava:
+    """The checked settings of the original checkpoint folder ``src`` (its ``config.json``); a :class:`UserError`
+    for a folder without one, a config that is not JSON, or settings pmod cannot import."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src} has no config.json; pass the folder of an original LLaVA or p-MoD checkpoint.")
+    try:
+        return read_original(json.loads((src / "config.json").read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{src}/config.json is not valid JSON ({err}); re-download it.") from err

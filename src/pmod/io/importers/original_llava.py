@@ -11,7 +11,6 @@ otherwise), and the embedding and LM head only gain rows for the tokens the Hugg
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -25,16 +24,10 @@ from torch import nn
 
 from pmod.core.convert import convert, layer_ratios
 from pmod.core.errors import UserError
-from pmod.io.importers.original_config import OriginalLlava, read_original
+from pmod.core.files import atomic_folder, check_new_folder
+from pmod.io.importers.original_config import OriginalLlava, read_source
 from pmod.io.importers.original_processor import IMAGE_TOKEN, Tower, build_processor, load_tokenizer, resolve_tower
-from pmod.io.importers.tensor_files import (
-    OutputTensor,
-    StoredTensor,
-    TensorFolder,
-    atomic_folder,
-    check_new_folder,
-    write_shards,
-)
+from pmod.io.importers.tensor_files import OutputTensor, StoredTensor, TensorFolder, write_shards
 
 TOWER = "model.vision_tower.vision_tower."
 EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
@@ -68,7 +61,8 @@ def import_llava(
 
     Args:
         src: the checkpoint folder (``config.json``, safetensors or ``pytorch_model*.bin`` shards, tokenizer).
-        out: the folder to create; it must not exist (or be empty). A failed import leaves nothing there.
+        out: the folder to create; it must not exist (or be empty). A failed import leaves nothing there, and the
+            staging folder a killed one left beside it (``.<out>.*.partial``) is removed by the next import.
         vision_tower: a local CLIP folder: the tower's weights when the checkpoint lacks them, its config and its
             image preprocessing. Without it the config and preprocessing of ``mm_vision_tower`` must be known
             (openai/clip-vit-large-patch14-336) and the weights in the checkpoint.
@@ -80,14 +74,8 @@ def import_llava(
         UserError: for a source that cannot be imported faithfully (unknown settings, projector or tower, missing
             or misshapen tensors), naming the key and what was expected.
     """
-    src, out = Path(src), Path(out)
-    check_new_folder(out)  # before any work
-    if not (src / "config.json").is_file():
-        raise UserError(f"{src} has no config.json; pass the folder of an original LLaVA or p-MoD checkpoint.")
-    try:
-        settings = read_original(json.loads((src / "config.json").read_text()))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{src}/config.json is not valid JSON ({err}); re-download it.") from err
+    src, out = Path(src), check_new_folder(out)  # before any work
+    settings = read_source(src)
     out_dtype = _dtype(dtype)
     weights = TensorFolder.of_folder(src, "the checkpoint")
     tower = resolve_tower(

@@ -5,8 +5,6 @@ the model in memory.
   dtypes) without reading them, and reads one on request.
 * :func:`write_shards` writes safetensors shards (and their index) from a list of tensors produced on demand: each
   shard's header is written first, then each tensor's bytes as it is produced.
-* :func:`atomic_folder` is a temporary folder next to the destination that becomes the destination only when
-  everything was written.
 
 Safetensors files are read with plain ``seek``/``readinto`` rather than memory-mapped: a mapping counts the pages it
 touched in the process's resident memory until it is closed, which would make a streamed import look (and, under
@@ -15,19 +13,17 @@ memory pressure, behave) like one that loads the whole shard.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pmod.core.errors import UserError
+from pmod.core.weight_files import safetensors_header
 
 #: safetensors dtype codes (the ones a LLaVA checkpoint can hold).
 DTYPES: dict[str, torch.dtype] = {
@@ -62,20 +58,6 @@ class StoredTensor:
     @property
     def size_bytes(self) -> int:
         return torch.Size(self.shape).numel() * self.dtype.itemsize
-
-
-def safetensors_header(path: Path) -> tuple[int, dict]:
-    """The JSON header of a safetensors file and where its data starts."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise UserError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download it.")
-        (length,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{path} has a damaged safetensors header ({err}); re-download it.") from err
-    return 8 + length, header
 
 
 class TensorFolder:
@@ -230,26 +212,3 @@ def write_shards(folder: Path, tensors: list[OutputTensor], max_shard_bytes: int
         }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [folder / name for name in names]
-
-
-def check_new_folder(out: Path) -> None:
-    """Refuse a destination that exists (an empty folder is fine): an import never overwrites."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; pass a new --out folder or remove it first.")
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder next to ``out`` that is renamed to ``out`` when the block succeeds and removed when it
-    fails, so that ``out`` is either complete or absent. ``out`` must not exist (or be an empty folder)."""
-    check_new_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
