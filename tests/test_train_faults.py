@@ -20,10 +20,10 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from pmod.core.errors import UserError
 from pmod.core.files import INCOMPLETE_NAME, OutputLock
+from pmod.core.weight_files import MAX_WEIGHT, unusable_weights
 from pmod.data import synth
 from pmod.recipes.train import TrainError, parse_args
 from pmod.recipes.train_output import INCOMPLETE_ADVICE, resume_point
-from pmod.recipes.trainer import MAX_WEIGHT, unusable_weight
 from pmod.recipes.training import train
 from pmod.testing import tiny_llava_folder
 
@@ -153,17 +153,18 @@ class _DivergeAt(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def test_unusable_weight_names_nan_and_overflow() -> None:
+def test_unusable_weights_name_nan_and_overflow() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    assert unusable_weight(model) is None
+    assert unusable_weights(model) == []
     with torch.no_grad():
         model[1].bias[0] = 3e30
-    assert unusable_weight(model) == ("1.bias", pytest.approx(3e30))
+        model[1].weight[0, 0] = 1e19  # large, but its square still fits in float32
+    assert unusable_weights(model) == [("1.bias", pytest.approx(3e30))]
     with torch.no_grad():
         model[0].weight[1, 1] = math.nan
-    name, peak = unusable_weight(model)
-    assert name == "0.weight" and math.isnan(peak)
-    assert MAX_WEIGHT == pytest.approx(1.8446744e19)
+    (name, peak), second = unusable_weights(model)
+    assert name == "0.weight" and math.isnan(peak) and second[0] == "1.bias"
+    assert MAX_WEIGHT == pytest.approx(1.8446744e19)  # sqrt(float32 max = 3.4028e38)
 
 
 def test_a_diverged_run_saves_nothing_and_says_so(

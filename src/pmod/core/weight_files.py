@@ -4,17 +4,24 @@ A ``model.safetensors`` cut short (a killed copy, a partial download) makes ``fr
 safetensors with a message that names no file. :func:`check_weight_files` reads only each file's header and size:
 a safetensors header says exactly how many data bytes follow it, so a file of any other size is truncated or
 corrupt. No tensor is read, and neither torch nor transformers is imported.
+
+:func:`unusable_weights` checks the values once a model is in memory: a diverged run's weights (non-finite, or so
+large that the forward overflows) must be neither saved as a checkpoint nor scored.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmod.core.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 #: What ``from_pretrained`` looks for, in its order: one safetensors file, a sharded index, then the ``.bin`` forms.
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -22,6 +29,11 @@ BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 WEIGHT_NAMES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)
 #: A safetensors header larger than this is not a header (the format caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+#: The largest weight magnitude a usable model holds: the square root of float32's largest value. A larger weight
+#: overflows the first square it enters (a norm's variance, an attention score) in float32 and bfloat16 alike, so the
+#: forward degenerates (hidden states normed to zero, equal or NaN log-likelihoods); trained networks stay many orders
+#: of magnitude below it (LLM weights are O(1)).
+MAX_WEIGHT = math.sqrt(float.fromhex("0x1.fffffep+127"))
 
 
 def corrupt(path: Path, detail: str) -> UserError:
@@ -101,3 +113,23 @@ def check_weight_files(folder: str | Path, required: bool = True) -> list[Path]:
         raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_NAMES)}); pass a folder "
                         f"written completely by save_pretrained.")  # fmt: skip
     return []
+
+
+def unusable_weights(model: nn.Module) -> list[tuple[str, float]]:
+    """Every parameter (of those this process holds) with a non-finite value or one beyond :data:`MAX_WEIGHT`, with
+    its largest magnitude (NaN or inf when non-finite), in the model's order; empty when every weight is usable.
+    One host sync for the whole model, not one per parameter."""
+    import torch
+
+    names, peaks = [], []
+    for name, param in model.named_parameters():
+        t = getattr(param, "ds_tensor", param)  # DeepSpeed ZeRO-3 keeps this rank's partition there
+        t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 DTensor: this rank's shard
+        if t.numel() and t.is_floating_point():
+            names.append(name)
+            peaks.append(torch.linalg.vector_norm(t.detach(), ord=math.inf).float())  # NaN stays NaN
+    if not peaks:
+        return []
+    peak = torch.stack([p.to(peaks[0].device) for p in peaks]).cpu()
+    bad = (~torch.isfinite(peak) | (peak > MAX_WEIGHT)).nonzero().flatten().tolist()
+    return [(names[i], float(peak[i])) for i in bad]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pmod.core.config import MethodConfig, method_class, method_names, parse_field, settable_fields
 from pmod.core.errors import UserError
+from pmod.core.weight_files import MAX_WEIGHT, unusable_weights
 
 if TYPE_CHECKING:
     import torch
@@ -111,34 +112,19 @@ def load_for_eval(
     return model.to(device).eval(), processor
 
 
-#: Weights beyond this magnitude are a diverged run's, not a model's: squared (in norms, attention scores) they
-#: overflow float32 and bfloat16 (past ~1.8e19), and the forward silently degenerates (hidden states normed to zero,
-#: equal or NaN log-likelihoods). Trained models stay many orders of magnitude below it.
-MAX_WEIGHT = 1e15
-
-
 def check_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Refuse a model whose weights are non-finite or absurdly large (:data:`MAX_WEIGHT`) with one line naming
     the folder and the cause, instead of scoring what its overflowing forward happens to give."""
-    import torch
-
-    bad, huge, largest = [], [], 0.0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not param.is_floating_point() or param.numel() == 0:
-                continue
-            peak = float(torch.linalg.vector_norm(param, ord=float("inf")))  # max |w|; NaN or inf if any is
-            if not math.isfinite(peak):
-                bad.append(name)
-            elif peak > MAX_WEIGHT:
-                huge.append(name)
-                largest = max(largest, peak)
+    found = unusable_weights(model)
+    bad = [name for name, peak in found if not math.isfinite(peak)]
+    huge = [name for name, peak in found if math.isfinite(peak)]
+    largest = max((peak for _, peak in found if math.isfinite(peak)), default=0.0)
     if bad:
         raise UserError(f"{folder} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); it was saved from a "
                         f"diverged run (loss NaN or inf); evaluate an earlier checkpoint or train again with a lower "
                         f"learning rate.")  # fmt: skip
     if huge:
         raise UserError(f"{folder} has weights of magnitude {largest:.3g} ({len(huge)} tensors above "
-                        f"{MAX_WEIGHT:.0e}, e.g. {huge[0]}), which overflow in the forward; it was saved from a "
+                        f"{MAX_WEIGHT:.2g}, e.g. {huge[0]}), which overflow in the forward; it was saved from a "
                         f"diverged run; evaluate an earlier checkpoint or train again with a lower learning "
                         f"rate.")  # fmt: skip

@@ -19,34 +19,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from pmod.analysis.stats import RoutingStats
 from pmod.core.backbone import find_backbone
 from pmod.core.convert import is_routed_model, load, record_routing, routing_loss
+from pmod.core.weight_files import MAX_WEIGHT, unusable_weights
 from pmod.recipes.train import TrainError
 
 TMP_PREFIX = "tmp-"
 #: The staging folder of the final model inside the output folder (see :mod:`pmod.recipes.train_output`).
 FINAL_STAGING = TMP_PREFIX + "final"
-#: The largest weight magnitude a saved model may hold: the square root of float32's largest value. A larger weight
-#: overflows the first square it enters (a norm's variance, an attention score), so the model cannot compute a finite
-#: output in float32 or bfloat16; trained networks stay many orders of magnitude below it (LLM weights are O(1)).
-MAX_WEIGHT = math.sqrt(torch.finfo(torch.float32).max)
-
-
-def unusable_weight(model: nn.Module) -> tuple[str, float] | None:
-    """The first parameter (of those this process holds) with a non-finite value or one beyond :data:`MAX_WEIGHT`,
-    and its largest magnitude; None when every weight is usable."""
-    names, peaks = [], []
-    for name, param in model.named_parameters():
-        t = getattr(param, "ds_tensor", param)  # DeepSpeed ZeRO-3 keeps this rank's partition there
-        t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 DTensor: this rank's shard
-        if t.numel() and t.is_floating_point():
-            names.append(name)
-            peaks.append(torch.linalg.vector_norm(t.detach(), ord=math.inf).float().cpu())  # NaN stays NaN
-    if not peaks:
-        return None
-    peak = torch.stack(peaks)
-    bad = (~torch.isfinite(peak) | (peak > MAX_WEIGHT)).nonzero()
-    return (names[int(bad[0])], float(peak[int(bad[0])])) if len(bad) else None
-
-
 class EpochDataLoader(DataLoader):
     """A DataLoader over a batch sampler that forwards ``set_epoch`` to it (Trainer calls it each epoch)."""
 
@@ -226,7 +204,7 @@ class PModTrainer(Trainer):
     def check_weights(self, what: str) -> None:
         """Refuse (a one-line :class:`TrainError`) to save ``what`` when any process holds a non-finite weight or one
         beyond :data:`MAX_WEIGHT`; every process calls it, and every one raises."""
-        found = unusable_weight(self.model)
+        found = next(iter(unusable_weights(self.model)), None)
         flag = torch.tensor([float(found is not None)], device=self.args.device)
         if self.args.world_size > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
