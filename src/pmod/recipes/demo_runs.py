@@ -37,11 +37,11 @@ def pretrain_vision(base: Path, data: Path, settings: DemoSettings) -> dict[str,
 
 
 def make_data(data: Path, settings: DemoSettings) -> None:
-    """The synthetic shapes set of ``settings`` in ``data``; kept when complete (``test.json`` is written last, so
-    a set cut short by a kill is made again)."""
+    """The synthetic shapes set of ``settings`` in ``data``; kept when there (a set is swapped in whole, with
+    ``train.json`` last, so a set cut short by a kill is made again)."""
     from pmod.data import synth
 
-    if (data / "test.json").is_file():
+    if (data / "train.json").is_file():
         return
     synth.generate(
         data,
