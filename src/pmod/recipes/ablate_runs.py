@@ -234,12 +234,10 @@ def run_units(
         queue = None
         _report_step = advance
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from pmod.recipes.workers import spawn_context, worker_pool
 
-        context = multiprocessing.get_context("spawn")
-        queue = context.Queue()
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(queue, threads))
+        queue = spawn_context().Queue()
+        pool = worker_pool(workers, _init_worker, (queue, threads))  # they end with this process, even on kill -9
     running: dict[Future, Unit] = {}
     started = time.time()
     try:

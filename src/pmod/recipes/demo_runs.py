@@ -120,19 +120,18 @@ def train_variants(base: Path, data: Path, out: Path, settings: DemoSettings) ->
     workers = parallel_workers(settings)
     if workers == 1:
         return {name: train_variant(name, base, data, out / name, settings) for name in settings.variants}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from pmod.recipes.workers import worker_pool
 
     threads = threads_per_worker(workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:  # the workers end with this process, even when it is killed
         futures = {
-            name: pool.submit(_train_in_worker, name, base, data, out / name, settings, position, threads)
+            name: pool.submit(train_in_worker, name, base, data, out / name, settings, position, threads)
             for position, name in enumerate(settings.variants)
         }
         return {name: future.result() for name, future in futures.items()}
 
 
-def _train_in_worker(
+def train_in_worker(
     name: str, base: Path, data: Path, folder: Path, settings: DemoSettings, position: int, threads: int
 ) -> dict[str, Any]:
     """One variant in a worker process: its own progress bar line; the Trainer's log lines go to train.log."""
