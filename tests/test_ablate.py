@@ -276,3 +276,78 @@ def test_flag_mistakes(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "x").exists()
+
+
+def test_output_folder_mistakes(tmp_path, capsys, monkeypatch):
+    """An existing file as --out, a folder another run is writing (a new run, and a --resume of it) get one line
+    each before any work starts (the work is replaced by an error here, so that running on would show); once the
+    other run is gone (its lock dies with it, as after a kill), --resume goes ahead."""
+    from pmod.core.files import OutputLock
+    from pmod.recipes import demo_runs
+
+    def no_work(*args):
+        raise RuntimeError("the run started working")
+
+    monkeypatch.setattr(demo_runs, "make_data", no_work)
+    (tmp_path / "file").write_text("x")
+    assert main(["ablate", "--quick", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is an existing file, not a folder" in err and len(err.splitlines()) == 1
+    busy = tmp_path / "busy"
+    with OutputLock(busy, "pmod ablate"):
+        assert main(["ablate", "--quick", "--out", str(busy)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"is in use by pmod ablate (pid {os.getpid()})" in err and len(err.splitlines()) == 1
+        (busy / "ablate.json").write_text(json.dumps(tiny_settings().to_dict()))
+        assert main(["ablate", "--resume", str(busy)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"is in use by pmod ablate (pid {os.getpid()})" in err and len(err.splitlines()) == 1
+    with pytest.raises(RuntimeError, match="started working"):
+        main(["ablate", "--resume", str(busy)])
+
+
+def test_accuracy_plot_labels_apart_and_error_bars_within_0_1(tmp_path, monkeypatch):
+    """The accuracy-vs-cost plot of rows whose points crowd together (a ladder at nearly equal cost) and lie near 0
+    and 1 with a wide spread: every drawn error bar stays within [0, 1], and no two texts (labels, legend, title,
+    axis labels) overlap on the saved figure."""
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from pmod.recipes.ablate_report import plot_accuracy_vs_cost
+
+    points = {"dense": (1.0, 0.98, 0.05), "mod": (0.50, 0.50, 0.02), "tanh1": (0.505, 0.515, 0.02),
+              "tanh": (0.51, 0.53, 0.02), "string": (0.502, 0.545, 0.03), "pmod": (0.50, 0.56, 0.01),
+              "constant": (0.52, 0.565, None), "linear": (0.56, 0.02, 0.05), "gamma_mod": (0.8, 0.97, 0.08),
+              "fastv": (0.503, 0.50, 0.0)}  # fmt: skip
+    rows = {name: {"label": VARIANTS[name].label, "group": VARIANTS[name].group, "tflops_ratio": t,
+                   "accuracy_mean": acc, "accuracy_sd": sd} for name, (t, acc, sd) in points.items()}  # fmt: skip
+    saved = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    plot_accuracy_vs_cost(rows, tmp_path / "plot.png")
+    (fig,) = saved
+    (ax,) = fig.axes
+    bars = [c for c in ax.containers if c.has_yerr]
+    assert len(bars) == len(rows)
+    for container in bars:
+        ys = [y for collection in container[2] for segment in collection.get_segments() for _, y in segment]
+        ys += [y for cap in container[1] for y in cap.get_ydata()]
+        assert ys and min(ys) >= 0.0 and max(ys) <= 1.0, ys
+    renderer = FigureCanvasAgg(fig).get_renderer()  # closed after saving: measured on a fresh canvas
+    fig.draw(renderer)
+    texts = [t for t in ax.texts if t.get_text()] + ax.get_legend().get_texts()
+    texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+    boxes = [(t.get_text(), Text.get_window_extent(t, renderer)) for t in texts]  # the text (not an arrow's)
+    shown = {name for text, _ in boxes for name in text.split("\n")}
+    assert {VARIANTS[n].label for n in rows} <= shown  # every row is labelled
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1 :]:
+            overlap_w = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
+            overlap_h = min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
+            assert overlap_w <= 0 or overlap_h <= 0, (a, b)

@@ -231,3 +231,52 @@ def test_seeds_section_reports_the_gap_with_its_spread():
 def test_seeds_must_be_positive(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "--seeds is 0" in capsys.readouterr().err
+
+
+def test_output_folder_mistakes(tmp_path, capsys, monkeypatch):
+    """An existing file as --out, and a folder another run is writing, get one line each before any work starts
+    (the work is replaced by an error here, so that running on would show)."""
+    import os
+
+    from pmod.core.files import OutputLock
+    from pmod.recipes import demo_runs
+
+    def no_work(*args):
+        raise RuntimeError("the demo started working")
+
+    monkeypatch.setattr(demo_runs, "make_data", no_work)
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is an existing file, not a folder" in err and len(err.splitlines()) == 1
+    with OutputLock(tmp_path / "busy", "pmod demo"):
+        assert main(["demo", "--quick", "--out", str(tmp_path / "busy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"is in use by pmod demo (pid {os.getpid()})" in err and len(err.splitlines()) == 1
+    with pytest.raises(RuntimeError, match="started working"):  # free again: the run goes ahead
+        main(["demo", "--quick", "--out", str(tmp_path / "busy")])
+
+
+def test_data_made_again_when_its_settings_change(tmp_path):
+    """The demo keeps its data set between runs only while the settings that made it are the same: a rerun into
+    the same folder with other --samples (or seed, ...) must not train on the earlier set."""
+    import dataclasses
+
+    from pmod.recipes.demo_runs import make_data
+
+    data = tmp_path / "data"
+
+    def count() -> int:
+        return sum(len(json.loads((data / f).read_text())) for f in ("train.json", "test.json"))
+
+    small = DemoSettings(samples=20, image_size=32)
+    make_data(data, small)
+    assert count() == 20
+    written = (data / "train.json").stat().st_mtime_ns
+    make_data(data, small)
+    assert (data / "train.json").stat().st_mtime_ns == written  # the same settings: kept
+    make_data(data, dataclasses.replace(small, samples=30))
+    assert count() == 30
+    first = (data / "train.json").read_bytes()
+    make_data(data, dataclasses.replace(small, samples=30, seed=1))
+    assert count() == 30 and (data / "train.json").read_bytes() != first

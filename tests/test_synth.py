@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,13 +13,16 @@ import pytest
 from PIL import Image
 
 from pmod.cli import main
+from pmod.core.files import LOCK_NAME, OutputLock
 from pmod.data import synth
 from pmod.data.llava_format import check_records
 from pmod.data.tokenizer import build_word_tokenizer
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root`` but the writer's lock (which names the last writer's pid)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != LOCK_NAME}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +235,95 @@ def test_patch_labels_by_hand() -> None:
     assert labels["shape"] == [0, square, 0, square]
     with pytest.raises(ValueError, match="multiple of patch_size"):
         synth.patch_labels(image, meta, 5)
+
+
+def _consistent(root: Path) -> None:
+    """Every record's image exists and its meta matches the pixels (the colour of each shape is drawn there)."""
+    records = _records(root)
+    assert check_records(root / "train.json", root).ok
+    for r in records:
+        if "image" in r:
+            pixels = np.asarray(Image.open(root / r["image"]).convert("RGB"))
+            for s in r["meta"]["shapes"]:
+                x0, y0, x1, y1 = s["bbox"]
+                assert (pixels[y0 : y1 + 1, x0 : x1 + 1] == synth.COLORS[s["color"]]).all(-1).any(), r["id"]
+    assert len(list((root / "images").iterdir())) == sum("image" in r for r in records)  # nothing stale
+
+
+def test_overwrite_that_fails_partway_keeps_the_old_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--overwrite` dying halfway through the new images (here: an error at sample 12) leaves the old set as it
+    was, byte for byte, and no staging; the user's other files in the folder are never touched."""
+    out = tmp_path / "d"
+    synth.generate(out, 20, seed=1, image_size=32)
+    (out / "notes.txt").write_text("mine")
+    before = _files(out)
+    make_sample = synth.make_sample
+
+    def failing(index, *args, **kwargs):
+        if index == 12:
+            raise RuntimeError("killed")
+        return make_sample(index, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "make_sample", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        synth.generate(out, 30, seed=2, image_size=32, overwrite=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "images", "notes.txt", "test.json", "train.json"]
+    _consistent(out)
+    monkeypatch.undo()
+    synth.generate(out, 30, seed=2, image_size=32, overwrite=True)
+    _consistent(out)
+    assert len(_records(out)) == 30 and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kill_at", range(1, 8))
+def test_kill_during_the_swap_leaves_one_whole_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at) -> None:
+    """A kill at any of the swap's six renames (simulated: the rename raises and no clean-up runs), or after them
+    (7: before the old set is deleted), leaves a folder that the next run turns into the old set (before the last
+    rename, of train.json) or the new one, whole, never a mix; the killed run's staging is removed."""
+    out = tmp_path / "d"
+    synth.generate(out, 12, seed=1, image_size=32)
+    old = _files(out)
+    synth.generate(tmp_path / "new", 16, seed=2, image_size=32)
+    new = _files(tmp_path / "new")
+    calls = []
+    replace = synth.os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == kill_at:
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(synth.os, "replace", dying_replace)
+    monkeypatch.setattr(synth, "finish_interrupted_swap", lambda out: None)  # a kill runs no clean-up
+    monkeypatch.setattr(synth.shutil, "rmtree", lambda *a, **k: None)
+    with pytest.raises(Killed) if kill_at <= 6 else contextlib.nullcontext():
+        synth.generate(out, 16, seed=2, image_size=32, overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) == min(kill_at, 6)
+    assert any(p.name.endswith(".partial") for p in out.iterdir())  # what the kill left
+    synth.finish_interrupted_swap(out)  # what the next run does first
+    assert not [p for p in out.iterdir() if p.name.startswith(".pmod-synth")]
+    assert _files(out) == (new if kill_at == 7 else old), calls
+    _consistent(out)
+
+
+def test_cli_synth_output_folder_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An existing file as --out, and a second writer of a folder in use, get one line each; once the first
+    writer is gone (as after a kill: the lock dies with its process), the folder is written."""
+    (tmp_path / "file").write_text("x")
+    args = ["data", "synth", "--n", "4", "--image-size", "32", "--out"]
+    assert main([*args, str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is an existing file, not a folder" in err and len(err.splitlines()) == 1
+    with OutputLock(tmp_path / "d", "pmod data synth"):
+        assert main([*args, str(tmp_path / "d")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"is in use by pmod data synth (pid {os.getpid()})" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "d" / "train.json").exists()
+    assert main([*args, str(tmp_path / "d")]) == 0
+    _consistent(tmp_path / "d")

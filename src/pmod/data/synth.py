@@ -15,9 +15,11 @@ patches a model keeps.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pmod.core.files import PARTIAL_SUFFIX, OutputLock, check_output_folder
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
@@ -241,9 +245,32 @@ def generate(
     all) limits what image questions ask about. One shape per image gives the easiest task: every answer is read off
     one object (the demo asks about its colour and position, see :mod:`pmod.recipes.demo`).
 
+    The set is written to a staging folder inside ``out_dir`` and swapped in when complete (:data:`DATASET_ENTRIES`,
+    ``train.json`` last), so a killed run leaves the folder's earlier set whole, never its answers beside new
+    images. Other files in ``out_dir`` are left alone. A second writer of the same folder gets a
+    :class:`~pmod.core.errors.UserError` (:class:`~pmod.core.files.OutputLock`), as does a path that is a file.
+
     Raises FileExistsError if ``out_dir`` already holds a data set, unless ``overwrite`` (which replaces it).
     Returns the paths of train.json and test.json.
     """
+    _check_settings(n, image_size, test_fraction, max_shapes, question_kinds)
+    out = check_output_folder(out_dir, "--out")
+    with OutputLock(out, "pmod data synth"):
+        finish_interrupted_swap(out)
+        if any(_exists(out / name) for name in DATASET_ENTRIES) and not overwrite:
+            raise FileExistsError(f"{out} already holds a data set (train.json, test.json or images/)")
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=PARTIAL_SUFFIX, dir=out))
+        try:
+            _write_set(staging, n, seed, image_size, test_fraction, turns, max_shapes, question_kinds)
+            _swap_in(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out / "train.json", out / "test.json"
+
+
+def _check_settings(
+    n: int, image_size: int, test_fraction: float, max_shapes: int, question_kinds: Sequence[str] | None
+) -> None:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if image_size < 8 * GRID:
@@ -258,25 +285,91 @@ def generate(
             raise ValueError(
                 f"question_kinds must be a non-empty subset of {', '.join(QUESTION_KINDS)}; got {list(question_kinds)}"
             )
-    out = Path(out_dir)
-    train_path, test_path, image_dir = out / "train.json", out / "test.json", out / "images"
-    if any(p.exists() for p in (train_path, test_path, image_dir)):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a data set (train.json, test.json or images/)")
-        shutil.rmtree(image_dir, ignore_errors=True)  # stale images of a larger earlier run would linger
-    image_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_set(
+    folder: Path,
+    n: int,
+    seed: int,
+    image_size: int,
+    test_fraction: float,
+    turns: int | None,
+    max_shapes: int,
+    question_kinds: Sequence[str] | None,
+) -> None:
+    """The data set's entries, written into the (empty) ``folder``."""
+    (folder / "images").mkdir()
     rng = random.Random(seed)
     records = []
     for i in range(n):
         record, image = make_sample(i, image_size, rng, turns, max_shapes, question_kinds)
         if image is not None:
-            image.save(out / record["image"], format="PNG")
+            image.save(folder / record["image"], format="PNG")
         records.append(record)
     n_test = round(n * test_fraction)
-    for path, part in ((train_path, records[: n - n_test]), (test_path, records[n - n_test :])):
+    for name, part in (("train.json", records[: n - n_test]), ("test.json", records[n - n_test :])):
         # One record a line: diffable, and still a plain JSON list.
-        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in part) + "\n]\n", encoding="utf-8")
-    return train_path, test_path
+        (folder / name).write_text("[\n" + ",\n".join(json.dumps(r) for r in part) + "\n]\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------- swapping a data set into its folder
+#: A data set's entries in its folder, in the order a new set is moved in: ``train.json`` last (and out first), so
+#: a folder with a ``train.json`` holds one whole set, and one without it is known to be incomplete.
+DATASET_ENTRIES: tuple[str, ...] = ("images", "test.json", "train.json")
+_STAGING_PREFIX = ".pmod-synth."
+#: Inside the output folder while a swap is under way: the set being replaced, and (``_ALL_ASIDE``) a mark that
+#: all of it is out of the way, after which entries of the folder's set are the new one's.
+_OLD_NAME = f"{_STAGING_PREFIX}old{PARTIAL_SUFFIX}"
+_ALL_ASIDE = "all-aside"
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif _exists(path):
+        path.unlink()
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace the data set in ``out`` by the one in ``staging``: the old entries moved aside (``train.json``
+    first), the new ones moved in (``train.json`` last), the old ones deleted. Renames only, in one file system; a
+    failure on the way puts the old set back, and so does the next run after a kill (:func:`finish_interrupted_swap`).
+    """
+    old = out / _OLD_NAME
+    old.mkdir()
+    try:
+        for name in reversed(DATASET_ENTRIES):
+            if _exists(out / name):
+                os.replace(out / name, old / name)
+        (old / _ALL_ASIDE).touch()
+        for name in DATASET_ENTRIES:
+            os.replace(staging / name, out / name)
+    except BaseException:
+        finish_interrupted_swap(out)
+        raise
+    shutil.rmtree(old)
+
+
+def finish_interrupted_swap(out: str | Path) -> None:
+    """Undo what a killed :func:`generate` left in ``out``: a swap that did not reach ``train.json`` gives the
+    earlier set back (a finished one just drops it), and staging folders are removed. Run under the folder's lock."""
+    out = Path(out)
+    old = out / _OLD_NAME
+    if old.is_dir():
+        if not _exists(out / "train.json"):  # the new set was not complete: the old one comes back
+            if (old / _ALL_ASIDE).exists():
+                for name in DATASET_ENTRIES:
+                    _remove(out / name)
+            for name in DATASET_ENTRIES:
+                if _exists(old / name):
+                    os.replace(old / name, out / name)
+        shutil.rmtree(old)
+    for stale in out.glob(f"{_STAGING_PREFIX}*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def patch_labels(image: Image.Image, meta: dict[str, Any], patch_size: int, min_cover: float = 0.1) -> dict[str, Any]:

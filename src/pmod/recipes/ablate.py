@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pmod.core.errors import UserError
+from pmod.core.files import OutputLock, atomic_write_json, check_output_folder
 from pmod.recipes.ablate_variants import VARIANTS, parse_variants
 from pmod.recipes.demo import DemoSettings
 
@@ -135,9 +136,11 @@ def run_ablation(out: Path, settings: AblateSettings, say=print) -> dict[str, An
     import transformers
 
     threads = torch.get_num_threads()
+    out = check_output_folder(out, "--out")
     transformers.utils.logging.disable_progress_bar()  # model loads would draw a bar each between the run's lines
     try:
-        return _run(out, settings, say)
+        with OutputLock(out, "pmod ablate"):  # a second run into the folder would mix its units in
+            return _run(out, settings, say)
     finally:
         transformers.utils.logging.enable_progress_bar()
         torch.set_num_threads(threads)
@@ -147,7 +150,7 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     import torch
 
     from pmod.recipes.ablate_report import write_report
-    from pmod.recipes.ablate_runs import Layout, Unit, run_units, unit_workers, write_json
+    from pmod.recipes.ablate_runs import Layout, Unit, run_units, unit_workers
     from pmod.recipes.ablate_variants import variant_configs
     from pmod.recipes.demo_runs import make_data, seed_base_model, threads_per_worker
 
@@ -158,8 +161,7 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     n_units = len(settings.variants) * task.seeds
     if settings.threads is None:  # fixed for the life of the run: the same threads give the same numbers
         settings.threads = threads_per_worker(unit_workers(n_units))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / SETTINGS_FILE, settings.to_dict())
+    atomic_write_json(out / SETTINGS_FILE, settings.to_dict())
     torch.set_num_threads(settings.threads)
     make_data(layout.data, task)
     tower = prepare_tower(layout.tower, layout.data, task)
@@ -183,14 +185,13 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     elapsed = time.time() - started
     report = write_report(out, settings, results, failures, latency, workload, tower, workers, elapsed, test, resumed)
     report["total_seconds"] = round(time.time() - started, 1)  # this invocation's (a resumed run: the rest)
-    write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report)
     return report
 
 
 def prepare_tower(folder: Path, data: Path, task: DemoSettings) -> dict[str, Any]:
     """The base model of the first seed with its tower pre-trained (as the demo does); kept once finished
     (``tower.json`` holds the pre-training result and is written last)."""
-    from pmod.recipes.ablate_runs import write_json
     from pmod.recipes.demo_runs import build_base_model, pretrain_vision
 
     done = folder / "tower.json"
@@ -200,7 +201,7 @@ def prepare_tower(folder: Path, data: Path, task: DemoSettings) -> dict[str, Any
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     result = pretrain_vision(folder, data, task)
-    write_json(done, {"accuracy": result["accuracy"], "loss": result["loss"]})
+    atomic_write_json(done, {"accuracy": result["accuracy"], "loss": result["loss"]})
     return result
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pmod.analysis import plots as plotting
 from pmod.core import schedules
+from pmod.core.files import atomic_write_text
 from pmod.recipes.ablate_variants import GROUPS, VARIANTS, Workload
 from pmod.recipes.demo import DemoSettings
 from pmod.recipes.demo_report import prior_baseline
@@ -185,35 +186,74 @@ def gap_statement(rows: dict[str, dict], budget: str) -> str:
 
 
 def plot_accuracy_vs_cost(rows: dict[str, dict], path: Path) -> Path:
-    """Accuracy (mean, error bar = sd over seeds) against analytic TFLOPs (share of dense), one point per row; rows
-    that land on the same spot share one label listing them (a ladder at equal cost often does)."""
+    """:func:`accuracy_vs_cost_figure` saved to ``path``."""
     import matplotlib.pyplot as plt  # the Agg backend is chosen by pmod.analysis.plots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = accuracy_vs_cost_figure(rows)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the label column lies outside the axes
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_cost_figure(rows: dict[str, dict]) -> Any:
+    """Accuracy (mean, error bar = sd over seeds, cut at 0 and 1) against analytic TFLOPs (share of dense), one
+    point per row. The rows' labels stand in a column right of the axes, each joined to its point by a line and
+    moved only as far as needed not to overlap (a ladder at equal cost puts several points close together); rows on
+    the same spot share one label listing them."""
+    import matplotlib.pyplot as plt  # the Agg backend is chosen by pmod.analysis.plots
+
     colors = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(v.group for v in VARIANTS.values()))}
-    spots: list[tuple[float, float, list[str]]] = []  # (x, y, labels) of the points drawn so far
-    for r in rows.values():
-        if r.get("tflops_ratio") is None:
-            continue
-        x, y = 100 * r["tflops_ratio"], r["accuracy_mean"]
-        ax.errorbar(x, y, yerr=r["accuracy_sd"] or 0.0, fmt="o", capsize=3, color=colors[r["group"]], alpha=0.8)
+    spots: list[tuple[float, float, list[str], str]] = []  # (x, y, labels, colour) of the points drawn so far
+    points = [r for r in rows.values() if r.get("tflops_ratio") is not None]
+    fig, ax = plt.subplots(figsize=(8.0, max(4.4, 1.6 + 0.16 * len(points))))
+    fig.subplots_adjust(left=0.09, right=0.62, bottom=0.2, top=0.92)
+    for r in points:
+        x, y, sd = 100 * r["tflops_ratio"], r["accuracy_mean"], r["accuracy_sd"] or 0.0
+        below, above = max(0.0, min(sd, y)), max(0.0, min(sd, 1.0 - y))  # an accuracy lies in [0, 1]
+        ax.errorbar(x, y, yerr=[[below], [above]], fmt="o", capsize=3, color=colors[r["group"]], alpha=0.8)
         near = next((s for s in spots if abs(s[0] - x) < 2.0 and abs(s[1] - y) < 0.01), None)
         if near is None:
-            spots.append((x, y, [r["label"]]))
+            spots.append((x, y, [r["label"]], colors[r["group"]]))
         else:
             near[2].append(r["label"])
-    for x, y, labels in spots:
-        ax.annotate("\n".join(labels), (x, y), fontsize=6, xytext=(6, -3), textcoords="offset points", va="top")
+    ax.set_ylim(-0.03, 1.03)
+    _label_column(fig, ax, spots)
     for group, color in colors.items():
         ax.plot([], [], "o", color=color, label=group)
     ax.set(xlabel="analytic prefill TFLOPs (% of dense)", ylabel="accuracy (mean ± sd over seeds)",
            title="accuracy against cost")  # fmt: skip
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _label_column(fig: Any, ax: Any, spots: list[tuple[float, float, list[str], str]]) -> None:
+    """Each spot's label right of the axes, at its point's height where free, else moved up or down just enough
+    (measured text heights, so no two labels overlap); in its group's colour, grey when it names several rows."""
+    from matplotlib.text import Text
+
+    low, high = ax.get_ylim()
+    labels = [ax.annotate("\n".join(names), (x, y), xytext=(1.04, (y - low) / (high - low)), textcoords="axes fraction",
+                          fontsize=7, color=color, va="center", ha="left", annotation_clip=False,
+                          arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.5, "shrinkB": 4})
+              for x, y, names, color in ((x, y, n, c if len(n) == 1 else "0.3") for x, y, n, c in spots)]  # fmt: skip
+    if not labels:
+        return
+    renderer = fig.canvas.get_renderer()
+    axes_height = ax.get_window_extent(renderer).height
+    gap = 0.01
+    order = sorted(range(len(labels)), key=lambda i: labels[i].get_position()[1])
+    wanted = [labels[i].get_position()[1] for i in order]
+    # Text's extent: an Annotation's own would include its line to the point
+    half = [Text.get_window_extent(labels[i], renderer).height / axes_height / 2 + gap / 2 for i in order]
+    place = list(wanted)
+    for k in range(len(place)):  # upwards: each clear of the one below
+        place[k] = max(wanted[k], place[k - 1] + half[k - 1] + half[k]) if k else max(wanted[k], half[k])
+    place[-1] = min(place[-1], 1.0 - half[-1])
+    for k in range(len(place) - 2, -1, -1):  # downwards from the top, where the column ran past it
+        place[k] = min(place[k], place[k + 1] - half[k + 1] - half[k])
+    for k, i in enumerate(order):
+        labels[i].set_position((1.04, place[k]))
 
 
 def mean_loss_curves(settings: Any, results: dict[str, dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -345,7 +385,7 @@ def write_report(
         "",
         *[f"![{k}]({p})" for k, p in plots.items()],
     ]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return {
         "settings": settings.to_dict(),
         "workload": {"n_vision": workload.n_vision, "n_text": workload.n_text},

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from pmod.core.config import MethodConfig
 from pmod.core.errors import UserError
+from pmod.core.files import atomic_write_json
 from pmod.methods import GammaMoDConfig
 from pmod.recipes.demo import DemoSettings
 from pmod.recipes.demo_runs import evaluate_model, load_variant, train_config
@@ -84,13 +85,6 @@ def fingerprint(unit: Unit, settings: DemoSettings) -> str:
     task = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("seeds", "variants", "method_settings")}
     config = None if unit.config is None else {"method": unit.config.method, **unit.config.to_dict()}
     return json.dumps({"task": task, "config": config, "trained": unit.trained}, sort_keys=True, default=str)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader (or a resumed run) never sees half a file."""
-    staging = path.with_name(path.name + ".partial")
-    staging.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(staging, path)
 
 
 # ------------------------------------------------------------------------------------------------ one unit
@@ -156,7 +150,7 @@ def run_unit(unit: Unit, layout: Layout, settings: DemoSettings, test: list[dict
             nonfinite_loss_steps=run["nonfinite_loss_steps"],
             nonfinite_parameters=sum(int(not torch.isfinite(p).all()) for p in model.parameters()),
         )
-    write_json(layout.result(unit.variant, unit.seed), result)
+    atomic_write_json(layout.result(unit.variant, unit.seed), result)  # a resumed run never reads half a file
     return result
 
 
@@ -234,12 +228,10 @@ def run_units(
         queue = None
         _report_step = advance
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from pmod.recipes.workers import spawn_context, worker_pool
 
-        context = multiprocessing.get_context("spawn")
-        queue = context.Queue()
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(queue, threads))
+        queue = spawn_context().Queue()
+        pool = worker_pool(workers, _init_worker, (queue, threads))  # they end with this process, even on kill -9
     running: dict[Future, Unit] = {}
     started = time.time()
     try:

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated question kinds from color,count,exists,position,shape (default: all)",
     )
-    synth.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
+    synth.add_argument("--overwrite", action="store_true", help="replace a data set already in --out (train.json, "
+                       "test.json, images/; other files there are kept)")  # fmt: skip
 
     check = sub.add_parser(
         "check",

@@ -124,10 +124,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
-    """Run the whole demo into ``out`` and return the report (also written as report.json / report.md)."""
+    """Run the whole demo into ``out`` and return the report (also written as report.json / report.md). ``out``
+    must be a folder this process can write, and no other run may be writing it (one line otherwise)."""
+    from pmod.core.files import OutputLock, check_output_folder
+
+    out = check_output_folder(out, "--out")
+    with OutputLock(out, "pmod demo"):  # a second demo into the folder would train over this one's models
+        return _run_demo(out, settings)
+
+
+def _run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
     import torch
 
     from pmod.core.errors import UserError
+    from pmod.core.files import atomic_write_json
     from pmod.recipes.demo_runs import (
         build_base_model,
         evaluate,
@@ -137,7 +147,6 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
         train_variants,
     )
 
-    out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() and (os.cpu_count() or 1) <= 2:
         torch.set_num_threads(1)  # on 2 vCPUs a second thread was measured slower (BENCHMARKS.md)
     started = time.time()
@@ -169,5 +178,5 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
 
     report = write_report(out, settings, runs, results, data, test, vision, seeds)
     report["total_seconds"] = round(time.time() - started, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "report.json", report)
     return report

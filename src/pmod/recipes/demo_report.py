@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pmod.analysis import plots as plotting
+from pmod.core.files import atomic_write_text
 from pmod.recipes.demo import DemoSettings
 from pmod.recipes.demo_runs import (
     load_variant,
@@ -250,7 +251,7 @@ def write_report(
         "",
         *[f"![{k}]({Path(p).name})" for k, p in plots.items()],
     ]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     serialisable = {n: {k: v for k, v in r.items()} for n, r in results.items()}
     return {
         "settings": asdict(settings),

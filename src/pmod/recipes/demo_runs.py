@@ -36,13 +36,23 @@ def pretrain_vision(base: Path, data: Path, settings: DemoSettings) -> dict[str,
     return result
 
 
+#: Beside the data set in its folder: the settings it was made with, so that a run with other settings makes it again.
+DATA_SETTINGS = "pmod-data-settings.json"
+
+
 def make_data(data: Path, settings: DemoSettings) -> None:
-    """The synthetic shapes set of ``settings`` in ``data``; kept when complete (``test.json`` is written last, so
-    a set cut short by a kill is made again)."""
+    """The synthetic shapes set of ``settings`` in ``data``; kept when it was made with the same settings (a set
+    is swapped in whole, so one cut short by a kill is made again, and its settings are recorded after it)."""
+    from pmod.core.files import atomic_write_json
     from pmod.data import synth
 
-    if (data / "test.json").is_file():
+    made_with = {"samples": settings.samples, "seed": settings.seed, "image_size": settings.image_size,
+                 "turns": settings.turns, "max_shapes": settings.max_shapes,
+                 "question_kinds": list(settings.question_kinds)}  # fmt: skip
+    record = data / DATA_SETTINGS
+    if (data / "train.json").is_file() and record.is_file() and json.loads(record.read_text()) == made_with:
         return
+    record.unlink(missing_ok=True)  # a set made next but cut short must not pass for the one recorded
     synth.generate(
         data,
         settings.samples,
@@ -53,6 +63,7 @@ def make_data(data: Path, settings: DemoSettings) -> None:
         question_kinds=settings.question_kinds,
         overwrite=True,
     )
+    atomic_write_json(record, made_with)
 
 
 def build_base_model(settings: DemoSettings, seed: int) -> tuple[torch.nn.Module, Any]:
@@ -80,11 +91,10 @@ def seed_base_model(tower_base: Path, folder: Path, settings: DemoSettings, seed
     staging folder first, so a killed run leaves no half-written model."""
     if (folder / "config.json").is_file():
         return folder
-    import shutil
-
     from transformers import LlavaForConditionalGeneration
 
     from pmod.core.backbone import backbone_for
+    from pmod.core.files import atomic_folder
 
     model, processor = build_base_model(settings, seed)
     tower = LlavaForConditionalGeneration.from_pretrained(tower_base).state_dict()
@@ -93,11 +103,9 @@ def seed_base_model(tower_base: Path, folder: Path, settings: DemoSettings, seed
         for name, tensor in model.state_dict().items():
             if adapter.is_vision_parameter(name):
                 tensor.copy_(tower[name])
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    staging.rename(folder)
+    with atomic_folder(folder, replace=True) as staging:  # replace: a folder without config.json is unfinished
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return folder
 
 
@@ -120,19 +128,18 @@ def train_variants(base: Path, data: Path, out: Path, settings: DemoSettings) ->
     workers = parallel_workers(settings)
     if workers == 1:
         return {name: train_variant(name, base, data, out / name, settings) for name in settings.variants}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from pmod.recipes.workers import worker_pool
 
     threads = threads_per_worker(workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:  # the workers end with this process, even when it is killed
         futures = {
-            name: pool.submit(_train_in_worker, name, base, data, out / name, settings, position, threads)
+            name: pool.submit(train_in_worker, name, base, data, out / name, settings, position, threads)
             for position, name in enumerate(settings.variants)
         }
         return {name: future.result() for name, future in futures.items()}
 
 
-def _train_in_worker(
+def train_in_worker(
     name: str, base: Path, data: Path, folder: Path, settings: DemoSettings, position: int, threads: int
 ) -> dict[str, Any]:
     """One variant in a worker process: its own progress bar line; the Trainer's log lines go to train.log."""
