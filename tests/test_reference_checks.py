@@ -82,3 +82,20 @@ def test_renumbered_positions_equal_the_original_codes() -> None:
     assert all(rule.ratio == 0.5 for rule in rules.values())
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
     assert (got[real] - own_positions[real]).abs().max() > 1e-2  # the positions matter here
+
+
+def test_threshold_prefill_equals_the_reference() -> None:
+    """``prefill_rule="threshold"`` (the original evaluation code's) keeps every routable token with p above the
+    threshold; here a declared 0.4 instead of the original 0.005, so that some are skipped."""
+    dense = tiny_llama(num_layers=4, attn_implementation="eager")
+    model = pmod.convert(copy.deepcopy(dense), GammaMoDConfig(layers=[1, 3], prefill_rule="threshold",
+                                                              prefill_threshold=0.4))  # fmt: skip
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(12, 20, False), (10, 8, True)], "left", seed=6)
+    real = am.bool()
+    with torch.no_grad(), pmod.record_routing(model) as rec:
+        got = model(input_ids=ids, attention_mask=am, vision_mask=vm).logits
+        want = reference_logits(dense, reference_rules(model, prefill_threshold=0.4), ids, am, vm)
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    share = [float(rec.processed[i][0][vm].float().mean()) for i in (1, 3)]
+    assert all(0.1 < s < 0.9 for s in share), share  # neither all nor none of the vision tokens run
