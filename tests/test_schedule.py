@@ -40,9 +40,16 @@ def test_linear_and_constant():
 
 
 def test_kept_count_floor():
-    assert kept_count(576, 0.15) == 86
-    assert kept_count(2880, 0.844478) == 2432
+    # Values where floor and round differ: 576 * R_23 of the 32-layer PRD (0.155517) = 89.58, 576 * 0.8 = 460.8,
+    # 23 * 0.5 = 11.5 (round gives 12), 2880 * 0.8445 = 2432.16 (the same either way, kept as a large case).
+    assert kept_count(576, 0.5 * math.cos(math.pi * 23 / 31) + 0.5) == 89
+    assert kept_count(576, 0.8) == 460
+    assert kept_count(23, 0.5) == 11
+    assert kept_count(2880, 0.8445) == 2432
     assert kept_count(7, None) == 7
+    # FastV's rounding: the nearest integer, halves to even.
+    assert [kept_count(n, 0.5, "round") for n in (23, 21, 7)] == [12, 10, 4]
+    assert kept_count(576, 0.8, "round") == 461
 
 
 @pytest.mark.parametrize(

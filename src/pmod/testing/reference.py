@@ -5,17 +5,65 @@ sorts per row, eager attention probabilities) without ``pmod.core`` or ``pmod.me
 In a routed layer the attention mask removes unprocessed tokens as keys (their own query rows are discarded), then
 the output rules are applied token by token: processed ``h + s * m`` (``s`` the method's MLP scale), skipped
 ``w * x`` (p-MoD's STRing) or ``x``. Tests and ``benchmarks/gpu_check.py`` compare the compacted execution with it.
+
+The constants the papers fix are written here, next to the equation or table that fixes them, and never read from
+pmod's configs or layers: a reference that read them would agree with the code whatever their value. What the
+reference takes from a model are its router weights and the choices a test writes into its config (explicit ratios
+and layer lists, the schedule kind, the weight norm, switches); it computes the per-layer ratios itself. A model whose
+config holds a value other than the paper's is refused unless the test declares that value
+(``reference_rules(model, decode_threshold=0.7)``), so a wrong default fails every reference test by name.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+#: TanhNorm ``w~ = alpha * tanh(w) + 1``: p-MoD supplementary D.2 ("we set the gating factor alpha in TanhNorm to
+#: 0.2") and C.2 (``X' = alpha tanh(w) T(X) + X``: the token itself enters with weight 1). The sigmoid and identity
+#: norms are ablation variants with pmod's documented (scale, bias), which no paper text fixes.
+WEIGHT_NORMS = {"tanh": (0.2, 1.0), "sigmoid": (1.0, 0.5), "none": (1.0, 0.0)}
+
+#: Vanilla MoD as the p-MoD paper runs it (supplementary C.2: "no normalization", Table 3 row 1; the original code's
+#: ``none`` norm): the raw logit ``w`` weights the MLP branch as ``w + 1``; no STRing.
+MOD_NORM = ("none", 1.0, 1.0, False)
+
+#: MoD's ``deep_all`` layer set: layers 2 to L-2 (the original MoD code's default).
+MOD_DEEP_ALL = (2, -1)
+
+#: Settings the papers fix, per method (the name is the config field). A model whose config disagrees is refused
+#: unless the test passes the value to :func:`reference_rules`.
+PAPER = {
+    "pmod": {
+        # PRD: R_l = 0.5 cos(pi l / (L-1)) + beta with "the shift factor beta in PRD" 0.5 (p-MoD supplementary
+        # D.2); the thresholds of Eq. (6) (D.3) at max 0.85 and min 0.15, the released checkpoints' schedule
+        # ("mod_target_layers": "shiftedcos_decay_0.85_0.15"; the main text's values are not in these texts).
+        "beta": 0.5,
+        "max_ratio": 0.85,
+        "min_ratio": 0.15,
+    },
+    "gamma_mod": {
+        # gamma-MoD 5.2: "the fourth largest ARank value is used as the threshold"; "the coefficient for the
+        # routing loss is set to 0.01".
+        "threshold_rank": 4,
+        "routing_loss_weight": 0.01,
+        # Eq. (2) routes x_j when R(x_j) >= delta_s; with the binary softmax of Eq. (7) that is p >= 0.5 (the
+        # router prefers processing to skipping).
+        "decode_threshold": 0.5,
+        # The original evaluation code's prefill threshold (prefill_rule="threshold"); not in the paper's text.
+        "prefill_threshold": 0.005,
+    },
+    "fastv": {
+        # "An Image is Worth 1/2 Tokens After Layer 2" (FastV, ECCV 2024): K = 2, keep R = 50%.
+        "layer": 2,
+        "keep": 0.5,
+    },
+}
 
 
 @dataclass
@@ -71,11 +119,21 @@ class VisionRouterReference:
 
 class GammaMoDReference:
     """gamma-MoD: shared ``Linear(hidden, 2)`` on the normalised input, ``p = softmax[..., 1]``; routable = real and
-    not question; prompt positions keep the top ``floor(n_routable * ratio)`` by ``p``, decoded positions keep
-    ``p >= threshold``; kept ``h + p m``, skipped ``x``."""
+    not question; prompt positions keep the top ``floor(n_routable * ratio)`` by ``p`` (or, with
+    ``prefill_threshold``, every one with ``p > prefill_threshold``), decoded positions keep ``p >= threshold``;
+    kept ``h + p m``, skipped ``x``. ``renumber_positions``: the processed tokens of a row take positions 0..K-1
+    (the original code's), see :func:`run_layers`."""
 
-    def __init__(self, router: nn.Module, ratio: float, decode_threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        router: nn.Module,
+        ratio: float,
+        decode_threshold: float = 0.5,
+        prefill_threshold: float | None = None,
+        renumber_positions: bool = False,
+    ) -> None:
         self.router, self.ratio, self.threshold = router, ratio, decode_threshold
+        self.prefill_threshold, self.renumber_positions = prefill_threshold, renumber_positions
 
     def decide(self, layer: nn.Module, idx: int, x: torch.Tensor, ctx: Context) -> Decision:
         p = self.router(layer.input_layernorm(x)).float().softmax(-1)[..., 1]
@@ -90,7 +148,10 @@ class GammaMoDReference:
         kept = torch.zeros_like(routable)
         for b in range(x.shape[0]):
             prompt = (routable[b] & ~decode[b]).nonzero().flatten().tolist()
-            kept[b, _top(p[b], prompt, math.floor(len(prompt) * self.ratio))] = True
+            if self.prefill_threshold is None:
+                kept[b, _top(p[b], prompt, math.floor(len(prompt) * self.ratio))] = True
+            else:
+                kept[b, [pos for pos in prompt if p[b, pos] > self.prefill_threshold]] = True
             for pos in (routable[b] & decode[b]).nonzero().flatten().tolist():
                 kept[b, pos] = bool(p[b, pos] >= self.threshold)
         processed = (ctx.real & ~routable) | kept
@@ -127,9 +188,13 @@ def run_layers(
     rules: Mapping[int, Any],
     processed: Mapping[int, torch.Tensor] | None = None,
     between: Sequence[torch.Tensor | None] | None = None,
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The decoder layers over the full sequence ``x`` [B, T, D] with explicit masks, each layer in ``rules`` applying
     its reference rule; ``between[i]`` is added after layer i (what the model adds there, e.g. Qwen3-VL's deepstack).
+
+    A rule with ``renumber_positions`` runs its layer with positions ``rotary(ids)``, ids [B, T] counting each row's
+    processed tokens from 0 (the other tokens' queries are discarded and they are no keys, so theirs do not matter).
     """
     bsz, seq = x.shape[:2]
     device = x.device
@@ -138,14 +203,21 @@ def run_layers(
     for idx, layer in enumerate(layers):
         rule = rules.get(idx)
         keep, mlp_scale, skip_scale = ctx.real, None, None
+        layer_cos_sin = cos_sin
         if rule is not None:
             keep, mlp_scale, skip_scale, _ = rule.decide(layer, idx, x, ctx)
             if processed is not None and idx in processed:
                 keep = processed[idx].to(device).bool() & ctx.real
+            if getattr(rule, "renumber_positions", False):
+                if rotary is None:
+                    raise ValueError("renumber_positions needs the model's rotary embedding (reference_logits)")
+                layer_cos_sin = rotary((keep.long().cumsum(1) - 1).clamp(min=0))
         allowed = (causal[None] & keep[:, None, :] | eye[None])[:, None]
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
         mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)  # additive: works for eager and sdpa
-        attn_out, probs = layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)
+        attn_out, probs = layer.self_attn(
+            layer.input_layernorm(x), attention_mask=mask, position_embeddings=layer_cos_sin
+        )
         if probs is not None:
             ctx.attention[idx] = probs
         h = x + attn_out
@@ -183,7 +255,8 @@ def reference_logits(
     ctx = Context(attention_mask.bool(), vision_mask.bool(), question_mask, labels, prompt_length)
     x = lm.embed_tokens(input_ids)
     cos_sin = lm.rotary_emb(x, torch.arange(seq, device=input_ids.device)[None].expand(bsz, seq))
-    return dense_model.lm_head(lm.norm(run_layers(lm.layers, x, cos_sin, ctx, rules, processed)))
+    hidden = run_layers(lm.layers, x, cos_sin, ctx, rules, processed, rotary=lambda ids: lm.rotary_emb(x, ids))
+    return dense_model.lm_head(lm.norm(hidden))
 
 
 @dataclass
@@ -248,6 +321,39 @@ def reference_decoder_logits(
     return dense_model.lm_head(decoder.norm(x))
 
 
+def _paper_settings(cfg: Any, declared: Mapping[str, Any]) -> dict[str, Any]:
+    """The paper's settings of ``cfg``'s method (:data:`PAPER`), with the values the test ``declared`` instead;
+    refuses a config that holds anything else, naming the field."""
+    paper = PAPER.get(cfg.method, {})
+    unknown = sorted(set(declared) - set(paper))
+    if unknown:
+        raise ValueError(f"reference: {unknown} are no paper settings of {cfg.method}; known: {sorted(paper)}")
+    settings = {**paper, **declared}
+    for name, value in settings.items():
+        if getattr(cfg, name) != value:
+            raise ValueError(
+                f"reference: the model's {cfg.method} {name} is {getattr(cfg, name)!r} but the reference uses "
+                f"{value!r} (the paper's: {paper[name]!r}); pass {name}= to reference_rules if the test sets it"
+            )
+    return settings
+
+
+def _vision_rule_settings(cfg: Any) -> tuple[str, float, float, bool]:
+    """(norm, scale, bias, STRing) of a p-MoD or MoD config: the norm and STRing as the test chose them, scale and
+    bias as set or else :data:`WEIGHT_NORMS`' (never the config's defaults)."""
+    if cfg.method == "mod":
+        return MOD_NORM
+    scale, bias = WEIGHT_NORMS[cfg.weight_norm]
+    scale = scale if cfg.weight_scale is None else cfg.weight_scale
+    bias = bias if cfg.weight_bias is None else cfg.weight_bias
+    if (cfg.scale, cfg.bias) != (scale, bias):
+        raise ValueError(
+            f"reference: the model's {cfg.weight_norm} weight norm has scale/bias {cfg.scale}/{cfg.bias}, the "
+            f"reference {scale}/{bias} (p-MoD supplementary D.2 for tanh)"
+        )
+    return cfg.weight_norm, scale, bias, cfg.string
+
+
 def reference_forward(
     dense_model: nn.Module,
     routers: Mapping[int, nn.Module],
@@ -258,41 +364,73 @@ def reference_forward(
     cfg: Any,
     processed: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """:func:`reference_logits` of p-MoD / MoD: ``routers`` per routed layer, ``ratios`` per layer, ``cfg`` the
-    method's settings (``weight_norm``, ``scale``, ``bias``, ``string``; MoD: raw logit + 1, no STRing)."""
-    act = getattr(cfg, "weight_norm", "none")
-    scale, bias, string = getattr(cfg, "scale", 1.0), getattr(cfg, "bias", 1.0), getattr(cfg, "string", False)
+    """:func:`reference_logits` of p-MoD / MoD: ``routers`` per routed layer, ``ratios`` per layer (the test's own),
+    ``cfg`` the method's config, read for the test's choices only (``weight_norm``, a set ``weight_scale`` /
+    ``weight_bias``, ``string``); the norm constants are :data:`WEIGHT_NORMS`' (MoD: :data:`MOD_NORM`)."""
+    act, scale, bias, string = _vision_rule_settings(cfg)
     rules = {
         i: VisionRouterReference(routers[i], r, act, scale, bias, string) for i, r in enumerate(ratios) if r is not None
     }
     return reference_logits(dense_model, rules, input_ids, attention_mask, vision_mask, processed=processed)
 
 
-def reference_rules(model: nn.Module) -> dict[int, Any]:
-    """The reference rule of every routed layer of a converted model, wired to the model's own routers and
-    settings (the rules themselves are the ones above, not the model's)."""
+def reference_ratios(cfg: Any, num_layers: int, declared: Mapping[str, Any] | None = None) -> list[float | None]:
+    """Per-layer ratios (None = dense) of a method config, computed here: PRD and the linear decay from their
+    formulas with the paper's constants, MoD's layer sets, gamma-MoD's ``1 - skip_ratio`` on its layers (chosen
+    below the 4th largest ARank when given as ARank), FastV's ``keep`` from layer K on. Layer 0 is always dense."""
+    paper = _paper_settings(cfg, declared or {})
+    n = num_layers
+    if cfg.method == "pmod":
+        if cfg.schedule == "explicit":
+            return list(cfg.ratios)
+        if cfg.schedule == "constant":
+            chosen = set(range(1, n) if cfg.layers is None else cfg.layers)
+            return [cfg.ratio if i in chosen else None for i in range(n)]
+        shape = (lambda i: 0.5 * math.cos(math.pi * i / (n - 1))) if cfg.schedule == "prd" else (
+            lambda i: 0.5 - i / (n - 1))  # fmt: skip
+        raw = [shape(i) + paper["beta"] for i in range(n)]
+        return [None if i == 0 or r >= paper["max_ratio"] else max(r, paper["min_ratio"]) for i, r in enumerate(raw)]
+    if cfg.method == "mod":
+        first, last = MOD_DEEP_ALL
+        named = {"deep_all": range(first, n + last), "interleave": range(1, n, 2)}
+        chosen = set(named[cfg.layers] if isinstance(cfg.layers, str) else cfg.layers)
+        return [cfg.ratio if i in chosen else None for i in range(n)]
+    if cfg.method == "gamma_mod":
+        chosen = cfg.layers
+        if isinstance(chosen, str):  # "arank": below the threshold_rank-th largest value, layer 0 dense
+            limit = sorted(cfg.arank, reverse=True)[paper["threshold_rank"] - 1]
+            chosen = [i for i, v in enumerate(cfg.arank) if v < limit and i != 0]
+        return [1.0 - cfg.skip_ratio if i in set(chosen) else None for i in range(n)]
+    if cfg.method == "fastv":
+        return [None] * paper["layer"] + [paper["keep"]] * (n - paper["layer"])
+    raise ValueError(f"no reference for method {cfg.method!r}")
+
+
+def reference_rules(model: nn.Module, **declared: Any) -> dict[int, Any]:
+    """The reference rule of every routed layer of a converted model: the model's routers, the test's choices from
+    its config, the per-layer ratios of :func:`reference_ratios` and the paper's constants (:data:`PAPER`;
+    ``declared`` replaces them where a test sets another value on purpose)."""
     from pmod.core.backbone import backbone_for
     from pmod.core.convert import get_method_config, routed_layers
     from pmod.methods.gamma_mod import ROUTER_NAME
 
     cfg = get_method_config(model)
+    paper = _paper_settings(cfg, declared)
+    num_layers = len(backbone_for(model).decoder_layers(model))
+    ratios = reference_ratios(cfg, num_layers, declared)
+    routed = {i for i, r in enumerate(ratios) if r is not None}
     layers = routed_layers(model)
-    if cfg.method == "pmod":
-        return {
-            i: VisionRouterReference(layer.router, layer.pmod_ratio, cfg.weight_norm, cfg.scale, cfg.bias, cfg.string)
-            for i, layer in layers.items()
-        }
-    if cfg.method == "mod":
-        return {
-            i: VisionRouterReference(layer.router, layer.pmod_ratio, "none", 1.0, 1.0, False)
-            for i, layer in layers.items()
-        }
+    have = set(layers) - ({paper["layer"] - 1} if cfg.method == "fastv" else set())  # FastV's scoring layer
+    if have != routed:
+        raise ValueError(f"reference: the model routes layers {sorted(have)}, the reference {sorted(routed)}")
+    if cfg.method in ("pmod", "mod"):
+        settings = _vision_rule_settings(cfg)
+        return {i: VisionRouterReference(layers[i].router, ratios[i], *settings) for i in routed}
     if cfg.method == "gamma_mod":
         router = getattr(backbone_for(model).decoder(model), ROUTER_NAME)
-        return {i: GammaMoDReference(router, layer.pmod_ratio, cfg.decode_threshold) for i, layer in layers.items()}
-    if cfg.method == "fastv":
+        prefill = paper["prefill_threshold"] if cfg.prefill_rule == "threshold" else None
         return {
-            i: FastVReference(cfg.layer, cfg.keep)
-            for i in range(cfg.layer, len(backbone_for(model).decoder_layers(model)))
+            i: GammaMoDReference(router, ratios[i], paper["decode_threshold"], prefill, cfg.renumber_positions)
+            for i in routed
         }
-    raise ValueError(f"no reference for method {cfg.method!r}")
+    return {i: FastVReference(paper["layer"], ratios[i]) for i in routed}
