@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import pmod
@@ -46,6 +47,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     config = json.loads((checkpoint / "config.json").read_text())
     config["pmod_method"] = pmod.MoDConfig().stored()
     (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "trainer_state.json").write_text("{}")  # the rest of a resumable checkpoint
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, checkpoint / name)
     truncated = root / "truncated"  # a copy cut short
     shutil.copytree(routed, truncated)
     (truncated / "model.safetensors").write_bytes((routed / "model.safetensors").read_bytes()[:30000])

@@ -156,7 +156,7 @@ def test_bad_input_gives_one_line(setup, tmp_path, capsys):
     shapes = ["--shapes-data", str(data)]
     cases = [
         (["--model", dense, "--tasks", "pmod_shape", *shapes], "unknown task 'pmod_shape'; did you mean pmod_shapes"),
-        (["--model", str(broken), "--tasks", "pmod_shapes", *shapes], f"{broken} does not load"),
+        (["--model", str(broken), "--tasks", "pmod_shapes", *shapes], f"{broken}/model.safetensors is truncated"),
         (["--model", str(tmp_path), "--tasks", "pmod_shapes", *shapes], "has no config.json"),
         (["--model", f"{dense},method=fastv,fastv_kep=0.2", "--tasks", "pmod_shapes"], "unknown model args fastv_kep"),
         (["--model", dense, "--tasks", "pmod_shapes", "--shapes-data", str(tmp_path)], "has no test.json"),

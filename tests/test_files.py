@@ -46,9 +46,24 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 3, done.stderr
         assert f"is in use by pmod train (pid {os.getpid()})" in done.stdout
-    # released: the same process (or another) can take it again
+    # released: the same process (or another) can take it again, and a finished run leaves no lock file behind
     with OutputLock(tmp_path, "pmod eval"):
         assert (tmp_path / LOCK_NAME).read_text() == f"pmod eval (pid {os.getpid()})"
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_waiter_on_a_removed_lock_file_locks_the_new_one(tmp_path):
+    import fcntl
+
+    first = OutputLock(tmp_path, "first").__enter__()
+    late = os.open(tmp_path / LOCK_NAME, os.O_RDWR)  # opened just before the holder finishes and removes the file
+    first.__exit__(None, None, None)
+    fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the removed file's lock is free: holding it guards nothing
+    with OutputLock(tmp_path, "second"):  # so the next writer must (and does) lock the file that is there now
+        assert not os.path.samestat(os.fstat(late), os.stat(tmp_path / LOCK_NAME))
+        with pytest.raises(UserError, match="in use by second"):
+            OutputLock(tmp_path, "third").__enter__()
+    os.close(late)
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
@@ -106,3 +121,15 @@ def test_atomic_write_json_never_leaves_half_a_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_created(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    old.mkdir()
+    for folder in (new, old):
+        with pytest.raises(RuntimeError), OutputLock(folder, "pmod train"):
+            raise RuntimeError("a mistake found after the lock was taken")
+    assert not new.exists() and old.is_dir()  # the user's own (empty) folder stays
+    with OutputLock(new, "pmod train"):
+        (new / "result.json").write_text("{}")
+    assert [p.name for p in new.iterdir()] == ["result.json"]

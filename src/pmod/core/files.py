@@ -21,7 +21,7 @@ from typing import Any
 from pmod.core.errors import UserError
 
 #: The lock file a writing command holds inside its output folder (``fcntl.flock``: the kernel releases it when
-#: the process dies, even by ``kill -9``, so a stale lock never blocks a resume).
+#: the process dies, even by ``kill -9``, so a stale lock never blocks a resume). Removed when the run ends.
 LOCK_NAME = ".pmod.lock"
 #: Written at the top of a folder while a command replaces the files in it one by one (``pmod train``'s final model,
 #: which shares its folder with the checkpoints and cannot be swapped in as a whole); it holds what to do, and is
@@ -71,24 +71,30 @@ class OutputLock:
     def __init__(self, folder: str | os.PathLike[str], command: str, flag: str = "--out") -> None:
         self.folder, self.command, self.flag = Path(folder), command, flag
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> OutputLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
+        self._created = not self.folder.exists()
         check_output_folder(self.folder, self.flag)
         path = self.folder / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{self.flag} {self.folder} is in use by {holder}; wait for it to finish or pass "
-                                f"another {self.flag}.") from err  # fmt: skip
-            raise
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    raise UserError(f"{self.flag} {self.folder} is in use by {holder}; wait for it to finish or "
+                                    f"pass another {self.flag}.") from err  # fmt: skip
+                raise
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # the holder removed the file between our open and flock: lock the new one instead
         os.ftruncate(fd, 0)
         os.write(fd, f"{self.command} (pid {os.getpid()})".encode())
         self._fd = fd
@@ -96,8 +102,21 @@ class OutputLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock; the file stays (removing it would race a waiter)
+            # Removed while still held, so that a finished run leaves nothing behind; a process that opened the old
+            # file meanwhile sees it is gone (_same_file) and locks a new one. A killed run leaves the file, unlocked.
+            (self.folder / LOCK_NAME).unlink(missing_ok=True)
+            os.close(self._fd)
             self._fd = None
+            if self._created:  # a run that failed before writing anything leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -36,9 +36,17 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_WEIGHT = math.sqrt(float.fromhex("0x1.fffffep+127"))
 
 
-def corrupt(path: Path, detail: str) -> UserError:
+class CorruptWeightFile(UserError):
+    """A weight file that is truncated or corrupt; ``path`` and ``detail`` say which and how."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"{path} is truncated or corrupt ({detail}); re-save or re-download it.")
+        self.path, self.detail = Path(path), detail
+
+
+def corrupt(path: Path, detail: str) -> CorruptWeightFile:
     """The one-line error for a damaged weight file."""
-    return UserError(f"{path} is truncated or corrupt ({detail}); re-save or re-download it.")
+    return CorruptWeightFile(path, detail)
 
 
 def safetensors_header(path: str | Path) -> tuple[int, dict[str, Any]]:
@@ -77,7 +85,10 @@ def _check_bin(path: Path) -> None:
         raise corrupt(path, "a zip archive without its central directory")
 
 
-def _check_file(path: Path) -> None:
+def check_weight_file(path: str | Path) -> None:
+    """Check one weight file (a safetensors header against the file's size; a torch zip's central directory); a
+    :class:`UserError` names it when it is truncated or corrupt. Other files pass."""
+    path = Path(path)
     if path.suffix == ".safetensors":
         safetensors_header(path)
     elif path.suffix == ".bin":
@@ -107,7 +118,7 @@ def check_weight_files(folder: str | Path, required: bool = True) -> list[Path]:
         else:
             files = [path]
         for file in files:
-            _check_file(file)
+            check_weight_file(file)
         return files
     if required:
         raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_NAMES)}); pass a folder "

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pmod.core.errors import UserError
 from pmod.core.files import INCOMPLETE_NAME, OutputLock, atomic_write_text, check_output_folder
+from pmod.core.weight_files import CorruptWeightFile, check_weight_file
 from pmod.recipes.train import TrainError
 from pmod.recipes.trainer import FINAL_STAGING
 
@@ -76,8 +77,6 @@ def checkpoint_problem(folder: Path, targs: TrainingArguments) -> str | None:
     """Why ``folder`` cannot be resumed exactly (None when it can): trainer state unreadable, weights missing or
     corrupt (a safetensors file whose header does not cover the file), optimizer or scheduler state missing or
     corrupt (resuming without it would silently restart the optimizer)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError) as err:
@@ -88,13 +87,9 @@ def checkpoint_problem(folder: Path, targs: TrainingArguments) -> str | None:
         return "it has no model weights"
     for path in weights:
         try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), "pt"):
-                    pass
-            elif not zipfile.is_zipfile(path):
-                return f"{path.name} is corrupt (truncated?)"
-        except (SafetensorError, OSError) as err:
-            return f"{path.name} is corrupt ({err})"
+            check_weight_file(path)
+        except CorruptWeightFile as err:
+            return f"{path.name} is corrupt ({err.detail})"
     if sharded or targs.save_only_model:
         return None
     for name in ("optimizer.pt", "scheduler.pt"):

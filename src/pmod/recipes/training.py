@@ -30,16 +30,18 @@ logger = logging.getLogger(__name__)
 PRECHECK_RECORDS = 8
 
 
-def build_model(margs: ModelArguments, method_config: MethodConfig | None = None) -> tuple[nn.Module, Any]:
+def build_model(
+    margs: ModelArguments, method_config: MethodConfig | None = None, config: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
     """Load or assemble the model and processor, convert it for stage 2 (with ``method_config``, or the one of
-    ``--method``) and set what trains."""
+    ``--method``) and set what trains. ``config``: ``--model``'s config.json, when the caller checked it already."""
     wanted = None
     if margs.stage == "finetune":
         wanted = method_config if method_config is not None else margs.method_config()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars would interleave with the run's logs
     try:
         if margs.model is not None:
-            config = check_model_folder(margs.model, "pmod train")
+            config = config or check_model_folder(margs.model, "pmod train")
             if stored_method_config(config) is not None:
                 model = load(margs.model)
             else:
@@ -152,8 +154,10 @@ def train(
         raise TrainError(f"--data-path {dargs.data_path} not found; pass a LLaVA-format JSON or JSONL file")
     if method_config is not None and not method_config.trainable:
         raise TrainError(f"{method_config.method} is training-free: it has nothing to train.")
+    # Mistakes in the inputs answer before the output folder is created or locked.
+    config = check_model_folder(margs.model, "pmod train") if margs.model is not None else None
     with output_lock(targs):
-        return _train_locked(margs, dargs, targs, callbacks, method_config)
+        return _train_locked(margs, dargs, targs, callbacks, method_config, config)
 
 
 def _train_locked(
@@ -162,12 +166,13 @@ def _train_locked(
     targs: TrainingArguments,
     callbacks: list[TrainerCallback] | None,
     method_config: MethodConfig | None,
+    config: dict[str, Any] | None,
 ) -> PModTrainer:
     from pmod.data.batching import LlavaCollator
     from pmod.data.dataset import LlavaDataset
 
     transformers.set_seed(targs.seed)
-    model, processor = build_model(margs, method_config)
+    model, processor = build_model(margs, method_config, config)
     if margs.lora_r:
         model = apply_lora(model, margs)
     checkpointing = installed_name("activation_checkpointing")  # gradient_checkpointing before transformers 5.24
