@@ -165,6 +165,7 @@ def test_mod_first_step_equals_hand_computed_sgd(setup: dict[str, str], tmp_path
     record, log = run_first_step(setup, tmp_path, *flags)
     dense = dense_with(setup, record.before)
     prefix = "model.language_model.layers"
+    assert {f"{prefix}.{i}.router.{p}" for i in (1, 2) for p in ("weight", "bias")} <= record.before.keys()  # trained
     routers = {i: linear(record.before[f"{prefix}.{i}.router.weight"], record.before[f"{prefix}.{i}.router.bias"])
                for i in (1, 2)}  # fmt: skip
     # MoD (p-MoD supplementary C.2): the top floor(0.25 n_vision) vision tokens by logit w, kept h + (w + 1) m.
@@ -185,6 +186,7 @@ def test_gamma_mod_first_step_equals_hand_computed_sgd(setup: dict[str, str], tm
     record, log = run_first_step(setup, tmp_path, *flags)
     dense = dense_with(setup, record.before)
     name = "model.language_model.gamma_mod_router"
+    assert {f"{name}.weight", f"{name}.bias"} <= record.before.keys()  # trained
     router = linear(record.before[f"{name}.weight"], record.before[f"{name}.bias"])
     # One router shared by layers 1 and 3, each keeping the top floor(0.75 n_routable) tokens by p: kept h + p m.
     rules = {i: RecordingGammaRule(router, 0.75) for i in (1, 3)}
