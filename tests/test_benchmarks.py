@@ -1,5 +1,7 @@
-"""The benchmark scripts run end to end on tiny sizes: their JSON has the expected keys, and the measured KV-cache
-ratio equals the one computed by hand from ``pmod.layer_ratios`` (exact, no timing)."""
+"""The benchmark scripts run end to end on tiny sizes: their JSON has the expected keys, the measured KV-cache
+ratio equals the one computed by hand from ``pmod.layer_ratios`` (exact, no timing), and every analytic ratio (and
+FLOP count) a benchmark reports next to its timings equals what ``pmod flops --json`` computes from the routed
+model's own config.json for the same token counts, batch and element type."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 import pmod
+from pmod.cli import main as pmod_main
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ("common", "bench_prefill", "bench_train_step", "bench_decode")
@@ -43,6 +46,38 @@ def keep_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def pmod_flops(
+    capsys: pytest.CaptureFixture[str],
+    routed: torch.nn.Module,
+    folder: Path,
+    n_vision: int,
+    n_text: int,
+    batch: int = 1,
+) -> dict:
+    """``pmod flops --json`` of the routed model's config.json (the method settings it stores), fp32 elements."""
+    folder.mkdir(parents=True, exist_ok=True)
+    routed.config.to_json_file(folder / "config.json")
+    capsys.readouterr()
+    argv = ["flops", str(folder / "config.json"), "--vision-tokens", str(n_vision), "--text-tokens", str(n_text),
+            "--batch-size", str(batch), "--dtype", "float32", "--json"]  # fmt: skip
+    assert pmod_main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def causal(report: dict, key: str) -> float:
+    """FLOPs of ``report[key]``'s layers (``pmod flops`` records) as causal kernels run them: the blocks above the
+    diagonal of each layer's K x K scores and values skipped, i.e. ``(K + 1) / 2K`` of them done."""
+    return sum(c["flops"] - (c["attn_scores"] + c["attn_values"]) * (1 - (c["processed"] + 1) / (2 * c["processed"]))
+               for c in report[key])  # fmt: skip
+
+
+def check_decode_against_pmod_flops(run: dict, cli: dict) -> None:
+    """A decode run's measured and analytic KV bytes and ratios, and its decode FLOPs ratio, equal ``pmod flops``'."""
+    assert (run["dense_kv_bytes"], run["pmod_kv_bytes"]) == (cli["dense_kv_bytes"], cli["pmod_kv_bytes"])
+    assert run["kv_ratio"] == run["analytic_kv_ratio"] == cli["kv_cache_ratio"]
+    assert run["analytic_decode_flops_ratio"] == cli["decode_flops_ratio"]
+
+
 def check_header(result: dict, out: Path) -> None:
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert {"date", "cpu", "cpu_cores", "torch", "transformers", "device", "dtype"} <= set(result["machine"])
@@ -50,7 +85,12 @@ def check_header(result: dict, out: Path) -> None:
     assert result["command"].startswith("python benchmarks/bench_")
 
 
-def test_prefill(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+def llama_routed(bench: dict[str, ModuleType]) -> torch.nn.Module:
+    """The routed model the Llama benchmarks run at ``SHAPE``."""
+    return bench["common"].build_models(bench["common"].Shape(**SHAPE), "cpu", torch.float32)[1]
+
+
+def test_prefill(bench: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "prefill.json"
     result = bench["bench_prefill"].main([*TINY, "--out", str(out)])
     check_header(result, out)
@@ -58,9 +98,17 @@ def test_prefill(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     assert {"dense_s", "pmod_s", "time_ratio", "analytic_tflops_ratio", "target", "target_met"} <= set(run)
     assert len(run["samples"]["dense"]) == len(run["samples"]["pmod"]) == 1
     assert 0 < run["analytic_tflops_ratio"] < 1
+    # Logits on every prompt token: the LM head's FLOPs count in full.
+    cli = pmod_flops(capsys, llama_routed(bench), tmp_path / "cfg", N_VISION, N_TEXT)
+    assert run["analytic_tflops_ratio"] == cli["tflops_ratio"]
+    head = cli["lm_head_flops"]
+    want = (causal(cli, "layers") + head) / (causal(cli, "dense_layers") + head)
+    assert run["analytic_causal_tflops_ratio"] == pytest.approx(want, rel=1e-12)
+    assert run["dense_tflop_per_s"] * run["dense_s"] == pytest.approx(cli["dense_flops"] / 1e12, rel=1e-12)
+    assert run["pmod_tflop_per_s"] * run["pmod_s"] == pytest.approx(cli["pmod_flops"] / 1e12, rel=1e-12)
 
 
-def test_train_step(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+def test_train_step(bench: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "train.json"
     result = bench["bench_train_step"].main([*TINY, "--out", str(out)])
     check_header(result, out)
@@ -70,9 +118,16 @@ def test_train_step(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     assert all(math.isfinite(s["loss"]) for name in ("dense", "pmod") for s in run["samples"][name])
     assert {"full_model", "this_run"} <= set(result["memory_plan"])
     assert "layers_reduced_from" not in result  # --quick runs are not the real setup and say nothing about it
+    cli = pmod_flops(capsys, llama_routed(bench), tmp_path / "cfg", N_VISION, N_TEXT, 2)  # batch 2, LM head on all
+    assert run["analytic_tflops_ratio"] == cli["tflops_ratio"]
+    head = cli["lm_head_flops"]
+    want = (causal(cli, "layers") + head) / (causal(cli, "dense_layers") + head)
+    assert run["analytic_causal_tflops_ratio"] == pytest.approx(want, rel=1e-12)
 
 
-def test_decode_kv_ratio_is_exact(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+def test_decode_kv_ratio_is_exact(
+    bench: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "decode.json"
     result = bench["bench_decode"].main([*TINY, "--batch", "1", "8", "--new-tokens", "4", "--out", str(out)])
     check_header(result, out)
@@ -90,11 +145,14 @@ def test_decode_kv_ratio_is_exact(bench: dict[str, ModuleType], tmp_path: Path) 
         assert run["samples"]["pmod"][0]["generated_tokens"] == 4
         assert run["dense_tokens_per_s"] > 0 and run["pmod_tokens_per_s"] > 0
     assert "throughput_target_met" in result["runs"][1]
+    for run in result["runs"]:
+        check_decode_against_pmod_flops(run, pmod_flops(capsys, routed, tmp_path / "cfg", N_VISION, N_TEXT,
+                                                        run["batch_size"]))  # fmt: skip
 
 
-def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`benchmarks/gpu_check.py --dry-run`: every correctness check passes on the CPU, the JSON holds every section,
-    and the decode KV bytes equal the hand count."""
+    the decode KV bytes equal the hand count, and the prefill and decode ratios equal ``pmod flops``'."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         gpu_check = importlib.import_module("gpu_check")
@@ -121,6 +179,17 @@ def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path) -> None
         assert run["pmod_kv_bytes"] == batch * sum(kept) * per_token
         assert run["dense_kv_bytes"] == batch * shape.layers * (n_vision + n_text) * per_token
     assert result["train"]["losses_finite"] and result["train"]["layers"] == shape.layers
+    routed = gpu_check.build_pair(shape, "cpu", torch.float32)["pmod"]
+    reports = {n: pmod_flops(capsys, routed, tmp_path / "cfg", n, n_text) for n in {n_vision, *setting["mixed"],
+                                                                                     *setting["curve"]}}  # fmt: skip
+    for run in result["prefill"]:  # per row: the layers as causal kernels run them, the LM head on the last position
+        rows = [reports[n] for n in run["n_vision"]]
+        dense = sum(causal(r, "dense_layers") + r["lm_head_decode_flops"] for r in rows)
+        routed_flops = sum(causal(r, "layers") + r["lm_head_decode_flops"] for r in rows)
+        assert run["analytic_causal_tflops_ratio"] == pytest.approx(routed_flops / dense, rel=1e-12), run["label"]
+    for run in result["decode"]:
+        check_decode_against_pmod_flops(run, pmod_flops(capsys, routed, tmp_path / "cfg", n_vision, n_text,
+                                                        run["batch_size"]))  # fmt: skip
     assert len(result["table"].splitlines()) == 2 + 1 + len(result["prefill"]) + len(result["decode"]) + 1
 
 
@@ -140,7 +209,9 @@ def test_gpu_correctness_checks_can_fail(bench: dict[str, ModuleType], monkeypat
         assert not checks.check_cached_decoder("pmod", "cpu", dtype, steps=3)["passed"]
 
 
-def test_video_backbone_prefill_and_decode(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+def test_video_backbone_prefill_and_decode(
+    bench: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--backbone qwen2.5-vl-7b`` at a tiny width: a 4-frame 112-px video is 2 temporal groups of 4 x 4 merged
     tokens; the 4 layers take the 28-layer PRD ratios of layers 0, 9, 18, 27 (by hand: dense, 0.75, 0.25,
     0.15 clamped), and the p-MoD KV cache holds exactly the kept tokens of each layer."""
@@ -155,6 +226,12 @@ def test_video_backbone_prefill_and_decode(bench: dict[str, ModuleType], tmp_pat
     (run,) = prefill["runs"]
     assert run["logits"] == "last token" and run["n_vision"] == n_vision
     assert run["analytic_tflops_ratio"] == run["analytic"]["tflops_ratio_without_lm_head"] < 1
+    shape = bench["common"].Shape(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256)
+    routed = bench["common"].video_backbone.build_models(shape, "cpu", torch.float32)[1]
+    cli = pmod_flops(capsys, routed, tmp_path / "cfg", n_vision, n_text)
+    assert run["analytic_tflops_ratio"] == cli["tflops_ratio_without_lm_head"]  # logits on the last token only
+    want = causal(cli, "layers") / causal(cli, "dense_layers")
+    assert run["analytic_causal_tflops_ratio"] == pytest.approx(want, rel=1e-12)
 
     decode = bench["bench_decode"].main([*tiny, "--batch", "1", "2", "--new-tokens", "3"])
     kept = [n_text + math.floor(n_vision * r) if r else n_text + n_vision for r in (None, 0.75, 0.25, 0.15)]
@@ -163,6 +240,26 @@ def test_video_backbone_prefill_and_decode(bench: dict[str, ModuleType], tmp_pat
         assert run["dense_kv_bytes"] == batch * 4 * (n_vision + n_text) * per_token
         assert run["pmod_kv_bytes"] == batch * sum(kept) * per_token
         assert run["kv_target_met"] is True
+        check_decode_against_pmod_flops(run, pmod_flops(capsys, routed, tmp_path / "cfg", n_vision, n_text, batch))
+
+
+def test_video_backbone_ratios_equal_pmod_flops_at_five_layers(
+    bench: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At 5 layers the ratios sampled from the 28-layer PRD differ from a 5-layer PRD (at 4 they coincide), so a
+    benchmark that costed another schedule than the one its model runs fails here."""
+    tiny = ["--layers", "5", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
+            "--vocab", "256", "--frames", "4", "--frame-size", "112", "--n-text", "16", "--warmup", "0", "--reps", "1",
+            "--backbone", "qwen2.5-vl-7b"]  # fmt: skip
+    n_vision, n_text = 4 // 2 * (112 // 28) ** 2, 16
+    shape = bench["common"].Shape(layers=5, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256)
+    routed = bench["common"].video_backbone.build_models(shape, "cpu", torch.float32)[1]
+    (run,) = bench["bench_prefill"].main(tiny)["runs"]
+    cli = pmod_flops(capsys, routed, tmp_path / "cfg", n_vision, n_text)
+    assert cli["schedule"] != pmod.PModConfig().layer_ratios(5)
+    assert run["analytic_tflops_ratio"] == cli["tflops_ratio_without_lm_head"]
+    (run,) = bench["bench_decode"].main([*tiny, "--batch", "2", "--new-tokens", "2"])["runs"]
+    check_decode_against_pmod_flops(run, pmod_flops(capsys, routed, tmp_path / "cfg", n_vision, n_text, 2))
 
 
 def test_video_backbone_refuses_n_vision(bench: dict[str, ModuleType]) -> None:

@@ -319,6 +319,8 @@ def transformers_llama(config):  # noqa: ANN001, ANN201
 def test_stage2_trains_other_methods(
     setup: dict[str, str], tmp_path: Path, flags: tuple[str, ...], method: str, routed: list[int]
 ) -> None:
+    """MoD and gamma-MoD train, save and reload with their routers (the step's numbers against the reference:
+    test_train_first_step.py)."""
     import pmod
 
     trainer = train(*parse_args(_argv(setup, tmp_path, "--max-steps", "3", *flags)))
