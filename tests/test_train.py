@@ -19,22 +19,14 @@ from pmod.data import synth
 from pmod.recipes.train import TrainError, parse_args
 from pmod.recipes.trainer_fields import installed_name
 from pmod.recipes.training import train
-from pmod.testing import tiny_llava_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("train")
-    model = tiny_llava_folder(str(root / "model"), num_layers=4, image_size=32, patch_size=8)
-    train_json, _ = synth.generate(root / "data", 48, seed=0, image_size=32)
-    return {"model": model, "data": str(train_json), "root": str(root)}
-
-
-def _argv(setup: dict[str, str], out: Path, *extra: str) -> list[str]:
+def train_argv(train_setup: dict[str, str], out: Path, *extra: str) -> list[str]:
+    """`pmod train` flags for a short CPU run of the tiny model on its data into ``out``."""
     return [
-        "--model", setup["model"], "--data-path", setup["data"], "--output-dir", str(out),
+        "--model", train_setup["model"], "--data-path", train_setup["data"], "--output-dir", str(out),
         "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1",
         "--report-to", "none", "--use-cpu", "--max-length", "256", "--save-strategy", "no",
         "--disable-tqdm", "true", *extra,
@@ -45,9 +37,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_stage1_trains_only_projector(setup: dict[str, str], tmp_path: Path) -> None:
-    train(*parse_args(_argv(setup, tmp_path, "--stage", "pretrain", "--max-steps", "2")))
-    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+def test_stage1_trains_only_projector(train_setup: dict[str, str], tmp_path: Path) -> None:
+    train(*parse_args(train_argv(train_setup, tmp_path, "--stage", "pretrain", "--max-steps", "2")))
+    before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("multi_modal_projector" in k for k in changed)
@@ -55,10 +47,12 @@ def test_stage1_trains_only_projector(setup: dict[str, str], tmp_path: Path) -> 
     assert {"pmod", "pmod_method"}.isdisjoint(json.loads((tmp_path / "config.json").read_text()))
 
 
-def test_stage2_reduces_loss_and_logs_routing(setup: dict[str, str], tmp_path: Path) -> None:
+def test_stage2_reduces_loss_and_logs_routing(train_setup: dict[str, str], tmp_path: Path) -> None:
     trainer = train(
         *parse_args(
-            _argv(setup, tmp_path, "--max-steps", "16", "--learning-rate", "3e-3", "--group-by-modality-length")
+            train_argv(
+                train_setup, tmp_path, "--max-steps", "16", "--learning-rate", "3e-3", "--group-by-modality-length"
+            )
         )
     )
     logs = [log for log in trainer.state.log_history if "loss" in log]
@@ -67,7 +61,7 @@ def test_stage2_reduces_loss_and_logs_routing(setup: dict[str, str], tmp_path: P
     assert last < first - 0.5, (first, last)
     assert {"pmod/w_mean", "pmod/w_std", "pmod/w_saturated", "pmod/processed/L1"} <= logs[-1].keys()
     # The vision tower stays frozen; the result reloads as a p-MoD model.
-    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
     import pmod
 
@@ -90,13 +84,13 @@ class _StopAfter(TrainerCallback):
         return control
 
 
-def test_resume_parity_and_atomic_checkpoints(setup: dict[str, str], tmp_path: Path) -> None:
+def test_resume_parity_and_atomic_checkpoints(train_setup: dict[str, str], tmp_path: Path) -> None:
     common = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "3", "--group-by-modality-length")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train(*parse_args(_argv(setup, straight, *common)))
-    train(*parse_args(_argv(setup, broken, *common)), callbacks=[_StopAfter(3)])
+    train(*parse_args(train_argv(train_setup, straight, *common)))
+    train(*parse_args(train_argv(train_setup, broken, *common)), callbacks=[_StopAfter(3)])
     assert sorted(p.name for p in broken.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
-    resumed = train(*parse_args(_argv(setup, broken, *common, "--resume-from-checkpoint", "auto")))
+    resumed = train(*parse_args(train_argv(train_setup, broken, *common, "--resume-from-checkpoint", "auto")))
     assert resumed.state.global_step == 6
     assert not [p for p in broken.iterdir() if p.name.startswith("tmp-")]
     a, b = _weights(straight), _weights(broken)
@@ -109,19 +103,19 @@ def _checkpoints(folder: Path) -> list[str]:
 
 
 def test_save_total_limit_keeps_the_newest_and_resuming_works(
-    setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    train_setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--save-total-limit 2 with a save every step: older checkpoints are deleted as new ones land; a run stopped
     at step 4 resumes from the newest one left and ends with the weights of a run that was never stopped."""
     common = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "1", "--save-total-limit", "2",
               "--group-by-modality-length")  # fmt: skip
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train(*parse_args(_argv(setup, straight, *common)))
+    train(*parse_args(train_argv(train_setup, straight, *common)))
     assert _checkpoints(straight) == ["checkpoint-5", "checkpoint-6"]
-    train(*parse_args(_argv(setup, broken, *common)), callbacks=[_StopAfter(4)])
+    train(*parse_args(train_argv(train_setup, broken, *common)), callbacks=[_StopAfter(4)])
     assert _checkpoints(broken) == ["checkpoint-3", "checkpoint-4"]
     capsys.readouterr()
-    resumed = train(*parse_args(_argv(setup, broken, *common, "--resume-from-checkpoint", "auto")))
+    resumed = train(*parse_args(train_argv(train_setup, broken, *common, "--resume-from-checkpoint", "auto")))
     assert f"resuming from {broken / 'checkpoint-4'}" in capsys.readouterr().err
     assert resumed.state.global_step == 6 and _checkpoints(broken) == ["checkpoint-5", "checkpoint-6"]
     a, b = _weights(straight), _weights(broken)
@@ -129,11 +123,11 @@ def test_save_total_limit_keeps_the_newest_and_resuming_works(
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_vision_lr_gives_the_vision_tower_its_own_groups(setup: dict[str, str], tmp_path: Path) -> None:
+def test_vision_lr_gives_the_vision_tower_its_own_groups(train_setup: dict[str, str], tmp_path: Path) -> None:
     """--vision-lr unfreezes the tower: its parameters, and only they, train at that lr; weight decay spares biases
     and norms in both halves (names checked by hand, not by the Trainer's own rule)."""
     flags = ("--max-steps", "1", "--vision-lr", "1e-5", "--weight-decay", "0.1", "--lr-scheduler-type", "constant")
-    trainer = train(*parse_args(_argv(setup, tmp_path, *flags)))
+    trainer = train(*parse_args(train_argv(train_setup, tmp_path, *flags)))
     named = list(trainer.model.named_parameters())
     assert all(p.requires_grad for _, p in named)
     names = {id(p): n for n, p in named}
@@ -145,19 +139,19 @@ def test_vision_lr_gives_the_vision_tower_its_own_groups(setup: dict[str, str], 
         decay = 0.0 if "bias" in name or "norm" in name else 0.1
         want.setdefault((lr, decay), set()).add(name)
     assert got == {(lr, decay, frozenset(group)) for (lr, decay), group in want.items()}
-    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
     assert any(not torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)  # the tower trained
 
 
 @pytest.mark.parametrize("flag", ["--activation-checkpointing", "--gradient-checkpointing"])
-def test_checkpointing_flag_under_either_name(setup: dict[str, str], tmp_path: Path, flag: str) -> None:
+def test_checkpointing_flag_under_either_name(train_setup: dict[str, str], tmp_path: Path, flag: str) -> None:
     """transformers 5.24 renamed the flag; both names turn it on, under the name this transformers reads, without
     a deprecation warning, and the decoder layers of the trained model run checkpointed."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
-        args = parse_args(_argv(setup, tmp_path, "--max-steps", "1", flag))
+        args = parse_args(train_argv(train_setup, tmp_path, "--max-steps", "1", flag))
     assert getattr(args[2], installed_name("activation_checkpointing")) is True
     layers = train(*args).model.model.language_model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
@@ -209,16 +203,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun on CPU (gloo) is tested on Linux")
-def test_torchrun_two_processes_match_single(setup: dict[str, str], tmp_path: Path) -> None:
+def test_torchrun_two_processes_match_single(train_setup: dict[str, str], tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text(_DIST_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     common = ("--max-steps", "3", "--group-by-modality-length", "--seed", "1")
     single, dist_out = tmp_path / "single", tmp_path / "dist"
     single.mkdir(), dist_out.mkdir()
-    cmd = [sys.executable, str(script), str(single), *_argv(setup, single, *common)]
+    cmd = [sys.executable, str(script), str(single), *train_argv(train_setup, single, *common)]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-    argv = _argv(setup, dist_out, *common)
+    argv = train_argv(train_setup, dist_out, *common)
     argv[argv.index("--per-device-train-batch-size") + 1] = "2"
     torchrun = [
         sys.executable,
@@ -241,14 +235,15 @@ def test_torchrun_two_processes_match_single(setup: dict[str, str], tmp_path: Pa
     torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(one["losses"]), rtol=0.05, atol=0.05)
 
 
-def test_lora_merges_adapters_and_trains_routers_fully(setup: dict[str, str], tmp_path: Path) -> None:
+def test_lora_merges_adapters_and_trains_routers_fully(train_setup: dict[str, str], tmp_path: Path) -> None:
     pytest.importorskip("peft")
     import pmod
 
-    train(*parse_args(_argv(setup, tmp_path, "--max-steps", "3", "--learning-rate", "1e-2", "--lora-r", "4")))
+    flags = ("--max-steps", "3", "--learning-rate", "1e-2", "--lora-r", "4")
+    train(*parse_args(train_argv(train_setup, tmp_path, *flags)))
     model = pmod.load(tmp_path)  # a merged, plain p-MoD folder
     assert pmod.is_pmod_model(model)
-    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
     new = set(after) - set(before)
     assert new and all(".router." in k for k in new)  # only routers are added; no adapter tensors remain
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -317,25 +312,25 @@ def transformers_llama(config):  # noqa: ANN001, ANN201
     ],
 )
 def test_stage2_trains_other_methods(
-    setup: dict[str, str], tmp_path: Path, flags: tuple[str, ...], method: str, routed: list[int]
+    train_setup: dict[str, str], tmp_path: Path, flags: tuple[str, ...], method: str, routed: list[int]
 ) -> None:
     """MoD and gamma-MoD train, save and reload with their routers (the step's numbers against the reference:
     test_train_first_step.py)."""
     import pmod
 
-    trainer = train(*parse_args(_argv(setup, tmp_path, "--max-steps", "3", *flags)))
+    trainer = train(*parse_args(train_argv(train_setup, tmp_path, "--max-steps", "3", *flags)))
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all(math.isfinite(log["loss"]) for log in logs) and logs[-1]["pmod/nonfinite_loss_steps"] == 0
     if method == "gamma_mod":
         assert all(log["pmod/routing_loss"] > 0 for log in logs)  # logged each step, and added to the loss
     model = pmod.load(tmp_path)
     assert pmod.get_method_config(model).method == method and sorted(pmod.routed_layers(model)) == routed
-    before, after = _weights(Path(setup["model"])), _weights(tmp_path)
+    before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
     routers = [k for k in after if k not in before]
     assert routers and all("router" in k for k in routers)
 
 
-def test_method_flags_are_checked(setup: dict[str, str]) -> None:
+def test_method_flags_are_checked(train_setup: dict[str, str]) -> None:
     with pytest.raises(TrainError, match="--mod-ratio is a setting of method mod"):
         parse_args(["--model", "m", "--mod-ratio", "0.3"])
     with pytest.raises(TrainError, match="--pmod-beta"):
@@ -371,9 +366,9 @@ class _OverflowOnce(TrainerCallback):
             self.saved = None
 
 
-def test_nonfinite_losses_are_counted_and_skipped(setup: dict[str, str], tmp_path: Path) -> None:
+def test_nonfinite_losses_are_counted_and_skipped(train_setup: dict[str, str], tmp_path: Path) -> None:
     flags = ("--max-steps", "4", "--method", "mod", "--mod-layers", "1,2", "--max-grad-norm", "1.0")
-    trainer = train(*parse_args(_argv(setup, tmp_path, *flags)), callbacks=[_OverflowOnce(1)])
+    trainer = train(*parse_args(train_argv(train_setup, tmp_path, *flags)), callbacks=[_OverflowOnce(1)])
     assert trainer.nonfinite_loss_steps == 1
     assert trainer.state.global_step == 4  # the run went on
     logs = [log for log in trainer.state.log_history if "loss" in log]

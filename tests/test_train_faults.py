@@ -16,36 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import train_argv
 from transformers import PreTrainedModel, TrainerCallback
 
 from pmod.core.errors import UserError
 from pmod.core.files import INCOMPLETE_NAME, OutputLock
 from pmod.core.weight_files import MAX_WEIGHT, unusable_weights
-from pmod.data import synth
 from pmod.recipes.train import TrainError, parse_args
 from pmod.recipes.train_output import INCOMPLETE_ADVICE, resume_point
 from pmod.recipes.training import train
-from pmod.testing import tiny_llava_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("train_faults")
-    model = tiny_llava_folder(str(root / "model"), num_layers=4, image_size=32, patch_size=8)
-    train_json, _ = synth.generate(root / "data", 48, seed=0, image_size=32)
-    return {"model": model, "data": str(train_json), "root": str(root)}
-
-
-def _argv(setup: dict[str, str], out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", setup["model"], "--data-path", setup["data"], "--output-dir", str(out),
-        "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1",
-        "--report-to", "none", "--use-cpu", "--max-length", "256", "--save-strategy", "no",
-        "--disable-tqdm", "true", *extra,
-    ]  # fmt: skip
 
 
 def _checkpoints(folder: Path) -> list[str]:
@@ -61,7 +43,7 @@ class _Began(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------- case 2: one writer
-def test_a_second_run_into_a_busy_output_dir_gets_one_line(setup: dict[str, str], tmp_path: Path) -> None:
+def test_a_second_run_into_a_busy_output_dir_gets_one_line(train_setup: dict[str, str], tmp_path: Path) -> None:
     """While another run holds --output-dir, `pmod train` stops at once with one line naming the holder (exit 2);
     once the holder is killed (-9), the folder is free again."""
     out = tmp_path / "out"
@@ -72,7 +54,7 @@ def test_a_second_run_into_a_busy_output_dir_gets_one_line(setup: dict[str, str]
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        cli = [sys.executable, "-m", "pmod", "train", *_argv(setup, out, "--max-steps", "1")]
+        cli = [sys.executable, "-m", "pmod", "train", *train_argv(train_setup, out, "--max-steps", "1")]
         proc = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1] == (
@@ -83,12 +65,12 @@ def test_a_second_run_into_a_busy_output_dir_gets_one_line(setup: dict[str, str]
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    trainer = train(*parse_args(_argv(setup, out, "--max-steps", "1")))  # the kernel released the lock
+    trainer = train(*parse_args(train_argv(train_setup, out, "--max-steps", "1")))  # the kernel released the lock
     assert trainer.state.global_step == 1 and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun on CPU (gloo) is tested on Linux")
-def test_torchrun_into_a_busy_output_dir_stops_every_rank(setup: dict[str, str], tmp_path: Path) -> None:
+def test_torchrun_into_a_busy_output_dir_stops_every_rank(train_setup: dict[str, str], tmp_path: Path) -> None:
     """Under torchrun only rank 0 takes the lock, and every rank learns its answer: all stop with the same line at
     once, none waits in a collective for a rank that is gone, none trains."""
     import socket
@@ -100,7 +82,7 @@ def test_torchrun_into_a_busy_output_dir_stops_every_rank(setup: dict[str, str],
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     with OutputLock(out, "pmod train"):
         proc = subprocess.run(
-            [*torchrun, "-m", "pmod.recipes.train", *_argv(setup, out, "--max-steps", "1")],
+            [*torchrun, "-m", "pmod.recipes.train", *train_argv(train_setup, out, "--max-steps", "1")],
             env={**ENV, "TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True, timeout=240,
         )  # fmt: skip
     line = (
@@ -113,7 +95,7 @@ def test_torchrun_into_a_busy_output_dir_stops_every_rank(setup: dict[str, str],
 
 
 # ------------------------------------------------------------------------------ case 3: a folder it cannot write
-def test_an_output_dir_it_cannot_write_is_refused_before_training(setup: dict[str, str], tmp_path: Path) -> None:
+def test_an_output_dir_it_cannot_write_is_refused_before_training(train_setup: dict[str, str], tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out, problem in (
@@ -123,17 +105,17 @@ def test_an_output_dir_it_cannot_write_is_refused_before_training(setup: dict[st
     ):  # fmt: skip
         began = _Began()
         with pytest.raises(TrainError) as err:
-            train(*parse_args(_argv(setup, out, "--max-steps", "1")), callbacks=[began])
+            train(*parse_args(train_argv(train_setup, out, "--max-steps", "1")), callbacks=[began])
         assert str(err.value) == problem
         assert not began.began  # refused before the first step, not after the last
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
-def test_a_read_only_output_dir_is_refused_before_training(setup: dict[str, str], tmp_path: Path) -> None:
+def test_a_read_only_output_dir_is_refused_before_training(train_setup: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "ro"
     out.mkdir(mode=0o500)
     with pytest.raises(TrainError, match=r"cannot be written \(Permission denied\)"):
-        train(*parse_args(_argv(setup, out, "--max-steps", "1")))
+        train(*parse_args(train_argv(train_setup, out, "--max-steps", "1")))
 
 
 # ------------------------------------------------------------------------------------ case 4: a diverged run
@@ -168,7 +150,7 @@ def test_unusable_weights_name_nan_and_overflow() -> None:
 
 
 def test_a_diverged_run_saves_nothing_and_says_so(
-    setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    train_setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """lr 1e30 from step 3 on: step 3 updates every weight to ~1e30 (finite), step 4's loss is non-finite and
     skipped. The checkpoint of step 4 is refused in one line naming the step, the weight and checkpoint-2, which
@@ -177,7 +159,7 @@ def test_a_diverged_run_saves_nothing_and_says_so(
     flags = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "2", "--lr-scheduler-type", "constant")
     diverge = _DivergeAt(2)
     with pytest.raises(TrainError) as err:
-        train(*parse_args(_argv(setup, out, *flags)), callbacks=[diverge])
+        train(*parse_args(train_argv(train_setup, out, *flags)), callbacks=[diverge])
     assert str(err.value).startswith(
         "not saving checkpoint-4 at step 4: its weights are unusable (model.multi_modal_projector.linear_1.weight is "
     )
@@ -194,20 +176,21 @@ def test_a_diverged_run_saves_nothing_and_says_so(
     )
     losses = [log["loss"] for log in diverge.logs if "loss" in log]
     assert len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses[:3]) and not math.isfinite(losses[3])
-    assert resume_point(parse_args(_argv(setup, out, "--resume-from-checkpoint", "auto"))[2]) == str(
+    assert resume_point(parse_args(train_argv(train_setup, out, "--resume-from-checkpoint", "auto"))[2]) == str(
         out / "checkpoint-2"
     )
     # Logged every 2 steps, the window of steps 3-4 logs step 3's loss (the mean of its finite batches), not half
     # of it (the skipped batch's zero averaged in).
     diverge2 = _DivergeAt(2)
     with pytest.raises(TrainError, match="^not saving checkpoint-4 at step 4"):
-        train(*parse_args(_argv(setup, tmp_path / "out2", *flags, "--logging-steps", "2")), callbacks=[diverge2])
+        argv = train_argv(train_setup, tmp_path / "out2", *flags, "--logging-steps", "2")
+        train(*parse_args(argv), callbacks=[diverge2])
     pairs = [log["loss"] for log in diverge2.logs if "loss" in log]
     assert pairs == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], rel=1e-4)
 
 
 def test_a_mostly_skipped_run_warns_and_keeps_no_final_model(
-    setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    train_setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """lr 1e30 from the first step, as reported: every step after the first is skipped. The run says so loudly,
     logs those losses as non-finite, and refuses to save the final model."""
@@ -218,7 +201,7 @@ def test_a_mostly_skipped_run_warns_and_keeps_no_final_model(
         match=r"^not saving the final model at step 4: its weights are unusable .* 3 of 4 "
         r"batches had a non-finite loss .* no checkpoint was saved before;",
     ):
-        train(*parse_args(_argv(setup, out, "--max-steps", "4", "--learning-rate", "1e30")), callbacks=[log])
+        train(*parse_args(train_argv(train_setup, out, "--max-steps", "4", "--learning-rate", "1e30")), callbacks=[log])
     err = capsys.readouterr().err
     assert ("pmod train: warning: 3 of 4 batches had a non-finite loss and were skipped: most of this run's updates "
             "were skipped, so the model barely trained; lower --learning-rate (now 1e+30) or set --max-grad-norm\n"
@@ -231,15 +214,15 @@ def test_a_mostly_skipped_run_warns_and_keeps_no_final_model(
 
 # ------------------------------------------------------------------------------------- case 5: a null record
 def test_a_null_record_never_stops_training(
-    setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    train_setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A `null` among image records (the default --on-bad-sample skip): skipped and stood in for, for the whole
     epoch, with and without modality grouping."""
-    records = json.loads(Path(setup["data"]).read_text())[:8] + [None]
-    data = Path(setup["data"]).with_name("with_null.json")
+    records = json.loads(Path(train_setup["data"]).read_text())[:8] + [None]
+    data = Path(train_setup["data"]).with_name("with_null.json")
     data.write_text(json.dumps(records))
     for extra in ((), ("--group-by-modality-length",)):
-        argv = _argv(setup, tmp_path / f"out{len(extra)}", "--num-train-epochs", "1", *extra)
+        argv = train_argv(train_setup, tmp_path / f"out{len(extra)}", "--num-train-epochs", "1", *extra)
         argv[argv.index("--data-path") + 1] = str(data)
         trainer = train(*parse_args(argv))
         assert trainer.state.global_step == 3  # 9 records, batches of 4
@@ -252,7 +235,7 @@ class _Killed(BaseException):
 
 
 def test_a_kill_during_the_final_save_leaves_no_half_model(
-    setup: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_setup: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed while writing the final model's weights (its config.json already written), then while renaming the
     final files into place: neither leaves a folder that looks like a model without saying so, and resuming saves
@@ -273,7 +256,7 @@ def test_a_kill_during_the_final_save_leaves_no_half_model(
     with monkeypatch.context() as patch:
         patch.setattr(PreTrainedModel, "save_pretrained", killed_while_writing)
         with pytest.raises(_Killed):
-            train(*parse_args(_argv(setup, out, *flags)))
+            train(*parse_args(train_argv(train_setup, out, *flags)))
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "config.json").exists()  # the half-written model is in staging, not at the top
     with pytest.raises(UserError, match="has no config.json"):
@@ -293,14 +276,14 @@ def test_a_kill_during_the_final_save_leaves_no_half_model(
     with monkeypatch.context() as patch:
         patch.setattr(train_output.os, "replace", killed_while_swapping)
         with pytest.raises(_Killed):
-            train(*parse_args(_argv(setup, out, *resume)))
+            train(*parse_args(train_argv(train_setup, out, *resume)))
     incomplete = f"{out} holds an incomplete model: its save was interrupted ({INCOMPLETE_NAME}). {INCOMPLETE_ADVICE}"
     for load in (lambda: check_model_folder(out, "pmod generate"), lambda: pmod.load(out)):
         with pytest.raises(UserError) as err:
             load()
         assert str(err.value) == incomplete
 
-    trainer = train(*parse_args(_argv(setup, out, *resume)))
+    trainer = train(*parse_args(train_argv(train_setup, out, *resume)))
     assert trainer.state.global_step == 4
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]  # no spurious checkpoint-5
     assert not (out / INCOMPLETE_NAME).exists() and not (out / "tmp-final").exists()
@@ -312,21 +295,21 @@ def test_a_kill_during_the_final_save_leaves_no_half_model(
 
 # ------------------------------------------------------------------------------------ weak: broken checkpoints
 def test_broken_checkpoints_fall_back_or_answer_in_one_line(
-    setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    train_setup: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A truncated model.safetensors or a missing optimizer.pt in the last checkpoint: `auto` resumes from the one
     before and says so (and ends with the weights of the undisturbed run); a named broken checkpoint, or only broken
     ones, is refused in one line."""
     flags = ("--max-steps", "4", "--save-strategy", "steps", "--save-steps", "2", "--group-by-modality-length")
     straight = tmp_path / "straight"
-    train(*parse_args(_argv(setup, straight, *flags)))
+    train(*parse_args(train_argv(train_setup, straight, *flags)))
     out = tmp_path / "out"
     shutil.copytree(straight, out)
     weights = out / "checkpoint-4" / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
 
     def targs(resume: str):  # noqa: ANN202
-        return parse_args(_argv(setup, out, *flags, "--resume-from-checkpoint", resume))[2]
+        return parse_args(train_argv(train_setup, out, *flags, "--resume-from-checkpoint", resume))[2]
 
     with pytest.raises(TrainError, match=(
         rf"^--resume-from-checkpoint {out / 'checkpoint-4'} cannot be resumed: model.safetensors is corrupt \(.*"
@@ -334,7 +317,7 @@ def test_broken_checkpoints_fall_back_or_answer_in_one_line(
     )):  # fmt: skip
         resume_point(targs(str(out / "checkpoint-4")))
     capsys.readouterr()
-    resumed = train(*parse_args(_argv(setup, out, *flags, "--resume-from-checkpoint", "auto")))
+    resumed = train(*parse_args(train_argv(train_setup, out, *flags, "--resume-from-checkpoint", "auto")))
     err = capsys.readouterr().err
     assert "pmod train: checkpoint-4 cannot be resumed (model.safetensors is corrupt (" in err
     assert "); resuming from checkpoint-2, the newest complete checkpoint, instead\n" in err
