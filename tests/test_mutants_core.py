@@ -1,0 +1,45 @@
+"""Tests written to kill the mutants that survived the rest of the suite in ``pmod.core`` (see
+``benchmarks/mutation/run_mutation.py`` and ``benchmarks/results/mutation.json``). Each expected value is computed by
+hand in a comment next to it, never taken from the code under test."""
+
+from __future__ import annotations
+
+import pytest
+
+from pmod.core.schedules import layer_set, linear_ratio, linear_schedule, prd_ratio, validate_schedule
+
+
+def test_a_ratio_equal_to_max_ratio_is_dense() -> None:
+    # linear, 3 layers, beta 0.5: R_1 = 0.5 - 1/2 + 0.5 = 0.5 exactly (= max_ratio, so dense: "at or above");
+    # R_2 = 0.5 - 1 + 0.5 = 0.0, clamped to 0.15.
+    assert linear_schedule(3, max_ratio=0.5) == [None, None, 0.15]
+
+
+def test_default_beta_and_short_models() -> None:
+    # beta defaults to 0.5 (the paper's): R_0 = 0.5 cos(0) + 0.5 = 1.0; linear R_1 of 3 = 0.5 - 1/2 + 0.5 = 0.5.
+    assert prd_ratio(0, 3) == 1.0
+    assert linear_ratio(1, 3) == 0.5
+    # 2 layers use the formula: linear R_1 = 0.5 - 1/1 + 0.5 = 0.0; PRD R_1 = 0.5 cos(pi) + 0.5 = 0.0.
+    assert linear_ratio(1, 2) == 0.0
+    assert prd_ratio(1, 2) == pytest.approx(0.0, abs=1e-12)
+    # 1 layer: the formula's l = 0 value, 0.5 * 1 + beta = 0.5 + 0.25.
+    assert prd_ratio(0, 1, beta=0.25) == 0.75
+    assert linear_ratio(0, 1, beta=0.25) == 0.75
+
+
+def test_a_bool_is_not_a_ratio() -> None:
+    with pytest.raises(ValueError, match=r"Retention ratio True for layer 1 is outside \(0, 1\]"):
+        validate_schedule([None, True], 2)
+
+
+def test_named_and_explicit_layer_sets() -> None:
+    # 5 layers: "all" is every layer but 0; "deep_all" 2..L-2; "interleave" the odd ones.
+    assert layer_set("all", 5) == [1, 2, 3, 4]
+    assert layer_set("deep_all", 5) == [2, 3]
+    assert layer_set("interleave", 5) == [1, 3]
+    # explicit indices: sorted, duplicates dropped; 0 and L-1 are valid indices, L is not.
+    assert layer_set([4, 0, 2, 2], 5) == [0, 2, 4]
+    with pytest.raises(ValueError, match=r"Layer indices \[5\] are outside 0\.\.4"):
+        layer_set([1, 5], 5)
+    with pytest.raises(ValueError, match=r"Layer indices \[-1\] are outside 0\.\.4"):
+        layer_set([-1, 1], 5)
