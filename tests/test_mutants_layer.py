@@ -4,13 +4,15 @@ the comments, never read back from the code under test."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
 import pmod
 from pmod import PModConfig
-from pmod.core.cache import PModCache, as_pmod_cache, cache_of, kv_cache_bytes
-from pmod.testing import tiny_llama
+from pmod.core import packed_attention, routed_layer
+from pmod.core.cache import PModCache, as_pmod_cache, cache_kwargs, cache_of, kv_cache_bytes
+from pmod.testing import randomize_routers, routed_batch, tiny_llama
 
 
 def test_cache_of_an_output_without_a_cache_is_none() -> None:
@@ -48,3 +50,76 @@ def test_set_attention_path_defaults_to_auto() -> None:
     pmod.set_attention_path(model, "padded")
     pmod.set_attention_path(model)
     assert [layer.pmod_attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
+
+
+ROWS = [(5, 23, False), (9, 11, True), (4, 0, False), (6, 17, False)]  # unequal vision counts: unequal kept rows
+RATIOS = [None, 0.9, 0.5, 0.25, 0.15, 0.5]
+
+
+@pytest.fixture
+def packed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts packed attention calls; the routed layers are told the varlen kernel runs (as on CUDA in bf16), while
+    the attention itself still runs per row on the CPU."""
+    calls = [0]
+    inner = packed_attention.packed_causal_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(packed_attention, "packed_causal_attention", counted)
+    monkeypatch.setattr(routed_layer, "varlen_flash_available", lambda t: True)
+    return calls
+
+
+def routed_llama() -> torch.nn.Module:
+    model = pmod.convert(tiny_llama(num_layers=6), PModConfig(schedule="explicit", ratios=RATIOS))
+    randomize_routers(model, scale=3.0)
+    return model
+
+
+def test_auto_packs_only_without_gradients_and_padded_never(packed_calls: list[int]) -> None:
+    model = routed_llama()
+    ids, am, vm = routed_batch(ROWS, "left")
+    with torch.no_grad():
+        pmod.set_attention_path(model, "padded")(input_ids=ids, attention_mask=am, vision_mask=vm)
+    assert packed_calls[0] == 0
+    pmod.set_attention_path(model, "auto")(input_ids=ids, attention_mask=am, vision_mask=vm)  # autograd on
+    assert packed_calls[0] == 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, vision_mask=vm)
+    assert packed_calls[0] == 5  # every routed layer: its rows keep unequal counts
+
+
+def test_a_chunk_after_a_cached_token_is_never_packed(packed_calls: list[int]) -> None:
+    # One cached token per row, then a chunk with unequal vision counts: the layers hold one slot already, so even
+    # the forced packed path must attend over the cache (padded), giving what the padded path gives.
+    model = routed_llama()
+    ids = torch.randint(5, 100, (2, 9))
+    vision = torch.zeros(2, 8, dtype=torch.bool)
+    vision[0, 1:3], vision[1, 1:7] = True, True  # 2 and 6 vision tokens
+    logits = {}
+    for path in ("padded", "packed"):
+        pmod.set_attention_path(model, path)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :1], **cache_kwargs(cache), use_cache=True)
+            logits[path] = model(input_ids=ids[:, 1:], vision_mask=vision, **cache_kwargs(cache), use_cache=True).logits
+    assert packed_calls[0] == 0
+    torch.testing.assert_close(logits["packed"], logits["padded"], rtol=0, atol=0)
+
+
+def test_padding_passes_a_string_layer_unchanged_and_is_never_vision() -> None:
+    # "padding: unchanged" (STRing scales only skipped vision tokens); a vision mask that also marks padding
+    # changes nothing, since padding is not a token.
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, None]))
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(5, 8, False), (3, 4, False)], "left")
+    pad = ~am.bool()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, vision_mask=vm, output_hidden_states=True)
+        marked = model(input_ids=ids, attention_mask=am, vision_mask=vm | pad).logits
+    before, after = out.hidden_states[1], out.hidden_states[2]  # into and out of the routed layer 1
+    assert bool(pad.any())
+    torch.testing.assert_close(after[pad], before[pad], rtol=0, atol=0)
+    torch.testing.assert_close(marked[~pad], out.logits[~pad], rtol=0, atol=0)

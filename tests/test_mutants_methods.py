@@ -22,24 +22,28 @@ from pmod.testing import tiny_llama
 
 
 def apply_multimodal_rotary_pos_emb(q, k, cos, sin, section):  # noqa: ANN001, ANN201 - stands in for Qwen2-VL's
-    return ("multimodal", section)
+    return ("multimodal", q, k, cos, sin, section)
 
 
 class NoRopeAttention(nn.Module):
     """An attention module whose modeling file (this test file) has no ``apply_rotary_pos_emb``."""
 
-    def __init__(self, rope: dict | None = None, scaling: dict | None = None) -> None:
+    def __init__(self, **config: dict | None) -> None:
         super().__init__()
-        self.config = types.SimpleNamespace(rope_parameters=rope, rope_scaling=scaling)
+        self.config = types.SimpleNamespace(**config)
 
 
 def test_rotary_falls_back_to_m_rope_and_names_a_module_without_rope() -> None:
     # This file has apply_multimodal_rotary_pos_emb and no apply_rotary_pos_emb: the M-RoPE function is used when
     # the config names an mrope_section (rope_parameters, or rope_scaling before transformers 5), bound to it.
-    fn = rotary(NoRopeAttention({"mrope_section": [1, 2, 1]}))
-    assert fn(None, None, None, None) == ("multimodal", [1, 2, 1])
-    assert rotary(NoRopeAttention(None, {"mrope_section": [3]}))(None, None, None, None) == ("multimodal", [3])
-    for module in (NoRopeAttention({}), NoRopeAttention(None, None), nn.Identity()):
+    fn = rotary(NoRopeAttention(rope_parameters={"mrope_section": [1, 2, 1]}, rope_scaling=None))
+    assert fn(1, 2, 3, 4) == ("multimodal", 1, 2, 3, 4, [1, 2, 1])
+    old = NoRopeAttention(rope_parameters=None, rope_scaling={"mrope_section": [3]})
+    assert rotary(old)(1, 2, 3, 4) == ("multimodal", 1, 2, 3, 4, [3])
+    older = NoRopeAttention(rope_scaling={"mrope_section": [3]})  # a config from before rope_parameters existed
+    assert rotary(older)(1, 2, 3, 4) == ("multimodal", 1, 2, 3, 4, [3])
+    for module in (NoRopeAttention(rope_parameters={}), NoRopeAttention(rope_parameters=None), NoRopeAttention(),
+                   nn.Identity()):  # fmt: skip
         with pytest.raises(TypeError, match=f"{type(module).__name__} has no apply_rotary_pos_emb in its module"):
             rotary(module)
 
@@ -186,3 +190,26 @@ def test_config_bounds_accepted() -> None:
     assert pmod.FastVConfig(keep=1.0).keep == 1.0
     assert pmod.MoDConfig(ratio=1.0).ratio == 1.0
     assert GammaMoDConfig(layers=[1], threshold_rank=1, skip_ratio=0.0).layer_ratios(3) == [None, 1.0, None]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(schedule="explicit"), "schedule='explicit' needs `ratios`"),
+        (dict(schedule="constant", ratio=0.0), r"Constant ratio 0.0 is outside \(0, 1\]"),
+        (dict(min_ratio=0.0), r"min_ratio 0.0 is outside \(0, 1\]"),
+        (dict(min_ratio=1.5, max_ratio=2.0), r"min_ratio 1.5 is outside \(0, 1\]"),
+        (dict(min_ratio=0.5, max_ratio=0.5), r"max_ratio \(0.5\) must be larger than min_ratio \(0.5\)"),
+    ],
+)
+def test_pmod_settings_refused(settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        pmod.PModConfig(**settings)
+
+
+def test_pmod_min_ratio_reaches_the_schedule() -> None:
+    # min_ratio 1.0 is allowed (with max_ratio above it); min_ratio 0.3 clamps the tail: PRD's R_31 of 32 layers is
+    # 0.5 cos(pi) + 0.5 = 0, linear's 0.5 - 1 + 0.5 = 0, both clamped to 0.3.
+    assert pmod.PModConfig(min_ratio=1.0, max_ratio=1.5).min_ratio == 1.0
+    assert pmod.PModConfig(min_ratio=0.3).layer_ratios(32)[31] == 0.3
+    assert pmod.PModConfig(schedule="linear", min_ratio=0.3).layer_ratios(32)[31] == 0.3

@@ -324,6 +324,7 @@ def main() -> None:
     if not args.report_only:
         if args.confirm:  # the mutants the suite left alive, against the tests written for them alone
             alive = [n for n, (s, _) in statuses(args.work).items() if s not in DETECTED and s != "not checked"]
+            alive = [n for n in alive if not args.only or any(fnmatch.fnmatchcase(n, g) for g in args.only)]
             prepare(confirm_dir(args.work), args.mutate, [t for t in MUTANT_TESTS if (ROOT / t).exists()])
             run_mutmut(args, confirm_dir(args.work), alive)
         else:
