@@ -5,7 +5,9 @@ hand in a comment next to it, never taken from the code under test."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from pmod.core.compaction import build_attention_mask
 from pmod.core.schedules import layer_set, linear_ratio, linear_schedule, prd_ratio, validate_schedule
 
 
@@ -43,3 +45,19 @@ def test_named_and_explicit_layer_sets() -> None:
         layer_set([1, 5], 5)
     with pytest.raises(ValueError, match=r"Layer indices \[-1\] are outside 0\.\.4"):
         layer_set([-1, 1], 5)
+
+
+def test_attention_masks_by_hand() -> None:
+    valid = torch.tensor([[True, True, True]])
+    # FlashAttention: no mask when every key is valid, else the 2-D key padding mask as int32.
+    assert build_attention_mask(valid, None, "flash_attention_2", torch.float32) is None
+    partial = torch.tensor([[True, True, False]])
+    got = build_attention_mask(partial, None, "flash_attention_3", torch.float32)
+    assert got.dtype == torch.int32 and got.tolist() == [[1, 1, 0]]
+    # sdpa without padding: its own causal path (no mask), for a prefill (no past) and for one query over a past.
+    assert build_attention_mask(valid, None, "sdpa", torch.float32) is None
+    assert build_attention_mask(valid[:, :1], valid, "sdpa", torch.float32) is None
+    # eager always needs the additive mask: causal, 0 where allowed, the dtype's minimum elsewhere.
+    low = torch.finfo(torch.float32).min
+    eager = build_attention_mask(valid, None, "eager", torch.float32)
+    assert eager.tolist() == [[[[0.0, low, low], [0.0, 0.0, low], [0.0, 0.0, 0.0]]]]

@@ -207,6 +207,11 @@ def test_pmod_settings_refused(settings, message) -> None:
         pmod.PModConfig(**settings)
 
 
+def test_router_bias_setting_reaches_the_routers() -> None:
+    model = pmod.convert(tiny_llama(num_layers=3), pmod.PModConfig(schedule="constant", router_bias=False))
+    assert all(layer.router.bias is None for layer in pmod.routed_layers(model).values())
+
+
 def test_pmod_min_ratio_reaches_the_schedule() -> None:
     # min_ratio 1.0 is allowed (with max_ratio above it); min_ratio 0.3 clamps the tail: PRD's R_31 of 32 layers is
     # 0.5 cos(pi) + 0.5 = 0, linear's 0.5 - 1 + 0.5 = 0, both clamped to 0.3.

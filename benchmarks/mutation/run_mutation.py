@@ -1,41 +1,51 @@
-"""Mutation score of pmod's core, methods and FLOPs/KV accounting, with mutmut.
+"""Mutation score of pmod's core, methods and FLOPs/KV accounting, with mutmut 3.8.1.
 
 What it measures: mutmut (https://github.com/boxed/mutmut) plants one small change at a time (a ``+`` for a ``-``,
-``<`` for ``<=``, ``True`` for ``False``, a number plus one, an argument dropped, an assignment set to ``None``, a
-string changed) in every function and method of the modules below, runs the tests that call that function, and
-counts the change as *killed* when a test fails. The score is killed / all mutants.
+``<`` for ``<=``, ``True`` for ``False``, a number plus one, an argument dropped or set to ``None``, an assignment set
+to ``None``, a string changed) in every function and method of the modules below, runs the tests that call that
+function, and counts the change as *detected* when a test fails (or the tests hang or crash). The score is detected
+/ checked mutants. Why mutmut and not cosmic-ray: mutmut forks one warmed-up process per mutant and runs only the
+tests that reach the mutated function (recorded once), so a mutant costs the first failing test, not a fresh
+interpreter importing torch and the whole test command (cosmic-ray's model); on 2 shared cores that is the
+difference between an evening and days.
 
 Scope (``MUTATE``): ``src/pmod/core/*``, ``src/pmod/methods/*``, ``src/pmod/analysis/flops.py`` and
 ``src/pmod/analysis/dims.py``. mutmut 3 mutates only code inside functions and methods: module-level constants,
 class attributes and dataclass fields (the config defaults) are not mutated (``tests/test_paper_constants.py``
-pins those literally), and neither are functions with a decorator other than ``@staticmethod``/``@classmethod``.
+pins those literally), and neither are functions with a decorator other than ``@staticmethod``/``@classmethod``
+(``@property`` ones included).
 
 Tests (``TESTS``): the test files that exercise these modules in-process, minus ``DESELECTED``: the tests that run
 pmod in a subprocess (a subprocess imports the unmutated package, so it could never kill a mutant and only costs
-time) and one order-dependent test.
-mutmut records which test calls which function and runs, per mutant, only the tests that reach the mutated
-function, fastest first, stopping at the first failure (``pytest -x``).
+time) and one order-dependent test. mutmut records which test calls which function and runs, per mutant, only the
+tests that reach the mutated function, fastest first, stopping at the first failure (``pytest -x``). The baseline
+run has the files of ``MUTANT_TESTS`` as empty placeholders: its score is the suite's as it was.
 
-Not mutated, on purpose (both in the JSON report):
+Not mutated, on purpose (both listed in the JSON report):
 
 * ``EXCLUDED_CODE``: code that cannot run on a CPU (the varlen flash-attention branch of
-  ``core/packed_attention.py``). Its mutants would survive every CPU test without being equivalent; the GPU check
-  that runs that code is named next to each range.
+  ``core/packed_attention.py``), marked ``# pragma: no mutate`` in the work copy only. Its mutants would survive
+  every CPU test without being equivalent; the GPU check that runs that code is named next to each range.
 * ``MESSAGE_PATTERNS``: the error and log messages (the whole ``raise X(...)`` call, ``logger.*(...)``). A mutant
   there only changes the wording of a message: it cannot change a result, and the one-line-error tests match the
   message's key words, not every character.
 
-Command (from the repository root, in an environment with ``mutmut==3.8.1`` and pmod's test extra; 2 workers)::
+Commands (from the repository root, in a venv with ``mutmut==3.8.1`` and pmod's test extra; 2 workers)::
 
-    OMP_NUM_THREADS=1 python benchmarks/mutation/run_mutation.py --work /tmp/pmod-mutation --max-children 2
+    python benchmarks/mutation/run_mutation.py --work /tmp/pmod-mutation --max-children 2 [--only GLOB ...]
+    python benchmarks/mutation/run_mutation.py --work /tmp/pmod-mutation --max-children 2 --resume --only GLOB ...
+    python benchmarks/mutation/run_mutation.py --work /tmp/pmod-mutation --max-children 2 --confirm
 
-It copies ``src/``, ``tests/``, ``recipes/`` and ``pyproject.toml`` into ``--work`` (adding the ``[tool.mutmut]``
-table there, so the repository's ``pyproject.toml`` needs none), runs ``mutmut run`` in it, and writes
-``benchmarks/results/mutation.json``: the score per module and overall, and every mutant that was not killed with
-its diff and its verdict from ``benchmarks/mutation/verdicts.json`` (equivalent + why, or the new test that kills
-it). ``--only GLOB`` limits the run to mutant names (e.g. ``'pmod.core.schedules.*'``); ``--report-only`` re-reads
-the results of an earlier run in ``--work``; ``--resume`` keeps ``--work`` and its results (re-running mutants
-whose function changed, or those named with ``--only``).
+The first copies ``src/``, ``tests/``, ``recipes/`` and ``pyproject.toml`` into ``--work`` (adding the
+``[tool.mutmut]`` table there, so the repository's ``pyproject.toml`` needs none) and runs ``mutmut run`` on the
+mutants named by ``--only`` (globs such as ``'pmod.core.schedules.*'``; all by default); ``--resume`` runs more of
+them in the same copy. ``--confirm`` runs every mutant the baseline left alive against ``MUTANT_TESTS`` alone (in
+``<work>-confirm``): a mutant those tests kill counts as *killed by new test*. Each run writes
+``benchmarks/results/mutation.json`` (``--out``): the baseline and final scores per module and overall, and every
+mutant the baseline did not detect, with its diff and its verdict: killed by new test, or from
+``benchmarks/mutation/verdicts.json`` (by name or glob: equivalent, not detectable on a CPU, unreachable on the
+installed versions, each with why), or recognised from the diff (a change of device only; a letter-case change of
+``float("inf")``), else ``open``. ``--report-only`` rewrites the JSON from the work copies.
 """
 
 from __future__ import annotations
