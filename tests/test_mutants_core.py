@@ -4,10 +4,12 @@ hand in a comment next to it, never taken from the code under test."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from pmod.core.compaction import build_attention_mask
+from pmod.core.compaction import build_attention_mask, compact_index, sdpa_without_cudnn
 from pmod.core.schedules import layer_set, linear_ratio, linear_schedule, prd_ratio, validate_schedule
 
 
@@ -57,7 +59,30 @@ def test_attention_masks_by_hand() -> None:
     # sdpa without padding: its own causal path (no mask), for a prefill (no past) and for one query over a past.
     assert build_attention_mask(valid, None, "sdpa", torch.float32) is None
     assert build_attention_mask(valid[:, :1], valid, "sdpa", torch.float32) is None
+    # sdpa with padding: a bool mask, causal and without invalid keys, but a query always sees itself (the filler in
+    # slot 2 sees the valid keys before it and itself).
+    mask = build_attention_mask(partial, None, "sdpa", torch.float32)
+    assert mask.dtype == torch.bool
+    assert mask.tolist() == [[[[True, False, False], [True, True, False], [True, True, True]]]]
     # eager always needs the additive mask: causal, 0 where allowed, the dtype's minimum elsewhere.
     low = torch.finfo(torch.float32).min
     eager = build_attention_mask(valid, None, "eager", torch.float32)
     assert eager.tolist() == [[[[0.0, low, low], [0.0, 0.0, low], [0.0, 0.0, 0.0]]]]
+    bf16 = build_attention_mask(valid, None, "eager", torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16[0, 0, 0, 1] == torch.finfo(torch.bfloat16).min
+
+
+def test_compact_index_by_hand() -> None:
+    processed = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    # K = the largest count, 2: processed positions first in order, then the row's first unprocessed ones as filler.
+    index, valid = compact_index(processed)
+    assert index.tolist() == [[0, 2], [1, 0]] and valid.tolist() == [[True, True], [True, False]]
+    index, valid = compact_index(processed, 3)
+    assert index.tolist() == [[0, 2, 1], [1, 0, 2]] and valid.tolist() == [[True, True, False], [True, False, False]]
+
+
+def test_no_sdpa_backend_left_but_cudnn_means_no_restriction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    for name in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled"):
+        monkeypatch.setattr(torch.backends.cuda, name, lambda: False)
+    assert isinstance(sdpa_without_cudnn(), contextlib.nullcontext)

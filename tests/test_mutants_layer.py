@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import pmod
 from pmod import PModConfig
@@ -123,3 +124,24 @@ def test_padding_passes_a_string_layer_unchanged_and_is_never_vision() -> None:
     assert bool(pad.any())
     torch.testing.assert_close(after[pad], before[pad], rtol=0, atol=0)
     torch.testing.assert_close(marked[~pad], out.logits[~pad], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["padded", "packed"])
+def test_extra_attention_keywords_reach_the_attention_of_routed_layers(path: str) -> None:
+    seen: dict[int, object] = {}
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen[module.layer_idx] = kwargs.get("pmod_probe")
+        kwargs.pop("pmod_probe", None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    model = routed_llama()
+    pmod.set_attention_path(model, path)
+    ids, am, vm = routed_batch(ROWS, "left")
+    AttentionInterface.register("sdpa", recording_sdpa)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, vision_mask=vm, pmod_probe="here")
+    finally:
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
+    assert seen == dict.fromkeys(range(6), "here")
