@@ -13,6 +13,7 @@ import pmod
 from pmod import PModConfig
 from pmod.core import packed_attention, routed_layer
 from pmod.core.cache import PModCache, as_pmod_cache, cache_kwargs, cache_of, kv_cache_bytes
+from pmod.core.routed_layer import RoutingInputs
 from pmod.testing import randomize_routers, routed_batch, tiny_llama
 
 
@@ -120,9 +121,11 @@ def test_padding_passes_a_string_layer_unchanged_and_is_never_vision() -> None:
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=am, vision_mask=vm, output_hidden_states=True)
         marked = model(input_ids=ids, attention_mask=am, vision_mask=vm | pad).logits
+        text_only = model(input_ids=ids, attention_mask=am, output_hidden_states=True)  # no routing decision
     before, after = out.hidden_states[1], out.hidden_states[2]  # into and out of the routed layer 1
     assert bool(pad.any())
     torch.testing.assert_close(after[pad], before[pad], rtol=0, atol=0)
+    torch.testing.assert_close(text_only.hidden_states[2][pad], text_only.hidden_states[1][pad], rtol=0, atol=0)
     torch.testing.assert_close(marked[~pad], out.logits[~pad], rtol=0, atol=0)
 
 
@@ -145,3 +148,38 @@ def test_extra_attention_keywords_reach_the_attention_of_routed_layers(path: str
     finally:
         AttentionInterface.register("sdpa", sdpa_attention_forward)
     assert seen == dict.fromkeys(range(6), "here")
+
+
+def direct_layer(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model = pmod.convert(tiny_llama(num_layers=2).to(dtype), PModConfig(schedule="explicit", ratios=[None, 0.15]))
+    randomize_routers(model, scale=3.0)
+    return model, model.model.layers[1]
+
+
+def test_a_layer_called_without_routing_inputs_is_the_plain_decoder_layer() -> None:
+    # No pmod_routing (a caller outside pmod's model hook): every token is processed, as transformers' own
+    # LlamaDecoderLayer.forward computes it.
+    model, layer = direct_layer()
+    hidden = torch.randn(2, 4, model.config.hidden_size)
+    pos = model.model.rotary_emb(hidden, torch.arange(4)[None])
+    with torch.no_grad():
+        got = layer(hidden, position_embeddings=pos)
+        want = type(layer).__mro__[2].forward(layer, hidden, position_embeddings=pos)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_where_no_token_runs_is_only_rescaled(dtype: torch.dtype) -> None:
+    # 3 vision tokens at ratio 0.15 keep floor(0.45) = 0: nothing runs; with STRing every (skipped) token becomes
+    # w~ x, w~ = 0.2 tanh(router logit) + 1 (TanhNorm with the paper's 0.2 and 1.0), in the layer's dtype.
+    model, layer = direct_layer(dtype)
+    hidden = torch.randn(1, 3, model.config.hidden_size).to(dtype)
+    pos = model.model.rotary_emb(hidden, torch.arange(3)[None])
+    vision = torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        got = layer(hidden, position_embeddings=pos, pmod_routing=RoutingInputs(vision_mask=vision))
+        logit = (hidden.float() @ layer.router.weight.float().T + layer.router.bias.float()).squeeze(-1)
+    weight = 0.2 * torch.tanh(logit) + 1.0
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), hidden.float() * weight[..., None], rtol=1e-2, atol=1e-2)
+    assert not torch.equal(got, hidden)
