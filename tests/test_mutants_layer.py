@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import pmod
 from pmod import PModConfig
@@ -183,3 +184,14 @@ def test_a_chunk_where_no_token_runs_is_only_rescaled(dtype: torch.dtype) -> Non
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), hidden.float() * weight[..., None], rtol=1e-2, atol=1e-2)
     assert not torch.equal(got, hidden)
+
+
+class FreshDecoderLayer(LlamaDecoderLayer):
+    """A decoder-layer class no test has converted before."""
+
+
+def test_routed_class_is_made_once_per_layer_class() -> None:
+    cls = routed_layer.routed_layer_class(FreshDecoderLayer)
+    assert cls is routed_layer.routed_layer_class(FreshDecoderLayer)
+    assert cls.__name__ == "RoutedFreshDecoderLayer" and issubclass(cls, FreshDecoderLayer)
+    assert routed_layer.RoutedFreshDecoderLayer is cls  # importable by name (pickle, deepcopy)
