@@ -186,12 +186,13 @@ def test_a_chunk_where_no_token_runs_is_only_rescaled(dtype: torch.dtype) -> Non
     assert not torch.equal(got, hidden)
 
 
-class FreshDecoderLayer(LlamaDecoderLayer):
-    """A decoder-layer class no test has converted before."""
-
-
 def test_routed_class_is_made_once_per_layer_class() -> None:
+    class FreshDecoderLayer(LlamaDecoderLayer):  # a new class object on every call: never converted before
+        pass
+
     cls = routed_layer.routed_layer_class(FreshDecoderLayer)
     assert cls is routed_layer.routed_layer_class(FreshDecoderLayer)
-    assert cls.__name__ == "RoutedFreshDecoderLayer" and issubclass(cls, FreshDecoderLayer)
+    assert cls.__mro__[1:3] == (routed_layer.RoutedLayerMixin, FreshDecoderLayer)
+    assert cls.__name__ == cls.__qualname__ == "RoutedFreshDecoderLayer"
+    assert cls.__module__ == "pmod.core.routed_layer"
     assert routed_layer.RoutedFreshDecoderLayer is cls  # importable by name (pickle, deepcopy)
