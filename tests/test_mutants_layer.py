@@ -196,3 +196,10 @@ def test_routed_class_is_made_once_per_layer_class() -> None:
     assert cls.__name__ == cls.__qualname__ == "RoutedFreshDecoderLayer"
     assert cls.__module__ == "pmod.core.routed_layer"
     assert routed_layer.RoutedFreshDecoderLayer is cls  # importable by name (pickle, deepcopy)
+
+
+def test_a_layer_without_the_llama_submodules_is_refused_and_new_layers_start_on_auto() -> None:
+    with pytest.raises(TypeError, match=r"Linear lacks \['input_layernorm', 'self_attn'"):
+        routed_layer.make_routed_layer(torch.nn.Linear(2, 2), 0, routed_layer.RoutingRule())
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
+    assert [layer.pmod_attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
