@@ -9,8 +9,10 @@ import math
 import types
 
 import pytest
+import torch
 
 from pmod import PModConfig
+from pmod.analysis.dims import bytes_per_element, presets, vision_tokens, weight_dtype
 from pmod.analysis.flops import FlopsReport, LayerCost, LMDims, counted_flops, estimate, layer_cost, method_config_from
 from pmod.core.config import LayerPlan
 
@@ -170,3 +172,61 @@ def test_layer_cost_dict_adds_the_total() -> None:
     cost = LayerCost(index=1, ratio=0.5, kept_vision=2, processed=4, attn_proj=1, attn_scores=2, attn_values=3,
                      mlp=4, router=5, kv_bytes=6, decode=7, scoring=8)  # fmt: skip
     assert cost.to_dict()["flops"] == 1 + 2 + 3 + 4 + 5 + 8
+
+
+def test_bytes_per_element_names_and_dtypes() -> None:
+    assert bytes_per_element("torch.bfloat16") == 2 and bytes_per_element("FP32") == 4
+    assert bytes_per_element(torch.float64) == 8
+    for bad in ("torch.int3", object()):
+        with pytest.raises(ValueError):
+            bytes_per_element(bad)
+
+
+def test_lm_dims_checks_each_field() -> None:
+    good = dict(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
+    assert LMDims(**{**good, "layers": 1}).layers == 1  # 1 is a positive integer
+    for field, value in (("hidden", 0), ("vocab", -1), ("layers", True), ("heads", 2.0)):
+        with pytest.raises(ValueError, match=f"LMDims.{field} must be a positive integer"):
+            LMDims(**{**good, field: value})
+
+
+LLAMA_FIELDS = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
+                "vocab_size": 10}  # fmt: skip
+
+
+def test_dims_from_configs_by_hand() -> None:
+    # Without num_key_value_heads and head_dim: kv_heads = heads = 2, head_dim = hidden / heads = 4.
+    want = LMDims(hidden=8, layers=2, heads=2, kv_heads=2, head_dim=4, intermediate=16, vocab=10)
+    assert LMDims.from_config(LLAMA_FIELDS) == want
+    assert LMDims.from_config({"text_config": LLAMA_FIELDS}) == want
+    assert LMDims.from_config(types.SimpleNamespace(**LLAMA_FIELDS)) == want
+    assert LMDims.from_config(types.SimpleNamespace(text_config=types.SimpleNamespace(**LLAMA_FIELDS))) == want
+    gqa = LMDims.from_config({**LLAMA_FIELDS, "num_key_value_heads": 1, "head_dim": 3})
+    assert (gqa.kv_heads, gqa.head_dim) == (1, 3)
+    with pytest.raises(ValueError, match="the config has no vocab_size"):
+        LMDims.from_config({k: v for k, v in LLAMA_FIELDS.items() if k != "vocab_size"})
+
+
+def test_vision_tokens_by_hand() -> None:
+    clip = {"image_size": 336, "patch_size": 14}  # 24 x 24 patches
+    assert vision_tokens({"vision_config": clip}) == (576, "(336 / 14)^2 patches of one image")
+    assert vision_tokens({"vision_config": clip, "vision_feature_select_strategy": "full"})[0] == 577  # + CLS
+    assert vision_tokens({"vision_config": {"image_size": 336}}) is None
+    assert vision_tokens({"model_type": "nothing_known"}) is None
+    # LLaVA-NeXT: base 576 + the largest grid (672 x 672: 48 x 48 patches) + one newline per row of 48 = 2928.
+    next_config = {"model_type": "llava_next", "vision_config": clip,
+                   "image_grid_pinpoints": [[336, 672], [672, 672], [336, 1008]]}  # fmt: skip
+    assert vision_tokens(next_config) == (2928, "a 672x672 px image: base view + largest anyres grid + newlines")
+
+
+def test_weight_dtype_by_hand() -> None:
+    assert weight_dtype({"dtype": "bfloat16", "torch_dtype": "float32"}) == "bfloat16"
+    assert weight_dtype({"torch_dtype": "float16"}) == "float16"
+    assert weight_dtype({"text_config": {"torch_dtype": "float32"}}) == "float32"
+    assert weight_dtype({"dtype": "bfloat16x", "text_config": {"dtype": "fp8"}}) == "fp8"
+    assert weight_dtype({"dtype": 16}) is None and weight_dtype({}) is None
+
+
+def test_presets_carry_their_names_and_descriptions() -> None:
+    for name, preset in presets().items():
+        assert preset.name == name and isinstance(preset.description, str) and preset.description

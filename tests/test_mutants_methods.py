@@ -60,6 +60,9 @@ def test_softmax_arank_by_hand() -> None:
     q, k = one_head([0.0, 1.0, 0.0]), one_head([0.0, 10.0, 0.0])
     assert attention_rank(q, k, "softmax") == 2.0
     assert attention_rank(q, k, "softmax", scaling=2.0) == 1.0
+    # Rows, not columns, are normalised: q = (0, 20, 0), k = (1, 1, 0) gives rows [0, 0, 0], [1/2, 0, 0] and
+    # [1/3, 1/3, 0] (rank 2); a column softmax would leave [1, 0, 0] and [2e-9, 2e-9, 0] (rank 1).
+    assert attention_rank(one_head([0.0, 20.0, 0.0]), one_head([1.0, 1.0, 0.0]), "softmax") == 2.0
     # The paper's measure: q k^T of 1-dim q and k has rank 1.
     assert attention_rank(q, k) == 1.0
     with pytest.raises(ValueError, match="Unknown ARank variant 'other'"):
@@ -107,6 +110,12 @@ def test_arank_file_forms(tmp_path) -> None:
     for bad in ("c.json", "d.json"):
         with pytest.raises(ValueError, match="holds no list of per-layer ARank values"):
             read_arank_file(str(tmp_path / bad))
+
+
+def test_resolved_config_keeps_the_arank_values_of_a_file(tmp_path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"arank": [9, 8, 7, 6, 5, 1]}))
+    cfg = GammaMoDConfig(arank_file=str(tmp_path / "a.json")).resolved(6)
+    assert (cfg.layers, cfg.arank) == ([4, 5], [9.0, 8.0, 7.0, 6.0, 5.0, 1.0])
 
 
 def test_resolved_config_keeps_the_arank_values() -> None:

@@ -335,7 +335,12 @@ def main() -> None:
         if args.confirm:  # the mutants the suite left alive, against the tests written for them alone
             alive = [n for n, (s, _) in statuses(args.work).items() if s not in DETECTED and s != "not checked"]
             alive = [n for n in alive if not args.only or any(fnmatch.fnmatchcase(n, g) for g in args.only)]
-            prepare(confirm_dir(args.work), args.mutate, [t for t in MUTANT_TESTS if (ROOT / t).exists()])
+            written = [t for t in MUTANT_TESTS if (ROOT / t).exists()]
+            if args.resume and confirm_dir(args.work).exists():  # keep earlier confirmations, take the new tests
+                for rel in written:
+                    shutil.copy2(ROOT / rel, confirm_dir(args.work) / rel)
+            else:
+                prepare(confirm_dir(args.work), args.mutate, written)
             run_mutmut(args, confirm_dir(args.work), alive)
         else:
             if not args.resume:
