@@ -201,6 +201,9 @@ def test_dims_from_configs_by_hand() -> None:
     assert LMDims.from_config({"text_config": LLAMA_FIELDS}) == want
     assert LMDims.from_config(types.SimpleNamespace(**LLAMA_FIELDS)) == want
     assert LMDims.from_config(types.SimpleNamespace(text_config=types.SimpleNamespace(**LLAMA_FIELDS))) == want
+    # An object whose get_text_config() holds the fields (as transformers' composite configs do).
+    composite = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(**LLAMA_FIELDS))
+    assert LMDims.from_config(composite) == want
     gqa = LMDims.from_config({**LLAMA_FIELDS, "num_key_value_heads": 1, "head_dim": 3})
     assert (gqa.kv_heads, gqa.head_dim) == (1, 3)
     with pytest.raises(ValueError, match="the config has no vocab_size"):
@@ -213,10 +216,15 @@ def test_vision_tokens_by_hand() -> None:
     assert vision_tokens({"vision_config": clip, "vision_feature_select_strategy": "full"})[0] == 577  # + CLS
     assert vision_tokens({"vision_config": {"image_size": 336}}) is None
     assert vision_tokens({"model_type": "nothing_known"}) is None
+    assert vision_tokens({"model_type": "llama"}) is None  # a transformers config object without a vision config
+    assert type(vision_tokens({"vision_config": clip})[0]) is int
+    # Grid pinpoints count only for LLaVA-NeXT: LLaVA-1.5 gives the one view's 576 whatever the config lists.
+    assert vision_tokens({"vision_config": clip, "image_grid_pinpoints": [[336, 672]]})[0] == 576
     # LLaVA-NeXT: base 576 + the largest grid (672 x 672: 48 x 48 patches) + one newline per row of 48 = 2928.
     next_config = {"model_type": "llava_next", "vision_config": clip,
                    "image_grid_pinpoints": [[336, 672], [672, 672], [336, 1008]]}  # fmt: skip
     assert vision_tokens(next_config) == (2928, "a 672x672 px image: base view + largest anyres grid + newlines")
+    assert type(vision_tokens(next_config)[0]) is int
 
 
 def test_weight_dtype_by_hand() -> None:
