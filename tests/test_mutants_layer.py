@@ -119,15 +119,17 @@ def test_padding_passes_a_string_layer_unchanged_and_is_never_vision() -> None:
     randomize_routers(model, scale=3.0)
     ids, am, vm = routed_batch([(5, 8, False), (3, 4, False)], "left")
     pad = ~am.bool()
+    ids[pad] = 7  # a pad id with a non-zero embedding: id 0's is zero, and a Llama layer maps zeros to zeros
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=am, vision_mask=vm, output_hidden_states=True)
-        marked = model(input_ids=ids, attention_mask=am, vision_mask=vm | pad).logits
+        marked = model(input_ids=ids, attention_mask=am, vision_mask=vm | pad, output_hidden_states=True)
         text_only = model(input_ids=ids, attention_mask=am, output_hidden_states=True)  # no routing decision
     before, after = out.hidden_states[1], out.hidden_states[2]  # into and out of the routed layer 1
     assert bool(pad.any())
     torch.testing.assert_close(after[pad], before[pad], rtol=0, atol=0)
     torch.testing.assert_close(text_only.hidden_states[2][pad], text_only.hidden_states[1][pad], rtol=0, atol=0)
-    torch.testing.assert_close(marked[~pad], out.logits[~pad], rtol=0, atol=0)
+    torch.testing.assert_close(marked.logits[~pad], out.logits[~pad], rtol=0, atol=0)
+    torch.testing.assert_close(marked.hidden_states[2][pad], marked.hidden_states[1][pad], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("path", ["padded", "packed"])
