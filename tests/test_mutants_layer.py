@@ -1,0 +1,207 @@
+"""Tests written to kill the mutants that survived the rest of the suite in ``pmod.core.cache`` and
+``pmod.core.routed_layer`` (see ``benchmarks/mutation/run_mutation.py``). Expected values are worked out by hand in
+the comments, never read back from the code under test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+import pmod
+from pmod import PModConfig
+from pmod.core import packed_attention, routed_layer
+from pmod.core.cache import PModCache, as_pmod_cache, cache_kwargs, cache_of, kv_cache_bytes
+from pmod.core.routed_layer import RoutingInputs
+from pmod.testing import randomize_routers, routed_batch, tiny_llama
+
+
+def test_cache_of_an_output_without_a_cache_is_none() -> None:
+    assert cache_of(object()) is None
+
+
+def test_kv_cache_bytes_with_an_empty_layer_between_filled_ones() -> None:
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), 0)  # 2 rows, 1 KV head, 3 tokens, dim 4
+    cache.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 2)  # layer 1 stays empty; layer 2: 1 element
+    size = kv_cache_bytes(cache)
+    # layer 0: K and V of 2 * 1 * 3 * 4 float32 = 96 bytes each; layer 2: 4 bytes each.
+    assert size.layer_bytes == [192, 0, 8] and size.total_bytes == 200
+    assert size.layer_slots == [3, 0, 1]
+    assert size.layer_tokens == [[3, 3], [], [1]]
+
+
+def record_two_rows() -> PModCache:
+    cache = as_pmod_cache(DynamicCache())
+    cache.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), 0)
+    cache.pmod_record_slots(0, torch.tensor([[True, False, True], [True, True, False]]))
+    return cache
+
+
+def test_repeating_rows_repeats_their_slot_records() -> None:
+    # Row 0 (T, F, T) and row 1 (T, T, F), each repeated twice in place, as beam search and sampling expand a batch.
+    cache = record_two_rows()
+    cache.batch_repeat_interleave(2)
+    assert cache.pmod_slot_mask(0).tolist() == [[True, False, True]] * 2 + [[True, True, False]] * 2
+    assert cache.layers[0].keys.shape[0] == 4
+
+
+def test_set_attention_path_defaults_to_auto() -> None:
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
+    pmod.set_attention_path(model, "padded")
+    pmod.set_attention_path(model)
+    assert [layer.pmod_attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
+
+
+ROWS = [(5, 23, False), (9, 11, True), (4, 0, False), (6, 17, False)]  # unequal vision counts: unequal kept rows
+RATIOS = [None, 0.9, 0.5, 0.25, 0.15, 0.5]
+
+
+@pytest.fixture
+def packed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts packed attention calls; the routed layers are told the varlen kernel runs (as on CUDA in bf16), while
+    the attention itself still runs per row on the CPU."""
+    calls = [0]
+    inner = packed_attention.packed_causal_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(packed_attention, "packed_causal_attention", counted)
+    monkeypatch.setattr(routed_layer, "varlen_flash_available", lambda t: True)
+    return calls
+
+
+def routed_llama() -> torch.nn.Module:
+    model = pmod.convert(tiny_llama(num_layers=6), PModConfig(schedule="explicit", ratios=RATIOS))
+    randomize_routers(model, scale=3.0)
+    return model
+
+
+def test_auto_packs_only_without_gradients_and_padded_never(packed_calls: list[int]) -> None:
+    model = routed_llama()
+    ids, am, vm = routed_batch(ROWS, "left")
+    with torch.no_grad():
+        pmod.set_attention_path(model, "padded")(input_ids=ids, attention_mask=am, vision_mask=vm)
+    assert packed_calls[0] == 0
+    pmod.set_attention_path(model, "auto")(input_ids=ids, attention_mask=am, vision_mask=vm)  # autograd on
+    assert packed_calls[0] == 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, vision_mask=vm)
+    assert packed_calls[0] == 5  # every routed layer: its rows keep unequal counts
+
+
+def test_a_chunk_after_a_cached_token_is_never_packed(packed_calls: list[int]) -> None:
+    # One cached token per row, then a chunk with unequal vision counts: the layers hold one slot already, so even
+    # the forced packed path must attend over the cache (padded), giving what the padded path gives.
+    model = routed_llama()
+    ids = torch.randint(5, 100, (2, 9))
+    vision = torch.zeros(2, 8, dtype=torch.bool)
+    vision[0, 1:3], vision[1, 1:7] = True, True  # 2 and 6 vision tokens
+    logits = {}
+    for path in ("padded", "packed"):
+        pmod.set_attention_path(model, path)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :1], **cache_kwargs(cache), use_cache=True)
+            logits[path] = model(input_ids=ids[:, 1:], vision_mask=vision, **cache_kwargs(cache), use_cache=True).logits
+    assert packed_calls[0] == 0
+    torch.testing.assert_close(logits["packed"], logits["padded"], rtol=0, atol=0)
+
+
+def test_padding_passes_a_string_layer_unchanged_and_is_never_vision() -> None:
+    # "padding: unchanged" (STRing scales only skipped vision tokens); a vision mask that also marks padding
+    # changes nothing, since padding is not a token.
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, None]))
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(5, 8, False), (3, 4, False)], "left")
+    pad = ~am.bool()
+    ids[pad] = 7  # a pad id with a non-zero embedding: id 0's is zero, and a Llama layer maps zeros to zeros
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, vision_mask=vm, output_hidden_states=True)
+        marked = model(input_ids=ids, attention_mask=am, vision_mask=vm | pad, output_hidden_states=True)
+        text_only = model(input_ids=ids, attention_mask=am, output_hidden_states=True)  # no routing decision
+    before, after = out.hidden_states[1], out.hidden_states[2]  # into and out of the routed layer 1
+    assert bool(pad.any())
+    torch.testing.assert_close(after[pad], before[pad], rtol=0, atol=0)
+    torch.testing.assert_close(text_only.hidden_states[2][pad], text_only.hidden_states[1][pad], rtol=0, atol=0)
+    torch.testing.assert_close(marked.logits[~pad], out.logits[~pad], rtol=0, atol=0)
+    torch.testing.assert_close(marked.hidden_states[2][pad], marked.hidden_states[1][pad], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["padded", "packed"])
+def test_extra_attention_keywords_reach_the_attention_of_routed_layers(path: str) -> None:
+    seen: dict[int, object] = {}
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen[module.layer_idx] = kwargs.get("pmod_probe")
+        kwargs.pop("pmod_probe", None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    model = routed_llama()
+    pmod.set_attention_path(model, path)
+    ids, am, vm = routed_batch(ROWS, "left")
+    AttentionInterface.register("sdpa", recording_sdpa)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, vision_mask=vm, pmod_probe="here")
+    finally:
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
+    assert seen == dict.fromkeys(range(6), "here")
+
+
+def direct_layer(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model = pmod.convert(tiny_llama(num_layers=2).to(dtype), PModConfig(schedule="explicit", ratios=[None, 0.15]))
+    randomize_routers(model, scale=3.0)
+    return model, model.model.layers[1]
+
+
+def test_a_layer_called_without_routing_inputs_is_the_plain_decoder_layer() -> None:
+    # No pmod_routing (a caller outside pmod's model hook): every token is processed, as transformers' own
+    # LlamaDecoderLayer.forward computes it.
+    model, layer = direct_layer()
+    hidden = torch.randn(2, 4, model.config.hidden_size)
+    pos = model.model.rotary_emb(hidden, torch.arange(4)[None])
+    with torch.no_grad():
+        got = layer(hidden, position_embeddings=pos)
+        want = type(layer).__mro__[2].forward(layer, hidden, position_embeddings=pos)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_where_no_token_runs_is_only_rescaled(dtype: torch.dtype) -> None:
+    # 3 vision tokens at ratio 0.15 keep floor(0.45) = 0: nothing runs; with STRing every (skipped) token becomes
+    # w~ x, w~ = 0.2 tanh(router logit) + 1 (TanhNorm with the paper's 0.2 and 1.0), in the layer's dtype.
+    model, layer = direct_layer(dtype)
+    hidden = torch.randn(1, 3, model.config.hidden_size).to(dtype)
+    pos = model.model.rotary_emb(hidden, torch.arange(3)[None])
+    vision = torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        got = layer(hidden, position_embeddings=pos, pmod_routing=RoutingInputs(vision_mask=vision))
+        logit = (hidden.float() @ layer.router.weight.float().T + layer.router.bias.float()).squeeze(-1)
+    weight = 0.2 * torch.tanh(logit) + 1.0
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), hidden.float() * weight[..., None], rtol=1e-2, atol=1e-2)
+    assert not torch.equal(got, hidden)
+
+
+def test_routed_class_is_made_once_per_layer_class() -> None:
+    class FreshDecoderLayer(LlamaDecoderLayer):  # a new class object on every call: never converted before
+        pass
+
+    cls = routed_layer.routed_layer_class(FreshDecoderLayer)
+    assert cls is routed_layer.routed_layer_class(FreshDecoderLayer)
+    assert cls.__mro__[1:3] == (routed_layer.RoutedLayerMixin, FreshDecoderLayer)
+    assert cls.__name__ == cls.__qualname__ == "RoutedFreshDecoderLayer"
+    assert cls.__module__ == "pmod.core.routed_layer"
+    assert routed_layer.RoutedFreshDecoderLayer is cls  # importable by name (pickle, deepcopy)
+
+
+def test_a_layer_without_the_llama_submodules_is_refused_and_new_layers_start_on_auto() -> None:
+    with pytest.raises(TypeError, match=r"Linear lacks \['input_layernorm', 'self_attn'"):
+        routed_layer.make_routed_layer(torch.nn.Linear(2, 2), 0, routed_layer.RoutingRule())
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
+    assert [layer.pmod_attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
