@@ -212,7 +212,8 @@ def test_settings_that_route_no_layer_run_dense_everywhere(world, tmp_path, caps
     assert rc == 0
     answer, _ = reference_generate(folder, None, world["red"])  # transformers' own class: the dense model
     assert captured.out.strip() == answer and captured.err.strip().endswith(", 100.0%)")
-    assert [r.getMessage() for r in caplog.records] == [
+    # pmod's own warning, once (transformers may log its own once-per-process deprecations beside it)
+    assert [r.getMessage() for r in caplog.records if r.name == "pmod.core.convert"] == [
         f"no layer of this model is routed ({folder}: its pmod settings leave every layer dense); it runs as the "
         f"dense model."
     ]
