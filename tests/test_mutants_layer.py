@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import pmod
 from pmod import PModConfig
-from pmod.core import packed_attention, routed_layer
+from pmod.core import routed_layer
 from pmod.core.cache import PModCache, as_pmod_cache, cache_kwargs, cache_of, kv_cache_bytes
 from pmod.core.routed_layer import RoutingInputs
 from pmod.testing import randomize_routers, routed_batch, tiny_llama
@@ -60,19 +60,11 @@ RATIOS = [None, 0.9, 0.5, 0.25, 0.15, 0.5]
 
 
 @pytest.fixture
-def packed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts packed attention calls; the routed layers are told the varlen kernel runs (as on CUDA in bf16), while
-    the attention itself still runs per row on the CPU."""
-    calls = [0]
-    inner = packed_attention.packed_causal_attention
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return inner(*args, **kwargs)
-
-    monkeypatch.setattr(packed_attention, "packed_causal_attention", counted)
+def packed_calls(packed_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """conftest's counter of packed attention calls, with the routed layers told the varlen kernel runs (as on CUDA
+    in bf16), while the attention itself still runs per row on the CPU."""
     monkeypatch.setattr(routed_layer, "varlen_flash_available", lambda t: True)
-    return calls
+    return packed_calls
 
 
 def routed_llama() -> torch.nn.Module:

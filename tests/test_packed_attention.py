@@ -14,7 +14,6 @@ import torch
 
 import pmod
 from pmod import PModConfig
-from pmod.core import packed_attention
 from pmod.core.packed_attention import cumulative_lengths, packed_causal_attention
 from pmod.testing import IMAGE_TOKEN_ID, llava_next_batch, randomize_routers, tiny_llama, tiny_llava_next
 from pmod.testing import routed_batch as make_batch
@@ -38,18 +37,6 @@ def routed_llama(method: pmod.MethodConfig | None = None) -> tuple[torch.nn.Modu
     return dense, model
 
 
-@pytest.fixture
-def packed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the packed attention calls (one per routed layer that packs), so a test knows the path it checks ran."""
-    calls = [0]
-    inner = packed_attention.packed_causal_attention
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return inner(*args, **kwargs)
-
-    monkeypatch.setattr(packed_attention, "packed_causal_attention", counted)
-    return calls
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
