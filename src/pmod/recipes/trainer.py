@@ -148,12 +148,11 @@ class PModTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         self._skipped_loss = None
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self._skipped_loss is not None:  # the zero that was trained on is not this batch's loss
-            loss = torch.full_like(loss, self._skipped_loss)
         if self._skipped_loss is None:
             self._window["sum"] = self._window["sum"] + loss.detach()  # on the device: no sync per step
             self._window["finite"] += 1
         else:
+            loss = torch.full_like(loss, self._skipped_loss)  # the zero that was trained on is not this batch's loss
             self._window["skipped"] += 1
             self._window["last"] = self._skipped_loss
         return loss
