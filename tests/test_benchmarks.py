@@ -194,7 +194,8 @@ def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path, capsys:
 
 
 def test_gpu_correctness_checks_can_fail(bench: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 5% error in the skipped-token weight fails the fp32 and the bf16 checks."""
+    """A 5% error in the token weight w~ (on skipped tokens and kept tokens' MLP branch) fails the fp32 and the bf16
+    checks."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         checks = importlib.import_module("gpu_correctness")
@@ -202,8 +203,15 @@ def test_gpu_correctness_checks_can_fail(bench: dict[str, ModuleType], monkeypat
         sys.path.remove(str(BENCHMARKS))
     from pmod.methods.vision_router import VisionRouterRule
 
-    real = VisionRouterRule.token_weights
-    monkeypatch.setattr(VisionRouterRule, "token_weights", lambda self, logits: real(self, logits) * 1.05)
+    real = VisionRouterRule.route
+
+    def off_by_5_percent(self, *args, **kwargs):
+        decision = real(self, *args, **kwargs)
+        if decision is not None:
+            decision.token_scale = decision.token_scale * 1.05
+        return decision
+
+    monkeypatch.setattr(VisionRouterRule, "route", off_by_5_percent)
     for dtype in (torch.float32, torch.bfloat16):
         assert not checks.check_layers("pmod", "cpu", dtype, "sdpa", "left")["passed"]
         assert not checks.check_cached_decoder("pmod", "cpu", dtype, steps=3)["passed"]

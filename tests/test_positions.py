@@ -1,14 +1,13 @@
 """Every position path of a routed layer, reached whatever the installed transformers: the RoPE cos/sin and position
 ids gathered at the kept tokens (both M-RoPE layouts: one table per axis [3, B, T, d], as transformers up to ~5.15
-hands the layers, and the merged [B, T, d] of later releases), packed per axis, and the ``position_ids`` that reach
-the attention function (which flash-attention's varlen path reads to find sequence boundaries)."""
+hands the layers, and the merged [B, T, d] of later releases), packed per axis, and the RoPE tables that reach each
+layer's attention module. (A routed layer hands its attention no position ids: flash attention would read the
+compacted ones as packed sequences.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import pmod
 from pmod import PModConfig
@@ -99,41 +98,50 @@ def test_both_m_rope_layouts_gather_to_the_kept_tokens_rotation() -> None:
         torch.testing.assert_close(merge(gathered) if table.dim() == 4 else gathered, want, atol=1e-6, rtol=0)
 
 
-@pytest.fixture
-def seen_position_ids():
-    """The position ids each layer's attention function receives, recorded by an ``sdpa`` registered through
-    transformers' AttentionInterface (then the original one again)."""
-    seen: dict[int, list[torch.Tensor]] = {}
+def record_rope(model: torch.nn.Module) -> tuple[dict[int, torch.Tensor], list]:
+    """The RoPE cos table each layer's attention module receives, recorded by forward pre-hooks."""
+    seen: dict[int, torch.Tensor] = {}
 
-    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
-        seen.setdefault(module.layer_idx, []).append(kwargs["position_ids"].clone())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    def hook(index: int):
+        def record(module, args, kwargs):
+            seen[index] = kwargs["position_embeddings"][0].clone()
 
-    AttentionInterface.register("sdpa", recording_sdpa)
-    try:
-        yield seen
-    finally:
-        AttentionInterface.register("sdpa", sdpa_attention_forward)
+        return record
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(model.model.layers)]  # fmt: skip
+    return seen, handles
 
 
 @pytest.mark.parametrize("path", ["padded", "packed"])
-def test_attention_reads_the_kept_tokens_original_positions(seen_position_ids, path: str) -> None:
+def test_attention_reads_the_kept_tokens_original_positions(path: str) -> None:
+    """Every layer's attention gets RoPE at its tokens' own positions: a routed layer the rows of its kept tokens,
+    computed here from the positions by the model's rotary embedding, not gathered."""
     ratios = [None, 0.5, 0.25, 0.75]
     model = pmod.convert(tiny_llama(num_layers=4), PModConfig(schedule="explicit", ratios=ratios))
     randomize_routers(model, scale=3.0)
     pmod.set_attention_path(model, path)
     ids, am, vm = routed_batch([(5, 17, False), (9, 8, True), (4, 12, False)], "left", seed=5)
     positions = (am.cumsum(1) - 1).clamp(min=0) * 3 + 7  # as generate() numbers left-padded rows, spread apart
+    seen, handles = record_rope(model)
     with torch.no_grad(), pmod.record_routing(model) as rec:
         model(input_ids=ids, attention_mask=am, vision_mask=vm, position_ids=positions)
+    for handle in handles:
+        handle.remove()
+    x = torch.zeros(1, 1, model.config.hidden_size)
+
+    def cos_at(pos: list[int]) -> torch.Tensor:
+        return model.model.rotary_emb(x, torch.tensor([pos]))[0][0]
+
     for layer, ratio in enumerate(ratios):
-        (got,) = seen_position_ids[layer]
+        got = seen[layer]
         if ratio is None:
-            assert torch.equal(got, positions)
+            torch.testing.assert_close(got, model.model.rotary_emb(x, positions)[0], rtol=0, atol=0)
             continue
         kept = [[int(positions[b, t]) for t in range(ids.shape[1]) if rec.processed[layer][0][b, t]] for b in range(3)]
         if path == "packed":  # the rows end to end
-            assert got.tolist() == [sum(kept, [])], layer
+            torch.testing.assert_close(got[0], cos_at(sum(kept, [])), rtol=0, atol=1e-6)
         else:  # each row's kept tokens first, filler slots after them
-            assert [row[: len(k)] for row, k in zip(got.tolist(), kept)] == kept, layer
+            for row, k in zip(got, kept, strict=True):
+                torch.testing.assert_close(row[: len(k)], cos_at(k), rtol=0, atol=1e-6)
         assert any(len(k) < int(am[b].sum()) for b, k in enumerate(kept))  # routing really dropped tokens

@@ -8,20 +8,13 @@ the tensors when generation reorders (beam search), selects, repeats or crops th
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-#: What transformers calls the KV cache in model inputs and outputs: ``cache`` from 5.24 (``past_key_values`` stays a
-#: deprecated alias until 5.40), ``past_key_values`` before.
-CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
-
-#: transformers >= 5.24's ``crop`` takes the number of tokens to remove (negative); before, the length to keep.
-_CROP_TAKES_COUNT = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
+from pmod.core.compat import CACHE_NAME, CROP_TAKES_COUNT
 
 
 def cache_of(output: Any) -> DynamicCache | None:
@@ -37,44 +30,71 @@ def cache_kwargs(cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
 class PModCache(DynamicCache):
     """A ``DynamicCache`` that also tracks which cached slots of each routed layer hold real tokens.
 
-    Layers that never call :meth:`pmod_record_slots` (dense layers) cache every token and need no record.
+    Per routed layer the record is a bool ``[B, 1, 1, slots]`` (the shape sdpa takes as a key mask), or None while
+    every slot is real. Layers that never record (dense layers) cache every token and need no record.
     """
 
-    def _slots(self) -> dict[int, torch.Tensor]:
+    def _slots(self) -> dict[int, torch.Tensor | None]:
         if "_pmod_slots" not in self.__dict__:
-            self._pmod_slots: dict[int, torch.Tensor] = {}
+            self._pmod_slots: dict[int, torch.Tensor | None] = {}
         return self._pmod_slots
 
-    def pmod_record_slots(self, layer_idx: int, slot_valid: torch.Tensor) -> torch.Tensor | None:
-        """Append the validity [B, K] of the slots the layer is about to cache; return the previous record."""
+    def pmod_extend_slots(
+        self, layer_idx: int, new_valid: torch.Tensor | None, new: int, bsz: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Record the validity ``new_valid`` [B, 1, 1, new] (None: all real) of the ``new`` slots the layer is about
+        to cache. Returns the records before and after, each None while every slot is real: the one after is the key
+        mask of a one-token step."""
         slots = self._slots()
         past = slots.get(layer_idx)
-        if past is not None and past.shape[0] != slot_valid.shape[0]:
+        cached = self.get_seq_length(layer_idx)
+        rows = past.shape[0] if past is not None else self._rows(layer_idx)
+        if cached and rows != bsz:
             raise ValueError(
-                f"The cache holds {past.shape[0]} rows but the batch has {slot_valid.shape[0]}; pass a cache built "
-                f"for this batch (or none)."
+                f"The cache holds {rows} rows but the batch has {bsz}; pass a cache built for this batch (or none)."
             )
-        slots[layer_idx] = slot_valid if past is None else torch.cat([past, slot_valid], dim=1)
-        return past
+        if past is None and new_valid is None:
+            slots[layer_idx] = None
+            return None, None
+        if past is None and cached:
+            past = torch.ones(bsz, 1, 1, cached, dtype=torch.bool, device=new_valid.device)
+        if new_valid is None:
+            new_valid = torch.ones(bsz, 1, 1, new, dtype=torch.bool, device=past.device)
+        slots[layer_idx] = new_valid if past is None else torch.cat([past, new_valid], dim=-1)
+        return past, slots[layer_idx]
+
+    def _rows(self, layer_idx: int) -> int | None:
+        keys = getattr(self.layers[layer_idx], "keys", None) if layer_idx < len(self.layers) else None
+        return None if keys is None or keys.numel() == 0 else keys.shape[0]
 
     def pmod_slot_mask(self, layer_idx: int) -> torch.Tensor | None:
         """Bool [B, cached slots] of a routed layer (True = real token), or None for a dense layer."""
-        return self._slots().get(layer_idx)
+        slots = self._slots()
+        if layer_idx not in slots:
+            return None
+        record = slots[layer_idx]
+        if record is None:
+            keys = self.layers[layer_idx].keys
+            return torch.ones(keys.shape[0], keys.shape[-2], dtype=torch.bool, device=keys.device)
+        return record[:, 0, 0, :]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         for i, valid in self._slots().items():
-            self._pmod_slots[i] = valid.index_select(0, beam_idx.to(valid.device))
+            if valid is not None:
+                self._pmod_slots[i] = valid.index_select(0, beam_idx.to(valid.device))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         for i, valid in self._slots().items():
-            self._pmod_slots[i] = valid[indices]
+            if valid is not None:
+                self._pmod_slots[i] = valid[indices]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         for i, valid in self._slots().items():
-            self._pmod_slots[i] = valid.repeat_interleave(repeats, dim=0)
+            if valid is not None:
+                self._pmod_slots[i] = valid.repeat_interleave(repeats, dim=0)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a negative count) from every layer.
@@ -84,14 +104,15 @@ class PModCache(DynamicCache):
         Exact when the dropped tokens were processed by every layer, which holds for generated (text) tokens under
         p-MoD, MoD and FastV. Under gamma-MoD a generated token may skip a layer in every row and leave no slot there.
         """
-        if not _CROP_TAKES_COUNT and tokens_to_remove >= 0:
+        if not CROP_TAKES_COUNT and tokens_to_remove >= 0:
             tokens_to_remove = min(tokens_to_remove - self.get_seq_length(), 0)
             if tokens_to_remove == 0:
                 return  # the count 0 would mean "keep nothing" to these versions
         super().crop(tokens_to_remove)
         if tokens_to_remove < 0:
             for i, valid in self._slots().items():
-                self._pmod_slots[i] = valid[:, :tokens_to_remove]
+                if valid is not None:
+                    self._pmod_slots[i] = valid[..., :tokens_to_remove]
 
     def reset(self) -> None:
         """Empty the cache for a new prompt, keeping the object (``generate`` and user code may hold it)."""
@@ -134,7 +155,6 @@ class KVCacheSize:
 def kv_cache_bytes(cache: DynamicCache) -> KVCacheSize:
     """Bytes held by a cache's key/value tensors, with per-layer slot and per-row real-token counts."""
     layer_bytes, layer_slots, layer_tokens = [], [], []
-    slots = cache._slots() if isinstance(cache, PModCache) else {}
     for i, layer in enumerate(cache.layers):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or keys.numel() == 0:
@@ -144,7 +164,7 @@ def kv_cache_bytes(cache: DynamicCache) -> KVCacheSize:
             continue
         layer_bytes.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
         layer_slots.append(keys.shape[-2])
-        valid = slots.get(i)
+        valid = cache.pmod_slot_mask(i) if isinstance(cache, PModCache) else None
         if valid is None:
             layer_tokens.append([keys.shape[-2]] * keys.shape[0])
         else:

@@ -26,9 +26,11 @@ from pmod.core.backbone import (
     find_backbone,
     supported_model_types,
 )
+from pmod.core.compat import has_vision_inputs
 from pmod.core.config import MethodConfig, method_class, store_method_config, stored_method_config
 from pmod.core.errors import UserError
 from pmod.core.files import check_complete
+from pmod.core.plan import ForwardPlan
 from pmod.core.routed_layer import RoutingInputs, is_routed_layer, make_routed_layer
 from pmod.core.weight_files import check_weight_files
 
@@ -113,6 +115,10 @@ class _RoutingHook:
     def __init__(self, model: nn.Module, adapter: BackboneAdapter) -> None:
         self.signature = inspect.signature(model.forward)
         self.routable_ids = adapter.routable_token_ids(model.config)
+        rules = [layer.routing_rule for layer in adapter.decoder_layers(model) if is_routed_layer(layer)]
+        # Every (ratio, rounding) the routed layers use: the plan sizes all of them at once.
+        self.ratios = tuple(dict.fromkeys((r.ratio, r.rounding) for r in rules if r.ratio is not None))
+        self._ids: dict[torch.device, torch.Tensor] = {}
         self.current: RoutingInputs | None = None
         self.last_routing_loss: torch.Tensor | None = None
 
@@ -133,10 +139,9 @@ class _RoutingHook:
                     f"mask of shape [batch, seq] for the tokens of this call (True = vision token)."
                 )
             vision_mask = vision_mask.to(device=reference.device, dtype=torch.bool)
-        elif input_ids is not None and self.routable_ids:
-            vision_mask = torch.isin(input_ids, torch.tensor(self.routable_ids, device=input_ids.device))
-            if not bool(vision_mask.any()):
-                vision_mask = None  # text only (every decode step): lets the layers skip routing; one check here
+        elif input_ids is not None and self.routable_ids and (seq > 1 or has_vision_inputs(kwargs)):
+            # A one-token chunk without images (every decode step) is text: known without reading it on the host.
+            vision_mask = torch.isin(input_ids, self._routable_ids(input_ids.device))
 
         token_mask = bound.get("attention_mask")
         if token_mask is not None:
@@ -158,6 +163,7 @@ class _RoutingHook:
         labels = bound.get("labels")
         collect = model.training and torch.is_grad_enabled()
         self.current = RoutingInputs(
+            plan=ForwardPlan(token_mask, self.ratios),
             vision_mask=vision_mask,
             token_mask=token_mask,
             question_mask=question_mask,
@@ -166,6 +172,11 @@ class _RoutingHook:
         )
         kwargs["pmod_routing"] = self.current
         return args, kwargs
+
+    def _routable_ids(self, device: torch.device) -> torch.Tensor:
+        if device not in self._ids:  # made once per device: a copy to the device per forward would wait for it
+            self._ids[device] = torch.tensor(self.routable_ids, device=device)
+        return self._ids[device]
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         routing, self.current = self.current, None

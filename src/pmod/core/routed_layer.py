@@ -2,16 +2,17 @@
 chose, and applies the method's output rules.
 
 A routed layer is the model's decoder layer (same class, same weights, same parameter names) with a routing rule
-and a forward that processes only a subset of the tokens::
+and a forward in three named pieces::
 
-    hidden [B,T,D] + routing inputs (routable / real / question masks, per-forward shared state)
-      -> rule.route(): processed mask [B,T], MLP scale, skip scale, recorded weights   (None: process every token)
-      -> index [B,K]: processed tokens in original order (shorter rows padded with filler slots)
-      -> gather hidden states, RoPE cos/sin and position ids (kept tokens keep their ORIGINAL positions)
-      -> h = x + Attn(LN1(x)) over the processed tokens (and this layer's own cache), m = MLP(LN2(h))
-      -> processed: h + mlp_scale * m;  skipped: skip_scale * x (or x);  padding: unchanged
+    plan:     rule.route() scores the tokens; the forward's plan turns the scores into a selection: index [B, K, 1]
+              of the processed tokens in original order, filler slots after them (pmod.core.plan)
+    block:    gather hidden states and RoPE cos/sin (kept tokens keep their ORIGINAL positions), then
+              h = x + Attn(LN1(x)) over the processed tokens (and this layer's own cache), y = h + scale * MLP(LN2(h)),
+              padded (fillers at the end of each row, causal, no mask) or packed (rows end to end)
+    combine:  processed: y;  skipped: scale * x (STRing) or x;  scattered back into [B, T, D]
 
-The rule (one per routed layer, made by the method config's ``build``) is all that differs between methods.
+The rule (one per routed layer, made by the method config's ``build``) is all that differs between methods. Nothing
+here reads the device on the host: a layer's sizes come from the plan, made once per forward.
 """
 
 from __future__ import annotations
@@ -24,15 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pmod.core.cache import as_pmod_cache
-from pmod.core.compaction import (
-    build_attention_mask,
-    compact_index,
-    gather_positions,
-    gather_tokens,
-    scatter_tokens,
-    sdpa_without_cudnn,
-)
+from pmod.core.cache import PModCache, as_pmod_cache
+from pmod.core.compaction import build_attention_mask, gather_positions, sdpa_without_cudnn
+from pmod.core.compat import attention_implementation, has_rope_axis, pop_cache_keyword
 from pmod.core.packed_attention import (
     ATTENTION_PATHS,
     PackedCacheWriter,
@@ -43,6 +38,7 @@ from pmod.core.packed_attention import (
     unpack_slots,
     varlen_flash_available,
 )
+from pmod.core.plan import ForwardPlan, Selection
 
 #: Decoder-layer submodules a routed layer calls (the Llama family: Llama, Vicuna, Mistral, Qwen2).
 REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -62,6 +58,7 @@ class RoutingInputs:
             and used by every layer from K).
         routing_losses: where routed layers put their weighted routing losses in a training forward; the model's
             post-hook adds them to the loss. None when nothing collects them.
+        plan: the forward's :class:`~pmod.core.plan.ForwardPlan` (made from ``token_mask`` when not given).
     """
 
     vision_mask: torch.Tensor | None = None
@@ -70,24 +67,38 @@ class RoutingInputs:
     labels: torch.Tensor | None = None
     shared: dict[str, Any] = field(default_factory=dict)
     routing_losses: list[torch.Tensor] | None = None
+    plan: ForwardPlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = ForwardPlan(self.token_mask)
 
 
 @dataclass
 class RouteDecision:
-    """What a routing rule decided for one chunk.
+    """What a routing rule decided for one chunk: either ``scores`` (the plan keeps the top of the candidates, no
+    host sync) or ``processed`` (a mask whose size depends on the data: one host sync).
 
     Attributes:
+        scores: [B, T, 1] float, ranks the candidates of ``candidates`` (highest kept); the rule's ``ratio`` and
+            ``rounding`` say how many per row.
+        candidates: the plan's candidate kind (:data:`pmod.core.plan.VISION`, or the rule's own name) and
+            ``candidate_mask``, a zero-argument function giving its bool [B, T] mask (called once per forward).
         processed: bool [B, T], the tokens the layer runs (padding is removed by the layer).
-        mlp_scale: [B, T] factor on the MLP branch of processed tokens (``h + scale * m``); None: 1.
-        skip_scale: [B, T] factor on skipped tokens (``scale * x``); None: skipped tokens pass unchanged.
-        weights: [B, T] what :func:`pmod.record_routing` stores (token weights, routing probabilities, scores).
+        token_scale: [B, T, 1] in the hidden states' dtype: processed tokens get ``h + token_scale * m``; 1 on
+            tokens the rule does not weight. None: no scaling.
+        scale_skipped: skipped tokens become ``token_scale * x`` (STRing); otherwise they pass unchanged.
+        weights: [B, T], what :func:`pmod.record_routing` stores (only needed while recording).
         renumber_positions: give the processed tokens positions 0..K-1 instead of their own (a reproduction option
             of gamma-MoD's original code; no KV cache).
     """
 
-    processed: torch.Tensor
-    mlp_scale: torch.Tensor | None = None
-    skip_scale: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    candidates: str | None = None
+    candidate_mask: Any = None
+    processed: torch.Tensor | None = None
+    token_scale: torch.Tensor | None = None
+    scale_skipped: bool = False
     weights: torch.Tensor | None = None
     renumber_positions: bool = False
 
@@ -95,10 +106,12 @@ class RouteDecision:
 class RoutingRule:
     """A method's decision for one routed layer. Subclasses implement :meth:`route`.
 
-    ``ratio`` is the share of routable tokens the layer processes (None: all), for ``pmod.layer_ratios``.
+    ``ratio`` is the share of candidate tokens the layer processes (None: all), for ``pmod.layer_ratios`` and the
+    plan; ``rounding`` how a share becomes a count (``schedules.kept_count``).
     """
 
     ratio: float | None = None
+    rounding: str = "floor"
 
     def route(
         self,
@@ -140,80 +153,144 @@ class RoutedLayerMixin:
         pmod_routing: RoutingInputs | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        # transformers >= 5.24 passes the cache as ``cache`` (``past_key_values`` before): take either, and hand it
-        # to the attention under the name it came with.
-        cache_name = "cache" if "cache" in kwargs else "past_key_values"
-        if cache_name == "cache":
-            past_key_values = kwargs.pop("cache")
-        bsz, seq, _ = hidden_states.shape
+        cache_name, cache = pop_cache_keyword(kwargs, past_key_values)
+        cache = None if cache is None else as_pmod_cache(cache)
         routing = pmod_routing if pmod_routing is not None else RoutingInputs()
+        decision = self.routing_rule.route(self, hidden_states, routing, position_embeddings)
+        selection = self._select(decision, routing)
+        if self.pmod_recorder is not None and decision is not None:
+            processed = self._processed(selection, routing, hidden_states)
+            self.pmod_recorder(self.pmod_layer_idx, processed, decision.weights)
+        scale = None if decision is None else decision.token_scale
+        if selection is None:  # every token: the original layer (with the method's MLP weights, if any)
+            mask = self._mask_every_token(attention_mask, cache, routing.plan, hidden_states)
+            return self._block(hidden_states, mask, position_ids, position_embeddings, {cache_name: cache},
+                               use_cache, scale, **kwargs)  # fmt: skip
+        base = hidden_states * scale if decision.scale_skipped else hidden_states
+        if selection.slots == 0:
+            return base
+        index = selection.index.expand(-1, -1, hidden_states.shape[-1])
+        x = hidden_states.gather(1, index)
+        scale = None if scale is None else scale.gather(1, selection.index)
+        rope = self._gathered_rope(position_embeddings, selection, routing.plan, decision.renumber_positions, cache)
+        y = self._run_block(x, selection, rope, cache, cache_name, use_cache, scale, routing.plan, **kwargs)
+        if selection.valid is not None:  # filler slots write back the value their token already has
+            y = torch.where(selection.valid, y, x * scale if decision.scale_skipped else x)
+        return base.scatter(1, index, y)
+
+    def _select(self, decision: RouteDecision | None, routing: RoutingInputs) -> Selection | None:
+        """The processed tokens (None: every token), sized by the forward's plan."""
+        if decision is None:
+            return None
+        if decision.scores is not None:
+            rule = self.routing_rule
+            return routing.plan.select(decision.candidates, decision.candidate_mask, decision.scores, rule.ratio,
+                                       rule.rounding)  # fmt: skip
+        processed = decision.processed if routing.token_mask is None else decision.processed & routing.token_mask
+        return routing.plan.select_mask(processed)
+
+    def _processed(self, selection: Selection | None, routing: RoutingInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """Bool [B, T] of the tokens the layer runs (what :func:`pmod.record_routing` stores)."""
         real = routing.token_mask
         if real is None:
-            real = torch.ones(bsz, seq, dtype=torch.bool, device=hidden_states.device)
-        decision = self.routing_rule.route(self, hidden_states, routing, position_embeddings)
-        if decision is None:
-            processed = real
-        else:
-            processed = decision.processed & real
-            if self.pmod_recorder is not None:
-                self.pmod_recorder(self.pmod_layer_idx, processed, decision.weights)
+            real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if selection is None:
+            return real
+        valid = torch.ones_like(selection.index, dtype=torch.bool) if selection.valid is None else selection.valid
+        return torch.zeros_like(real).scatter(1, selection.index[..., 0], valid[..., 0])
 
-        if decision is None and routing.token_mask is None:
-            most = least = seq  # every token, known without asking the device (decode steps without padding)
-            total = bsz * seq
-        else:
-            # One host sync for three facts: is every token processed (no compaction), is none (nothing to run),
-            # how many in all (the size of the packed sequence).
-            counts = processed.sum(1)
-            most, least, total = (int(v) for v in torch.stack([counts.max(), counts.min(), counts.sum()]).tolist())
-        skip_scale = None if decision is None else decision.skip_scale
-        if most == 0:
-            return hidden_states if skip_scale is None else hidden_states * skip_scale.unsqueeze(-1).to(hidden_states)
-        dense = least == seq
-        if dense:
-            x, slot_valid, index = hidden_states, processed, None
-        else:
-            index, slot_valid = compact_index(processed, most)
-            x = gather_tokens(hidden_states, index)
-            cos, sin = position_embeddings
-            where = index
-            if decision is not None and decision.renumber_positions:
-                if past_key_values is not None:
-                    raise ValueError(
-                        "renumber_positions reproduces the original training code and has no KV cache; run the "
-                        "model with use_cache=False, or keep renumber_positions off."
-                    )
-                where = torch.arange(most, device=index.device).expand_as(index)
-            position_embeddings = (gather_positions(cos, where, 1), gather_positions(sin, where, 1))
-            if position_ids is not None:
-                position_ids = gather_positions(position_ids, where, 0)
+    def _gathered_rope(
+        self,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        selection: Selection,
+        plan: ForwardPlan,
+        renumber: bool,
+        cache: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin at the processed tokens' own positions (or at 0..K-1 with ``renumber``)."""
+        where = selection.index
+        if renumber:
+            if cache is not None:
+                raise ValueError(
+                    "renumber_positions reproduces the original training code and has no KV cache; run the "
+                    "model with use_cache=False, or keep renumber_positions off."
+                )
+            where = torch.arange(selection.slots, device=where.device).view(1, -1, 1).expand_as(where)
+        cos, sin = position_embeddings
+        if has_rope_axis(cos, 1):  # M-RoPE's [3, B, T, d] (transformers <= ~5.15)
+            return gather_positions(cos, where[..., 0], 1), gather_positions(sin, where[..., 0], 1)
+        bsz = where.shape[0]
+        cos, sin = plan.shared(("rope", id(cos), bsz), lambda: (cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)))
+        at = where.expand(-1, -1, cos.shape[-1])
+        return cos.gather(1, at), sin.gather(1, at)
 
-        past_valid = None
-        if past_key_values is not None:
-            past_key_values = as_pmod_cache(past_key_values)
-            past_valid = past_key_values.pmod_record_slots(self.pmod_layer_idx, slot_valid)
-        mlp_scale = None if decision is None else decision.mlp_scale
-        if mlp_scale is not None and not dense:
-            mlp_scale = gather_tokens(mlp_scale, index)
-        packs = not dense and least < most and self._packs(hidden_states, past_valid)
-        if packs:
-            flat = packed_slot_index(slot_valid, total)
-            y = self._packed_block(x, slot_valid, flat, position_ids, position_embeddings, past_key_values,
-                                   cache_name, use_cache, mlp_scale, **kwargs)  # fmt: skip
-        else:
-            mask = build_attention_mask(
-                slot_valid, past_valid, self.self_attn.config._attn_implementation, hidden_states.dtype
-            )
-            y = self._block(x, mask, position_ids, position_embeddings, {cache_name: past_key_values}, use_cache,
-                            mlp_scale, **kwargs)  # fmt: skip
-            if dense:
-                return y
-        base = hidden_states
-        if skip_scale is not None:
-            base = hidden_states * skip_scale.unsqueeze(-1).to(hidden_states.dtype)
-        filler = gather_tokens(base, index)  # unprocessed slots write back their own (scaled) value
-        y = unpack_slots(y, flat, filler) if packs else torch.where(slot_valid.unsqueeze(-1), y, filler)
-        return scatter_tokens(base, index, y)
+    def _run_block(
+        self,
+        x: torch.Tensor,
+        selection: Selection,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: PModCache | None,
+        cache_name: str,
+        use_cache: bool | None,
+        scale: torch.Tensor | None,
+        plan: ForwardPlan,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """:meth:`_block` on the compacted batch ``x`` [B, K, D]: padded, or packed when :meth:`_packs` says so.
+        Position ids are not passed on: the attention takes RoPE from ``rope``, and flash attention would read
+        compacted positions as packed sequences."""
+        past = 0 if cache is None else cache.get_seq_length(self.pmod_layer_idx)
+        if selection.valid is not None and past == 0 and self._packs(x):
+            valid = selection.valid[..., 0]
+            flat = packed_slot_index(valid, selection.total)
+            if cache is not None:
+                cache.pmod_extend_slots(self.pmod_layer_idx, valid[:, None, None, :], selection.slots, x.shape[0])
+            y = self._packed_block(x, valid, flat, rope, cache, cache_name, use_cache, scale, **kwargs)
+            return unpack_slots(y, flat, x)
+        mask = self._compacted_mask(cache, past, selection, plan, x.dtype)
+        return self._block(x, mask, None, rope, {cache_name: cache}, use_cache, scale, **kwargs)
+
+    def _compacted_mask(
+        self, cache: PModCache | None, past: int, selection: Selection, plan: ForwardPlan, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The attention mask of the compacted slots; records their validity in the cache. Over an empty cache none
+        is needed (fillers sit after every real slot, and causal attention never reaches them), except for eager
+        attention, which has no causal mode of its own."""
+        bsz, slots = selection.index.shape[:2]
+        valid = None if selection.valid is None else selection.valid.view(bsz, 1, 1, slots)
+        before = None
+        if cache is not None:
+            before, _ = cache.pmod_extend_slots(self.pmod_layer_idx, valid, slots, bsz)
+        implementation = attention_implementation(self)
+        if past == 0:
+            if implementation != "eager":
+                return None
+            return plan.shared(("causal", slots, dtype), lambda: _causal_mask(slots, dtype, selection.index.device))
+        new = torch.ones(bsz, slots, dtype=torch.bool, device=selection.index.device) if valid is None else valid
+        old = torch.ones(bsz, past, dtype=torch.bool, device=new.device) if before is None else before
+        return build_attention_mask(new.view(bsz, slots), old.view(bsz, past), implementation, dtype)
+
+    def _mask_every_token(
+        self, model_mask: torch.Tensor | None, cache: PModCache | None, plan: ForwardPlan, hidden: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The attention mask when the layer runs every token: the model's own over an empty layer cache; else built
+        from the layer's slot record (a routed layer caches fewer slots than the dense layers)."""
+        if cache is None:
+            return model_mask
+        bsz, seq = hidden.shape[:2]
+        past = cache.get_seq_length(self.pmod_layer_idx)
+        # The model's mask is None only when no token of the whole batch is padding.
+        new_valid = None if model_mask is None else plan.token_valid()
+        before, after = cache.pmod_extend_slots(self.pmod_layer_idx, new_valid, seq, bsz)
+        if past == 0:
+            return model_mask
+        implementation = attention_implementation(self)
+        if seq == 1 and (after is None or implementation == "sdpa"):
+            return after  # a one-token step: the key mask alone (None: every cached slot is real)
+        device = hidden.device
+        new = torch.ones(bsz, seq, dtype=torch.bool, device=device) if new_valid is None else new_valid
+        old = torch.ones(bsz, past, dtype=torch.bool, device=device) if before is None else before
+        return build_attention_mask(new.view(bsz, seq), old.view(bsz, past), implementation, hidden.dtype)
 
     def _block(
         self,
@@ -223,13 +300,13 @@ class RoutedLayerMixin:
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache: dict[str, Any],
         use_cache: bool | None,
-        mlp_scale: torch.Tensor | None,
+        scale: torch.Tensor | None,
         packing: PackedSdpa | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """The decoder layer on ``x``: ``h = x + Attn(LN(x))``, ``h + mlp_scale * MLP(LN(h))``. ``cache`` is the
-        cache keyword (``{"cache": ...}`` or ``{"past_key_values": ...}``); ``packing`` routes the attention's sdpa
-        call to the packed kernel."""
+        """The decoder layer on ``x``: ``h = x + Attn(LN(x))``, ``h + scale * MLP(LN(h))``. ``cache`` is the cache
+        keyword (``{"cache": ...}`` or ``{"past_key_values": ...}``); ``packing`` routes the attention's sdpa call
+        to the packed kernel."""
         with sdpa_without_cudnn(), packing or contextlib.nullcontext():
             attn_out, _ = self.self_attn(
                 hidden_states=self.input_layernorm(x),
@@ -242,49 +319,50 @@ class RoutedLayerMixin:
             )
         h = x + attn_out
         m = self.mlp(self.post_attention_layernorm(h))
-        if mlp_scale is not None:
-            m = mlp_scale.unsqueeze(-1).to(m.dtype) * m
-        return h + m
+        return h + m if scale is None else torch.addcmul(h, m, scale)
 
-    def _packs(self, hidden_states: torch.Tensor, past_valid: torch.Tensor | None) -> bool:
+    def _packs(self, x: torch.Tensor) -> bool:
         """Whether this prefill of rows with unequal token counts runs packed (see :mod:`pmod.core.packed_attention`):
         only with the ``sdpa`` attention and a layer cache that is still empty; ``auto`` also wants CUDA's varlen
         flash kernel and no autograd (its backward is not measured yet)."""
-        if self.pmod_attention_path == "padded" or (past_valid is not None and past_valid.shape[1] > 0):
-            return False
-        if self.self_attn.config._attn_implementation != "sdpa":
+        if self.pmod_attention_path == "padded" or attention_implementation(self) != "sdpa":
             return False
         if self.pmod_attention_path == "packed":
             return True
-        return not torch.is_grad_enabled() and varlen_flash_available(hidden_states)
+        return not torch.is_grad_enabled() and varlen_flash_available(x)
 
     def _packed_block(
         self,
         x: torch.Tensor,
-        slot_valid: torch.Tensor,
+        valid: torch.Tensor,
         flat: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: Any,
         cache_name: str,
         use_cache: bool | None,
-        mlp_scale: torch.Tensor | None,
+        scale: torch.Tensor | None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """:meth:`_block` on the valid slots (``flat``) of the compacted batch ``x`` [B, K, D], laid end to end:
         returns [1, N, D]."""
-        cos, sin = position_embeddings
+        cos, sin = rope
         return self._block(
             pack_slots(x, flat, 1),
             None,
-            None if position_ids is None else pack_slots(position_ids, flat, 0),
+            None,
             (pack_slots(cos, flat, 1), pack_slots(sin, flat, 1)),
-            {cache_name: None if cache is None else PackedCacheWriter(cache, slot_valid, flat)},
+            {cache_name: None if cache is None else PackedCacheWriter(cache, valid, flat)},
             use_cache,
-            None if mlp_scale is None else pack_slots(mlp_scale, flat, 0),
-            packing=PackedSdpa(cumulative_lengths(slot_valid), x.shape[1], len(flat)),
+            None if scale is None else pack_slots(scale, flat, 1),
+            packing=PackedSdpa(cumulative_lengths(valid), x.shape[1], len(flat)),
             **kwargs,
         )
+
+
+def _causal_mask(slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Eager attention's additive causal mask [1, 1, K, K]."""
+    blocked = torch.ones(slots, slots, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(1, 1, slots, slots, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)
 
 
 _ROUTED_CLASSES: dict[type, type] = {}

@@ -9,7 +9,6 @@ measure instead: the post-softmax causal attention with its diagonal set to zero
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from pmod.core.backbone import backbone_for
+from pmod.core.compat import rotary
 
 Variant = Literal["scores", "softmax"]
 
@@ -24,22 +24,6 @@ Variant = Literal["scores", "softmax"]
 def numerical_rank(matrices: torch.Tensor) -> torch.Tensor:
     """Rank of each matrix of ``matrices`` [..., n, m], in float32 with ``matrix_rank``'s default tolerance."""
     return torch.linalg.matrix_rank(matrices.float())
-
-
-def rotary(module: nn.Module) -> Any:
-    """The ``apply_rotary_pos_emb(q, k, cos, sin)`` of the attention module's own modeling file (Llama, Mistral,
-    Qwen2, ...). Qwen2-VL / Qwen2.5-VL up to transformers ~5.15 apply M-RoPE in the attention instead (cos/sin
-    ``[3, B, T, d]`` split by ``mrope_section``): that function, with the section bound."""
-    module_file = sys.modules[type(module).__module__]
-    fn = getattr(module_file, "apply_rotary_pos_emb", None)
-    if fn is not None:
-        return fn
-    multimodal = getattr(module_file, "apply_multimodal_rotary_pos_emb", None)
-    config = getattr(module, "config", None)
-    rope = (getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}) if config else {}
-    if multimodal is not None and "mrope_section" in rope:
-        return lambda q, k, cos, sin: multimodal(q, k, cos, sin, rope["mrope_section"])
-    raise TypeError(f"{type(module).__name__} has no apply_rotary_pos_emb in its module; ARank needs RoPE q/k.")
 
 
 def query_key(

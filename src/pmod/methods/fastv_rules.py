@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pmod.core.compaction import gather_positions, gather_tokens, top_k_mask
+from pmod.core.compaction import gather_positions, gather_tokens
+from pmod.core.compat import rotary
+from pmod.core.plan import VISION
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
-from pmod.methods.arank import rotary
 
 SCORES = "fastv_scores"
-KEPT = "fastv_kept"
 
 
 def last_token_attention(
@@ -55,13 +55,15 @@ class FastVScoreRule(RoutingRule):
             if real is None:
                 real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             with torch.no_grad():
-                inputs.shared[SCORES] = last_token_attention(layer, hidden, real, position_embeddings)
-            inputs.shared.pop(KEPT, None)
+                inputs.shared[SCORES] = last_token_attention(layer, hidden, real, position_embeddings)[..., None]
         return None
 
 
 class FastVPruneRule(RoutingRule):
-    """Layers >= K: the same kept vision tokens in every layer, chosen once per forward."""
+    """Layers >= K: the same kept vision tokens in every layer, ranked once per forward (the plan shares one
+    selection among the layers, since they rank the same scores at the same ratio)."""
+
+    rounding = "round"
 
     def __init__(self, keep: float) -> None:
         self.ratio = float(keep)
@@ -69,16 +71,10 @@ class FastVPruneRule(RoutingRule):
     def route(
         self, layer: nn.Module, hidden: torch.Tensor, inputs: RoutingInputs, position_embeddings: object = None
     ) -> RouteDecision | None:
-        vision = inputs.vision_mask
-        if vision is None:
+        if inputs.vision_mask is None:
             return None  # text only (decode steps): every token, against the pruned cache
         scores = inputs.shared.get(SCORES)
         if scores is None:
             raise RuntimeError("FastV's ranking is missing: layer K-1 did not run in this forward.")
-        kept = inputs.shared.get(KEPT)
-        if kept is None:
-            if inputs.token_mask is not None:
-                vision = vision & inputs.token_mask
-            counts = torch.round(vision.sum(dim=1).double() * self.ratio).long()
-            kept = inputs.shared[KEPT] = top_k_mask(scores, vision, counts)
-        return RouteDecision(processed=~vision | kept, weights=scores)
+        return RouteDecision(scores=scores, candidates=VISION, candidate_mask=lambda: inputs.vision_mask,
+                             weights=scores[..., 0])  # fmt: skip

@@ -11,6 +11,9 @@ from pmod.core.compaction import kept_counts, top_k_mask
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
 from pmod.methods.gamma_mod import ROUTER_NAME, GammaMoDConfig
 
+#: The plan's candidate kind of gamma-MoD: every real token that is not a question token.
+ROUTABLE = "gamma_mod_routable"
+
 
 def make_shared_router(decoder: nn.Module, layers: nn.ModuleList, bias: bool) -> nn.Linear:
     """The ``Linear(hidden, 2)`` every MoD layer shares, registered once on the decoder (next to its layers)."""
@@ -51,6 +54,14 @@ class GammaMoDRule(RoutingRule):
         p = logits.softmax(dim=-1)[..., 1]
         routable = real & ~question_tokens(inputs, real, seq)
         training = torch.is_grad_enabled() and layer.training
+        token_scale = torch.where(routable, p, 1.0)[..., None].to(hidden.dtype)
+        if seq > 1 and cfg.prefill_rule == "top_k" and not training:
+            # Sizes known from the counts: the plan selects, with no host sync in this layer.
+            return RouteDecision(scores=p[..., None], candidates=ROUTABLE, candidate_mask=lambda: routable,
+                                 token_scale=token_scale, weights=p,
+                                 renumber_positions=cfg.renumber_positions)  # fmt: skip
+        # The decode and threshold rules keep a number of tokens that depends on the data (one host sync to size
+        # the layer); training needs the kept mask for the routing loss.
         if seq == 1:
             kept = routable & (p >= cfg.decode_threshold)
         elif cfg.prefill_rule == "threshold" and not training:
@@ -63,12 +74,8 @@ class GammaMoDRule(RoutingRule):
             loss = routing_loss(logits, kept, routable) * cfg.routing_loss_weight
             if inputs.routing_losses is not None:
                 inputs.routing_losses.append(loss)
-        return RouteDecision(
-            processed=~routable | kept,
-            mlp_scale=torch.where(kept, p, 1.0),
-            weights=p,
-            renumber_positions=cfg.renumber_positions,
-        )
+        return RouteDecision(processed=~routable | kept, token_scale=token_scale, weights=p,
+                             renumber_positions=cfg.renumber_positions)  # fmt: skip
 
 
 def routing_loss(logits: torch.Tensor, kept: torch.Tensor, routable: torch.Tensor) -> torch.Tensor:

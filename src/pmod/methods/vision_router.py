@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pmod.core.compaction import select_tokens
+from pmod.core.plan import VISION
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -24,13 +24,26 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def make_router(layer: nn.Module, bias: bool) -> nn.Linear:
-    """A zero-initialised ``Linear(hidden, 1)`` on the layer's device and dtype, registered as ``layer.router``.
+class Router(nn.Linear):
+    """``Linear(hidden, 1)`` returning ``[B, T, 1]`` logits in one batched matmul (a plain ``Linear`` on a 3-D input
+    dispatches four ops). Same parameters and state-dict keys as ``nn.Linear``; called as a module, so ZeRO-3/FSDP
+    hooks gather its weight as for any other layer."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() != 3:
+            return super().forward(hidden)
+        weight = self.weight.t().expand(hidden.shape[0], -1, -1)
+        return torch.bmm(hidden, weight) if self.bias is None else torch.baddbmm(self.bias, hidden, weight)
+
+
+def make_router(layer: nn.Module, bias: bool) -> Router:
+    """A zero-initialised ``Linear(hidden, 1)`` router on the layer's device and dtype, registered as
+    ``layer.router``.
 
     Zero weights give every token the same logit 0, so ``w~`` is ``scale * act(0) + bias`` for all of them.
     """
     weight = layer.input_layernorm.weight
-    router = nn.Linear(weight.shape[-1], 1, bias=bias, device=weight.device, dtype=weight.dtype)
+    router = Router(weight.shape[-1], 1, bias=bias, device=weight.device, dtype=weight.dtype)
     nn.init.zeros_(router.weight)
     if router.bias is not None:
         nn.init.zeros_(router.bias)
@@ -51,24 +64,27 @@ class VisionRouterRule(RoutingRule):
     def route(
         self, layer: nn.Module, hidden: torch.Tensor, inputs: RoutingInputs, position_embeddings: object = None
     ) -> RouteDecision | None:
-        vision = inputs.vision_mask
         # Text-only inference (every decode step): nothing to route, so skip the router and the selection.
         # Training keeps the router in the graph so that data-parallel wrappers see it used in every step.
-        if vision is None and layer.pmod_recorder is None and not torch.is_grad_enabled():
+        if inputs.vision_mask is None and layer.pmod_recorder is None and not torch.is_grad_enabled():
             return None
-        real = inputs.token_mask
-        if vision is None:
-            vision = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        elif real is not None:
-            vision = vision & real
-        logits = layer.router(hidden).squeeze(-1).float()
-        weights = self.token_weights(logits)
-        kept = select_tokens(logits, vision, self.ratio)
-        processed = ~vision | kept
-        # Kept vision tokens: only the MLP branch is reweighted. Skipped ones (STRing): w~ * x.
-        mlp_scale = torch.where(kept, weights, 1.0)
-        skip_scale = torch.where(vision & ~kept, weights, 1.0) if self.string else None
-        return RouteDecision(processed, mlp_scale=mlp_scale, skip_scale=skip_scale, weights=weights)
+        logits = layer.router(hidden).float()  # [B, T, 1]
+        plan = inputs.plan
+        vision = plan.shared("vision", lambda: plan.candidates(VISION, lambda: inputs.vision_mask, hidden).float())
+        # One factor per token: w~ on vision tokens (kept: on the MLP branch; skipped, with STRing: on x), 1 on text.
+        # 1 + vision * (scale * act + bias - 1) is one fused op on top of what the forward's layers share.
+        offset = plan.shared(("vision offset", self.bias), lambda: vision * (self.bias - 1.0) + 1.0)
+        token_scale = torch.addcmul(offset, vision, ACTIVATIONS[self.activation](logits), value=self.scale)
+        return RouteDecision(
+            scores=logits,
+            candidates=VISION,
+            candidate_mask=lambda: inputs.vision_mask,
+            token_scale=token_scale.to(hidden.dtype),
+            scale_skipped=self.string,
+            # Recorded only (detached: a recorder active in the forward but not in a checkpoint's replay must not
+            # change what autograd saves).
+            weights=None if layer.pmod_recorder is None else self.token_weights(logits[..., 0].detach()),
+        )
 
 
 def build_vision_routers(

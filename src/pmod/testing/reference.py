@@ -104,7 +104,7 @@ class VisionRouterReference:
         self.router, self.ratio, self.act, self.scale, self.bias, self.string = router, ratio, act, scale, bias, string
 
     def decide(self, layer: nn.Module, idx: int, x: torch.Tensor, ctx: Context) -> Decision:
-        logits = self.router(x).squeeze(-1).float()
+        logits = nn.functional.linear(x, self.router.weight, self.router.bias).squeeze(-1).float()
         act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "none": lambda t: t}[self.act](logits)
         w = self.scale * act + self.bias
         vision = ctx.vision & ctx.real
