@@ -71,7 +71,7 @@ MUTATE = ["src/pmod/core/*", "src/pmod/methods/*", "src/pmod/analysis/flops.py",
 
 #: The tests written to kill survivors. Named up front (an empty placeholder in the work copy until they exist):
 #: mutmut resets every result when its test selection changes, so adding them later must not change it.
-MUTANT_TESTS = [f"tests/test_mutants_{name}.py" for name in ("core", "layer", "methods", "accounting", "config")]
+MUTANT_TESTS = [f"tests/test_mutants_{name}.py" for name in ("core", "layer", "methods", "accounting", "config", "io")]
 
 TESTS = [
     f"tests/test_{name}.py"
