@@ -176,7 +176,8 @@ class RoutedLayerMixin:
         y = self._run_block(x, selection, rope, cache, cache_name, use_cache, scale, routing.plan, **kwargs)
         if selection.valid is not None:  # filler slots write back the value their token already has
             y = torch.where(selection.valid, y, x * scale if decision.scale_skipped else x)
-        return base.scatter(1, index, y)
+        # In place where ``base`` is this layer's own tensor (STRing's scaled copy): one pass over [B, T, D] fewer.
+        return base.scatter_(1, index, y) if decision.scale_skipped else base.scatter(1, index, y)
 
     def _select(self, decision: RouteDecision | None, routing: RoutingInputs) -> Selection | None:
         """The processed tokens (None: every token), sized by the forward's plan."""
