@@ -32,8 +32,9 @@ HELPERS = (
     (pmod.methods.vision_router.VisionRouterRule, "route"),
     (pmod.core.plan.ForwardPlan, "select"),
     (pmod.core.routed_layer.RoutedLayerMixin, "_gathered_rope"),
-    (pmod.core.routed_layer.RoutedLayerMixin, "_compacted_mask"),
-    (pmod.core.routed_layer.RoutedLayerMixin, "_mask_every_token"),
+    (pmod.core.routed_layer, "compacted_mask"),
+    (pmod.core.routed_layer, "every_token_mask"),
+    (pmod.core.routed_layer, "static_mask"),
 )
 HELPER_NAMES = tuple(name for _, name in HELPERS)
 SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "router")
