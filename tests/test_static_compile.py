@@ -155,3 +155,28 @@ def test_static_decode_compiles_once_without_graph_breaks() -> None:
             if step_number == 0:
                 first = len(graphs)  # the pre-hook's and the forward's graphs
     assert first == 2 and len(graphs) == first
+
+
+def test_a_reused_static_cache_is_emptied_in_place() -> None:
+    """A static cache used for a second prompt after ``reset()`` (as ``generate`` reuses one of the same size) gives
+    that prompt's own results and keeps its slot records where they were (compiled decode steps captured them)."""
+    model = routed_llava("pmod")
+    from transformers import StaticCache
+
+    first = llava_batch(model, ROWS, IMAGES, padding_side="left", seed=5)
+    second = llava_batch(model, ROWS, [False, True, True], padding_side="left", seed=6)
+    width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+    static = StaticCache(config=model.config.get_text_config(), max_cache_len=width + 2)
+    with torch.no_grad():
+        model(**first, **cache_kwargs(static), use_cache=True)
+        records = {i: r.data_ptr() for i, r in static._records().items()}
+        static.reset()
+        got = model(**second, **cache_kwargs(static), use_cache=True).logits
+        want = model(**second, use_cache=True).logits
+        fresh = StaticCache(config=model.config.get_text_config(), max_cache_len=width + 2)
+        model(**second, **cache_kwargs(fresh), use_cache=True)
+    real = second["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
+    assert {i: r.data_ptr() for i, r in static._records().items()} == records
+    for i in records:
+        assert torch.equal(static.pmod_slot_mask(i), fresh.pmod_slot_mask(i)), i

@@ -141,9 +141,14 @@ class PModStaticCache(StaticCache):
             self._pmod_records: dict[int, torch.Tensor] = {}
         return self._pmod_records
 
+    def _filled(self) -> set[int]:
+        if "_pmod_filled" not in self.__dict__:
+            self._pmod_filled: set[int] = set()
+        return self._pmod_filled
+
     def pmod_prefilled(self, layer_idx: int) -> bool:
-        """Whether the layer has cached its prefill (known on the host: the record exists)."""
-        return layer_idx in self._records()
+        """Whether the layer has cached its prefill (known on the host, read from no tensor)."""
+        return layer_idx in self._filled()
 
     def pmod_write_slots(
         self, layer_idx: int, new_valid: torch.Tensor | None, new: int, like: torch.Tensor
@@ -151,15 +156,18 @@ class PModStaticCache(StaticCache):
         """Record the validity ``new_valid`` [B, 1, 1, new] (None: all real) of the slots the layer is about to
         cache, at its cumulative length; returns the record (the key mask of a one-token step)."""
         records = self._records()
-        record = records.get(layer_idx)
-        if record is None:  # the prefill: the layer's cache is empty
+        if layer_idx not in self._filled():  # the prefill: the layer's cache is empty
             size = self.layers[layer_idx].max_cache_len
-            record = torch.zeros(like.shape[0], 1, 1, size, dtype=torch.bool, device=like.device)
+            record = records.get(layer_idx)
+            if record is None or record.shape[0] != like.shape[0]:
+                record = torch.zeros(like.shape[0], 1, 1, size, dtype=torch.bool, device=like.device)
+                if not torch.compiler.is_compiling():
+                    torch._dynamo.mark_static_address(record)  # a fixed address, as the K/V buffers: CUDA graphs
+                records[layer_idx] = record
             record[..., :new] = True if new_valid is None else new_valid
-            if not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(record)  # a fixed address, as the K/V buffers: CUDA graphs
-            records[layer_idx] = record
+            self._filled().add(layer_idx)
             return record
+        record = records[layer_idx]
         if new != 1:
             raise ValueError(
                 f"pmod's static cache decodes one token per forward, got {new}; use the dynamic cache (the default) "
@@ -174,8 +182,12 @@ class PModStaticCache(StaticCache):
         return None if record is None else record[:, 0, 0, :]
 
     def reset(self) -> None:
+        """Empty the cache for a new prompt, in place (``generate`` reuses a static cache of the same size, and
+        compiled decode steps keep the addresses they captured)."""
         super().reset()
-        self._records().clear()
+        for record in self._records().values():
+            record.zero_()
+        self._filled().clear()
 
 
 def as_pmod_cache(cache: DynamicCache | StaticCache) -> PModCache | PModStaticCache:
