@@ -34,13 +34,6 @@ def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) 
     return candidates & (rank < k[:, None])
 
 
-def select_tokens(logits: torch.Tensor, vision: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Per row, keep the ``floor(ratio * n_vision)`` vision tokens with the highest logits (bool [B, T])."""
-    if ratio >= 1.0:
-        return vision
-    return top_k_mask(logits, vision, kept_counts(vision.sum(dim=1), ratio))
-
-
 def compact_index(processed: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices [B, K] of the processed tokens of each row in original order, K = largest count (or ``k``).
 
@@ -71,11 +64,6 @@ def gather_positions(t: torch.Tensor, index: torch.Tensor, per_token_dims: int) 
     if t.dim() == 2 + per_token_dims:
         return gather_tokens(t.expand(bsz, *t.shape[1:]), index)
     return torch.stack([gather_tokens(axis.expand(bsz, *axis.shape[1:]), index) for axis in t])
-
-
-def scatter_tokens(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``base`` [B, T, D] with rows ``index`` [B, K] replaced by ``values`` [B, K, D] (out of place)."""
-    return base.scatter(1, index.unsqueeze(-1).expand_as(values), values)
 
 
 def build_attention_mask(
