@@ -34,6 +34,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "FastVConfig": ("pmod.methods", "FastVConfig"),
     "GammaMoDConfig": ("pmod.methods", "GammaMoDConfig"),
     "MoDConfig": ("pmod.methods", "MoDConfig"),
+    "PDropConfig": ("pmod.methods", "PDropConfig"),
     "PModConfig": ("pmod.methods", "PModConfig"),
     "import_llava": ("pmod.io.importers.original_llava", "import_llava"),
     # The names of pmod 0.1, kept: a p-MoD model is a routed model.
@@ -47,6 +48,7 @@ __all__ = [
     "GammaMoDConfig",
     "MethodConfig",
     "MoDConfig",
+    "PDropConfig",
     "PModCache",
     "PModConfig",
     "RoutingRecord",
@@ -99,7 +101,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from pmod.core.errors import UserError
     from pmod.core.recording import RoutingRecord
     from pmod.io.importers.original_llava import import_llava
-    from pmod.methods import FastVConfig, GammaMoDConfig, MoDConfig, PModConfig
+    from pmod.methods import FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig
 
     pmod_layers = routed_layers
     is_pmod_model = is_routed_model

@@ -4,6 +4,7 @@ rule and its training loss if any. Importing this package registers them with ``
 from pmod.methods.fastv import FastVConfig
 from pmod.methods.gamma_mod import GammaMoDConfig
 from pmod.methods.mod import MoDConfig
+from pmod.methods.pdrop import PDropConfig
 from pmod.methods.pmod import PModConfig
 
-__all__ = ["FastVConfig", "GammaMoDConfig", "MoDConfig", "PModConfig"]
+__all__ = ["FastVConfig", "GammaMoDConfig", "MoDConfig", "PDropConfig", "PModConfig"]

@@ -15,11 +15,17 @@ SCORES = "fastv_scores"
 
 
 def last_token_attention(
-    layer: nn.Module, hidden: torch.Tensor, real: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    real: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention [B, T] that each row's last real token pays every token in ``layer``, mean over heads.
 
-    Costs one key projection over the sequence, one query projection and one score row per row.
+    ``keys`` (bool [B, T]) limits the tokens attended to (the last token itself always is): PyramidDrop's later
+    stages attend only to the tokens earlier stages kept. Costs one key projection over the sequence, one query
+    projection and one score row per row.
     """
     attn = layer.self_attn
     bsz, seq = real.shape
@@ -36,6 +42,8 @@ def last_token_attention(
     k = apply(k, k, cos, sin)[1].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, T]
     visible = real & (positions <= last[:, None])
+    if keys is not None:
+        visible &= keys | (positions == last[:, None])
     probs = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(dim=-1)
     return probs.mean(dim=1)
 
