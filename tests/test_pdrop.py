@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import DynamicCache
 
 import pmod
@@ -18,6 +20,7 @@ from pmod.analysis.flops import counted_flops, estimate, flop_counter
 from pmod.core.cache import cache_kwargs, cache_of
 from pmod.testing import llava_batch, routed_batch, tiny_llama, tiny_llava
 from pmod.testing.reference import reference_logits
+from pmod.testing.reference import reference_rules as model_reference_rules
 from pmod.testing.reference_pruning import PAPER, PDropReference
 
 ROWS = [(5, 23, False), (9, 11, True), (4, 0, False)]  # unequal vision counts, scattered, no image
@@ -27,6 +30,11 @@ CONFIG = PDropConfig(layers=LAYERS, keep=KEEP)
 
 def models(attn: str = "sdpa", config: PDropConfig = CONFIG) -> tuple[torch.nn.Module, torch.nn.Module]:
     dense = tiny_llama(num_layers=6, attn_implementation="eager")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # norm weights away from 1, so that a rule that skipped a norm would differ
+        for name, param in dense.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.rand(param.shape, generator=g) + 0.5)
     model = pmod.convert(copy.deepcopy(dense), config)
     model.set_attn_implementation(attn)
     return dense, model
@@ -176,3 +184,27 @@ def test_defaults_are_the_papers_and_settings_are_checked() -> None:
             PDropConfig(layers=bad)
     with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
         PDropConfig(keep=0.0)
+    # reference_rules(model) holds lambda to the paper's unless the test declares its own.
+    _, model = models()
+    with pytest.raises(ValueError, match="keep is 0.6 but the reference uses 0.5"):
+        model_reference_rules(model)
+    assert sorted(model_reference_rules(model, keep=KEEP)) == [2, 3, 4, 5]
+
+
+def test_generate_pdrop_on_a_dense_folder_equals_convert(tmp_path, capsys) -> None:
+    """``pmod generate --method pdrop`` applies it on the fly, as pmod.convert would (answer and KV share)."""
+    from test_cli_methods import PROMPT, reference_generate
+
+    from pmod.cli import main
+    from pmod.testing import tiny_llava_folder
+
+    folder = tiny_llava_folder(str(tmp_path / "dense"), num_layers=6)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (230, 25, 25)).save(image)
+    rc = main(["generate", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "6",
+               "--method", "pdrop", "--pdrop-layers", "2-3", "--pdrop-keep", "0.4"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    answer, share = reference_generate(Path(folder), PDropConfig(layers=[2, 3], keep=0.4), image)
+    assert captured.out.strip() == answer
+    assert f", {share})" in captured.err and share != "100.0%"

@@ -31,6 +31,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "UserError": ("pmod.core.errors", "UserError"),
     "RoutingRecord": ("pmod.core.recording", "RoutingRecord"),
     "set_attention_path": ("pmod.core.routed_layer", "set_attention_path"),
+    "DARTConfig": ("pmod.methods", "DARTConfig"),
     "FastVConfig": ("pmod.methods", "FastVConfig"),
     "GammaMoDConfig": ("pmod.methods", "GammaMoDConfig"),
     "MoDConfig": ("pmod.methods", "MoDConfig"),
@@ -44,6 +45,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
+    "DARTConfig",
     "FastVConfig",
     "GammaMoDConfig",
     "MethodConfig",
@@ -101,7 +103,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from pmod.core.errors import UserError
     from pmod.core.recording import RoutingRecord
     from pmod.io.importers.original_llava import import_llava
-    from pmod.methods import FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig
+    from pmod.methods import DARTConfig, FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig
 
     pmod_layers = routed_layers
     is_pmod_model = is_routed_model

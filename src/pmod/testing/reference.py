@@ -415,6 +415,10 @@ def reference_rules(model: nn.Module, **declared: Any) -> dict[int, Any]:
     from pmod.methods.gamma_mod import ROUTER_NAME
 
     cfg = get_method_config(model)
+    if cfg.method in ("pdrop", "dart"):  # written in their own module
+        from pmod.testing.reference_pruning import pruning_rules
+
+        return pruning_rules(model, cfg, declared)
     paper = _paper_settings(cfg, declared)
     num_layers = len(backbone_for(model).decoder_layers(model))
     ratios = reference_ratios(cfg, num_layers, declared)

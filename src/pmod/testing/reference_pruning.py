@@ -9,7 +9,8 @@ defaults, which ``tests/test_paper_constants.py``-style tests hold the configs' 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,3 +85,96 @@ class PDropReference:
             count = math.floor(len(_positions(vision[b])) * self.keep**stage)
             kept[b, _ranked(row, _positions(before[b]))[:count]] = True
         return kept, torch.stack(rows)
+
+
+class DARTReference:
+    """DART: serves layer K-1 (dense; it notes its input for the keys) and the layers >= K. At layer K per row: the
+    ``pivots`` vision tokens and the ``text_pivots`` text tokens after the last vision token with the largest L1
+    norm of their layer K-1 keys (after RoPE); then, pivots in position order, each takes the
+    ``ceil((budget - vision pivots) / pivots)`` free vision tokens least cosine-similar to it on ``norm(x)``; the
+    vision pivots and these picks, in that order, cut at ``round(n_vision * keep)``, are kept."""
+
+    def __init__(self, layer: int, keep: float, pivots: int, text_pivots: int, norm: nn.Module,
+                 rotary_emb: nn.Module) -> None:  # fmt: skip
+        self.layer, self.keep, self.counts, self.norm, self.rotary_emb = layer, keep, (pivots, text_pivots), norm, \
+            rotary_emb  # fmt: skip
+        self.key_norms: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None
+
+    def decide(self, layer: nn.Module, idx: int, x: torch.Tensor, ctx: Context) -> Decision:
+        vision = ctx.vision & ctx.real
+        if idx == self.layer - 1:
+            self.key_norms = self._key_norms(layer, x)
+            return ctx.real, None, None, None
+        if idx == self.layer:
+            states = self.norm(x).float()
+            self.kept = torch.zeros_like(vision)
+            prompt = ctx.real & ~ctx.decode
+            for b in range(x.shape[0]):
+                self.kept[b, self._row(states[b], self.key_norms[b], vision[b], prompt[b])] = True
+        return (ctx.real & ~vision) | self.kept, None, None, None
+
+    def _key_norms(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        bsz, seq = x.shape[:2]
+        cos, sin = self.rotary_emb(x, torch.arange(seq, device=x.device)[None].expand(bsz, seq))
+        k = attn.k_proj(layer.input_layernorm(x)).view(bsz, seq, -1, attn.head_dim)
+        k = k * cos[:, :, None, :] + _rotate_half(k) * sin[:, :, None, :]
+        return k.float().abs().sum(dim=(2, 3))
+
+    def _row(self, states: torch.Tensor, norms: torch.Tensor, vision: torch.Tensor, real: torch.Tensor) -> list[int]:
+        image = _positions(vision)
+        if not image:
+            return []
+        after = [p for p in _positions(real & ~vision) if p > max(image)]
+        image_pivots = _ranked(norms, image)[: self.counts[0]]
+        pivots = sorted(image_pivots + _ranked(norms, after)[: self.counts[1]])
+        budget = round(len(image) * self.keep)
+        per_pivot = max(0, math.ceil((budget - len(image_pivots)) / len(pivots)))
+        chosen = list(image_pivots)
+        for pivot in pivots:
+            free = [p for p in image if p not in chosen]
+            similarity = torch.stack([nn.functional.cosine_similarity(states[pivot], states[p], dim=0) for p in free]) \
+                if free else torch.zeros(0)  # fmt: skip
+            chosen += [free[i] for i in _ranked(similarity, list(range(len(free))), descending=False)[:per_pivot]]
+        return chosen[:budget]
+
+
+#: The settings each paper fixes (a model holding another value is refused unless the test declares it); the others
+#: are the test's choices: PyramidDrop's boundaries (scaled to the model's depth), DART's budget.
+FIXED = {"pdrop": ("keep",), "dart": ("layer", "pivots", "text_pivots")}
+
+
+def pruning_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> dict[int, Any]:
+    """The reference rules of a PyramidDrop or DART model (what :func:`pmod.testing.reference.reference_rules`
+    returns for them): the paper's fixed settings (:data:`FIXED`; ``declared`` replaces them) and the test's
+    choices read from ``cfg``; the model's routed layers must be the ones the reference derives."""
+    from pmod.core.backbone import backbone_for
+    from pmod.core.convert import routed_layers
+
+    settings = {name: PAPER[cfg.method][name] for name in FIXED[cfg.method]}
+    unknown = sorted(set(declared) - set(settings))
+    if unknown:
+        raise ValueError(f"reference: {unknown} are no paper settings of {cfg.method}; known: {sorted(settings)}")
+    settings.update(declared)
+    for name, value in settings.items():
+        if getattr(cfg, name) != value:
+            raise ValueError(
+                f"reference: the model's {cfg.method} {name} is {getattr(cfg, name)!r} but the reference uses "
+                f"{value!r} (the paper's: {PAPER[cfg.method][name]!r}); pass {name}= to reference_rules if the test "
+                "sets it"
+            )
+    decoder = backbone_for(model).decoder(model)
+    num_layers = len(decoder.layers)
+    if cfg.method == "pdrop":
+        rule: Any = PDropReference(cfg.layers, settings["keep"], decoder.rotary_emb)
+        want = set(range(cfg.layers[0], num_layers))
+    else:
+        k = settings["layer"]
+        rule = DARTReference(k, cfg.keep, settings["pivots"], settings["text_pivots"], decoder.norm,
+                             decoder.rotary_emb)  # fmt: skip
+        want = set(range(k - 1, num_layers))
+    if set(routed_layers(model)) != want:
+        raise ValueError(f"reference: the model routes layers {sorted(routed_layers(model))}, the reference "
+                         f"{sorted(want)}")  # fmt: skip
+    return dict.fromkeys(sorted(want), rule)
