@@ -39,7 +39,7 @@ def models(attn: str = "sdpa", config: DARTConfig = CONFIG) -> tuple[torch.nn.Mo
 
 
 def reference_rules(dense: torch.nn.Module, keep: float = KEEP, pivots: int = PIVOTS) -> dict[int, DARTReference]:
-    ref = DARTReference(K, keep, pivots, TEXT_PIVOTS, dense.model.norm, dense.model.rotary_emb)
+    ref = DARTReference(K, keep, pivots, TEXT_PIVOTS, dense.model.norm)
     return {i: ref for i in range(K - 1, 6)}
 
 
@@ -80,7 +80,7 @@ def test_the_rule_is_not_a_plain_top_k() -> None:
     dense, model = models()
     ids, am, vm = routed_batch(ROWS[:1], "left", seed=1)
     rules = reference_rules(dense)
-    no_text = DARTReference(K, KEEP, PIVOTS, 0, dense.model.norm, dense.model.rotary_emb)
+    no_text = DARTReference(K, KEEP, PIVOTS, 0, dense.model.norm)
     with torch.no_grad(), pmod.record_routing(model) as rec:
         model(input_ids=ids, attention_mask=am, vision_mask=vm)
         reference_logits(dense, rules, ids, am, vm)
@@ -216,3 +216,26 @@ def test_generate_dart_on_a_dense_folder_equals_convert(tmp_path, capsys) -> Non
     answer, share = reference_generate(Path(folder), DARTConfig(layer=3, keep=0.3, pivots=2), image)
     assert captured.out.strip() == answer
     assert f", {share})" in captured.err and share != "100.0%"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_multimodal_backbones_equal_the_masked_reference(family: str) -> None:
+    """Qwen-VL (M-RoPE; Qwen3-VL's per-head k norm and deepstack) and OneVision, images and a video, left padding:
+    the compacted model against the reference run on what the dense model feeds its layers."""
+    from test_backbones import build, vision_of
+
+    from pmod.core.backbone import backbone_for
+    from pmod.testing.reference import capture_decoder_inputs, reference_decoder_logits
+    from pmod.testing.reference import reference_rules as model_reference_rules
+
+    dense, batch, _ = build(family)
+    model = pmod.convert(copy.deepcopy(dense), DARTConfig(layer=2, keep=0.5))
+    decoder = backbone_for(dense).decoder(dense)
+    captured = capture_decoder_inputs(dense, decoder, **batch)
+    real, vision = batch["attention_mask"].bool(), vision_of(batch)
+    rules = model_reference_rules(model)
+    with torch.no_grad(), pmod.record_routing(model) as rec:
+        got = model(**batch).logits
+        want = reference_decoder_logits(dense, decoder, rules, captured, real, vision)
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    assert torch.equal(rec.processed[2][0] & vision, rules[2].kept)

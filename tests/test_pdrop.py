@@ -41,7 +41,7 @@ def models(attn: str = "sdpa", config: PDropConfig = CONFIG) -> tuple[torch.nn.M
 
 
 def reference_rules(dense: torch.nn.Module, layers=LAYERS, keep=KEEP) -> dict[int, PDropReference]:
-    ref = PDropReference(layers, keep, dense.model.rotary_emb)
+    ref = PDropReference(layers, keep)
     return {i: ref for i in range(layers[0], 6)}
 
 
@@ -208,3 +208,26 @@ def test_generate_pdrop_on_a_dense_folder_equals_convert(tmp_path, capsys) -> No
     answer, share = reference_generate(Path(folder), PDropConfig(layers=[2, 3], keep=0.4), image)
     assert captured.out.strip() == answer
     assert f", {share})" in captured.err and share != "100.0%"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_multimodal_backbones_equal_the_masked_reference(family: str) -> None:
+    """Qwen-VL (M-RoPE; Qwen3-VL's per-head q/k norms and deepstack) and OneVision, images and a video, left
+    padding: the compacted model against the reference run on what the dense model feeds its layers."""
+    from test_backbones import build, vision_of
+
+    from pmod.core.backbone import backbone_for
+    from pmod.testing.reference import capture_decoder_inputs, reference_decoder_logits
+
+    dense, batch, _ = build(family)
+    model = pmod.convert(copy.deepcopy(dense), PDropConfig(layers=[2, 4]))
+    dense.set_attn_implementation("eager")  # the reference reads attention probabilities
+    decoder = backbone_for(dense).decoder(dense)
+    captured = capture_decoder_inputs(dense, decoder, **batch)
+    real, vision = batch["attention_mask"].bool(), vision_of(batch)
+    with torch.no_grad(), pmod.record_routing(model) as rec:
+        got = model(**batch).logits
+        want = reference_decoder_logits(dense, decoder, model_reference_rules(model), captured, real, vision)
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    n = vision.sum(1)
+    assert (rec.processed[4][0] & vision).sum(1).tolist() == [math.floor(v * 0.25) for v in n.tolist()]

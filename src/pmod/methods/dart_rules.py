@@ -10,16 +10,19 @@ from torch import nn
 from pmod.core.compat import rotary
 from pmod.core.plan import VISION
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
+from pmod.methods.fastv_rules import head_norm
 
 KEY_NORMS = "dart_key_norms"
 SCORES = "dart_scores"
 
 
 def key_l1_norms(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """L1 norm [B, T] of every token's key in ``layer`` (after RoPE, all KV heads together), float32."""
+    """L1 norm [B, T] of every token's key in ``layer`` (after the per-head norm where the model has one, as Qwen3's
+    k_norm, and RoPE; all KV heads together), float32."""
     attn = layer.self_attn
     bsz, seq = hidden.shape[:2]
-    k = attn.k_proj(layer.input_layernorm(hidden)).view(bsz, seq, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(layer.input_layernorm(hidden)).view(bsz, seq, -1, attn.head_dim)
+    k = head_norm(attn, "k_norm", k).transpose(1, 2)
     cos, sin = (t.expand(*t.shape[:-3], bsz, *t.shape[-2:]) for t in position_embeddings)
     k = rotary(attn)(k, k, cos, sin)[1]
     return k.float().abs().sum(dim=(1, 3))

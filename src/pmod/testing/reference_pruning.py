@@ -48,8 +48,8 @@ class PDropReference:
     kept; the top ``floor(n_vision * keep ** s)`` (the authors' ``int(n * ratio)``) stay until the next boundary.
     One object serves every routed layer of a forward (it carries the stage's kept tokens from layer to layer)."""
 
-    def __init__(self, layers: Sequence[int], keep: float, rotary_emb: nn.Module) -> None:
-        self.layers, self.keep, self.rotary_emb = list(layers), keep, rotary_emb
+    def __init__(self, layers: Sequence[int], keep: float) -> None:
+        self.layers, self.keep = list(layers), keep
         self.kept: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
         self.ranking_rows: dict[int, torch.Tensor] = {}  # boundary layer -> its attention rows [B, T]
@@ -71,9 +71,7 @@ class PDropReference:
         allowed = causal[None] & keys[:, None, :] | torch.eye(seq, dtype=torch.bool, device=x.device)[None]
         mask = torch.zeros(bsz, 1, seq, seq, dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
-        positions = torch.arange(seq, device=x.device)[None].expand(bsz, seq)
-        cos_sin = self.rotary_emb(x, positions)
-        _, probs = layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=cos_sin)
+        _, probs = layer.self_attn(layer.input_layernorm(x), attention_mask=mask, position_embeddings=ctx.cos_sin)
         if probs is None:
             raise ValueError("PDropReference needs eager attention (attention probabilities)")
         kept = torch.zeros_like(vision)
@@ -94,17 +92,15 @@ class DARTReference:
     ``ceil((budget - vision pivots) / pivots)`` free vision tokens least cosine-similar to it on ``norm(x)``; the
     vision pivots and these picks, in that order, cut at ``round(n_vision * keep)``, are kept."""
 
-    def __init__(self, layer: int, keep: float, pivots: int, text_pivots: int, norm: nn.Module,
-                 rotary_emb: nn.Module) -> None:  # fmt: skip
-        self.layer, self.keep, self.counts, self.norm, self.rotary_emb = layer, keep, (pivots, text_pivots), norm, \
-            rotary_emb  # fmt: skip
+    def __init__(self, layer: int, keep: float, pivots: int, text_pivots: int, norm: nn.Module) -> None:
+        self.layer, self.keep, self.counts, self.norm = layer, keep, (pivots, text_pivots), norm
         self.key_norms: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None
 
     def decide(self, layer: nn.Module, idx: int, x: torch.Tensor, ctx: Context) -> Decision:
         vision = ctx.vision & ctx.real
         if idx == self.layer - 1:
-            self.key_norms = self._key_norms(layer, x)
+            self.key_norms = self._key_norms(layer, x, ctx.cos_sin)
             return ctx.real, None, None, None
         if idx == self.layer:
             states = self.norm(x).float()
@@ -114,11 +110,15 @@ class DARTReference:
                 self.kept[b, self._row(states[b], self.key_norms[b], vision[b], prompt[b])] = True
         return (ctx.real & ~vision) | self.kept, None, None, None
 
-    def _key_norms(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _key_norms(self, layer: nn.Module, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The keys' L1 norms [B, T] as the layer's attention makes its keys: k_proj of the normed input, the
+        per-head norm where the model has one (Qwen3's k_norm), RoPE ([B or 1, T, d] tables)."""
         attn = layer.self_attn
         bsz, seq = x.shape[:2]
-        cos, sin = self.rotary_emb(x, torch.arange(seq, device=x.device)[None].expand(bsz, seq))
+        cos, sin = cos_sin
         k = attn.k_proj(layer.input_layernorm(x)).view(bsz, seq, -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
         k = k * cos[:, :, None, :] + _rotate_half(k) * sin[:, :, None, :]
         return k.float().abs().sum(dim=(2, 3))
 
@@ -167,12 +167,11 @@ def pruning_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> di
     decoder = backbone_for(model).decoder(model)
     num_layers = len(decoder.layers)
     if cfg.method == "pdrop":
-        rule: Any = PDropReference(cfg.layers, settings["keep"], decoder.rotary_emb)
+        rule: Any = PDropReference(cfg.layers, settings["keep"])
         want = set(range(cfg.layers[0], num_layers))
     else:
         k = settings["layer"]
-        rule = DARTReference(k, cfg.keep, settings["pivots"], settings["text_pivots"], decoder.norm,
-                             decoder.rotary_emb)  # fmt: skip
+        rule = DARTReference(k, cfg.keep, settings["pivots"], settings["text_pivots"], decoder.norm)
         want = set(range(k - 1, num_layers))
     if set(routed_layers(model)) != want:
         raise ValueError(f"reference: the model routes layers {sorted(routed_layers(model))}, the reference "
