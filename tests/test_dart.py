@@ -14,10 +14,19 @@ from PIL import Image
 from transformers import DynamicCache
 
 import pmod
-from pmod import DARTConfig
+from pmod import DARTConfig, PDropConfig
 from pmod.analysis.flops import counted_flops, estimate, flop_counter
 from pmod.core.cache import cache_kwargs, cache_of
-from pmod.testing import llava_batch, routed_batch, tiny_llama, tiny_llava
+from pmod.testing import (
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    llava_batch,
+    llava_next_batch,
+    routed_batch,
+    tiny_llama,
+    tiny_llava,
+    tiny_llava_next,
+)
 from pmod.testing.reference import reference_logits
 from pmod.testing.reference_pruning import PAPER, DARTReference
 
@@ -239,3 +248,27 @@ def test_multimodal_backbones_equal_the_masked_reference(family: str) -> None:
         want = reference_decoder_logits(dense, decoder, rules, captured, real, vision)
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
     assert torch.equal(rec.processed[2][0] & vision, rules[2].kept)
+
+
+@pytest.mark.parametrize("config", [DARTConfig(layer=2, keep=0.3), PDropConfig(layers=[2, 4, 6], keep=0.5)])
+def test_llava_next_generate_batched_equals_rows_alone(config) -> None:
+    """LLaVA-NeXT rows of unequal image sizes and text-only rows, left-padded, through generate() (which gives
+    each row its own positions): each row generates what it generates alone."""
+    model = pmod.convert(tiny_llava_next(num_layers=8), config)
+    sizes = [(16, 32), (32, 32), None, (32, 16)]
+    batch = llava_next_batch(model, [(3, 5), (2, 2), (6, 1), (4, 4)], sizes, "left")
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None,
+               suppress_tokens=[IMAGE_TOKEN_ID])  # fmt: skip
+    with torch.no_grad():
+        together = model.generate(**batch, **gen)[:, -8:]
+    image = 0
+    for r, size in enumerate(sizes):
+        real = batch["attention_mask"][r].bool()
+        row = {"input_ids": batch["input_ids"][r : r + 1, real]}
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+        if size is not None:
+            row["pixel_values"] = batch["pixel_values"][image : image + 1]
+            row["image_sizes"] = batch["image_sizes"][image : image + 1]
+            image += 1
+        with torch.no_grad():
+            assert torch.equal(model.generate(**row, **gen)[0, -8:], together[r]), f"row {r}"
