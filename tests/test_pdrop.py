@@ -184,6 +184,10 @@ def test_defaults_are_the_papers_and_settings_are_checked() -> None:
             PDropConfig(layers=bad)
     with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
         PDropConfig(keep=0.0)
+    from pmod.recipes.train import TrainError, parse_args
+
+    with pytest.raises(TrainError, match=r"pdrop is training-free.*pmod\.PDropConfig\(\.\.\.\)"):
+        parse_args(["--model", "m", "--method", "pdrop"])
     # reference_rules(model) holds lambda to the paper's unless the test declares its own.
     _, model = models()
     with pytest.raises(ValueError, match="keep is 0.6 but the reference uses 0.5"):
