@@ -15,6 +15,9 @@ Sections:
    analytic *causal* FLOPs ratio (``pmod.flops`` with the blocks above the diagonal of causal attention removed,
    as the flash / efficient kernels skip them; LM head on the last position only, as ``generate`` runs it).
 3. ``decode``: 128 new tokens at batch 1, 8 and 32 after the 2880 + 64 prompt, with the KV bytes of each.
+3b. ``static_decode`` (:mod:`gpu_static`): the same decode over a static cache with the step compiled
+   (``mode="reduce-overhead"``: CUDA graphs), dense and p-MoD each run that way and their default way.
+3c. ``overhead``: aten ops and host syncs per routed layer, every method (``count_ops.py``; exact, device-independent).
 4. ``train``: forward + backward (+ AdamW) with activation checkpointing, batch 2, at the largest depth that fits.
 
 Dense and p-MoD share their weights (the p-MoD model is a copy whose parameters are the dense model's, plus
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shar
 import bench_decode  # noqa: E402
 import common  # noqa: E402
 import gpu_correctness  # noqa: E402
+from gpu_static import static_decode_section  # noqa: E402
 from gpu_tools import build_pair, card_name, free_memory, guarded, log, paired_ratios, timer  # noqa: E402
 from gpu_train import train_section  # noqa: E402
 
@@ -44,7 +48,7 @@ from pmod import PModConfig  # noqa: E402
 from pmod.analysis.flops import estimate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("correctness", "prefill", "decode", "train")
+SECTIONS = ("correctness", "overhead", "prefill", "decode", "static_decode", "train")
 
 #: LLaVA-NeXT-7B's language model (Vicuna-7B).
 NEXT_7B = common.Shape(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000)
@@ -223,6 +227,16 @@ def table(result: dict[str, Any]) -> str:
         rows.append(("decode", run["label"], f"{run['dense_tokens_per_s']:.0f} tok/s",
                      f"{run['pmod_tokens_per_s']:.0f} tok/s", fmt(run["throughput_ratio"]),
                      f"KV {run['kv_ratio']:.3f}", run.get("target", ""), str(run.get("target_met", ""))))
+    for run in result.get("static_decode", []):
+        if "error" in run:
+            rows.append(("static decode", run["label"], "", "", "", "", "", run["error"][:60]))
+            continue
+        rows.append(("static decode", run["label"], f"{run['dense_static_tokens_per_s']:.0f} tok/s",
+                     f"{run['pmod_static_tokens_per_s']:.0f} tok/s", fmt(run["ratio_static"]),
+                     f"vs dense default {run['ratio_static_vs_dense_default']:.3f}", "", ""))  # fmt: skip
+    for method, phases in result.get("overhead", {}).items():
+        rows.append(("overhead", method, "", "", "", " / ".join(f"{p} +{c['ops_per_routed_layer']} ops "
+                     f"+{c['extra_syncs']} syncs" for p, c in phases.items()), "", ""))  # fmt: skip
     train = result.get("train")
     if train:
         if "error" in train:
@@ -283,7 +297,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log("correctness")
         result["correctness"] = gpu_correctness.run_all(device, log)
         save()
-    if {"prefill", "decode", "train"} & set(sections):
+    if "overhead" in sections:
+        log("overhead counts")
+        import count_ops
+
+        result["overhead"] = {m: {p: {k: count_ops.measure(m)[p][k] for k in ("ops_per_routed_layer", "extra_syncs")}
+                                  for p in ("prefill", "decode")} for m in count_ops.METHODS}  # fmt: skip
+        save()
+    if {"prefill", "decode", "static_decode", "train"} & set(sections):
         log(f"building the {setting['shape'].layers}-layer pair on {device}")
         models = build_pair(setting["shape"], device, dtype)
         if "prefill" in sections:
@@ -291,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save()
         if "decode" in sections:
             result["decode"] = decode_section(models, setting, device, dtype)
+            save()
+        if "static_decode" in sections:
+            result["static_decode"] = static_decode_section(models, setting, device)
             save()
         if "train" in sections:
             result["train"] = train_section(models, setting, device, dtype)

@@ -1,7 +1,7 @@
 """Where the time goes inside the layers: torch.profiler over one prefill and a few decode steps, dense vs p-MoD.
 
 ``record_function`` regions are added from here (the library is not touched): the decoder layer, its norms,
-attention and MLP, the router, and the p-MoD helpers (token weights, top-k selection, compaction, gathers, mask).
+attention and MLP, the router, and the p-MoD pieces (the rule, the plan's selection, the RoPE gather, the masks).
 ``combine`` is what is left of a p-MoD layer: the TanhNorm/STRing scaling, the ``where`` and the scatter back.
 
     python benchmarks/profile_pmod.py --out benchmarks/results/profile.json
@@ -22,17 +22,21 @@ import torch
 from bench_decode import batch_cache, greedy_decode, prefill
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import pmod.core.plan
 import pmod.core.routed_layer
 import pmod.methods.vision_router
 
-#: p-MoD helpers wrapped by name, where the layer's forward and the p-MoD rule look them up at call time.
+#: p-MoD pieces wrapped by name, where the layer's forward and the p-MoD rule look them up at call time: the rule
+#: (router, token weights), the plan's selection, the RoPE gather and the layer's masks.
 HELPERS = (
-    (pmod.methods.vision_router.VisionRouterRule, "token_weights"),
-    (pmod.methods.vision_router, "select_tokens"),
-    (pmod.core.routed_layer, "compact_index"),
-    (pmod.core.routed_layer, "gather_tokens"),
-    (pmod.core.routed_layer, "build_attention_mask"),
+    (pmod.methods.vision_router.VisionRouterRule, "route"),
+    (pmod.core.plan.ForwardPlan, "select"),
+    (pmod.core.routed_layer.RoutedLayerMixin, "_gathered_rope"),
+    (pmod.core.routed_layer, "compacted_mask"),
+    (pmod.core.routed_layer, "every_token_mask"),
+    (pmod.core.routed_layer, "static_mask"),
 )
+HELPER_NAMES = tuple(name for _, name in HELPERS)
 SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "router")
 LAYER = "layer"
 
@@ -75,7 +79,7 @@ def breakdown(prof: profile, seconds: float) -> dict[str, float]:
     cuda = torch.cuda.is_available()
     totals: dict[str, float] = {}
     for event in prof.key_averages():
-        if event.key in (LAYER, "lm_head", *SUBMODULES, *HELPERS):
+        if event.key in (LAYER, "lm_head", *SUBMODULES, *HELPER_NAMES):
             us = event.device_time_total if cuda else event.cpu_time_total
             totals[event.key] = us / 1e6
     parts = sum(v for k, v in totals.items() if k not in (LAYER, "lm_head"))
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.inference_mode():
         states = {}
         for name, model in models.items():  # unprofiled: warm-up and the cache the decode starts from
-            states[name], _ = prefill(model, ids, args.device, **extra[name])
+            states[name], _ = prefill(model, {"input_ids": ids, **extra[name]}, args.device)
             greedy_decode(model, *batch_cache(states[name], args.batch), 1)
         with regions(list(models.values())):
             for name, model in models.items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from pmod.core.compat import CACHE_NAME, CROP_TAKES_COUNT
 
@@ -125,20 +125,90 @@ class PModCache(DynamicCache):
         self._slots().clear()
 
 
-def as_pmod_cache(cache: DynamicCache) -> PModCache:
-    """Make a plain ``DynamicCache`` a :class:`PModCache`, in place.
+class PModStaticCache(StaticCache):
+    """A ``StaticCache`` for routed models: preallocated K/V, written in place, graph-capturable decode steps.
 
-    In place because ``generate`` and user code keep references to the object they created; the class adds
-    methods and one attribute only, so switching it is safe.
+    Each layer of transformers' static cache writes at its own cumulative length, so a routed layer that cached K
+    slots in the prefill writes its decode tokens at K, K + 1, ... Per routed layer a static slot record
+    ``[B, 1, 1, max_cache_len]`` (False until written) is the key mask of its decode steps: one in-place write per
+    step, no host sync, no shape that changes. Made from the ``StaticCache`` that ``generate(...,
+    cache_implementation="static")`` builds (:func:`as_pmod_cache`); the prefill must start from an empty cache and
+    decode one token per step (assisted decoding and beam search use :class:`PModCache`).
     """
-    if isinstance(cache, PModCache):
+
+    def _records(self) -> dict[int, torch.Tensor]:
+        if "_pmod_records" not in self.__dict__:
+            self._pmod_records: dict[int, torch.Tensor] = {}
+        return self._pmod_records
+
+    def _filled(self) -> set[int]:
+        if "_pmod_filled" not in self.__dict__:
+            self._pmod_filled: set[int] = set()
+        return self._pmod_filled
+
+    def pmod_prefilled(self, layer_idx: int) -> bool:
+        """Whether the layer has cached its prefill (known on the host, read from no tensor)."""
+        return layer_idx in self._filled()
+
+    def pmod_write_slots(
+        self, layer_idx: int, new_valid: torch.Tensor | None, new: int, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Record the validity ``new_valid`` [B, 1, 1, new] (None: all real) of the slots the layer is about to
+        cache, at its cumulative length; returns the record (the key mask of a one-token step)."""
+        records = self._records()
+        if layer_idx not in self._filled():  # the prefill: the layer's cache is empty
+            size = self.layers[layer_idx].max_cache_len
+            record = records.get(layer_idx)
+            if record is None or record.shape[0] != like.shape[0]:
+                record = torch.zeros(like.shape[0], 1, 1, size, dtype=torch.bool, device=like.device)
+                if not torch.compiler.is_compiling():
+                    torch._dynamo.mark_static_address(record)  # a fixed address, as the K/V buffers: CUDA graphs
+                records[layer_idx] = record
+            record[..., :new] = True if new_valid is None else new_valid
+            self._filled().add(layer_idx)
+            return record
+        record = records[layer_idx]
+        if new != 1:
+            raise ValueError(
+                f"pmod's static cache decodes one token per forward, got {new}; use the dynamic cache (the default) "
+                "for chunked prefill, assisted decoding or beam search."
+            )
+        at = self.layers[layer_idx].cumulative_length.reshape(1)  # where this layer writes its next slot
+        return record.index_fill_(3, at, True) if new_valid is None else record.index_copy_(3, at, new_valid)
+
+    def pmod_slot_mask(self, layer_idx: int) -> torch.Tensor | None:
+        """Bool [B, max_cache_len] of a routed layer (True = a real token cached there), or None for a dense layer."""
+        record = self._records().get(layer_idx)
+        return None if record is None else record[:, 0, 0, :]
+
+    def reset(self) -> None:
+        """Empty the cache for a new prompt, in place (``generate`` reuses a static cache of the same size, and
+        compiled decode steps keep the addresses they captured)."""
+        super().reset()
+        for record in self._records().values():
+            record.zero_()
+        self._filled().clear()
+
+
+def as_pmod_cache(cache: DynamicCache | StaticCache) -> PModCache | PModStaticCache:
+    """Make a plain ``DynamicCache`` a :class:`PModCache`, and a plain ``StaticCache`` a :class:`PModStaticCache`,
+    in place.
+
+    In place because ``generate`` and user code keep references to the object they created; the classes add
+    methods and one attribute only, so switching is safe.
+    """
+    if isinstance(cache, (PModCache, PModStaticCache)):
         return cache
-    if type(cache) is not DynamicCache:
+    if type(cache) is DynamicCache:
+        cache.__class__ = PModCache
+    elif type(cache) is StaticCache:
+        cache.__class__ = PModStaticCache
+    else:
         raise TypeError(
             f"Routed layers cache a different number of tokens per layer and cannot use {type(cache).__name__}; "
-            f"use the default dynamic cache (pass no cache, or a transformers.DynamicCache / pmod.PModCache)."
+            f"use the default dynamic cache (pass no cache, or a transformers.DynamicCache / pmod.PModCache) or "
+            f"a transformers.StaticCache (generate(..., cache_implementation='static'))."
         )
-    cache.__class__ = PModCache
     return cache
 
 

@@ -121,8 +121,8 @@ def sdpa_without_cudnn() -> contextlib.AbstractContextManager:
     instead of 4 s, and a p-MoD prefill of a new length 1.0 s instead of 0.15 s. Flash and memory-efficient
     attention have no per-shape set-up.
     """
-    if not torch.backends.cuda.cudnn_sdp_enabled():
-        return contextlib.nullcontext()
+    if torch.compiler.is_compiling() or not torch.backends.cuda.cudnn_sdp_enabled():
+        return contextlib.nullcontext()  # compiled code picks its own kernel; reading the flags would break the graph
     backends = [
         backend
         for backend, enabled in (

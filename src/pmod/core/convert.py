@@ -26,7 +26,7 @@ from pmod.core.backbone import (
     find_backbone,
     supported_model_types,
 )
-from pmod.core.compat import has_vision_inputs
+from pmod.core.compat import CACHE_NAME, has_vision_inputs
 from pmod.core.config import MethodConfig, method_class, store_method_config, stored_method_config
 from pmod.core.errors import UserError
 from pmod.core.files import check_complete
@@ -113,7 +113,7 @@ class _RoutingHook:
     """
 
     def __init__(self, model: nn.Module, adapter: BackboneAdapter) -> None:
-        self.signature = inspect.signature(model.forward)
+        self.positional = list(inspect.signature(model.forward).parameters)
         self.routable_ids = adapter.routable_token_ids(model.config)
         rules = [layer.routing_rule for layer in adapter.decoder_layers(model) if is_routed_layer(layer)]
         # Every (ratio, rounding) the routed layers use: the plan sizes all of them at once.
@@ -125,7 +125,9 @@ class _RoutingHook:
     def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         vision_mask = kwargs.pop("vision_mask", None)
         question_mask = kwargs.pop("question_mask", None)
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        counts = {name: kwargs.pop(key) for name, key in (("vision", "vision_counts"), ("real", "real_counts"))
+                  if kwargs.get(key) is not None}  # fmt: skip
+        bound = {**dict(zip(self.positional, args)), **kwargs}  # not inspect's bind: torch.compile traces this
         input_ids, inputs_embeds = bound.get("input_ids"), bound.get("inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
@@ -143,17 +145,7 @@ class _RoutingHook:
             # A one-token chunk without images (every decode step) is text: known without reading it on the host.
             vision_mask = torch.isin(input_ids, self._routable_ids(input_ids.device))
 
-        token_mask = bound.get("attention_mask")
-        if token_mask is not None:
-            if token_mask.dim() != 2:
-                raise ValueError(
-                    f"routed models take a 2-D padding attention_mask [batch, past + seq], got {token_mask.dim()}-D; "
-                    f"pass the tokenizer's attention_mask (1 = token, 0 = padding)."
-                )
-            total = token_mask.shape[1]
-            token_mask = token_mask[:, -seq:].to(device=reference.device, dtype=torch.bool)
-        else:
-            total = seq
+        token_mask, total = real_tokens(bound.get("attention_mask"), seq, bound.get(CACHE_NAME), reference.device)
         if question_mask is not None:
             # generate() passes the prompt's mask again at every decode step: it only describes the prompt chunk.
             width = question_mask.shape[-1]
@@ -163,7 +155,7 @@ class _RoutingHook:
         labels = bound.get("labels")
         collect = model.training and torch.is_grad_enabled()
         self.current = RoutingInputs(
-            plan=ForwardPlan(token_mask, self.ratios),
+            plan=ForwardPlan(token_mask, self.ratios, counts),
             vision_mask=vision_mask,
             token_mask=token_mask,
             question_mask=question_mask,
@@ -188,6 +180,31 @@ class _RoutingHook:
         if getattr(output, "loss", None) is not None:
             output.loss = output.loss + loss.to(output.loss.dtype)
         return output
+
+
+def real_tokens(
+    mask: torch.Tensor | None, seq: int, cache: Any, device: torch.device
+) -> tuple[torch.Tensor | None, int]:
+    """The chunk's real (non-padding) tokens, bool [B, seq] (None: all real), and the mask's key length.
+
+    From the tokenizer's 2-D mask [B, past + seq], or from the 4-D mask ``generate`` builds for a static cache
+    [B, 1, seq, keys] (a token is real when it may attend to itself: its own column on the diagonal, at 0 in a
+    static cache's prefill, at keys - seq otherwise). A one-token chunk under a 4-D mask is a decoded token: real.
+    """
+    if mask is None:
+        return None, seq
+    if mask.dim() == 2:
+        return mask[:, -seq:].to(device=device, dtype=torch.bool), mask.shape[1]
+    if mask.dim() != 4:
+        raise ValueError(
+            f"routed models take a 2-D padding attention_mask [batch, past + seq] (or generate's 4-D mask), got "
+            f"{mask.dim()}-D; pass the tokenizer's attention_mask (1 = token, 0 = padding)."
+        )
+    if seq == 1:
+        return None, mask.shape[-1]
+    start = 0 if getattr(cache, "is_compileable", False) else mask.shape[-1] - seq
+    own = torch.diagonal(mask[:, 0, :, start : start + seq], dim1=-2, dim2=-1)
+    return (own if own.dtype == torch.bool else own == 0).to(device), mask.shape[-1]
 
 
 def routing_loss(model: nn.Module) -> torch.Tensor | None:

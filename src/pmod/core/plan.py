@@ -64,9 +64,15 @@ class ForwardPlan:
     them are built together; a ratio not listed still works, at a few more ops.
     """
 
-    def __init__(self, token_mask: torch.Tensor | None, ratios: tuple[tuple[float, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        token_mask: torch.Tensor | None,
+        ratios: tuple[tuple[float, str], ...] = (),
+        counts: dict[str, list[int]] | None = None,
+    ) -> None:
         self.token_mask = token_mask
         self.ratios = ratios
+        self.counts = counts or {}  # per candidate kind (and "real"), per row, when the caller knows them
         self._groups: dict[str, _Group] = {}
         self._memo: dict[Any, Any] = {}
 
@@ -135,15 +141,21 @@ class ForwardPlan:
             mask = torch.zeros(bsz, seq, dtype=torch.bool, device=like.device)
         elif real is not None:
             mask = mask & real
-        n = mask.sum(1)
-        # The forward's one host sync: every row's candidate and real counts size every layer's work.
-        rows = torch.stack([n, real.sum(1) if real is not None else torch.full_like(n, seq)]).tolist()
+        rows = self._rows(kind, mask, real, seq)
         group = _Group(mask[..., None], rows, {})
         for ratio, rounding in self.ratios:
             group.counts[(ratio, rounding)] = _counts(rows, ratio, rounding)
         self._groups[kind] = group
         self._slot_tensors(group, list(group.counts), seq, like.device)
         return group
+
+    def _rows(self, kind: str, mask: torch.Tensor, real: torch.Tensor | None, seq: int) -> list[list[int]]:
+        """Per row the candidate and the real token counts: the caller's, or read to the host (the forward's one
+        host sync)."""
+        if kind in self.counts and (real is None or "real" in self.counts):
+            return [list(self.counts[kind]), list(self.counts.get("real", [seq] * len(self.counts[kind])))]
+        n = mask.sum(1)
+        return torch.stack([n, real.sum(1) if real is not None else torch.full_like(n, seq)]).tolist()
 
     def _slot_tensors(self, group: _Group, keys: list[tuple[float, str]], seq: int, device: torch.device) -> None:
         """Slot validity and filler offsets [B, Kmax, 1] of every ratio in ``keys``, built together."""

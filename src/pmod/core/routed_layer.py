@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pmod.core.cache import PModCache, as_pmod_cache
-from pmod.core.compaction import build_attention_mask, gather_positions, sdpa_without_cudnn
+from pmod.core.cache import PModCache, PModStaticCache, as_pmod_cache
+from pmod.core.compaction import gather_positions, sdpa_without_cudnn
 from pmod.core.compat import attention_implementation, has_rope_axis, pop_cache_keyword
+from pmod.core.layer_masks import compacted_mask, every_token_mask, static_mask
 from pmod.core.packed_attention import (
     ATTENTION_PATHS,
     PackedCacheWriter,
@@ -163,7 +164,7 @@ class RoutedLayerMixin:
             self.pmod_recorder(self.pmod_layer_idx, processed, decision.weights)
         scale = None if decision is None else decision.token_scale
         if selection is None:  # every token: the original layer (with the method's MLP weights, if any)
-            mask = self._mask_every_token(attention_mask, cache, routing.plan, hidden_states)
+            mask = every_token_mask(self, attention_mask, cache, routing.plan, hidden_states)
             return self._block(hidden_states, mask, position_ids, position_embeddings, {cache_name: cache},
                                use_cache, scale, **kwargs)  # fmt: skip
         base = hidden_states * scale if decision.scale_skipped else hidden_states
@@ -176,7 +177,8 @@ class RoutedLayerMixin:
         y = self._run_block(x, selection, rope, cache, cache_name, use_cache, scale, routing.plan, **kwargs)
         if selection.valid is not None:  # filler slots write back the value their token already has
             y = torch.where(selection.valid, y, x * scale if decision.scale_skipped else x)
-        return base.scatter(1, index, y)
+        # In place where ``base`` is this layer's own tensor (STRing's scaled copy): one pass over [B, T, D] fewer.
+        return base.scatter_(1, index, y) if decision.scale_skipped else base.scatter(1, index, y)
 
     def _select(self, decision: RouteDecision | None, routing: RoutingInputs) -> Selection | None:
         """The processed tokens (None: every token), sized by the forward's plan."""
@@ -239,6 +241,10 @@ class RoutedLayerMixin:
         """:meth:`_block` on the compacted batch ``x`` [B, K, D]: padded, or packed when :meth:`_packs` says so.
         Position ids are not passed on: the attention takes RoPE from ``rope``, and flash attention would read
         compacted positions as packed sequences."""
+        if isinstance(cache, PModStaticCache):
+            valid = None if selection.valid is None else selection.valid.view(x.shape[0], 1, 1, selection.slots)
+            mask = static_mask(self, cache, valid, selection.slots, x, None)
+            return self._block(x, mask, None, rope, {cache_name: cache}, use_cache, scale, **kwargs)
         past = 0 if cache is None else cache.get_seq_length(self.pmod_layer_idx)
         if selection.valid is not None and past == 0 and self._packs(x):
             valid = selection.valid[..., 0]
@@ -247,50 +253,8 @@ class RoutedLayerMixin:
                 cache.pmod_extend_slots(self.pmod_layer_idx, valid[:, None, None, :], selection.slots, x.shape[0])
             y = self._packed_block(x, valid, flat, rope, cache, cache_name, use_cache, scale, **kwargs)
             return unpack_slots(y, flat, x)
-        mask = self._compacted_mask(cache, past, selection, plan, x.dtype)
+        mask = compacted_mask(self, cache, past, selection, plan, x.dtype)
         return self._block(x, mask, None, rope, {cache_name: cache}, use_cache, scale, **kwargs)
-
-    def _compacted_mask(
-        self, cache: PModCache | None, past: int, selection: Selection, plan: ForwardPlan, dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """The attention mask of the compacted slots; records their validity in the cache. Over an empty cache none
-        is needed (fillers sit after every real slot, and causal attention never reaches them), except for eager
-        attention, which has no causal mode of its own."""
-        bsz, slots = selection.index.shape[:2]
-        valid = None if selection.valid is None else selection.valid.view(bsz, 1, 1, slots)
-        before = None
-        if cache is not None:
-            before, _ = cache.pmod_extend_slots(self.pmod_layer_idx, valid, slots, bsz)
-        implementation = attention_implementation(self)
-        if past == 0:
-            if implementation != "eager":
-                return None
-            return plan.shared(("causal", slots, dtype), lambda: _causal_mask(slots, dtype, selection.index.device))
-        new = torch.ones(bsz, slots, dtype=torch.bool, device=selection.index.device) if valid is None else valid
-        old = torch.ones(bsz, past, dtype=torch.bool, device=new.device) if before is None else before
-        return build_attention_mask(new.view(bsz, slots), old.view(bsz, past), implementation, dtype)
-
-    def _mask_every_token(
-        self, model_mask: torch.Tensor | None, cache: PModCache | None, plan: ForwardPlan, hidden: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The attention mask when the layer runs every token: the model's own over an empty layer cache; else built
-        from the layer's slot record (a routed layer caches fewer slots than the dense layers)."""
-        if cache is None:
-            return model_mask
-        bsz, seq = hidden.shape[:2]
-        past = cache.get_seq_length(self.pmod_layer_idx)
-        # The model's mask is None only when no token of the whole batch is padding.
-        new_valid = None if model_mask is None else plan.token_valid()
-        before, after = cache.pmod_extend_slots(self.pmod_layer_idx, new_valid, seq, bsz)
-        if past == 0:
-            return model_mask
-        implementation = attention_implementation(self)
-        if seq == 1 and (after is None or implementation == "sdpa"):
-            return after  # a one-token step: the key mask alone (None: every cached slot is real)
-        device = hidden.device
-        new = torch.ones(bsz, seq, dtype=torch.bool, device=device) if new_valid is None else new_valid
-        old = torch.ones(bsz, past, dtype=torch.bool, device=device) if before is None else before
-        return build_attention_mask(new.view(bsz, seq), old.view(bsz, past), implementation, hidden.dtype)
 
     def _block(
         self,
@@ -357,12 +321,6 @@ class RoutedLayerMixin:
             packing=PackedSdpa(cumulative_lengths(valid), x.shape[1], len(flat)),
             **kwargs,
         )
-
-
-def _causal_mask(slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Eager attention's additive causal mask [1, 1, K, K]."""
-    blocked = torch.ones(slots, slots, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(1, 1, slots, slots, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)
 
 
 _ROUTED_CLASSES: dict[type, type] = {}
