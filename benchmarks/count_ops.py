@@ -1,7 +1,7 @@
 """Host overhead per routed layer: dispatched aten ops and host syncs, every method against the dense model.
 
-For each method (p-MoD, MoD, gamma-MoD, FastV) a tiny model (default: a Llama of 8 layers, 6 of them routed, 2
-left-padded rows with unequal vision counts) runs
+For each method (p-MoD, MoD, gamma-MoD, FastV, PyramidDrop, DART) a tiny model (default: a Llama of 8 layers, 6 of
+them routed, 2 left-padded rows with unequal vision counts) runs
 
 * **prefill**: a plain forward, ``model(input_ids, attention_mask, vision_mask)`` (logits on every token, the cache
   returned as transformers does by default), and
@@ -60,19 +60,22 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pmod
-from pmod import FastVConfig, GammaMoDConfig, MethodConfig, MoDConfig, PModConfig
+from pmod import DARTConfig, FastVConfig, GammaMoDConfig, MethodConfig, MoDConfig, PDropConfig, PModConfig
 from pmod.core.backbone import backbone_for
 from pmod.core.cache import cache_kwargs, cache_of
 from pmod.testing import llava_batch, randomize_routers, routed_batch, tiny_llama, tiny_llava
 
 LAYERS = 8
 ROUTED = list(range(2, LAYERS))  # 6 routed layers, as the p-MoD PRD schedule routes on 8 layers
-#: Per method a config that routes layers 2-7 of the 8 (FastV: scores in layer 2, prunes from layer 3).
+#: Per method a config that routes layers 2-7 of the 8 (FastV and DART: score in layer 2, prune from layer 3;
+#: PyramidDrop: boundaries 2, 4, 6).
 METHODS: dict[str, MethodConfig] = {
     "pmod": PModConfig(),
     "mod": MoDConfig(ratio=0.5, layers=ROUTED),
     "gamma_mod": GammaMoDConfig(layers=ROUTED, skip_ratio=0.5),
     "fastv": FastVConfig(layer=ROUTED[0] + 1, keep=0.5),
+    "pdrop": PDropConfig(layers=[ROUTED[0], ROUTED[0] + 2, ROUTED[0] + 4], keep=0.5),
+    "dart": DARTConfig(layer=ROUTED[0] + 1, keep=0.25),
 }
 #: (text tokens, vision tokens) per row of the Llama batch; left padding, as for ``generate``.
 ROWS = [(16, 48), (24, 24)]

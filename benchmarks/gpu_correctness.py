@@ -29,7 +29,16 @@ import torch
 from transformers import DynamicCache
 
 import pmod
-from pmod import FastVConfig, GammaMoDConfig, MethodConfig, MoDConfig, PModConfig, RoutingRecord
+from pmod import (
+    DARTConfig,
+    FastVConfig,
+    GammaMoDConfig,
+    MethodConfig,
+    MoDConfig,
+    PDropConfig,
+    PModConfig,
+    RoutingRecord,
+)
 from pmod.core.cache import cache_kwargs
 from pmod.core.packed_attention import varlen_flash_available
 from pmod.testing import (
@@ -59,6 +68,8 @@ METHODS: dict[str, MethodConfig] = {
     "mod": MoDConfig(ratio=0.5, layers=[1, 2, 4]),
     "gamma_mod": GammaMoDConfig(layers=[1, 2, 3, 5], skip_ratio=0.5),
     "fastv": FastVConfig(layer=2, keep=0.5),
+    "pdrop": PDropConfig(layers=[2, 3, 5], keep=0.5),
+    "dart": DARTConfig(layer=2, keep=0.45),
 }
 
 
@@ -77,8 +88,8 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _selection_is_top_k(record: RoutingRecord, model: torch.nn.Module, vision: torch.Tensor, real: torch.Tensor,
                         forward: int = 0) -> bool:  # fmt: skip
     """Every routed layer kept the method's count of vision tokens per row, none weighted below a skipped one
-    (the weights are monotone in the scores that choose)."""
-    rounding = round if pmod.get_method_config(model).method == "fastv" else math.floor
+    (the weights are monotone in the scores that choose; DART records none)."""
+    rounding = round if pmod.get_method_config(model).method in ("fastv", "dart") else math.floor
     vision = vision & real
     for layer, masks in record.processed.items():
         ratio = pmod.layer_ratios(model)[layer]
@@ -88,7 +99,9 @@ def _selection_is_top_k(record: RoutingRecord, model: torch.nn.Module, vision: t
             if int(kept[b].sum()) != rounding(n * ratio):
                 return False
             skipped = vision[b] & ~kept[b]
-            if bool(kept[b].any()) and bool(skipped.any()) and weights[b][kept[b]].min() < weights[b][skipped].max():
+            if weights is None or not (bool(kept[b].any()) and bool(skipped.any())):
+                continue
+            if weights[b][kept[b]].min() < weights[b][skipped].max():
                 return False
     return True
 

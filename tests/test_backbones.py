@@ -136,10 +136,11 @@ def test_video_and_two_image_rows_route_all_their_vision_tokens(family: str) -> 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["pmod", "mod", "gamma_mod", "fastv"])
+@pytest.mark.parametrize("method", ["pmod", "mod", "gamma_mod", "fastv", "pdrop", "dart"])
 def test_save_load_gives_identical_logits(family: str, method: str, tmp_path) -> None:
     config = {"pmod": pmod.PModConfig(), "mod": pmod.MoDConfig(), "gamma_mod": pmod.GammaMoDConfig(layers=[1, 3]),
-              "fastv": pmod.FastVConfig(layer=2)}[method]  # fmt: skip
+              "fastv": pmod.FastVConfig(layer=2), "pdrop": pmod.PDropConfig(layers=[2, 4]),
+              "dart": pmod.DARTConfig(layer=2, keep=0.5)}[method]  # fmt: skip
     _, model, batch = routed(family, config)
     with torch.no_grad():
         want = model(**batch).logits

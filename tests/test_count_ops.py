@@ -114,6 +114,18 @@ def test_host_work_per_routed_layer_within_issue_22_budget(co: ModuleType, metho
     assert decode["extra_syncs"] == (6 if method == "gamma_mod" else 0), decode["routed"]["sync_ops"]
 
 
+@pytest.mark.parametrize("method", ["pdrop", "dart"])
+def test_pruning_methods_add_no_host_sync(co: ModuleType, method: str) -> None:
+    """PyramidDrop and DART rank without reading the device: the prefill syncs once more than the dense model (the
+    plan), the decode step not at all and within the decode op budget. Their prefill ranking costs more ops than
+    FastV's (three boundary rows; eight pivots' picks): about 55 and 48 per routed layer here, FastV's 19."""
+    result = co.measure(method)
+    prefill, decode = result["prefill"], result["decode"]
+    assert prefill["extra_syncs"] == 1, prefill["routed"]["sync_ops"]
+    assert decode["extra_syncs"] == 0, decode["routed"]["sync_ops"]
+    assert decode["ops_per_routed_layer"] <= 3, decode["top_op_differences"]
+
+
 def test_counts_passed_by_the_caller_leave_no_extra_sync(co: ModuleType) -> None:
     """With the per-row vision and real counts given (``vision_counts``, ``real_counts``), the plan reads nothing
     from the device: the p-MoD prefill syncs exactly as often as the dense model's, and its logits are the same."""

@@ -143,8 +143,9 @@ def test_help_and_settable_fields() -> None:
 
 
 def test_registry_order_and_registration() -> None:
-    # p-MoD first, then by listing_order (MoD 1, gamma-MoD 2, FastV 3); alphabetical would put fastv first.
-    assert method_names() == ["pmod", "mod", "gamma_mod", "fastv"]
+    # p-MoD first, then by listing_order (MoD 1, gamma-MoD 2, FastV 3, PyramidDrop 4, DART 5); alphabetical would
+    # put dart first.
+    assert method_names() == ["pmod", "mod", "gamma_mod", "fastv", "pdrop", "dart"]
     assert register_method(pmod.PModConfig) is pmod.PModConfig  # registering again changes nothing
     assert method_class("pmod") is pmod.PModConfig
 

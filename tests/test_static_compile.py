@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pmod
-from pmod import FastVConfig, GammaMoDConfig, PModConfig
+from pmod import DARTConfig, FastVConfig, GammaMoDConfig, PDropConfig, PModConfig
 from pmod.core.cache import PModStaticCache, cache_kwargs, cache_of
 from pmod.testing import llava_batch, randomize_routers, routed_batch, tiny_llama, tiny_llava
 
@@ -21,6 +21,8 @@ CONFIGS = {
     "pmod": PModConfig(),
     "fastv": FastVConfig(layer=2, keep=0.5),
     "gamma_mod": GammaMoDConfig(layers=[2, 4, 6], skip_ratio=0.5),
+    "pdrop": PDropConfig(layers=[2, 4, 6], keep=0.5),
+    "dart": DARTConfig(layer=2, keep=0.5),
 }
 #: Three rows, left-padded, of unequal text and image use: unequal kept counts in every routed layer.
 ROWS, IMAGES = [(5, 6), (2, 9), (7, 1)], [True, False, True]

@@ -31,9 +31,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "UserError": ("pmod.core.errors", "UserError"),
     "RoutingRecord": ("pmod.core.recording", "RoutingRecord"),
     "set_attention_path": ("pmod.core.routed_layer", "set_attention_path"),
+    "DARTConfig": ("pmod.methods", "DARTConfig"),
     "FastVConfig": ("pmod.methods", "FastVConfig"),
     "GammaMoDConfig": ("pmod.methods", "GammaMoDConfig"),
     "MoDConfig": ("pmod.methods", "MoDConfig"),
+    "PDropConfig": ("pmod.methods", "PDropConfig"),
     "PModConfig": ("pmod.methods", "PModConfig"),
     "import_llava": ("pmod.io.importers.original_llava", "import_llava"),
     # The names of pmod 0.1, kept: a p-MoD model is a routed model.
@@ -43,10 +45,12 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
+    "DARTConfig",
     "FastVConfig",
     "GammaMoDConfig",
     "MethodConfig",
     "MoDConfig",
+    "PDropConfig",
     "PModCache",
     "PModConfig",
     "RoutingRecord",
@@ -99,7 +103,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from pmod.core.errors import UserError
     from pmod.core.recording import RoutingRecord
     from pmod.io.importers.original_llava import import_llava
-    from pmod.methods import FastVConfig, GammaMoDConfig, MoDConfig, PModConfig
+    from pmod.methods import DARTConfig, FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig
 
     pmod_layers = routed_layers
     is_pmod_model = is_routed_model

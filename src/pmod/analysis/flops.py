@@ -1,5 +1,5 @@
 """Analytic FLOPs and KV-cache bytes of a decoder-only language model, dense vs a routing method (p-MoD, MoD,
-gamma-MoD, FastV). What each layer computes comes from the method config's ``layer_plan``.
+gamma-MoD, FastV, PyramidDrop, DART). What each layer computes comes from the method config's ``layer_plan``.
 
 Conventions (they match what runs, and what ``torch.utils.flop_counter.FlopCounterMode`` reports):
 
@@ -16,7 +16,9 @@ Conventions (they match what runs, and what ``torch.utils.flop_counter.FlopCount
   text outside the question too: ``n_question`` text tokens are always processed, the rest of the text and the
   vision tokens are routable (default: every text token is a question token, as at inference without a
   ``question_mask``). FastV's layer K-1 also computes its last token's attention row: a key projection over the
-  sequence, one query projection and one score row (``2 T hidden kv_width + 2 hidden q_width + 2 heads T head_dim``).
+  sequence, one query projection and one score row (``2 T hidden kv_width + 2 hidden q_width + 2 heads T head_dim``);
+  PyramidDrop's boundaries compute the same row. DART's layer K-1 projects the sequence to keys once more
+  (``2 T hidden kv_width``) and its layer K compares its P pivots with every token (``2 P T hidden``).
   Dense layers have no router.
 * The LM head runs on **all** prefill tokens (``2 * T * hidden * vocab``), as a plain ``model(...)`` forward or a
   training step does. ``generate()`` only computes the last position's logits during prefill; use the
@@ -152,6 +154,11 @@ def layer_cost(
     scoring = 0
     if plan.scores_last_token:  # k_proj over the sequence, q_proj of the last token, one QK^T row
         scoring = 2 * t * h * dims.kv_heads * hd + 2 * h * dims.heads * hd + 2 * dims.heads * t * hd
+    # A method's own ranking work, declared on a LayerPlan subclass (DART's PivotLayerPlan): a key projection over
+    # the sequence (its keys' norms), and rows of a [rows, hidden] @ [hidden, T] similarity (its pivots).
+    if getattr(plan, "key_projection", False):
+        scoring += 2 * t * h * dims.kv_heads * hd
+    scoring += 2 * getattr(plan, "similarity_rows", 0) * t * h
     # One AV or QK^T for a query against `n` keys: 2 * n * head_dim per head.
     decode_attn = 2 * (2 * dims.heads * hd * (k + 1))
     return LayerCost(

@@ -14,12 +14,25 @@ from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
 SCORES = "fastv_scores"
 
 
+def head_norm(attn: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
+    """``states`` [B, T, heads, d] through the attention's per-head norm ``name`` (Qwen3's q_norm / k_norm, applied
+    before RoPE), unchanged where the model has none (Llama, Qwen2)."""
+    norm = getattr(attn, name, None)
+    return states if norm is None else norm(states)
+
+
 def last_token_attention(
-    layer: nn.Module, hidden: torch.Tensor, real: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    real: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention [B, T] that each row's last real token pays every token in ``layer``, mean over heads.
 
-    Costs one key projection over the sequence, one query projection and one score row per row.
+    ``keys`` (bool [B, T]) limits the tokens attended to (the last token itself always is): PyramidDrop's later
+    stages attend only to the tokens earlier stages kept. Costs one key projection over the sequence, one query
+    projection and one score row per row.
     """
     attn = layer.self_attn
     bsz, seq = real.shape
@@ -29,13 +42,17 @@ def last_token_attention(
     at_last = last.view(bsz, 1)
     # [1 or B, T, d], or M-RoPE's [3, 1 or B, T, d] (Qwen2-VL up to transformers ~5.15)
     cos, sin = (t.expand(*t.shape[:-3], bsz, *t.shape[-2:]) for t in position_embeddings)
-    q = attn.q_proj(gather_tokens(normed, at_last)).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
-    k = attn.k_proj(normed).view(bsz, seq, -1, attn.head_dim).transpose(1, 2)  # [B, KV, T, d]
+    q = attn.q_proj(gather_tokens(normed, at_last)).view(bsz, 1, -1, attn.head_dim)
+    q = head_norm(attn, "q_norm", q).transpose(1, 2)  # [B, H, 1, d]
+    k = attn.k_proj(normed).view(bsz, seq, -1, attn.head_dim)
+    k = head_norm(attn, "k_norm", k).transpose(1, 2)  # [B, KV, T, d]
     apply = rotary(attn)
     q = apply(q, q, gather_positions(cos, at_last, 1), gather_positions(sin, at_last, 1))[0]
     k = apply(k, k, cos, sin)[1].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, T]
     visible = real & (positions <= last[:, None])
+    if keys is not None:
+        visible &= keys | (positions == last[:, None])
     probs = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(dim=-1)
     return probs.mean(dim=1)
 

@@ -189,6 +189,10 @@ def _describe(report: FlopsReport) -> str:
         return f"gamma-MoD skip {c.skip_ratio} on layers {c.mod_layers(report.dims.layers)}"
     if c.method == "fastv":
         return f"FastV K={c.layer} keep {c.keep}"
+    if c.method == "pdrop":
+        return f"PyramidDrop boundaries {c.layers} keep {c.keep} per stage"
+    if c.method == "dart":
+        return f"DART K={c.layer} keep {c.keep}, {c.pivots} vision + {c.text_pivots} text pivots"
     return c.method
 
 
@@ -247,6 +251,6 @@ def format_report(report: FlopsReport, name: str) -> str:
         f"LM head: {_g(report.lm_head_flops / GFLOP)} GFLOPs on all {t} prefill tokens per sample (generate() "
         f"computes only the last position's logits: {_g(report.lm_head_decode_flops / GFLOP)} GFLOPs).",
         f"mean vision retention {r['mean_retention']:.4f}; attention counted over the full K x K score matrix; "
-        f"the router column includes FastV's scoring row.",
+        f"the router column includes the ranking work of FastV, PyramidDrop and DART.",
     ]
     return "\n".join(lines)

@@ -43,6 +43,8 @@ def add_method_arguments(
             else parser  # fmt: skip
         for f in settable_fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:  # a list default (PyramidDrop's layers)
+                default = ",".join(map(str, f.default_factory()))
             group.add_argument(
                 f"--{flag_prefix(method)}-{f.name.replace('_', '-')}",
                 dest=destination(method, f.name),

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pmod.core.config import MethodConfig, method_names
+from pmod.core.config import MethodConfig, method_class, method_names
 from pmod.core.errors import UserError
 from pmod.recipes import method_flags
 from pmod.recipes.parsing import CommandParser, dashed
@@ -80,7 +80,7 @@ class ModelArguments:
         if config is not None and not config.trainable:
             raise TrainError(
                 f"{config.method} is training-free: it has nothing to train. Train the dense model "
-                f"(--method dense) and apply it afterwards with pmod.convert(model, pmod.FastVConfig(...))."
+                f"(--method dense) and apply it afterwards with pmod.convert(model, pmod.{type(config).__name__}(...))."
             )
         return config
 
@@ -99,7 +99,7 @@ class DataArguments:
 
 ARG_CLASSES = (ModelArguments, DataArguments)
 #: Methods ``pmod train`` can train (and so takes flags of).
-TRAINABLE = tuple(m for m in method_names() if m != "fastv")
+TRAINABLE = tuple(m for m in method_names() if method_class(m).trainable)
 #: ``--recipe paper``: the paper's schedule (LLaVA's recipe); batch sizes are global (devices x per device x
 #: accumulation), so they are the user's to set: 256 for stage 1, 128 for stage 2.
 PAPER_RECIPE: dict[str, dict[str, Any]] = {

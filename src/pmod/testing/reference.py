@@ -80,6 +80,7 @@ class Context:
     labels: torch.Tensor | None = None
     prompt_length: int | None = None
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> probs [B, H, T, T]
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # the RoPE the layers run with (set by run_layers)
 
     @property
     def decode(self) -> torch.Tensor:
@@ -198,6 +199,7 @@ def run_layers(
     """
     bsz, seq = x.shape[:2]
     device = x.device
+    ctx.cos_sin = cos_sin
     causal = torch.ones(seq, seq, device=device).tril().bool()
     eye = torch.eye(seq, dtype=torch.bool, device=device)
     for idx, layer in enumerate(layers):
@@ -415,6 +417,10 @@ def reference_rules(model: nn.Module, **declared: Any) -> dict[int, Any]:
     from pmod.methods.gamma_mod import ROUTER_NAME
 
     cfg = get_method_config(model)
+    if cfg.method in ("pdrop", "dart"):  # written in their own module
+        from pmod.testing.reference_pruning import pruning_rules
+
+        return pruning_rules(model, cfg, declared)
     paper = _paper_settings(cfg, declared)
     num_layers = len(backbone_for(model).decoder_layers(model))
     ratios = reference_ratios(cfg, num_layers, declared)
