@@ -12,6 +12,8 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pmod.core.compat import has_rope_axis
+
 #: Attention backends whose masks :func:`build_attention_mask` knows how to build.
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
@@ -61,7 +63,7 @@ def gather_positions(t: torch.Tensor, index: torch.Tensor, per_token_dims: int) 
     A leading axis beyond batch and sequence (M-RoPE's, up to transformers ~5.15) is kept and gathered per axis.
     """
     bsz = index.shape[0]
-    if t.dim() == 2 + per_token_dims:
+    if not has_rope_axis(t, per_token_dims):
         return gather_tokens(t.expand(bsz, *t.shape[1:]), index)
     return torch.stack([gather_tokens(axis.expand(bsz, *axis.shape[1:]), index) for axis in t])
 

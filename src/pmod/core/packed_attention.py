@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from pmod.core.compat import has_rope_axis
+
 #: ``pmod.set_attention_path`` values: pick per forward, always pad, always pack.
 ATTENTION_PATHS = ("auto", "padded", "packed")
 
@@ -59,7 +61,7 @@ def pack_slots(t: torch.Tensor, flat: torch.Tensor, per_token_dims: int) -> torc
     """The valid slots (``flat`` from :func:`packed_slot_index`) of a compacted tensor as one row: ``[B, K, ...]``
     -> ``[1, N, ...]``; M-RoPE's extra leading axis (``[A, B, K, ...]`` -> ``[A, 1, N, ...]``) is kept.
     ``per_token_dims`` as in :func:`~pmod.core.compaction.gather_positions`."""
-    if t.dim() == 2 + per_token_dims:
+    if not has_rope_axis(t, per_token_dims):
         return t.flatten(0, 1).index_select(0, flat).unsqueeze(0)
     return t.flatten(1, 2).index_select(1, flat).unsqueeze(1)
 
