@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
-#: Public name -> (module, attribute).
-_EXPORTS: dict[str, tuple[str, str]] = {
+#: Public name -> (module, attribute): the one list of pmod's public API.
+EXPORTS: dict[str, tuple[str, str]] = {
     "PModCache": ("pmod.core.cache", "PModCache"),
+    "PModStaticCache": ("pmod.core.cache", "PModStaticCache"),
     "kv_cache_bytes": ("pmod.core.cache", "kv_cache_bytes"),
     "MethodConfig": ("pmod.core.config", "MethodConfig"),
     "method_names": ("pmod.core.config", "method_names"),
@@ -44,66 +45,48 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "get_pmod_config": ("pmod.core.convert", "get_method_config"),
 }
 
-__all__ = [
-    "DARTConfig",
-    "FastVConfig",
-    "GammaMoDConfig",
-    "MethodConfig",
-    "MoDConfig",
-    "PDropConfig",
-    "PModCache",
-    "PModConfig",
-    "RoutingRecord",
-    "UserError",
-    "__version__",
-    "convert",
-    "get_method_config",
-    "get_pmod_config",
-    "import_llava",
-    "is_pmod_model",
-    "is_routed_model",
-    "kv_cache_bytes",
-    "layer_ratios",
-    "load",
-    "method_names",
-    "pmod_layers",
-    "record_routing",
-    "routed_layers",
-    "routing_loss",
-    "set_attention_path",
-]
+#: The public names: the lazy table's (the ``TYPE_CHECKING`` block below repeats them for type checkers and IDEs,
+#: which cannot read the table; ``tests/test_public_api.py`` checks that both list the same names).
+__all__ = ["__version__", *sorted(EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name not in EXPORTS:
         raise AttributeError(f"module 'pmod' has no attribute {name!r}")
-    module, attribute = _EXPORTS[name]
+    module, attribute = EXPORTS[name]
     value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *EXPORTS])
 
 
-if TYPE_CHECKING:  # what type checkers and IDEs see
-    from pmod.core.cache import PModCache, kv_cache_bytes
-    from pmod.core.config import MethodConfig, method_names
-    from pmod.core.convert import (
-        convert,
-        get_method_config,
-        is_routed_model,
-        layer_ratios,
-        load,
-        record_routing,
-        routed_layers,
-        routing_loss,
-    )
-    from pmod.core.errors import UserError
-    from pmod.core.recording import RoutingRecord
-    from pmod.io.importers.original_llava import import_llava
-    from pmod.methods import DARTConfig, FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig
+if TYPE_CHECKING:  # what type checkers and IDEs see (``X as X``: an explicit re-export)
+    from pmod.core.cache import PModCache as PModCache
+    from pmod.core.cache import PModStaticCache as PModStaticCache
+    from pmod.core.cache import kv_cache_bytes as kv_cache_bytes
+    from pmod.core.config import MethodConfig as MethodConfig
+    from pmod.core.config import method_names as method_names
+    from pmod.core.convert import convert as convert
+    from pmod.core.convert import get_method_config as get_method_config
+    from pmod.core.convert import is_routed_model as is_routed_model
+    from pmod.core.convert import layer_ratios as layer_ratios
+    from pmod.core.convert import load as load
+    from pmod.core.convert import record_routing as record_routing
+    from pmod.core.convert import routed_layers as routed_layers
+    from pmod.core.convert import routing_loss as routing_loss
+    from pmod.core.errors import UserError as UserError
+    from pmod.core.recording import RoutingRecord as RoutingRecord
+    from pmod.core.routed_layer import set_attention_path as set_attention_path
+    from pmod.io.importers.original_llava import import_llava as import_llava
+    from pmod.methods import DARTConfig as DARTConfig
+    from pmod.methods import FastVConfig as FastVConfig
+    from pmod.methods import GammaMoDConfig as GammaMoDConfig
+    from pmod.methods import MoDConfig as MoDConfig
+    from pmod.methods import PDropConfig as PDropConfig
+    from pmod.methods import PModConfig as PModConfig
 
     pmod_layers = routed_layers
     is_pmod_model = is_routed_model
