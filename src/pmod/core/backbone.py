@@ -2,7 +2,7 @@
 
 An adapter says where the decoder layers are, which token ids are routable, and which parameter prefixes belong to
 the vision tower and the projector (for freezing and learning-rate groups). Families register themselves from
-``pmod.backbones``; ``convert`` dispatches on the model's class name.
+``pmod.backbones``; ``convert`` dispatches on the config's ``model_type``.
 """
 
 from __future__ import annotations
