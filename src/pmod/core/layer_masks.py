@@ -56,6 +56,8 @@ def every_token_mask(
     implementation = attention_implementation(layer)
     if seq == 1 and (after is None or implementation == "sdpa"):
         return after  # a one-token step: the key mask alone (None: every cached slot is real)
+    if seq == 1 and implementation.startswith("flash_attention"):
+        return after.view(bsz, -1).to(torch.int32)  # flash attention's 2-D key padding mask, no host check
     device = hidden.device
     new = torch.ones(bsz, seq, dtype=torch.bool, device=device) if new_valid is None else new_valid
     old = torch.ones(bsz, past, dtype=torch.bool, device=device) if before is None else before
