@@ -14,7 +14,6 @@ import pmod
 from pmod.core.config import (
     MethodConfig,
     config_from_stored,
-    field_help,
     method_class,
     method_names,
     parse_field,
@@ -131,11 +130,7 @@ def test_a_plugins_field_types() -> None:
         parse_field(PluginConfig, "pair", "1,2")
 
 
-def test_help_and_settable_fields() -> None:
-    assert field_help(PluginConfig) == {
-        "which": "a name or layers", "names": "", "nothing": "", "anything": "", "options": "", "plain": "",
-        "pair": "", "hidden": "set by pmod",
-    }  # fmt: skip
+def test_settable_fields() -> None:
     assert [f.name for f in settable_fields(PluginConfig)] == [
         "which", "names", "nothing", "anything", "options", "plain", "pair",
     ]  # fmt: skip

@@ -30,10 +30,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pmod.recipes.data", "LLaVA-format data: synth (make a synthetic VQA set), check (find bad records)"),
 }
 
-#: The error class of the command line (an alias kept from pmod 0.1).
-CLIError = UserError
-
-
 def top_parser() -> CommandParser:
     parser = CommandParser(prog="pmod", description="Mixture-of-Depths multimodal LLMs (p-MoD and kin).",
                            allow_abbrev=False)  # fmt: skip

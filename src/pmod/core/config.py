@@ -166,11 +166,6 @@ def store_method_config(config: Any, method_config: MethodConfig | None) -> None
 
 
 # ------------------------------------------------------------------------------------------- settings from text
-def field_help(cls: type[MethodConfig]) -> dict[str, str]:
-    """Help text of each field (``metadata={"help": ...}``)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.init}
-
-
 def settable_fields(cls: type[MethodConfig]) -> list[dataclasses.Field]:
     """The fields a user sets (everything but internal ones marked ``metadata={"internal": True}``)."""
     return [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")]
