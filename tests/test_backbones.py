@@ -205,3 +205,20 @@ def test_stage2_freezes_the_tower(family: str) -> None:
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     projector = "merger" if family.startswith("qwen") else "multi_modal_projector"
     assert trained and all(projector in n for n in trained)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_generation_equals_the_dynamic_cache(family: str) -> None:
+    """``generate(cache_implementation="static")`` (K/V preallocated, the routed layers' slot records as decode masks;
+    ``generate`` hands these models a dict of 4-D masks per layer type) gives the tokens and logits of the default
+    dynamic cache on images, two images and a video in one left-padded batch."""
+    from pmod.core.cache import PModStaticCache, cache_of
+
+    _, model, batch = routed(family)
+    gen = dict(GEN, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(**batch, **gen)
+        static = model.generate(**batch, cache_implementation="static", **gen)
+    assert isinstance(cache_of(static), PModStaticCache)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=0)

@@ -11,6 +11,8 @@ pmod reads it:
   splits them by ``mrope_section``; later ``[B, T, d]`` already merged (:func:`has_rope_axis`, :func:`rotary`);
 * the images of a multimodal forward: ``pixel_values`` / ``pixel_values_videos``, or from 5.2x the encoder outputs
   ``generate`` computed beforehand (``mm_encoder_outputs``) (:func:`has_vision_inputs`);
+* the mask ``generate`` builds for a static cache: a 4-D tensor, or per layer type a dict of them (models whose
+  config lists ``layer_types``) (:func:`full_attention_mask`);
 * the attention implementation a layer runs: ``config._attn_implementation`` (:func:`attention_implementation`).
 """
 
@@ -48,6 +50,14 @@ VISION_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 def has_vision_inputs(kwargs: dict[str, Any]) -> bool:
     """Whether a model call's keyword arguments carry images or videos (see :data:`VISION_INPUTS`)."""
     return any(kwargs.get(name) is not None for name in VISION_INPUTS)
+
+
+def full_attention_mask(mask: Any) -> Any:
+    """The full-attention mask of what a model's forward got as ``attention_mask``: the tensor itself, or the
+    ``"full_attention"`` entry of the per-layer-type dict ``generate`` builds for a static cache (some releases)."""
+    if isinstance(mask, dict):
+        return mask.get("full_attention", next(iter(mask.values()), None))
+    return mask
 
 
 def attention_implementation(layer: nn.Module) -> str:

@@ -26,7 +26,7 @@ from pmod.core.backbone import (
     find_backbone,
     supported_model_types,
 )
-from pmod.core.compat import CACHE_NAME, has_vision_inputs
+from pmod.core.compat import CACHE_NAME, full_attention_mask, has_vision_inputs
 from pmod.core.config import MethodConfig, method_class, store_method_config, stored_method_config
 from pmod.core.errors import UserError
 from pmod.core.files import check_complete
@@ -145,7 +145,8 @@ class _RoutingHook:
             # A one-token chunk without images (every decode step) is text: known without reading it on the host.
             vision_mask = torch.isin(input_ids, self._routable_ids(input_ids.device))
 
-        token_mask, total = real_tokens(bound.get("attention_mask"), seq, bound.get(CACHE_NAME), reference.device)
+        mask = full_attention_mask(bound.get("attention_mask"))
+        token_mask, total = real_tokens(mask, seq, bound.get(CACHE_NAME), reference.device)
         if question_mask is not None:
             # generate() passes the prompt's mask again at every decode step: it only describes the prompt chunk.
             width = question_mask.shape[-1]
