@@ -5,7 +5,7 @@ hand, never taken from the code under test."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import pytest
@@ -36,7 +36,6 @@ class PluginConfig(MethodConfig):
     options: dict[str, int] = field(default_factory=dict)
     plain: dict = field(default_factory=dict)
     pair: tuple[int, int] = (0, 0)
-    hidden: dict[str, Any] = field(default_factory=dict, metadata={"internal": True, "help": "set by pmod"})
     derived: int = field(default=0, init=False, metadata={"help": "computed"})
 
 
@@ -134,7 +133,16 @@ def test_settable_fields() -> None:
     assert [f.name for f in settable_fields(PluginConfig)] == [
         "which", "names", "nothing", "anything", "options", "plain", "pair",
     ]  # fmt: skip
-    assert "extra" not in [f.name for f in settable_fields(pmod.PModConfig)]  # internal
+    assert [f.name for f in settable_fields(pmod.PModConfig)] == [f.name for f in fields(pmod.PModConfig)]
+
+
+def test_settings_of_pmod_0_2_with_the_empty_extra_field_still_load() -> None:
+    """pmod 0.2 wrote an internal, always empty ``extra`` with p-MoD's settings; it loads, anything else in it does
+    not (that would be settings this version cannot honour)."""
+    stored = pmod.PModConfig(beta=0.4).to_dict()
+    assert pmod.PModConfig.from_dict({**stored, "extra": {}}) == pmod.PModConfig(beta=0.4)
+    with pytest.raises(ValueError, match=r"Unknown p-MoD config keys \['extra'\]"):
+        pmod.PModConfig.from_dict({**stored, "extra": {"beta": 0.3}})
 
 
 def test_registry_order_and_registration() -> None:

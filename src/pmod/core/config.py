@@ -114,6 +114,8 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        # pmod 0.2 stored an internal, always empty "extra" field with p-MoD's settings: such folders keep loading.
+        data = {k: v for k, v in data.items() if not (k == "extra" and v == {})}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -167,8 +169,8 @@ def store_method_config(config: Any, method_config: MethodConfig | None) -> None
 
 # ------------------------------------------------------------------------------------------- settings from text
 def settable_fields(cls: type[MethodConfig]) -> list[dataclasses.Field]:
-    """The fields a user sets (everything but internal ones marked ``metadata={"internal": True}``)."""
-    return [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")]
+    """The fields a user sets (every field of the constructor)."""
+    return [f for f in dataclasses.fields(cls) if f.init]
 
 
 def parse_field(cls: type[MethodConfig], name: str, value: Any) -> Any:

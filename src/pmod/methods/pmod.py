@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pmod.core import schedules
 from pmod.core.config import LayerPlan, MethodConfig, register_method
@@ -59,7 +59,6 @@ class PModConfig(MethodConfig):
     weight_bias: float | None = field(default=None, metadata={"help": "w~ = scale*act(w)+bias; default per norm"})
     string: bool = field(default=True, metadata={"help": "STRing: skipped vision tokens become w~ * x"})
     router_bias: bool = field(default=True, metadata={"help": "the Linear(hidden, 1) router has a bias"})
-    extra: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         if self.schedule not in ("prd", "linear", "constant", "explicit"):
