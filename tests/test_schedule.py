@@ -84,3 +84,18 @@ def test_low_beta_keeps_layer_0_dense():
     assert ratios[0] is None
     assert ratios[1] == pytest.approx(0.5 * math.cos(math.pi / 31) + 0.3)
     assert PModConfig(schedule="linear", beta=0.2).layer_ratios(8)[:2] == [None, pytest.approx(0.5 - 1 / 7 + 0.2)]
+
+
+def test_device_kept_counts_equal_the_host_rule():
+    """The device-side counts (gamma-MoD's training rule, DART's budget) are ``kept_count`` per row: floor, and round
+    with halves to even (23 * 0.5 = 11.5 -> 12, 25 * 0.5 = 12.5 -> 12)."""
+    import torch
+
+    from pmod.core.compaction import kept_counts
+
+    n = torch.arange(0, 600)
+    for ratio in (0.5, 0.222, 0.15, 0.8445, 1.0):
+        for rounding in ("floor", "round"):
+            want = [kept_count(int(v), ratio, rounding) for v in n]
+            assert kept_counts(n, ratio, rounding).tolist() == want, (ratio, rounding)
+    assert kept_counts(torch.tensor([23, 25]), 0.5, "round").tolist() == [12, 12]

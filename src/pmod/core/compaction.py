@@ -18,10 +18,11 @@ from pmod.core.compat import has_rope_axis
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
-def kept_counts(n_candidates: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``floor(ratio * n)`` per row, in the float64 arithmetic of ``schedules.kept_count`` (so the analytic
-    accounting matches what runs)."""
-    return torch.floor(n_candidates.double() * ratio).long()
+def kept_counts(n_candidates: torch.Tensor, ratio: float, rounding: str = "floor") -> torch.Tensor:
+    """``schedules.kept_count`` per row on the device: ``floor(ratio * n)``, or with ``rounding="round"`` the nearest
+    integer (halves to even), in the same float64 arithmetic, so the analytic accounting matches what runs."""
+    scaled = n_candidates.double() * ratio
+    return (torch.round(scaled) if rounding == "round" else torch.floor(scaled)).long()
 
 
 def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

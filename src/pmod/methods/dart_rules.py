@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pmod.core.compaction import kept_counts
 from pmod.core.compat import rotary
 from pmod.core.plan import VISION
 from pmod.core.routed_layer import RouteDecision, RoutingInputs, RoutingRule
@@ -66,7 +67,7 @@ def duplication_ranking(
     first = torch.arange(image.shape[1], device=device, dtype=order.dtype).expand_as(image)
     order.scatter_(1, image, torch.where(image_ok, first, float("inf")))
     taken = image_ok.sum(1)
-    budget = torch.round(vision.sum(1).double() * keep).long()  # the plan's round(n_vision * keep)
+    budget = kept_counts(vision.sum(1), keep, "round")  # the plan's round(n_vision * keep)
     # ceil((budget - vision pivots) / pivots), as a negated floor division
     per_pivot = (taken - budget).clamp(max=0).div(pivot_ok.sum(1).clamp(min=1), rounding_mode="floor").neg()
     free = vision & order.isinf()
