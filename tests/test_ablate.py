@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,8 +27,11 @@ from pmod.recipes.ablate import AblateSettings
 from pmod.recipes.ablate_variants import (
     VARIANTS,
     Workload,
+    dart_at_budget,
     fastv_at_budget,
     mod_at_budget,
+    pdrop_at_budget,
+    pdrop_boundaries,
     variant_configs,
 )
 from pmod.recipes.demo import DemoSettings
@@ -102,6 +106,44 @@ def test_quick_report_numbers_are_the_units(run):
     assert all(len(loss) >= 2 for loss in trained)
 
 
+def test_training_free_rows_carry_their_configs(run):
+    """The PyramidDrop and DART rows: in the saved settings, each unit's result and the report with the config
+    their solver (or the paper) gives for the run's model and prompt, trained on nothing, and the Budgets section
+    counts each layer's kept tokens with the method's own rounding (DART: round(16 * 0.222) = 4, not floor's 3)."""
+    from pmod.io.loading import load_model
+
+    out, report = run
+    settings = json.loads((out / "ablate.json").read_text())
+    assert {"fastv", "pdrop", "dart", "pdrop_paper", "dart_paper"} <= set(settings["variants"])
+    model, _ = load_model(out / "runs" / "dense" / "seed0", "cpu")
+    dims = LMDims.from_config(model.config)
+    workload = Workload(dims, report["workload"]["n_vision"], report["workload"]["n_text"])
+    assert (dims.layers, workload.n_vision) == (6, 16)
+    want = {
+        "pdrop": ("pdrop", pdrop_at_budget(workload, pmod.PModConfig()).to_dict()),
+        "dart": ("dart", dart_at_budget(workload, pmod.PModConfig()).to_dict()),
+        "pdrop_paper": ("pdrop", {"layers": [2, 3, 5], "keep": 0.5}),
+        "dart_paper": ("dart", {"layer": 2, "keep": 0.222, "pivots": 4, "text_pivots": 4}),
+    }
+    units = unit_results(out)
+    md = (out / "report.md").read_text()
+    for name, (method, config) in want.items():
+        row = report["rows"][name]
+        assert (row["method"], row["config"]) == (method, config), name
+        assert row["group"] == VARIANTS[name].group and row["train_seconds"] == 0
+        assert all((units[(name, s)]["method"], units[(name, s)]["config"]) == (method, config) for s in (0, 1))
+        assert f"| {VARIANTS[name].label} | " in report["table"]
+    for name in ("pdrop", "dart"):  # held to p-MoD's TFLOPs: one token per routed layer of 16 is ~1-2% here
+        assert report["rows"][name]["tflops_ratio"] == pytest.approx(report["rows"]["pmod"]["tflops_ratio"], rel=0.02)
+    budget = next(line for line in md.splitlines() if line.startswith(f"- {VARIANTS['dart_paper'].label}:"))
+    assert "vision tokens each keeps [4, 4, 4, 4] of 16" in budget, budget
+    keep = want["pdrop"][1]["keep"]
+    pdrop = next(line for line in md.splitlines() if line.startswith(f"- {VARIANTS['pdrop'].label}:"))
+    kept = [math.floor(16 * keep**s) for s in (1, 2, 2, 3)]  # stage s from boundary s: layers 2 | 3, 4 | 5
+    assert f"routed layers [2, 3, 4, 5], vision tokens each keeps {kept} of 16" in pdrop, pdrop
+    assert f"lambda {keep:.4f} at stage boundaries [2, 3, 5]" in pdrop
+
+
 def load_unit(out: Path, variant: str, seed: int) -> tuple[torch.nn.Module, object, pmod.MethodConfig | None]:
     """A unit's model as it was evaluated, and its config read back from its result file."""
     from pmod.io.loading import load_model
@@ -172,7 +214,7 @@ def flops_with_kept(config, workload: Workload, kept: int) -> int:
     return estimate(workload.dims, other, n_vision=n, n_text=workload.n_text).pmod_flops
 
 
-@pytest.mark.parametrize("solver", [mod_at_budget, fastv_at_budget])
+@pytest.mark.parametrize("solver", [mod_at_budget, fastv_at_budget, dart_at_budget])
 @pytest.mark.parametrize(
     "workload, tolerance",
     # LLaVA-1.5-7B (576 vision tokens): within 0.5%. The demo's 12-layer model (64 vision tokens): one token per
@@ -191,6 +233,41 @@ def test_flops_matching_solver(solver, workload, tolerance):
     assert got == estimate(workload.dims, config, n_vision=workload.n_vision, n_text=workload.n_text).pmod_flops
     assert got == pytest.approx(target, rel=tolerance)
     assert abs(got - target) <= min(abs(flops_with_kept(config, workload, k + d) - target) for d in (-1, 1))
+
+
+DEMO_8 = dataclasses.replace(DEMO_12, layers=8)
+
+
+@pytest.mark.parametrize(
+    "workload, tolerance, boundaries",
+    # the same tolerances as the MoD / FastV / DART solvers; the ablation's own 8-layer model as well
+    [(Workload(LLAVA_7B, 576, 64), 0.005, [8, 16, 24]), (Workload(DEMO_12, 64, 15), 0.01, [3, 6, 9]),
+     (Workload(DEMO_8, 64, 15), 0.01, [2, 4, 6])],
+)  # fmt: skip
+def test_pdrop_solver_meets_pmod_tflops(workload, tolerance, boundaries):
+    """PyramidDrop's solved lambda gives p-MoD's TFLOPs within the tolerance (both from pmod.analysis.flops), on
+    stage boundaries at the paper's share of the depth, and no lambda of a fine grid comes closer."""
+    n, n_text = workload.n_vision, workload.n_text
+    target = estimate(workload.dims, pmod.PModConfig(), n_vision=n, n_text=n_text).pmod_flops
+    config = pdrop_at_budget(workload, pmod.PModConfig())
+    assert config.layers == boundaries
+    got = estimate(workload.dims, config, n_vision=n, n_text=n_text).pmod_flops
+    assert got == pytest.approx(target, rel=tolerance)
+    # what the solver claims, recounted by hand: stage s keeps floor(n lambda^s) vision tokens in its layers
+    kept = [math.floor(n * config.keep**s) for s in (1, 2, 3)]
+    stage_of = np.searchsorted(boundaries, np.arange(workload.dims.layers), side="right")
+    want = [n_text + (n if s == 0 else kept[s - 1]) for s in stage_of]
+    assert [c.processed for c in estimate(workload.dims, config, n_vision=n, n_text=n_text).pmod_layers] == want
+    grid = np.linspace(0.05, 1.0, 1901)
+    others = [estimate(workload.dims, dataclasses.replace(config, keep=float(k)), n_vision=n, n_text=n_text).pmod_flops
+              for k in grid]  # fmt: skip
+    assert abs(got - target) <= min(abs(f - target) for f in others)
+
+
+def test_pdrop_boundaries_scale_the_papers_to_the_depth():
+    """8, 16, 24 of 32 layers at the same share of the depth, rounded half up; coinciding ones merged."""
+    assert [pdrop_boundaries(n) for n in (32, 16, 12, 8, 6, 4, 3, 2)] == [
+        [8, 16, 24], [4, 8, 12], [3, 6, 9], [2, 4, 6], [2, 3, 5], [1, 2, 3], [1, 2], [1]]  # fmt: skip
 
 
 def test_schedules_have_pmod_mean_retention():
@@ -319,7 +396,8 @@ def test_accuracy_plot_labels_apart_and_error_bars_within_0_1(tmp_path, monkeypa
     points = {"dense": (1.0, 0.98, 0.05), "mod": (0.50, 0.50, 0.02), "tanh1": (0.505, 0.515, 0.02),
               "tanh": (0.51, 0.53, 0.02), "string": (0.502, 0.545, 0.03), "pmod": (0.50, 0.56, 0.01),
               "constant": (0.52, 0.565, None), "linear": (0.56, 0.02, 0.05), "gamma_mod": (0.8, 0.97, 0.08),
-              "fastv": (0.503, 0.50, 0.0)}  # fmt: skip
+              "fastv": (0.503, 0.50, 0.0), "pdrop": (0.501, 0.52, 0.02), "dart": (0.506, 0.49, 0.03),
+              "pdrop_paper": (0.47, 0.45, 0.05), "dart_paper": (0.42, 0.995, 0.04)}  # fmt: skip
     rows = {name: {"label": VARIANTS[name].label, "group": VARIANTS[name].group, "tflops_ratio": t,
                    "accuracy_mean": acc, "accuracy_sd": sd} for name, (t, acc, sd) in points.items()}  # fmt: skip
     saved = []

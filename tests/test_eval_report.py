@@ -192,3 +192,37 @@ def test_help_and_flag_errors_load_neither_torch_nor_lmms_eval():
     for argv, rc in ((["eval", "--help"], 0), (["eval", "--model", "m"], 2)):
         proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
         assert proc.stdout.strip().splitlines()[-1] == f"[] {rc}", proc.stderr[-500:]
+
+
+def test_pdrop_and_dart_on_the_fly_with_their_cost(setup, tmp_path):
+    """A dense folder evaluated with PyramidDrop (its list setting in brackets) and DART on the fly, as FastV: each
+    row's TFLOPs and KV ratios equal pmod.analysis.flops' for the same requests' tokens (the KV measured on the
+    caches), below dense, and report.md lists each model's method settings and cost."""
+    from transformers import AutoConfig
+
+    from pmod.analysis.dims import LMDims
+    from pmod.analysis.flops import estimate
+
+    root, dense, routed, data = setup
+    configs = {"dense+pdrop": pmod.PDropConfig(layers=[1, 3], keep=0.5), "dense+dart": pmod.DARTConfig(keep=0.25)}
+    models = [dense, f"{dense},method=pdrop,pdrop_layers=[1,3],pdrop_keep=0.5", f"{dense},method=dart,dart_keep=0.25"]
+    out = tmp_path / "out"
+    flags = [a for m in models for a in ("--model", m)]
+    assert main(["eval", *flags, "--tasks", "pmod_shapes", "--limit", str(LIMIT), "--batch-size", "4",
+                 "--shapes-data", str(data), "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    rows = {r["model"]: r for r in json.loads((out / "report.json").read_text())["tasks"]["pmod_shapes"]}
+    assert list(rows) == ["dense", *configs]
+    dims = LMDims.from_config(AutoConfig.from_pretrained(dense))
+    md = (out / "report.md").read_text()
+    for label, config in configs.items():
+        lines = [json.loads(x) for x in (out / rows[label]["result"] / "costs" / "requests.rank0.jsonl").read_text()
+                 .splitlines()]  # fmt: skip
+        assert len(lines) == LIMIT
+        costs = [estimate(dims, config, n_vision=c["n_vision"], n_text=c["n_text"], dtype="float32") for c in lines]
+        flops = sum(c.pmod_flops for c in costs) / sum(c.dense_flops for c in costs)
+        kv = sum(c.pmod_kv_bytes for c in costs) / sum(c.dense_kv_bytes for c in costs)
+        assert rows[label]["tflops_ratio"] == pytest.approx(flops, rel=1e-12), label
+        assert rows[label]["kv_ratio"] == pytest.approx(kv, rel=1e-12), label
+        assert rows[label]["tflops_ratio"] < 1 and rows[label]["kv_ratio"] < 1
+        assert f"| {label} | {rows[label]['score']:.4f} | " in md and f"| {rows[label]['tflops_ratio']:.1%} |" in md
+    assert "- dense+pdrop: " in md and "(method=pdrop, pdrop_layers=[1,3], pdrop_keep=0.5)" in md

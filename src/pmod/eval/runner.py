@@ -39,13 +39,15 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``DIR`` or ``DIR,key=value,...`` (lmms-eval's model-args syntax)."""
+        """``DIR`` or ``DIR,key=value,...`` (lmms-eval's model-args syntax); a list value is bracketed or quoted,
+        ``pdrop_layers=[2,4,6]``, so that its commas stay in it."""
         folder, _, rest = text.partition(",")
         args = {}
-        for item in filter(None, (part.strip() for part in rest.split(","))):
+        for item in filter(None, (part.strip() for part in split_model_args(rest))):
             key, sep, value = item.partition("=")
             if not sep:
-                raise UserError(f"--model {text}: {item!r} is not key=value; write DIR,method=fastv,fastv_keep=0.25")
+                raise UserError(f"--model {text}: {item!r} is not key=value; write DIR,method=fastv,fastv_keep=0.25 "
+                                "(a list in brackets: method=pdrop,pdrop_layers=[2,4,6])")  # fmt: skip
             args[key.strip()] = value.strip()
         return cls(folder, args)
 
@@ -53,6 +55,22 @@ class ModelSpec:
     def name(self) -> str:
         """The folder's name, plus ``+method`` when one is given (the label before duplicates are numbered)."""
         return Path(self.folder).resolve().name + (f"+{self.args['method']}" if self.args.get("method") else "")
+
+
+def split_model_args(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[]":
+            depth = depth + 1 if ch == "[" else max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def label_models(specs: list[ModelSpec]) -> list[ModelSpec]:

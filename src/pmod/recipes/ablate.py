@@ -3,7 +3,8 @@ tower, steps and seeds, side by side, and reported with the spread over seeds.
 
 Rows (``pmod.recipes.ablate_variants``): dense; vanilla MoD at p-MoD's TFLOPs; p-MoD's component ladder (MoD ->
 +TanhNorm alpha 1 and 0.2 -> +STRing -> +PRD); the schedule shapes at p-MoD's mean retention (constant, linear,
-cosine = PRD); gamma-MoD with ARank-chosen layers; FastV on the trained dense model at p-MoD's TFLOPs.
+cosine = PRD); gamma-MoD with ARank-chosen layers; the training-free rows on the trained dense model: FastV,
+PyramidDrop and DART at p-MoD's TFLOPs, and PyramidDrop and DART at their papers' own settings.
 
 Steps: synthetic data and the pre-trained tower (as ``pmod demo``) -> one base model per seed -> one unit per
 variant and seed (``pmod.recipes.ablate_runs``: trained, evaluated and written as it ends) -> prefill latency of
@@ -170,7 +171,7 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     test = [r for r in json.loads((layout.data / "test.json").read_text()) if r.get("image")][: task.eval_samples]
     workload = prompt_workload(layout.tower, layout.data, test)
     configs = variant_configs(settings.variants, workload)
-    units = [Unit("dense", seed, None) for seed in settings.seeds]  # first: FastV and gamma-MoD need them
+    units = [Unit("dense", seed, None) for seed in settings.seeds]  # first: training-free rows and gamma-MoD need them
     for seed in settings.seeds:
         for name in settings.variants:
             if name != "dense":

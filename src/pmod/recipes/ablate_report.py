@@ -16,6 +16,7 @@ from typing import Any
 
 from pmod.analysis import plots as plotting
 from pmod.core import schedules
+from pmod.core.config import method_class
 from pmod.core.files import atomic_write_text
 from pmod.recipes.ablate_variants import GROUPS, VARIANTS, Workload
 from pmod.recipes.demo import DemoSettings
@@ -103,6 +104,7 @@ def summarize(settings: Any, results: dict[str, dict], failures: dict[str, str],
                 train_cpu_seconds=statistics.fmean(r.get("train_cpu_seconds", 0.0) for r in runs),
                 nonfinite_loss_steps=sum(r["nonfinite_loss_steps"] for r in runs),
                 nonfinite_parameters=sum(r["nonfinite_parameters"] for r in runs),
+                method=runs[0]["method"],
                 config=runs[0]["config"],
                 configs={r["seed"]: r["config"] for r in runs},
                 layer_ratios=runs[0]["layer_ratios"],
@@ -279,12 +281,16 @@ def budgets_md(rows: dict[str, dict], workload: Workload) -> list[str]:
             continue
         ratios = r["layer_ratios"]
         routed = [i for i, x in enumerate(ratios) if x is not None]
-        kept = [schedules.kept_count(workload.n_vision, x) for x in ratios if x is not None]
+        # each layer's own rounding: FastV and DART keep round(n keep), the others floor(n ratio)
+        plans = method_class(r["method"]).from_dict(config).layer_plan(len(ratios))
+        kept = [schedules.kept_count(workload.n_vision, x, p.rounding) for x, p in zip(ratios, plans) if x is not None]
         text = (f"- {r['label']}: routed layers {routed}, vision tokens each keeps {kept} of "
                 f"{workload.n_vision}, mean retention {r['mean_retention']:.4f}, TFLOPs {r['tflops_ratio']:.2%} of "
                 "dense")  # fmt: skip
         if pmod.get("tflops_ratio") and name != "pmod":
             text += f" ({r['tflops_ratio'] / pmod['tflops_ratio'] - 1:+.2%} vs p-MoD's)"
+        if r["method"] == "pdrop":
+            text += f"; lambda {config['keep']:.4f} at stage boundaries {config['layers']}"
         if name == "gamma_mod":
             layers = {seed: c["layers"] for seed, c in r["configs"].items()}
             text += f"; ARank-chosen layers per seed {layers}"

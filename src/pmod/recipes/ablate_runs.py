@@ -4,9 +4,9 @@ running and a rerun skips the finished ones.
 
 A unit trains its variant from its seed's base model (the same frozen tower for every seed; projector, decoder and
 routers initialised by the seed, which also sets the data order) and evaluates it on the held-out questions; a
-training-free unit (FastV) converts the trained dense model of its seed instead, and gamma-MoD takes its layers
-from the ARank of that dense model (``pmod arank``). Every unit of a run uses the same number of torch threads,
-so a resumed run computes what an uninterrupted one does, bit for bit.
+training-free unit (FastV, PyramidDrop, DART) converts the trained dense model of its seed instead, and gamma-MoD
+takes its layers from the ARank of that dense model (``pmod arank``). Every unit of a run uses the same number of
+torch threads, so a resumed run computes what an uninterrupted one does, bit for bit.
 """
 
 from __future__ import annotations

@@ -6,12 +6,17 @@ Every routed row is held to p-MoD's cost, so that accuracy is the only thing lef
   (2..L-2), the ratio chosen so that the analytic prefill TFLOPs (:func:`pmod.analysis.flops.estimate`) come
   closest to p-MoD's; the last rung, +PRD, is p-MoD itself;
 * the schedule shapes (constant, linear, cosine = PRD) have p-MoD's mean retention;
-* FastV keeps the share of vision tokens from layer 2 on that comes closest to p-MoD's TFLOPs;
+* FastV and DART keep the share of vision tokens from layer 2 on, PyramidDrop the share ``lambda`` kept at each
+  stage boundary, that comes closest to p-MoD's TFLOPs; PyramidDrop and DART also run at their papers' settings
+  (lambda 0.5; keep 0.222 = 128 of 576 from K = 2), at whatever cost those give;
+* PyramidDrop's stage boundaries sit where the paper puts them on 32 layers (8, 16, 24: a quarter, half and three
+  quarters of the depth), scaled to the model's depth (:func:`pdrop_boundaries`);
 * gamma-MoD keeps its paper settings (skip half of the routable tokens on the ARank-chosen layers): its cost is
   whatever those layers give, shown beside its accuracy.
 
 A layer keeps ``floor(R n_vision)`` tokens, so only ``n_vision`` ratios differ and a budget can be met only to
-one token per routed layer; the solvers return the best ratio on that grid (:func:`grid_ratio`). No torch here.
+one token per routed layer; the solvers return the best ratio on that grid (:func:`grid_ratio`; PyramidDrop:
+every ``lambda`` at which a stage's kept count changes, :func:`pdrop_at_budget`). No torch here.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from pmod.analysis.flops import estimate
 from pmod.core import schedules
 from pmod.core.config import MethodConfig
 from pmod.core.errors import UserError
-from pmod.methods import FastVConfig, GammaMoDConfig, MoDConfig, PModConfig
+from pmod.methods import DARTConfig, FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig
 
 #: MoD's layer set (the original code's ``deep_all``); the ladder's constant-ratio rungs route the same layers.
 MOD_LAYERS = "deep_all"
+#: The depth PyramidDrop's paper places its stage boundaries on (LLaVA-1.5 / NeXT 7B: 32 layers).
+PDROP_PAPER_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,8 @@ GROUPS = {
     "ladder": "p-MoD's components, each rung at p-MoD's TFLOPs (p-MoD Table 3)",
     "schedule": "schedule shapes at p-MoD's mean retention (cosine = the +PRD row above)",
     "gamma-MoD": "gamma-MoD (ARank layer choice, shared router, masked routing; its own settings)",
-    "training-free": "training-free, on the trained dense model",
+    "training-free": "training-free at p-MoD's TFLOPs, on the trained dense model",
+    "training-free-paper": "training-free at the papers' own settings (their own cost), on the trained dense model",
 }
 
 VARIANTS: dict[str, Variant] = {
@@ -111,6 +119,31 @@ VARIANTS: dict[str, Variant] = {
             "tokens the last token attended to most, as many as give p-MoD's TFLOPs.",
             trained=False, needs_dense=True,
         ),
+        Variant(
+            "pdrop", "PyramidDrop (at p-MoD's TFLOPs)", "training-free",
+            "PyramidDrop on the trained dense model of the same seed, no training: at each stage boundary (the "
+            "paper's 8, 16, 24 of 32 layers, scaled to this depth) the kept vision tokens the last token attends to "
+            "most are kept, a share lambda of them, lambda chosen to give p-MoD's TFLOPs.",
+            trained=False, needs_dense=True,
+        ),
+        Variant(
+            "dart", "DART (at p-MoD's TFLOPs)", "training-free",
+            "DART on the trained dense model of the same seed, no training: from layer 2 on only the vision tokens "
+            "least similar to a few pivot tokens, as many as give p-MoD's TFLOPs.",
+            trained=False, needs_dense=True,
+        ),
+        Variant(
+            "pdrop_paper", "PyramidDrop (paper: lambda 0.5)", "training-free-paper",
+            "PyramidDrop at its paper's lambda 0.5 (retention 1, 0.5, 0.25, 0.125 over the four stages), boundaries "
+            "scaled as above, on the trained dense model of the same seed.",
+            trained=False, needs_dense=True,
+        ),
+        Variant(
+            "dart_paper", "DART (paper: keep 0.222, K=2)", "training-free-paper",
+            "DART at its paper's setting (128 of 576 vision tokens = 0.222 kept from layer 2 on, 4 + 4 pivots), on "
+            "the trained dense model of the same seed.",
+            trained=False, needs_dense=True,
+        ),
     ]
 }  # fmt: skip
 
@@ -151,13 +184,19 @@ def grid_ratio(k: int, n: int, rounding: str = "floor") -> float:
     return ratio
 
 
+def closest(candidates: Sequence[MethodConfig], workload: Workload, target: float) -> MethodConfig:
+    """The config among ``candidates`` whose TFLOPs are closest to ``target`` (ties: the cheaper one)."""
+    costs = [workload.tflops(c) for c in candidates]
+    best = min(range(len(candidates)), key=lambda i: (abs(costs[i] - target), costs[i]))
+    return candidates[best]
+
+
 def closest_on_grid(make: Callable[[float], MethodConfig], workload: Workload, target: float,
                     rounding: str = "floor") -> MethodConfig:  # fmt: skip
     """The config ``make(k / n_vision)`` (k = 1..n_vision) whose TFLOPs are closest to ``target`` (ties: the
     cheaper one)."""
     n = workload.n_vision
-    candidates = [make(grid_ratio(k, n, rounding)) for k in range(1, n + 1)]
-    return min(candidates, key=lambda c: (abs(workload.tflops(c) - target), workload.tflops(c)))
+    return closest([make(grid_ratio(k, n, rounding)) for k in range(1, n + 1)], workload, target)
 
 
 def mod_at_budget(workload: Workload, reference: MethodConfig) -> MoDConfig:
@@ -169,6 +208,45 @@ def fastv_at_budget(workload: Workload, reference: MethodConfig, layer: int = 2)
     """FastV from ``layer`` on, keeping the share of vision tokens whose TFLOPs come closest to ``reference``'s."""
     target = workload.tflops(reference)
     return closest_on_grid(lambda r: FastVConfig(layer=layer, keep=r), workload, target, rounding="round")
+
+
+def dart_at_budget(workload: Workload, reference: MethodConfig, layer: int = 2) -> DARTConfig:
+    """DART from ``layer`` on (its other settings the paper's), keeping the share of vision tokens whose TFLOPs come
+    closest to ``reference``'s."""
+    target = workload.tflops(reference)
+    return closest_on_grid(lambda r: DARTConfig(layer=layer, keep=r), workload, target, rounding="round")
+
+
+def pdrop_boundaries(num_layers: int) -> list[int]:
+    """PyramidDrop's stage boundaries on a ``num_layers`` decoder: the paper's (8, 16, 24 of
+    :data:`PDROP_PAPER_DEPTH` = 32 layers) at the same share of the depth, ``b * num_layers / 32`` rounded half up
+    (8 layers: 2, 4, 6; 6 layers: 2, 3, 5; 12 layers: 3, 6, 9). Boundaries that coincide or fall on layer 0 or past
+    the last layer are dropped (only below 4 layers)."""
+    scaled = {math.floor(b * num_layers / PDROP_PAPER_DEPTH + 0.5) for b in PDropConfig().layers}
+    layers = sorted(b for b in scaled if 1 <= b < num_layers)
+    if not layers:
+        raise UserError(f"PyramidDrop needs a decoder of at least 2 layers for a stage boundary; this has {num_layers}")
+    return layers
+
+
+def pdrop_at_budget(workload: Workload, reference: MethodConfig, layers: Sequence[int] | None = None) -> PDropConfig:
+    """PyramidDrop on ``layers`` (default :func:`pdrop_boundaries`) with the ``lambda`` whose TFLOPs come closest to
+    ``reference``'s. Stage s keeps ``floor(n lambda^s)`` vision tokens, so the kept counts change only where
+    ``lambda = (k / n)^(1/s)``; every such point (nudged up to where float rounding reaches ``k``) is a candidate,
+    which covers every distinct configuration in which each stage keeps at least one token."""
+    layers = list(layers or pdrop_boundaries(workload.dims.layers))
+    n, stages = workload.n_vision, len(layers)
+
+    def reaches(k: int, s: int) -> float:
+        keep = min((k / n) ** (1 / s), 1.0)
+        while math.floor(n * keep**s) < k:
+            keep = math.nextafter(keep, 2.0)
+        return keep
+
+    lowest = reaches(1, stages)  # the last stage keeps one token
+    grid = sorted({reaches(k, s) for s in range(1, stages + 1) for k in range(1, n + 1)})
+    candidates = [PDropConfig(layers=layers, keep=keep) for keep in grid if keep >= lowest]
+    return closest(candidates, workload, workload.tflops(reference))
 
 
 def constant_at_retention(num_layers: int, mean: float, base: PModConfig) -> PModConfig:
@@ -222,6 +300,10 @@ def variant_configs(
         "constant": constant_at_retention(layers, mean, reference),
         "linear": linear_at_retention(layers, mean, reference),
         "fastv": fastv_at_budget(workload, reference),
+        "pdrop": pdrop_at_budget(workload, reference),
+        "dart": dart_at_budget(workload, reference),
+        "pdrop_paper": PDropConfig(layers=pdrop_boundaries(layers), keep=0.5),
+        "dart_paper": DARTConfig(layer=2, keep=0.222),
     }
     gamma = GammaMoDConfig(layers="arank", arank=None if arank is None else list(arank))
     configs["gamma_mod"] = gamma if arank is None else gamma.resolved(layers)

@@ -9,8 +9,9 @@ measurements, and keeps the others beside them. One run at a time writes an ``--
     pmod eval --model llava-v1.5-7b-hf --model pmod-llava-v1.5-7b --tasks gqa,textvqa_val,mme,pope --out eval
 
 A ``--model`` may carry model args after a comma, e.g. ``--model DIR,method=fastv,fastv_keep=0.25`` converts a
-dense folder with FastV on the fly. Multi-GPU runs use lmms-eval's own launcher: ``accelerate launch -m lmms_eval
---model pmod ...`` (see README).
+dense folder with FastV on the fly (likewise ``method=pdrop,pdrop_layers=[8,16,24],pdrop_keep=0.5`` and
+``method=dart,dart_keep=0.222``: a list value in brackets). Multi-GPU runs use lmms-eval's own launcher:
+``accelerate launch -m lmms_eval --model pmod ...`` (see README).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pmod.core.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="DIR[,ARGS]",
                         help="a model folder (pmod or Hugging Face LLaVA), repeatable; the first is the reference; "
-                             "model args may follow: DIR,method=fastv,fastv_keep=0.25")  # fmt: skip
+                             "model args may follow: DIR,method=fastv,fastv_keep=0.25 or "
+                             "DIR,method=pdrop,pdrop_layers=[8,16,24] (a list in brackets)")  # fmt: skip
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks (pmod_shapes, gqa, mme, ...)")
     parser.add_argument("--out", required=True,
                         help="results folder (a rerun with it reuses the results of the same model, settings, task "
