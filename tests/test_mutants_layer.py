@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -46,6 +46,70 @@ def test_repeating_rows_repeats_their_slot_records() -> None:
     cache.batch_repeat_interleave(2)
     assert cache.pmod_slot_mask(0).tolist() == [[True, False, True]] * 2 + [[True, True, False]] * 2
     assert cache.layers[0].keys.shape[0] == 4
+
+
+def test_reordering_rows_reorders_their_slot_records() -> None:
+    # Beam search's reorder: new row 0 is old row 1 (T, T, F), new rows 1 and 2 are old row 0 (T, F, T).
+    cache = record_two_rows()
+    cache.pmod_extend_slots(1, None, 3, 2)  # a layer whose slots are all real keeps no record (None)
+    cache.reorder_cache(torch.tensor([1, 0, 0]))
+    assert cache.pmod_slot_mask(0).tolist() == [[True, True, False], [True, False, True], [True, False, True]]
+
+
+def test_a_static_cache_has_no_slot_mask_for_a_dense_layer() -> None:
+    cache = as_pmod_cache(StaticCache(config=tiny_llama(num_layers=2).config, max_cache_len=4))
+    assert cache.pmod_slot_mask(0) is None
+
+
+def dense_and_routed_cache() -> PModCache:
+    """Layer 0 dense with 5 tokens; layer 1 routed with 4 slots, recorded as (T, F, T, T) in its one row."""
+    cache = as_pmod_cache(DynamicCache())
+    cache.update(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
+    cache.pmod_extend_slots(1, torch.tensor([True, False, True, True]).view(1, 1, 1, 4), 4, 1)
+    cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 1)
+    return cache
+
+
+def test_crop_by_a_count_crops_the_slot_records_too() -> None:
+    cache = dense_and_routed_cache()
+    cache.crop(0)  # transformers 5.25: remove no token (what assisted decoding asks when every draft is accepted)
+    assert cache.pmod_slot_mask(1).tolist() == [[True, False, True, True]] and cache.get_seq_length() == 5
+    cache.crop(-2)  # the last 2 tokens: 3 tokens in layer 0, 2 slots in layer 1
+    assert cache.pmod_slot_mask(1).tolist() == [[True, False]] and cache.get_seq_length() == 3
+
+
+@pytest.mark.parametrize(("keep", "length", "record"), [(5, 5, [True, False, True, True]), (7, 5, [True, False, True,
+    True]), (3, 3, [True, False]), (0, 0, [])])  # fmt: skip
+def test_crop_to_a_length_before_transformers_5_24(
+    monkeypatch: pytest.MonkeyPatch, keep: int, length: int, record: list[bool]
+) -> None:
+    # Before 5.24 crop(n >= 0) keeps n tokens (measured on the dense layer 0, 5 tokens): 5 or more keeps everything,
+    # 3 removes 2 tokens (the routed layer's last 2 slots too), 0 keeps nothing. The count this becomes is handed to
+    # 5.25's crop, so the same arithmetic runs here with the version flag set as on 5.5 to 5.23.
+    monkeypatch.setattr("pmod.core.cache.CROP_TAKES_COUNT", False)
+    cache = dense_and_routed_cache()
+    cache.crop(keep)
+    assert cache.get_seq_length() == length and cache.pmod_slot_mask(1).tolist() == [record]
+
+
+def test_the_slot_mask_of_a_layer_whose_slots_are_all_real() -> None:
+    # 2 rows, 3 KV heads, 4 slots, dim 5: a bool [rows, slots] mask, all True (the record is None).
+    cache = as_pmod_cache(DynamicCache())
+    cache.pmod_extend_slots(0, None, 4, 2)
+    cache.update(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5), 0)
+    mask = cache.pmod_slot_mask(0)
+    assert mask.dtype == torch.bool and mask.tolist() == [[True] * 4] * 2
+
+
+def test_a_layer_that_keeps_every_token_records_every_token() -> None:
+    # No vision token in the batch: each routed layer's rule decides, and the plan keeps every token of both rows.
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5])).eval()
+    ids = torch.arange(1, 11).view(2, 5)
+    with torch.no_grad(), pmod.record_routing(model) as rec:
+        model(input_ids=ids, vision_mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert sorted(rec.processed) == [1, 2]
+    for layer in (1, 2):
+        assert rec.processed[layer][0].shape == (2, 5) and rec.processed[layer][0].all()
 
 
 def test_set_attention_path_defaults_to_auto() -> None:
