@@ -12,6 +12,7 @@ from transformers import DynamicCache, StaticCache
 
 from pmod.core.cache import as_pmod_cache
 from pmod.core.compat import has_vision_inputs
+from pmod.core.convert import real_tokens
 from pmod.core.layer_masks import causal_mask, every_token_mask, static_mask
 from pmod.core.plan import VISION, ForwardPlan
 from pmod.testing import tiny_llama
@@ -54,6 +55,15 @@ def test_equal_scores_keep_the_lower_position() -> None:
     # Every candidate scores 1: the stable sort keeps the lowest positions, 1 and 2 in row 0, 2 in row 1.
     sel = select(ForwardPlan(REAL), scores=torch.ones(2, 6, 1))
     assert sel.index[..., 0].tolist() == [[0, 1, 2, 5], [1, 2, 5, 3]]
+
+
+def test_ties_among_many_tokens_keep_the_lower_positions() -> None:
+    # 128 candidates scoring 0 or 1 (many ties; an unstable sort reorders ties at this length on a CPU): floor(0.3 *
+    # 128) = 38 kept, the ones with the best (score, -position), worked out with Python's sorted.
+    scores = (torch.arange(128) * 7 % 3 == 0).float().view(1, 128, 1)
+    sel = ForwardPlan(None).select(VISION, lambda: torch.ones(1, 128, dtype=torch.bool), scores, 0.3)
+    expected = sorted(sorted(range(128), key=lambda i: (-scores[0, i, 0].item(), i))[:38])
+    assert sel.index[0, :, 0].tolist() == expected
 
 
 def test_every_token_kept_is_no_selection_unless_there_is_padding() -> None:
@@ -99,6 +109,11 @@ def test_caller_counts_are_trusted_when_complete() -> None:
     # With padding but no real counts told, both are read from the masks: the plain selection (4 slots, 7 tokens).
     sel = select(ForwardPlan(REAL, counts={VISION: [2, 2]}))
     assert (sel.slots, sel.total) == (4, 7)
+
+
+def test_caller_counts_of_unequal_lengths_are_refused() -> None:
+    with pytest.raises(ValueError, match="zip"):  # 2 rows of candidates, 1 of real tokens: a caller's mistake
+        select(ForwardPlan(REAL, counts={VISION: [4, 3], "real": [6]}))
 
 
 def test_the_same_scores_are_selected_once() -> None:
@@ -225,3 +240,34 @@ def test_a_one_token_step_of_every_token_extends_the_slot_record() -> None:
     mask = every_token_mask(fake_layer("sdpa"), None, cache, ForwardPlan(None), torch.zeros(2, 1, 4))
     assert mask[:, 0, 0].tolist() == [[True, False, True], [True, True, True]]
     assert cache.pmod_slot_mask(1).tolist() == [[True, False, True], [True, True, True]]
+
+
+CPU = torch.device("cpu")
+
+
+def test_real_tokens_of_a_padding_mask() -> None:
+    assert real_tokens(None, 3, None, CPU) == (None, 3)
+    # [B, past + seq] = [2, 5]: the chunk is the last 3 columns; the key length is 5.
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 1]])
+    real, keys = real_tokens(mask, 3, None, CPU)
+    assert real.dtype == torch.bool and real.tolist() == [[True, True, True], [True, False, True]] and keys == 5
+
+
+def test_real_tokens_of_generates_4d_masks() -> None:
+    # 2 rows, 3 new tokens over 2 cached keys (5 keys). A token is real when it may attend to itself: its column
+    # keys - seq + i. Row 1's middle token is padding: its own column (3) is blocked.
+    low = torch.finfo(torch.float32).min
+    allowed = torch.ones(2, 1, 3, 5, dtype=torch.bool).tril(2)  # query i sees keys 0..2 + i
+    allowed[1, 0, :, 3] = False
+    additive = torch.zeros(2, 1, 3, 5).masked_fill(~allowed, low)
+    for mask in (allowed, additive):
+        real, keys = real_tokens(mask, 3, None, CPU)
+        assert real.dtype == torch.bool and real.tolist() == [[True] * 3, [True, False, True]] and keys == 5
+    assert real_tokens(additive[:, :, :1], 1, None, CPU) == (None, 5)  # a decoded token is real
+    # A static cache's prefill: the keys are the whole buffer (5), the chunk's own columns start at 0.
+    static = torch.ones(2, 1, 3, 5, dtype=torch.bool).tril()
+    static[0, 0, :, 1] = False
+    real, keys = real_tokens(static, 3, SimpleNamespace(is_compileable=True), CPU)
+    assert real.tolist() == [[True, False, True], [True] * 3] and keys == 5
+    with pytest.raises(ValueError, match="routed models take a 2-D padding attention_mask .* got 3-D"):
+        real_tokens(torch.ones(2, 3, 5), 3, None, CPU)
