@@ -13,8 +13,8 @@ from transformers import DynamicCache, StaticCache
 from pmod.core.cache import as_pmod_cache
 from pmod.core.compat import has_vision_inputs
 from pmod.core.convert import real_tokens
-from pmod.core.layer_masks import causal_mask, every_token_mask, static_mask
-from pmod.core.plan import VISION, ForwardPlan
+from pmod.core.layer_masks import causal_mask, compacted_mask, every_token_mask, static_mask
+from pmod.core.plan import VISION, ForwardPlan, Selection
 from pmod.testing import tiny_llama
 
 # Two rows of 6 tokens. Row 0: no padding, candidates at 1..4. Row 1: padding at 0 (marked a candidate too, which the
@@ -238,8 +238,73 @@ def test_a_one_token_step_of_every_token_extends_the_slot_record() -> None:
     cache.pmod_extend_slots(1, torch.tensor([[True, False], [True, True]]).view(2, 1, 1, 2), 2, 2)
     cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 1)
     mask = every_token_mask(fake_layer("sdpa"), None, cache, ForwardPlan(None), torch.zeros(2, 1, 4))
-    assert mask[:, 0, 0].tolist() == [[True, False, True], [True, True, True]]
+    assert mask.dtype == torch.bool and mask[:, 0, 0].tolist() == [[True, False, True], [True, True, True]]
     assert cache.pmod_slot_mask(1).tolist() == [[True, False, True], [True, True, True]]
+
+
+def routed_layer_cache(record: torch.Tensor | None) -> DynamicCache:
+    """Dense layer 0 with 2 tokens per row; layer 1 with 2 cached slots per row, recorded as ``record`` [2, 2]."""
+    cache = as_pmod_cache(DynamicCache())
+    cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 0)
+    cache.pmod_extend_slots(1, None if record is None else record.view(2, 1, 1, 2), 2, 2)
+    cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 1)
+    return cache
+
+
+def test_a_chunk_of_every_token_over_a_cache_masks_its_padding() -> None:
+    # Cached (T, F) and (T, T); the new 2-token chunk has padding at row 0's second token. Flash attention's key mask
+    # is the validity of all 4 keys: (T, F, T, F) and (T, T, T, T).
+    cache = routed_layer_cache(torch.tensor([[True, False], [True, True]]))
+    real = torch.tensor([[True, False], [True, True]])
+    mask = every_token_mask(fake_layer("flash_attention_2"), torch.zeros(2, 1, 2, 4), cache, ForwardPlan(real),
+                            torch.zeros(2, 2, 4))  # fmt: skip
+    assert mask.tolist() == [[1, 0, 1, 0], [1, 1, 1, 1]]
+
+
+def test_a_chunk_of_every_token_over_an_all_real_cache() -> None:
+    # No record, no padding: eager's causal mask of queries at positions 2 and 3 over keys 0..3.
+    low = torch.finfo(torch.float32).min
+    mask = every_token_mask(
+        fake_layer("eager"), None, routed_layer_cache(None), ForwardPlan(None), torch.zeros(2, 2, 4)
+    )
+    assert mask.shape == (2, 1, 2, 4) and mask[:, 0].tolist() == [[[0, 0, 0, low], [0, 0, 0, 0]]] * 2
+
+
+def test_slots_recorded_after_all_real_ones_extend_them() -> None:
+    # Layer 1 holds 2 real slots per row and no record; 2 new slots (T, F) and (F, T) make the record 4 slots long.
+    cache = routed_layer_cache(None)
+    before, after = cache.pmod_extend_slots(1, torch.tensor([[True, False], [False, True]]).view(2, 1, 1, 2), 2, 2)
+    assert before[:, 0, 0].tolist() == [[True, True]] * 2
+    assert after.dtype == torch.bool
+    assert after[:, 0, 0].tolist() == [[True, True, True, False], [True, True, False, True]]
+    with pytest.raises(ValueError, match="The cache holds 2 rows but the batch has 3"):
+        cache.pmod_extend_slots(1, None, 1, 3)
+
+
+def test_a_compacted_step_without_fillers_records_real_slots() -> None:
+    # One slot per row (no filler, valid None) over the record (T, F), (T, T): it grows by a real slot.
+    cache = routed_layer_cache(torch.tensor([[True, False], [True, True]]))
+    selection = Selection(torch.zeros(2, 1, 1, dtype=torch.long), None, 1, 2)
+    compacted_mask(fake_layer("sdpa"), cache, 2, selection, ForwardPlan(None), torch.float32)
+    assert cache.pmod_slot_mask(1).tolist() == [[True, False, True], [True, True, True]]
+
+
+def test_compacted_slots_with_fillers_over_a_cache_mask_the_fillers() -> None:
+    # Two slots per row over the record (T, F), (T, T); row 0's second slot is a filler. Flash attention's key mask:
+    # (T, F, T, F) and (T, T, T, T).
+    cache = routed_layer_cache(torch.tensor([[True, False], [True, True]]))
+    valid = torch.tensor([[True, False], [True, True]]).view(2, 2, 1)
+    selection = Selection(torch.tensor([[0, 1], [0, 1]]).view(2, 2, 1), valid, 2, 3)
+    mask = compacted_mask(fake_layer("flash_attention_2"), cache, 2, selection, ForwardPlan(None), torch.float32)
+    assert mask.tolist() == [[1, 0, 1, 0], [1, 1, 1, 1]]
+
+
+def test_a_one_element_cache_is_not_empty() -> None:
+    # 1 row, 1 head, 1 token, dim 1: one element, but a cached row all the same; a batch of 2 is refused.
+    cache = as_pmod_cache(DynamicCache())
+    cache.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 0)
+    with pytest.raises(ValueError, match="The cache holds 1 rows but the batch has 2"):
+        cache.pmod_extend_slots(0, None, 1, 2)
 
 
 CPU = torch.device("cpu")
