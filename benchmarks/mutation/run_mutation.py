@@ -39,7 +39,8 @@ Commands (from the repository root, in a venv with ``mutmut==3.8.1`` and pmod's 
 The first copies ``src/``, ``tests/``, ``recipes/`` and ``pyproject.toml`` into ``--work`` (adding the
 ``[tool.mutmut]`` table there, so the repository's ``pyproject.toml`` needs none) and runs ``mutmut run`` on the
 mutants named by ``--only`` (globs such as ``'pmod.core.schedules.*'``; all by default); ``--resume`` runs more of
-them in the same copy. ``--confirm`` runs every mutant the baseline left alive against ``MUTANT_TESTS`` alone (in
+them in the same copy (mutmut runs every named mutant again, finished or not: to resume, name the ones not run
+yet). ``--confirm`` runs every mutant the baseline left alive against ``MUTANT_TESTS`` alone (in
 ``<work>-confirm``): a mutant those tests kill counts as *killed by new test*. Each run writes
 ``benchmarks/results/mutation.json`` (``--out``): the baseline and final scores per module and overall, and every
 mutant the baseline did not detect, with its diff and its verdict: killed by new test, or from
@@ -370,6 +371,21 @@ def _runs(work: Path) -> list[dict]:
     return json.loads((work / "runs.json").read_text()) if (work / "runs.json").exists() else []
 
 
+def short_args(argv: list[str], most: int = 12) -> list[str]:
+    """The command line as recorded in runs.json: a long list of mutant names (the not-yet-run mutants of some
+    functions, passed by name so that mutmut does not run the finished ones again) becomes a count per module."""
+    names = [a for a in argv if ".x" in a and not a.startswith("-")]
+    if len(names) <= most:
+        return argv
+    modules: dict[str, int] = {}
+    for name in names:
+        modules[module_of(name)] = modules.get(module_of(name), 0) + 1
+    listed = ", ".join(f"{n} of {m}" for m, n in sorted(modules.items()))
+    summary = f"<{len(names)} mutant names: {listed}>"
+    first = argv.index(names[0])
+    return [a for a in argv[:first] if a not in names] + [summary] + [a for a in argv[first:] if a not in names]
+
+
 def run_mutmut(args: argparse.Namespace, work: Path, names: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     start = datetime.now(timezone.utc)
@@ -379,7 +395,7 @@ def run_mutmut(args: argparse.Namespace, work: Path, names: list[str]) -> None:
     print(f"mutmut exited {done.returncode} after {seconds} s")
     runs_file = args.work / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
-    command = " ".join(["python", "benchmarks/mutation/run_mutation.py", *sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/mutation/run_mutation.py", *short_args(sys.argv[1:])])
     runs.append({"command": command, "started": start.strftime("%Y-%m-%d %H:%M UTC"), "seconds": seconds})
     runs_file.write_text(json.dumps(runs, indent=1))
 
