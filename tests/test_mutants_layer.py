@@ -14,6 +14,7 @@ import pmod
 from pmod import PModConfig
 from pmod.core import routed_layer
 from pmod.core.cache import PModCache, as_pmod_cache, cache_kwargs, cache_of, kv_cache_bytes
+from pmod.core.plan import ForwardPlan, Selection
 from pmod.core.routed_layer import RoutingInputs
 from pmod.testing import randomize_routers, routed_batch, tiny_llama
 
@@ -110,6 +111,36 @@ def test_a_layer_that_keeps_every_token_records_every_token() -> None:
     assert sorted(rec.processed) == [1, 2]
     for layer in (1, 2):
         assert rec.processed[layer][0].shape == (2, 5) and rec.processed[layer][0].all()
+
+
+def test_m_rope_cos_sin_with_their_axis_are_gathered_at_the_kept_positions() -> None:
+    # Qwen2-VL's layout up to transformers ~5.15: cos/sin [3, B, T, d] (one table per M-RoPE axis). Row 0 keeps
+    # positions 0, 2, 4, row 1 keeps 1, 3 and a filler at 0: every axis's table gathered there, per row.
+    config = PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5])
+    layer = pmod.routed_layers(pmod.convert(tiny_llama(num_layers=3), config))[1]
+    cos, sin = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    index = torch.tensor([[0, 2, 4], [1, 3, 0]])
+    selection = Selection(index.view(2, 3, 1), torch.tensor([[True] * 3, [True, True, False]]).view(2, 3, 1), 3, 5)
+    got_cos, got_sin = layer._gathered_rope((cos, sin), selection, ForwardPlan(None), False, None)
+    for table, got in ((cos, got_cos), (sin, got_sin)):
+        assert got.shape == (3, 2, 3, 4)
+        for row in range(2):
+            assert torch.equal(got[:, row], table[:, row, index[row]])
+    renumbered, _ = layer._gathered_rope((cos, sin), selection, ForwardPlan(None), True, None)
+    assert torch.equal(renumbered, cos[:, :, :3])  # positions 0..K-1 in every row
+
+
+def test_two_rope_tables_in_one_forward_are_gathered_each_from_its_own() -> None:
+    # The plan shares the batch-expanded table per table object: a second table [1, T, d] in the same forward
+    # (another layer's RoPE) must not get the first one's expansion.
+    config = PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5])
+    layer = pmod.routed_layers(pmod.convert(tiny_llama(num_layers=3), config))[1]
+    plan, index = ForwardPlan(None), torch.tensor([[0, 2], [1, 3]])
+    selection = Selection(index.view(2, 2, 1), None, 2, 4)
+    tables = [torch.randn(1, 4, 3), torch.randn(1, 4, 3)]  # both alive: distinct ids
+    for cos in tables:
+        got, _ = layer._gathered_rope((cos, cos), selection, plan, False, None)
+        assert torch.equal(got, torch.stack([cos[0, index[0]], cos[0, index[1]]]))
 
 
 def test_set_attention_path_defaults_to_auto() -> None:
