@@ -143,6 +143,12 @@ def test_two_rope_tables_in_one_forward_are_gathered_each_from_its_own() -> None
         assert torch.equal(got, torch.stack([cos[0, index[0]], cos[0, index[1]]]))
 
 
+def test_routing_inputs_without_a_plan_plan_over_their_token_mask() -> None:
+    # A layer called on its own gets RoutingInputs without a plan: the plan it makes must see the padding.
+    real = torch.tensor([[False, True, True]])
+    assert RoutingInputs(token_mask=real).plan.token_valid()[0, 0, 0].tolist() == [False, True, True]
+
+
 def test_set_attention_path_defaults_to_auto() -> None:
     model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
     pmod.set_attention_path(model, "padded")
