@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -14,6 +14,7 @@ import pmod
 from pmod import PModConfig
 from pmod.core import routed_layer
 from pmod.core.cache import PModCache, as_pmod_cache, cache_kwargs, cache_of, kv_cache_bytes
+from pmod.core.plan import ForwardPlan, Selection
 from pmod.core.routed_layer import RoutingInputs
 from pmod.testing import randomize_routers, routed_batch, tiny_llama
 
@@ -46,6 +47,106 @@ def test_repeating_rows_repeats_their_slot_records() -> None:
     cache.batch_repeat_interleave(2)
     assert cache.pmod_slot_mask(0).tolist() == [[True, False, True]] * 2 + [[True, True, False]] * 2
     assert cache.layers[0].keys.shape[0] == 4
+
+
+def test_reordering_rows_reorders_their_slot_records() -> None:
+    # Beam search's reorder: new row 0 is old row 1 (T, T, F), new rows 1 and 2 are old row 0 (T, F, T).
+    cache = record_two_rows()
+    cache.pmod_extend_slots(1, None, 3, 2)  # a layer whose slots are all real keeps no record (None)
+    cache.reorder_cache(torch.tensor([1, 0, 0]))
+    assert cache.pmod_slot_mask(0).tolist() == [[True, True, False], [True, False, True], [True, False, True]]
+
+
+def test_a_static_cache_has_no_slot_mask_for_a_dense_layer() -> None:
+    cache = as_pmod_cache(StaticCache(config=tiny_llama(num_layers=2).config, max_cache_len=4))
+    assert cache.pmod_slot_mask(0) is None
+
+
+def dense_and_routed_cache() -> PModCache:
+    """Layer 0 dense with 5 tokens; layer 1 routed with 4 slots, recorded as (T, F, T, T) in its one row."""
+    cache = as_pmod_cache(DynamicCache())
+    cache.update(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
+    cache.pmod_extend_slots(1, torch.tensor([True, False, True, True]).view(1, 1, 1, 4), 4, 1)
+    cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 1)
+    return cache
+
+
+def test_crop_by_a_count_crops_the_slot_records_too() -> None:
+    cache = dense_and_routed_cache()
+    cache.crop(0)  # transformers 5.25: remove no token (what assisted decoding asks when every draft is accepted)
+    assert cache.pmod_slot_mask(1).tolist() == [[True, False, True, True]] and cache.get_seq_length() == 5
+    cache.crop(-2)  # the last 2 tokens: 3 tokens in layer 0, 2 slots in layer 1
+    assert cache.pmod_slot_mask(1).tolist() == [[True, False]] and cache.get_seq_length() == 3
+
+
+@pytest.mark.parametrize(("keep", "length", "record"), [(5, 5, [True, False, True, True]), (7, 5, [True, False, True,
+    True]), (3, 3, [True, False]), (0, 0, [])])  # fmt: skip
+def test_crop_to_a_length_before_transformers_5_24(
+    monkeypatch: pytest.MonkeyPatch, keep: int, length: int, record: list[bool]
+) -> None:
+    # Before 5.24 crop(n >= 0) keeps n tokens (measured on the dense layer 0, 5 tokens): 5 or more keeps everything,
+    # 3 removes 2 tokens (the routed layer's last 2 slots too), 0 keeps nothing. The count this becomes is handed to
+    # 5.25's crop, so the same arithmetic runs here with the version flag set as on 5.5 to 5.23.
+    monkeypatch.setattr("pmod.core.cache.CROP_TAKES_COUNT", False)
+    cache = dense_and_routed_cache()
+    cache.crop(keep)
+    assert cache.get_seq_length() == length and cache.pmod_slot_mask(1).tolist() == [record]
+
+
+def test_the_slot_mask_of_a_layer_whose_slots_are_all_real() -> None:
+    # 2 rows, 3 KV heads, 4 slots, dim 5: a bool [rows, slots] mask, all True (the record is None).
+    cache = as_pmod_cache(DynamicCache())
+    cache.pmod_extend_slots(0, None, 4, 2)
+    cache.update(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5), 0)
+    mask = cache.pmod_slot_mask(0)
+    assert mask.dtype == torch.bool and mask.tolist() == [[True] * 4] * 2
+
+
+def test_a_layer_that_keeps_every_token_records_every_token() -> None:
+    # No vision token in the batch: each routed layer's rule decides, and the plan keeps every token of both rows.
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5])).eval()
+    ids = torch.arange(1, 11).view(2, 5)
+    with torch.no_grad(), pmod.record_routing(model) as rec:
+        model(input_ids=ids, vision_mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert sorted(rec.processed) == [1, 2]
+    for layer in (1, 2):
+        assert rec.processed[layer][0].shape == (2, 5) and rec.processed[layer][0].all()
+
+
+def test_m_rope_cos_sin_with_their_axis_are_gathered_at_the_kept_positions() -> None:
+    # Qwen2-VL's layout up to transformers ~5.15: cos/sin [3, B, T, d] (one table per M-RoPE axis). Row 0 keeps
+    # positions 0, 2, 4, row 1 keeps 1, 3 and a filler at 0: every axis's table gathered there, per row.
+    config = PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5])
+    layer = pmod.routed_layers(pmod.convert(tiny_llama(num_layers=3), config))[1]
+    cos, sin = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    index = torch.tensor([[0, 2, 4], [1, 3, 0]])
+    selection = Selection(index.view(2, 3, 1), torch.tensor([[True] * 3, [True, True, False]]).view(2, 3, 1), 3, 5)
+    got_cos, got_sin = layer._gathered_rope((cos, sin), selection, ForwardPlan(None), False, None)
+    for table, got in ((cos, got_cos), (sin, got_sin)):
+        assert got.shape == (3, 2, 3, 4)
+        for row in range(2):
+            assert torch.equal(got[:, row], table[:, row, index[row]])
+    renumbered, _ = layer._gathered_rope((cos, sin), selection, ForwardPlan(None), True, None)
+    assert torch.equal(renumbered, cos[:, :, :3])  # positions 0..K-1 in every row
+
+
+def test_two_rope_tables_in_one_forward_are_gathered_each_from_its_own() -> None:
+    # The plan shares the batch-expanded table per table object: a second table [1, T, d] in the same forward
+    # (another layer's RoPE) must not get the first one's expansion.
+    config = PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5])
+    layer = pmod.routed_layers(pmod.convert(tiny_llama(num_layers=3), config))[1]
+    plan, index = ForwardPlan(None), torch.tensor([[0, 2], [1, 3]])
+    selection = Selection(index.view(2, 2, 1), None, 2, 4)
+    tables = [torch.randn(1, 4, 3), torch.randn(1, 4, 3)]  # both alive: distinct ids
+    for cos in tables:
+        got, _ = layer._gathered_rope((cos, cos), selection, plan, False, None)
+        assert torch.equal(got, torch.stack([cos[0, index[0]], cos[0, index[1]]]))
+
+
+def test_routing_inputs_without_a_plan_plan_over_their_token_mask() -> None:
+    # A layer called on its own gets RoutingInputs without a plan: the plan it makes must see the padding.
+    real = torch.tensor([[False, True, True]])
+    assert RoutingInputs(token_mask=real).plan.token_valid()[0, 0, 0].tolist() == [False, True, True]
 
 
 def test_set_attention_path_defaults_to_auto() -> None:

@@ -19,6 +19,7 @@ from pmod.core.routed_layer import RoutingInputs
 from pmod.methods.arank import attention_rank, layer_aranks, query_key
 from pmod.methods.gamma_mod import choose_layers, read_arank_file
 from pmod.methods.gamma_router import question_tokens, routing_loss
+from pmod.methods.vision_router import Router
 from pmod.testing import tiny_llama
 
 
@@ -228,3 +229,18 @@ def test_pmod_min_ratio_reaches_the_schedule() -> None:
     assert pmod.PModConfig(min_ratio=1.0, max_ratio=1.5).min_ratio == 1.0
     assert pmod.PModConfig(min_ratio=0.3).layer_ratios(32)[31] == 0.3
     assert pmod.PModConfig(schedule="linear", min_ratio=0.3).layer_ratios(32)[31] == 0.3
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_router_logits_of_2d_and_3d_hidden_states(bias: bool) -> None:
+    # logit = sum_d hidden[d] * w[d] (+ b): w = (1, 2, 3), b = 0.5.
+    router = Router(3, 1, bias=bias)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+        if bias:
+            router.bias.fill_(0.5)
+    hidden = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]]])
+    expected = torch.tensor([[[1.0], [5.0]], [[6.0], [-1.0]]]) + (0.5 if bias else 0.0)
+    assert torch.equal(router(hidden), expected)
+    assert torch.equal(router(hidden[0]), expected[0])  # 2-D [T, D]: the plain Linear
+    assert torch.equal(router(hidden[None]), expected[None])  # 4-D: the plain Linear too
