@@ -32,9 +32,7 @@ def compacted_mask(
         if implementation != "eager":
             return None
         return plan.shared(("causal", slots, dtype), lambda: causal_mask(slots, dtype, selection.index.device))
-    new = torch.ones(bsz, slots, dtype=torch.bool, device=selection.index.device) if valid is None else valid
-    old = torch.ones(bsz, past, dtype=torch.bool, device=new.device) if before is None else before
-    return build_attention_mask(new.view(bsz, slots), old.view(bsz, past), implementation, dtype)
+    return over_cache(valid, before, bsz, slots, past, implementation, dtype, selection.index.device)
 
 
 def every_token_mask(
@@ -58,10 +56,7 @@ def every_token_mask(
         return after  # a one-token step: the key mask alone (None: every cached slot is real)
     if seq == 1 and implementation.startswith("flash_attention"):
         return after.view(bsz, -1).to(torch.int32)  # flash attention's 2-D key padding mask, no host check
-    device = hidden.device
-    new = torch.ones(bsz, seq, dtype=torch.bool, device=device) if new_valid is None else new_valid
-    old = torch.ones(bsz, past, dtype=torch.bool, device=device) if before is None else before
-    return build_attention_mask(new.view(bsz, seq), old.view(bsz, past), implementation, hidden.dtype)
+    return over_cache(new_valid, before, bsz, seq, past, implementation, hidden.dtype, hidden.device)
 
 
 def static_mask(
@@ -89,6 +84,23 @@ def static_mask(
     return torch.zeros(record.shape, dtype=like.dtype, device=like.device).masked_fill_(
         ~record, torch.finfo(like.dtype).min
     )
+
+
+def over_cache(
+    new_valid: torch.Tensor | None,
+    before: torch.Tensor | None,
+    bsz: int,
+    new: int,
+    past: int,
+    implementation: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The general mask of ``new`` slots over ``past`` cached ones (their records, None: all real), causal in slot
+    order: chunks over a cache, and steps of attention backends without a key-mask shortcut."""
+    new_valid = torch.ones(bsz, new, dtype=torch.bool, device=device) if new_valid is None else new_valid
+    before = torch.ones(bsz, past, dtype=torch.bool, device=device) if before is None else before
+    return build_attention_mask(new_valid.view(bsz, new), before.view(bsz, past), implementation, dtype)
 
 
 def causal_mask(slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

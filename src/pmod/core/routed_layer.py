@@ -74,6 +74,12 @@ class RoutingInputs:
         if self.plan is None:
             self.plan = ForwardPlan(self.token_mask)
 
+    def real_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Bool [B, T] of the chunk's real tokens: ``token_mask``, or every token of ``hidden`` [B, T, D]."""
+        if self.token_mask is not None:
+            return self.token_mask
+        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+
 
 @dataclass
 class RouteDecision:
@@ -193,9 +199,7 @@ class RoutedLayerMixin:
 
     def _processed(self, selection: Selection | None, routing: RoutingInputs, hidden: torch.Tensor) -> torch.Tensor:
         """Bool [B, T] of the tokens the layer runs (what :func:`pmod.record_routing` stores)."""
-        real = routing.token_mask
-        if real is None:
-            real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        real = routing.real_mask(hidden)
         if selection is None:
             return real
         valid = torch.ones_like(selection.index, dtype=torch.bool) if selection.valid is None else selection.valid

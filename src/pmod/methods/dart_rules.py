@@ -116,9 +116,7 @@ class DARTPruneRule(RoutingRule):
             norms = inputs.shared.get(KEY_NORMS)
             if norms is None:
                 raise RuntimeError("DART's key norms are missing: layer K-1 did not run in this forward.")
-            real = inputs.token_mask
-            if real is None:
-                real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            real = inputs.real_mask(hidden)
             with torch.no_grad():
                 ranking = duplication_ranking(self.norm(hidden), norms, inputs.vision_mask & real, real, self.ratio,
                                               self.counts)  # fmt: skip

@@ -68,9 +68,7 @@ class FastVScoreRule(RoutingRule):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if inputs.vision_mask is not None:
-            real = inputs.token_mask
-            if real is None:
-                real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            real = inputs.real_mask(hidden)
             with torch.no_grad():
                 inputs.shared[SCORES] = last_token_attention(layer, hidden, real, position_embeddings)[..., None]
         return None

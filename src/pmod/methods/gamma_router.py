@@ -46,10 +46,8 @@ class GammaMoDRule(RoutingRule):
         self, layer: nn.Module, hidden: torch.Tensor, inputs: RoutingInputs, position_embeddings: object = None
     ) -> RouteDecision:
         cfg = self.config
-        bsz, seq = hidden.shape[:2]
-        real = inputs.token_mask
-        if real is None:
-            real = torch.ones(bsz, seq, dtype=torch.bool, device=hidden.device)
+        seq = hidden.shape[1]
+        real = inputs.real_mask(hidden)
         logits = self.router(layer.input_layernorm(hidden)).float()
         p = logits.softmax(dim=-1)[..., 1]
         routable = real & ~question_tokens(inputs, real, seq)

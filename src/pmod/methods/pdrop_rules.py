@@ -55,9 +55,7 @@ class PDropRule(RoutingRule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [B, T, 1], weights [B, T]): the last token's attention over the tokens the previous stage kept;
         scores are -inf on the vision tokens an earlier stage dropped, so this stage keeps a subset of them."""
-        real = inputs.token_mask
-        if real is None:
-            real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        real = inputs.real_mask(hidden)
         kept = None
         if self.stage > 1:
             kept = self._kept_before(inputs, stages[self.stage - 1][0], real)
