@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 import pmod
 from pmod import DARTConfig, PDropConfig
 from pmod.analysis.flops import counted_flops, estimate, flop_counter
-from pmod.core.cache import cache_kwargs, cache_of
+from pmod.core.cache import cache_of
 from pmod.testing import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
+    greedy_steps,
     llava_batch,
     llava_next_batch,
     routed_batch,
@@ -102,31 +102,10 @@ def test_the_rule_is_not_a_plain_top_k() -> None:
     assert not torch.equal(got[0], by_norm)
 
 
-def greedy(model: torch.nn.Module, ids, am, vm, steps: int, own_positions: bool = True):
-    """Prefill, then ``steps`` cached greedy steps: (new tokens [B, steps], logits [B, steps, V]). Positions count
-    each row's real tokens, as ``generate()`` does: DART's pivots read keys after RoPE, whose L1 norm depends on the
-    absolute position, so a left-padded row matches its run alone only with its own positions. Without
-    ``own_positions``: 0..T-1 over the padded rows, as :func:`reference_logits` has them."""
-    cache, logits, new = DynamicCache(), [], []
-    positions = (am.cumsum(1) - 1).clamp(min=0) if own_positions else torch.arange(am.shape[1]).expand_as(am)
-    with torch.no_grad():
-        step = model(input_ids=ids, attention_mask=am, vision_mask=vm, position_ids=positions,
-                     **cache_kwargs(cache), use_cache=True)  # fmt: skip
-        for _ in range(steps):
-            logits.append(step.logits[:, -1])
-            token = step.logits[:, -1].argmax(-1, keepdim=True)
-            new.append(token)
-            am = torch.cat([am, torch.ones_like(token)], dim=1)
-            at = am.sum(1, keepdim=True) - 1 if own_positions else torch.full_like(token, am.shape[1] - 1)
-            step = model(input_ids=token, attention_mask=am, position_ids=at,
-                         **cache_kwargs(cache), use_cache=True)  # fmt: skip
-    return torch.cat(new, dim=1), torch.stack(logits, dim=1)
-
-
 def test_cached_greedy_decoding_equals_recomputation() -> None:
     dense, model = models()
     ids, am, vm = routed_batch(ROWS, "left", seed=2)
-    new, logits = greedy(model, ids, am, vm, steps=10, own_positions=False)
+    new, logits = greedy_steps(model, ids, am, vm, steps=10)
     full = torch.cat([ids, new], dim=1)
     full_am = torch.cat([am, torch.ones_like(new)], dim=1)
     full_vm = torch.cat([vm, torch.zeros_like(new, dtype=torch.bool)], dim=1)
@@ -139,10 +118,12 @@ def test_cached_greedy_decoding_equals_recomputation() -> None:
 def test_batched_equals_rows_alone() -> None:
     _, model = models()
     ids, am, vm = routed_batch(ROWS, "left", seed=4)
-    together, _ = greedy(model, ids, am, vm, steps=8)
+    together, _ = greedy_steps(model, ids, am, vm, steps=8, own_positions=True)
     for r in range(len(ROWS)):
         real = am[r].bool()
-        alone, _ = greedy(model, ids[r : r + 1, real], am[r : r + 1, real], vm[r : r + 1, real], steps=8)
+        alone, _ = greedy_steps(
+            model, ids[r : r + 1, real], am[r : r + 1, real], vm[r : r + 1, real], steps=8, own_positions=True
+        )
         assert torch.equal(alone[0], together[r]), f"row {r}"
 
 

@@ -9,13 +9,19 @@ import json
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import DynamicCache
 
 import pmod
 from pmod import FastVConfig, GammaMoDConfig, MoDConfig, PModConfig
 from pmod.analysis.flops import counted_flops, estimate
-from pmod.core.cache import cache_kwargs
-from pmod.testing import PAD_TOKEN_ID, llava_batch, randomize_routers, routed_batch, tiny_llama, tiny_llava
+from pmod.testing import (
+    PAD_TOKEN_ID,
+    greedy_steps,
+    llava_batch,
+    randomize_routers,
+    routed_batch,
+    tiny_llama,
+    tiny_llava,
+)
 from pmod.testing.reference import reference_logits, reference_rules
 
 #: One config per method on a 6-layer model; every one routes layers 1-5 in some way.
@@ -52,27 +58,13 @@ def test_compacted_equals_reference(method: str, padding_side: str, attn: str) -
     assert any(bool((m[0].sum(1) < real.sum(1)).any()) for m in rec.processed.values())
 
 
-def greedy(model: torch.nn.Module, ids, am, vm, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill, then ``steps`` cached greedy steps of a bare decoder: (new tokens [B, steps], logits [B, steps, V])."""
-    cache, logits, new = DynamicCache(), [], []
-    with torch.no_grad():
-        step = model(input_ids=ids, attention_mask=am, vision_mask=vm, **cache_kwargs(cache), use_cache=True)
-        for _ in range(steps):
-            logits.append(step.logits[:, -1])
-            token = step.logits[:, -1].argmax(-1, keepdim=True)
-            new.append(token)
-            am = torch.cat([am, torch.ones_like(token)], dim=1)
-            step = model(input_ids=token, attention_mask=am, **cache_kwargs(cache), use_cache=True)
-    return torch.cat(new, dim=1), torch.stack(logits, dim=1)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_cached_greedy_decoding_equals_recomputation(method: str) -> None:
     """The cached decode against the reference recomputed over prompt + generated tokens (teacher-forced, with the
     method's own decode rule: gamma-MoD's threshold, FastV's prompt-time ranking)."""
     dense, model = routed(method)
     ids, am, vm = routed_batch(ROWS, "left", seed=2)
-    new, logits = greedy(model, ids, am, vm, steps=10)
+    new, logits = greedy_steps(model, ids, am, vm, steps=10)
     full = torch.cat([ids, new], dim=1)
     full_am = torch.cat([am, torch.ones_like(new)], dim=1)
     full_vm = torch.cat([vm, torch.zeros_like(new, dtype=torch.bool)], dim=1)
@@ -86,10 +78,10 @@ def test_cached_greedy_decoding_equals_recomputation(method: str) -> None:
 def test_batched_equals_rows_alone(method: str) -> None:
     _, model = routed(method)
     ids, am, vm = routed_batch(ROWS, "left", seed=4)
-    together, _ = greedy(model, ids, am, vm, steps=8)
+    together, _ = greedy_steps(model, ids, am, vm, steps=8)
     for r in range(len(ROWS)):
         real = am[r].bool()
-        alone, _ = greedy(model, ids[r : r + 1, real], am[r : r + 1, real], vm[r : r + 1, real], steps=8)
+        alone, _ = greedy_steps(model, ids[r : r + 1, real], am[r : r + 1, real], vm[r : r + 1, real], steps=8)
         assert torch.equal(alone[0], together[r]), f"row {r}"
 
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 import pmod
 from pmod import PDropConfig
 from pmod.analysis.flops import counted_flops, estimate, flop_counter
-from pmod.core.cache import cache_kwargs, cache_of
-from pmod.testing import llava_batch, routed_batch, tiny_llama, tiny_llava
+from pmod.core.cache import cache_of
+from pmod.testing import greedy_steps, llava_batch, routed_batch, tiny_llama, tiny_llava
 from pmod.testing.reference import reference_logits
 from pmod.testing.reference import reference_rules as model_reference_rules
 from pmod.testing.reference_pruning import PAPER, PDropReference
@@ -87,26 +86,12 @@ def test_ranking_rows_are_the_restricted_attention_of_each_boundary() -> None:
     assert bool(dropped.any()) and bool((rec.weights[LAYERS[1]][0][dropped] == 0).all())
 
 
-def greedy(model: torch.nn.Module, ids, am, vm, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill, then ``steps`` cached greedy steps: (new tokens [B, steps], logits [B, steps, V])."""
-    cache, logits, new = DynamicCache(), [], []
-    with torch.no_grad():
-        step = model(input_ids=ids, attention_mask=am, vision_mask=vm, **cache_kwargs(cache), use_cache=True)
-        for _ in range(steps):
-            logits.append(step.logits[:, -1])
-            token = step.logits[:, -1].argmax(-1, keepdim=True)
-            new.append(token)
-            am = torch.cat([am, torch.ones_like(token)], dim=1)
-            step = model(input_ids=token, attention_mask=am, **cache_kwargs(cache), use_cache=True)
-    return torch.cat(new, dim=1), torch.stack(logits, dim=1)
-
-
 def test_cached_greedy_decoding_equals_recomputation() -> None:
     """Cached decoding against the reference recomputed over prompt + generated tokens (teacher-forced; the
     ranking stays the prompt's)."""
     dense, model = models()
     ids, am, vm = routed_batch(ROWS, "left", seed=2)
-    new, logits = greedy(model, ids, am, vm, steps=10)
+    new, logits = greedy_steps(model, ids, am, vm, steps=10)
     full = torch.cat([ids, new], dim=1)
     full_am = torch.cat([am, torch.ones_like(new)], dim=1)
     full_vm = torch.cat([vm, torch.zeros_like(new, dtype=torch.bool)], dim=1)
@@ -119,10 +104,10 @@ def test_cached_greedy_decoding_equals_recomputation() -> None:
 def test_batched_equals_rows_alone() -> None:
     _, model = models()
     ids, am, vm = routed_batch(ROWS, "left", seed=4)
-    together, _ = greedy(model, ids, am, vm, steps=8)
+    together, _ = greedy_steps(model, ids, am, vm, steps=8)
     for r in range(len(ROWS)):
         real = am[r].bool()
-        alone, _ = greedy(model, ids[r : r + 1, real], am[r : r + 1, real], vm[r : r + 1, real], steps=8)
+        alone, _ = greedy_steps(model, ids[r : r + 1, real], am[r : r + 1, real], vm[r : r + 1, real], steps=8)
         assert torch.equal(alone[0], together[r]), f"row {r}"
 
 

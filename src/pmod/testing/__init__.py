@@ -223,6 +223,37 @@ def routed_batch(
     return ids, am, vm
 
 
+def greedy_steps(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    am: torch.Tensor,
+    vm: torch.Tensor,
+    steps: int,
+    own_positions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill a bare decoder (``vision_mask`` ``vm``), then ``steps`` cached greedy steps: (new tokens [B, steps],
+    logits [B, steps, V]). ``own_positions``: positions count each row's real tokens, as ``generate()`` numbers them
+    (DART's pivots read keys after RoPE, whose norms depend on the absolute position); otherwise the model's own,
+    0..T-1 over the padded rows, as :func:`pmod.testing.reference.reference_logits` has them."""
+    from transformers import DynamicCache
+
+    from pmod.core.cache import cache_kwargs
+
+    cache, logits, new = DynamicCache(), [], []
+    positions = {"position_ids": (am.cumsum(1) - 1).clamp(min=0)} if own_positions else {}
+    with torch.no_grad():
+        step = model(input_ids=ids, attention_mask=am, vision_mask=vm, **positions, **cache_kwargs(cache),
+                     use_cache=True)  # fmt: skip
+        for _ in range(steps):
+            logits.append(step.logits[:, -1])
+            token = step.logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+            am = torch.cat([am, torch.ones_like(token)], dim=1)
+            positions = {"position_ids": am.sum(1, keepdim=True) - 1} if own_positions else {}
+            step = model(input_ids=token, attention_mask=am, **positions, **cache_kwargs(cache), use_cache=True)
+    return torch.cat(new, dim=1), torch.stack(logits, dim=1)
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant activation checkpointing under the installed transformers' name: ``activation_checkpointing_
     enable`` from 5.24, ``gradient_checkpointing_enable`` (a deprecated alias there) before."""
