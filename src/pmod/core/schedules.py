@@ -9,6 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+#: The first layer a schedule may route. Layer 0 stays dense: transformers sizes attention masks and position ids
+#: from layer 0's cache, so it must process (and cache) every token. Every schedule and layer choice reads it here.
+FIRST_ROUTABLE_LAYER = 1
+
+
+def routable_layers(num_layers: int) -> range:
+    """The layers a method may route: every layer from :data:`FIRST_ROUTABLE_LAYER` on."""
+    return range(FIRST_ROUTABLE_LAYER, num_layers)
+
 
 def prd_ratio(layer: int, num_layers: int, beta: float = 0.5) -> float:
     """Progressive ratio decay before thresholds: ``0.5 * cos(pi * l / (L - 1)) + beta``."""
@@ -27,7 +36,8 @@ def linear_ratio(layer: int, num_layers: int, beta: float = 0.5) -> float:
 def _thresholded(raw: Sequence[float], max_ratio: float, min_ratio: float) -> list[float | None]:
     # Layers at or above `max_ratio` stay dense; the tail is clamped so no layer drops (almost) every token. Layer 0
     # stays dense whatever its ratio (see `validate_schedule`): with beta below 0.35 PRD would route it.
-    return [None if i == 0 or r >= max_ratio else max(r, min_ratio) for i, r in enumerate(raw)]
+    first = FIRST_ROUTABLE_LAYER
+    return [None if i < first or r >= max_ratio else max(r, min_ratio) for i, r in enumerate(raw)]
 
 
 def prd_schedule(
@@ -53,7 +63,7 @@ def constant_schedule(num_layers: int, ratio: float, layers: Sequence[int] | Non
 
     ``layers=None`` routes every layer but layer 0, which must stay dense (see :func:`validate_schedule`).
     """
-    chosen = set(range(1, num_layers) if layers is None else layers)
+    chosen = set(routable_layers(num_layers) if layers is None else layers)
     return [ratio if i in chosen else None for i in range(num_layers)]
 
 
@@ -94,7 +104,7 @@ def validate_schedule(schedule: Sequence[float | None], num_layers: int) -> list
                 f"Retention ratio {r!r} for layer {i} is outside (0, 1]; use a ratio in (0, 1] "
                 f"or None to keep the layer dense."
             )
-    if schedule and schedule[0] is not None:
+    if any(r is not None for r in schedule[:FIRST_ROUTABLE_LAYER]):
         raise ValueError(
             "Layer 0 cannot be a routed layer: transformers sizes attention masks and position ids from the "
             "cache of layer 0, so it must process (and cache) every token. Set the ratio of layer 0 to None."
@@ -111,7 +121,7 @@ def layer_set(spec: str | Sequence[int], num_layers: int) -> list[int]:
         if spec == "interleave":
             return list(range(1, num_layers, 2))
         if spec == "all":
-            return list(range(1, num_layers))
+            return list(routable_layers(num_layers))
         raise ValueError(f"Unknown layer set {spec!r}; use 'deep_all', 'interleave', 'all' or a list of layer indices.")
     layers = sorted({int(i) for i in spec})
     bad = [i for i in layers if not 0 <= i < num_layers]

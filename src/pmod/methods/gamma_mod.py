@@ -145,4 +145,4 @@ def choose_layers(values: list[float], threshold_rank: int = 4) -> list[int]:
     if threshold_rank > len(values):
         raise ValueError(f"threshold_rank {threshold_rank} exceeds the {len(values)} layers.")
     threshold = sorted(values, reverse=True)[threshold_rank - 1]
-    return [i for i, value in enumerate(values) if value < threshold and i != 0]
+    return [i for i, value in enumerate(values) if value < threshold and i >= schedules.FIRST_ROUTABLE_LAYER]

@@ -55,7 +55,7 @@ class PDropConfig(MethodConfig):
         self.layers = [int(i) for i in self.layers]
         if not self.layers:
             raise ValueError("PyramidDrop needs at least one stage boundary in layers, e.g. 8,16,24.")
-        if self.layers[0] < 1 or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+        if self.layers[0] < schedules.FIRST_ROUTABLE_LAYER or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
             raise ValueError(
                 f"PyramidDrop layers {self.layers} must increase and start at 1 or later (layer 0 stays dense)."
             )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pmod.core.errors import UserError
+from pmod.core.schedules import FIRST_ROUTABLE_LAYER
 from pmod.methods.pmod import PModConfig
 
 PLAIN, PMOD = "llava_llama", "pmod_llava_llama"
@@ -98,11 +99,13 @@ def count_exact(ratio: float, max_tokens: int) -> float:
     """
     import torch
 
+    from pmod.core.compaction import kept_counts
+
     n = torch.arange(1, max_tokens + 1, dtype=torch.int32)
     want = torch.trunc(n * ratio).long()  # int32 tensor times a Python float: float32, as in the original
 
     def exact(r: float) -> bool:
-        return bool((torch.floor(n.double() * r).long() == want).all())
+        return bool((kept_counts(n, r) == want).all())
 
     if exact(ratio):
         return ratio
@@ -148,7 +151,7 @@ def pmod_config(cfg: dict[str, Any], num_layers: int) -> PModConfig:
     if not isinstance(bias, bool):
         raise _bad("mod_bias_enabled", bias, "true or false")
     ratios = original_ratios(spec, float(factor), num_layers)
-    if ratios and ratios[0] is not None:
+    if any(r is not None for r in ratios[:FIRST_ROUTABLE_LAYER]):
         raise _bad(
             "mod_target_layers",
             spec,
