@@ -280,3 +280,26 @@ def test_new_backbone_presets(preset, layers, hidden, vision_tokens, capsys: pyt
     per_token = data["dense_tflops"] * 1e12 / (data["n_vision"] + data["n_text"])
     assert 12e9 < per_token < 20e9
     assert data["tflops_ratio"] < 0.7 and data["kv_cache_ratio"] < 0.7
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        ([], "p-MoD prd (beta 0.5, max ratio 0.85, min ratio 0.15)"),
+        (["--pmod-schedule", "linear", "--pmod-beta", "0.4"],
+         "p-MoD linear (beta 0.4, max ratio 0.85, min ratio 0.15)"),
+        (["--pmod-schedule", "constant", "--pmod-ratio", "0.3"], "p-MoD constant 0.3"),
+        (["--pmod-schedule", "explicit", "--pmod-ratios", "none" + ",0.5" * 31], "p-MoD explicit"),
+        (["--method", "mod"], "MoD constant 0.5 on deep_all"),
+        (["--method", "mod", "--mod-layers", "2,4"], "MoD constant 0.5 on layers [2, 4]"),
+        (["--method", "gamma_mod", "--gamma-mod-layers", "1,3"], "gamma-MoD skip 0.5 on layers [1, 3]"),
+        (["--method", "fastv", "--fastv-keep", "0.25"], "FastV K=2 keep 0.25"),
+        (["--method", "pdrop"], "PyramidDrop boundaries [8, 16, 24] keep 0.5 per stage"),
+        (["--method", "dart"], "DART K=2 keep 0.222, 4 vision + 4 text pivots"),
+    ],
+)
+def test_cli_names_the_method_settings(flags: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The table's header line says which settings were costed, in each method's own words."""
+    code, out, _ = _run_cli(["flops", "--preset", "llava-1.5-7b", *flags], capsys)
+    assert code == 0
+    assert out.splitlines()[1].endswith(f"bytes/element; {words}")

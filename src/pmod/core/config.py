@@ -79,8 +79,8 @@ def method_class(name: str) -> type[MethodConfig]:
 class MethodConfig:
     """Base of every method config: settings only; :meth:`build` turns them into per-layer routing rules.
 
-    Subclasses set ``method`` (the registry name), ``paper`` and ``trainable`` and implement :meth:`layer_ratios`,
-    :meth:`layer_plan` and :meth:`build`.
+    Subclasses set ``method`` (the registry name), ``paper`` and ``trainable``, implement :meth:`layer_ratios`,
+    :meth:`layer_plan` and :meth:`build`, and say their settings in :meth:`describe`.
     """
 
     method: ClassVar[str] = ""
@@ -104,6 +104,10 @@ class MethodConfig:
         """Create the method's routers on ``decoder`` / ``layers`` and return the routing rule of every layer that
         needs one (layer index -> rule). Called once per conversion, before the layers are switched."""
         raise NotImplementedError
+
+    def describe(self, num_layers: int) -> str:
+        """The settings in a few words, for reports (``pmod flops``): e.g. ``"FastV K=2 keep 0.5"``."""
+        return self.method
 
     def resolved(self, num_layers: int) -> MethodConfig:
         """The config with everything a saved model needs made explicit (e.g. layers chosen from a file)."""

@@ -49,6 +49,9 @@ class FastVConfig(MethodConfig):
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"FastV keep {self.keep} is outside (0, 1]; choose the share of vision tokens to keep.")
 
+    def describe(self, num_layers: int) -> str:
+        return f"FastV K={self.layer} keep {self.keep}"
+
     def layer_ratios(self, num_layers: int) -> list[float | None]:
         if self.layer >= num_layers:
             raise ValueError(f"FastV layer K={self.layer} is beyond the model's {num_layers} layers.")

@@ -99,6 +99,9 @@ class GammaMoDConfig(MethodConfig):
             )
         return dataclasses.replace(self, layers=choose_layers(values, self.threshold_rank), arank=list(values))
 
+    def describe(self, num_layers: int) -> str:
+        return f"gamma-MoD skip {self.skip_ratio} on layers {self.mod_layers(num_layers)}"
+
     def mod_layers(self, num_layers: int) -> list[int]:
         return schedules.layer_set(self.resolved(num_layers).layers, num_layers)
 

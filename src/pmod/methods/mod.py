@@ -51,6 +51,10 @@ class MoDConfig(MethodConfig):
         if isinstance(self.layers, str) and self.layers not in ("deep_all", "interleave"):
             raise ValueError(f"Unknown MoD layer set {self.layers!r}; use 'deep_all', 'interleave' or a list.")
 
+    def describe(self, num_layers: int) -> str:
+        where = self.layers if isinstance(self.layers, str) else f"layers {self.layers}"
+        return f"MoD constant {self.ratio} on {where}"
+
     def layer_ratios(self, num_layers: int) -> list[float | None]:
         chosen = schedules.layer_set(self.layers, num_layers)
         return schedules.validate_schedule(schedules.constant_schedule(num_layers, self.ratio, chosen), num_layers)

@@ -62,6 +62,9 @@ class PDropConfig(MethodConfig):
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"PyramidDrop keep {self.keep} is outside (0, 1]; choose the share kept per stage.")
 
+    def describe(self, num_layers: int) -> str:
+        return f"PyramidDrop boundaries {self.layers} keep {self.keep} per stage"
+
     def stage_ratios(self) -> list[float]:
         """Retention of stage s = 1, 2, ...: ``keep ** s`` of the row's vision tokens."""
         return [self.keep**s for s in range(1, len(self.layers) + 1)]

@@ -84,6 +84,11 @@ class PModConfig(MethodConfig):
     def bias(self) -> float:
         return NORM_DEFAULTS[self.weight_norm][1] if self.weight_bias is None else self.weight_bias
 
+    def describe(self, num_layers: int) -> str:
+        if self.schedule in ("prd", "linear"):
+            return f"p-MoD {self.schedule} (beta {self.beta}, max ratio {self.max_ratio}, min ratio {self.min_ratio})"
+        return f"p-MoD constant {self.ratio}" if self.schedule == "constant" else "p-MoD explicit"
+
     def layer_ratios(self, num_layers: int) -> list[float | None]:
         """Per-layer retention ratios for a model with ``num_layers`` decoder layers (None = dense layer)."""
         if self.schedule == "prd":

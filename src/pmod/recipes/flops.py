@@ -177,25 +177,6 @@ def prompt_text_tokens(model: Path, question: str = QUESTION) -> int | None:
 GFLOP, MIB = 1e9, 2**20
 
 
-def _describe(report: FlopsReport) -> str:
-    c = report.method_config
-    if c.method == "pmod":
-        if c.schedule in ("prd", "linear"):
-            return f"p-MoD {c.schedule} (beta {c.beta}, max ratio {c.max_ratio}, min ratio {c.min_ratio})"
-        return f"p-MoD constant {c.ratio}" if c.schedule == "constant" else "p-MoD explicit"
-    if c.method == "mod":
-        return f"MoD constant {c.ratio} on {c.layers if isinstance(c.layers, str) else 'layers ' + str(c.layers)}"
-    if c.method == "gamma_mod":
-        return f"gamma-MoD skip {c.skip_ratio} on layers {c.mod_layers(report.dims.layers)}"
-    if c.method == "fastv":
-        return f"FastV K={c.layer} keep {c.keep}"
-    if c.method == "pdrop":
-        return f"PyramidDrop boundaries {c.layers} keep {c.keep} per stage"
-    if c.method == "dart":
-        return f"DART K={c.layer} keep {c.keep}, {c.pivots} vision + {c.text_pivots} text pivots"
-    return c.method
-
-
 def _g(value: float) -> str:
     """Four significant digits (a tiny model's numbers stay readable in the fixed units)."""
     return f"{value:.4g}"
@@ -209,7 +190,7 @@ def format_report(report: FlopsReport, name: str) -> str:
         f"{name}: hidden {d.hidden}, {d.layers} layers, {d.heads} heads / {d.kv_heads} KV heads, head_dim "
         f"{d.head_dim}, MLP {d.intermediate}, vocab {d.vocab}",
         f"per sample: {report.n_vision} vision + {report.n_text} text = {t} tokens; batch {report.batch_size}; "
-        f"KV {report.bytes_per_element} bytes/element; {_describe(report)}",
+        f"KV {report.bytes_per_element} bytes/element; {report.method_config.describe(d.layers)}",
         "",
         f"every layer under {method} (ratio 'dense': the layer processes every token); prefill and decode in "
         f"GFLOPs, KV in MiB:",

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 
+#: Methods ``pmod train`` can train (and so takes flags of): the registry's, by ``MethodConfig.trainable``.
+TRAINABLE = tuple(m for m in method_names() if method_class(m).trainable)
+
+
 class TrainError(UserError):
     """A user error in the training setup (``pmod train`` prints it as one line)."""
 
@@ -51,7 +55,9 @@ class ModelArguments:
     projector: str | None = field(default=None, metadata={"help": "assemble: projector weights (.bin/.safetensors)"})
     stage: str = field(default="finetune", metadata={"help": "pretrain (projector only) or finetune"})
     vision_lr: float | None = field(default=None, metadata={"help": "unfreeze the vision tower with this lr"})
-    method: str = field(default="pmod", metadata={"help": "stage-2 routing method: pmod, mod, gamma_mod or dense"})
+    method: str = field(
+        default="pmod", metadata={"help": f"stage-2 routing method: {', '.join(TRAINABLE)} or {method_flags.DENSE}"}
+    )
     no_pmod: bool = field(default=False, metadata={"help": "finetune the dense baseline (same as --method dense)"})
     lora_r: int | None = field(default=None, metadata={"help": "train the LLM with LoRA of this rank (needs peft)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
@@ -98,8 +104,6 @@ class DataArguments:
 
 
 ARG_CLASSES = (ModelArguments, DataArguments)
-#: Methods ``pmod train`` can train (and so takes flags of).
-TRAINABLE = tuple(m for m in method_names() if method_class(m).trainable)
 #: ``--recipe paper``: the paper's schedule (LLaVA's recipe); batch sizes are global (devices x per device x
 #: accumulation), so they are the user's to set: 256 for stage 1, 128 for stage 2.
 PAPER_RECIPE: dict[str, dict[str, Any]] = {

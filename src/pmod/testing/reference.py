@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pmod.testing.reference_schedules import RATIOS
+
 #: TanhNorm ``w~ = alpha * tanh(w) + 1``: p-MoD supplementary D.2 ("we set the gating factor alpha in TanhNorm to
 #: 0.2") and C.2 (``X' = alpha tanh(w) T(X) + X``: the token itself enters with weight 1). The sigmoid and identity
 #: norms are ablation variants with pmod's documented (scale, bias), which no paper text fixes.
@@ -32,9 +34,6 @@ WEIGHT_NORMS = {"tanh": (0.2, 1.0), "sigmoid": (1.0, 0.5), "none": (1.0, 0.0)}
 #: Vanilla MoD as the p-MoD paper runs it (supplementary C.2: "no normalization", Table 3 row 1; the original code's
 #: ``none`` norm): the raw logit ``w`` weights the MLP branch as ``w + 1``; no STRing.
 MOD_NORM = ("none", 1.0, 1.0, False)
-
-#: MoD's ``deep_all`` layer set: layers 2 to L-2 (the original MoD code's default).
-MOD_DEEP_ALL = (2, -1)
 
 #: Settings the papers fix, per method (the name is the config field). A model whose config disagrees is refused
 #: unless the test passes the value to :func:`reference_rules`.
@@ -381,62 +380,69 @@ def reference_ratios(cfg: Any, num_layers: int, declared: Mapping[str, Any] | No
     formulas with the paper's constants, MoD's layer sets, gamma-MoD's ``1 - skip_ratio`` on its layers (chosen
     below the 4th largest ARank when given as ARank), FastV's ``keep`` from layer K on. Layer 0 is always dense."""
     paper = _paper_settings(cfg, declared or {})
-    n = num_layers
-    if cfg.method == "pmod":
-        if cfg.schedule == "explicit":
-            return list(cfg.ratios)
-        if cfg.schedule == "constant":
-            chosen = set(range(1, n) if cfg.layers is None else cfg.layers)
-            return [cfg.ratio if i in chosen else None for i in range(n)]
-        shape = (lambda i: 0.5 * math.cos(math.pi * i / (n - 1))) if cfg.schedule == "prd" else (
-            lambda i: 0.5 - i / (n - 1))  # fmt: skip
-        raw = [shape(i) + paper["beta"] for i in range(n)]
-        return [None if i == 0 or r >= paper["max_ratio"] else max(r, paper["min_ratio"]) for i, r in enumerate(raw)]
-    if cfg.method == "mod":
-        first, last = MOD_DEEP_ALL
-        named = {"deep_all": range(first, n + last), "interleave": range(1, n, 2)}
-        chosen = set(named[cfg.layers] if isinstance(cfg.layers, str) else cfg.layers)
-        return [cfg.ratio if i in chosen else None for i in range(n)]
-    if cfg.method == "gamma_mod":
-        chosen = cfg.layers
-        if isinstance(chosen, str):  # "arank": below the threshold_rank-th largest value, layer 0 dense
-            limit = sorted(cfg.arank, reverse=True)[paper["threshold_rank"] - 1]
-            chosen = [i for i, v in enumerate(cfg.arank) if v < limit and i != 0]
-        return [1.0 - cfg.skip_ratio if i in set(chosen) else None for i in range(n)]
-    if cfg.method == "fastv":
-        return [None] * paper["layer"] + [paper["keep"]] * (n - paper["layer"])
-    raise ValueError(f"no reference for method {cfg.method!r}")
+    if cfg.method not in RATIOS:
+        raise ValueError(f"no reference for method {cfg.method!r}")
+    return RATIOS[cfg.method](cfg, num_layers, paper)
+
+
+def _checked(model: nn.Module, cfg: Any, declared: Mapping[str, Any], scoring_layer: bool = False) -> tuple[
+        dict[str, Any], list[float | None], dict[int, nn.Module]]:  # fmt: skip
+    """(paper settings, per-layer ratios, the model's routed layers), once the model is known to route exactly the
+    layers the reference derives (``scoring_layer``: and the one before the first, FastV's ranking layer)."""
+    from pmod.core.backbone import backbone_for
+    from pmod.core.convert import routed_layers
+
+    paper = _paper_settings(cfg, declared)
+    ratios = reference_ratios(cfg, len(backbone_for(model).decoder_layers(model)), declared)
+    routed = {i for i, r in enumerate(ratios) if r is not None}
+    layers = routed_layers(model)
+    have = set(layers) - ({paper["layer"] - 1} if scoring_layer else set())
+    if have != routed:
+        raise ValueError(f"reference: the model routes layers {sorted(have)}, the reference {sorted(routed)}")
+    return paper, ratios, layers
+
+
+def _vision_router_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> dict[int, Any]:
+    _, ratios, layers = _checked(model, cfg, declared)
+    settings = _vision_rule_settings(cfg)
+    return {i: VisionRouterReference(layers[i].router, r, *settings) for i, r in enumerate(ratios) if r is not None}
+
+
+def _gamma_mod_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> dict[int, Any]:
+    from pmod.core.backbone import backbone_for
+    from pmod.methods.gamma_mod import ROUTER_NAME
+
+    paper, ratios, _ = _checked(model, cfg, declared)
+    router = getattr(backbone_for(model).decoder(model), ROUTER_NAME)
+    prefill = paper["prefill_threshold"] if cfg.prefill_rule == "threshold" else None
+    settings = (paper["decode_threshold"], prefill, cfg.renumber_positions)
+    return {i: GammaMoDReference(router, r, *settings) for i, r in enumerate(ratios) if r is not None}
+
+
+def _fastv_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> dict[int, Any]:
+    paper, ratios, _ = _checked(model, cfg, declared, scoring_layer=True)
+    return {i: FastVReference(paper["layer"], r) for i, r in enumerate(ratios) if r is not None}
+
+
+def _pruning_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> dict[int, Any]:
+    from pmod.testing.reference_pruning import pruning_rules  # written in their own module
+
+    return pruning_rules(model, cfg, declared)
+
+
+#: Per method (by its registry name; kept here, not in pmod's method registry, whose code is what these check): the
+#: rules of a converted model's routed layers, from the model, its config and the values the test declared.
+RULES = {"pmod": _vision_router_rules, "mod": _vision_router_rules, "gamma_mod": _gamma_mod_rules,
+         "fastv": _fastv_rules, "pdrop": _pruning_rules, "dart": _pruning_rules}  # fmt: skip
 
 
 def reference_rules(model: nn.Module, **declared: Any) -> dict[int, Any]:
     """The reference rule of every routed layer of a converted model: the model's routers, the test's choices from
     its config, the per-layer ratios of :func:`reference_ratios` and the paper's constants (:data:`PAPER`;
     ``declared`` replaces them where a test sets another value on purpose)."""
-    from pmod.core.backbone import backbone_for
-    from pmod.core.convert import get_method_config, routed_layers
-    from pmod.methods.gamma_mod import ROUTER_NAME
+    from pmod.core.convert import get_method_config
 
     cfg = get_method_config(model)
-    if cfg.method in ("pdrop", "dart"):  # written in their own module
-        from pmod.testing.reference_pruning import pruning_rules
-
-        return pruning_rules(model, cfg, declared)
-    paper = _paper_settings(cfg, declared)
-    num_layers = len(backbone_for(model).decoder_layers(model))
-    ratios = reference_ratios(cfg, num_layers, declared)
-    routed = {i for i, r in enumerate(ratios) if r is not None}
-    layers = routed_layers(model)
-    have = set(layers) - ({paper["layer"] - 1} if cfg.method == "fastv" else set())  # FastV's scoring layer
-    if have != routed:
-        raise ValueError(f"reference: the model routes layers {sorted(have)}, the reference {sorted(routed)}")
-    if cfg.method in ("pmod", "mod"):
-        settings = _vision_rule_settings(cfg)
-        return {i: VisionRouterReference(layers[i].router, ratios[i], *settings) for i in routed}
-    if cfg.method == "gamma_mod":
-        router = getattr(backbone_for(model).decoder(model), ROUTER_NAME)
-        prefill = paper["prefill_threshold"] if cfg.prefill_rule == "threshold" else None
-        return {
-            i: GammaMoDReference(router, ratios[i], paper["decode_threshold"], prefill, cfg.renumber_positions)
-            for i in routed
-        }
-    return {i: FastVReference(paper["layer"], ratios[i]) for i in routed}
+    if cfg.method not in RULES:
+        raise ValueError(f"no reference for method {cfg.method!r}")
+    return RULES[cfg.method](model, cfg, declared)
