@@ -274,3 +274,31 @@ def test_the_command_line_says_so_in_one_line(world) -> None:
     lines = [line for line in proc.stderr.splitlines() if "routed" in line]
     assert lines == [f"no layer of this model is routed ({world['all_dense']}: its pmod settings leave every layer "
                      f"dense); it runs as the dense model."]  # fmt: skip
+
+
+def test_method_settings_read_alike_from_flags_recipes_and_model_args() -> None:
+    """``<method>_<field>`` settings are read one way: a flag's text, a YAML recipe's value and an lmms-eval model arg
+    give the same config, and the same mistake the same reason, each named the way its user wrote it."""
+    from pmod.eval.loading import method_from_args
+    from pmod.recipes.method_flags import config_from_values
+
+    want = pmod.PModConfig(schedule="constant", ratio=0.25, layers=[1, 3, 4, 5])
+    assert config_from_values({"pmod_schedule": "constant", "pmod_ratio": "0.25", "pmod_layers": "1,3-5"}, "pmod") \
+        == want  # fmt: skip
+    assert config_from_values({"pmod_schedule": "constant", "pmod_ratio": 0.25, "pmod_layers": [1, 3, 4, 5]}, "pmod") \
+        == want  # a YAML recipe's values  # fmt: skip
+    assert method_from_args("pmod", {"pmod_schedule": "constant", "pmod_ratio": "0.25", "pmod_layers": "'[1,3-5]'"}) \
+        == want  # fmt: skip
+    why = "layers: cannot read 'x-3'; write a number or a range a-b such as 2-26"
+    with pytest.raises(UserError) as flag_error:
+        config_from_values({"pmod_layers": "1,x-3"}, "pmod")
+    assert str(flag_error.value) == f"--pmod-layers: {why}"
+    with pytest.raises(UserError) as arg_error:
+        method_from_args("pmod", {"pmod_layers": "1,x-3"})
+    assert str(arg_error.value) == f"model arg pmod_layers: {why}"
+    refused = "fastv settings: FastV keep 1.5 is outside (0, 1]; choose the share of vision tokens to keep."
+    for read in (lambda: config_from_values({"fastv_keep": "1.5"}, "fastv"),
+                 lambda: method_from_args("fastv", {"fastv_keep": "1.5"})):  # fmt: skip
+        with pytest.raises(UserError) as refusal:
+            read()
+        assert str(refusal.value) == refused

@@ -12,8 +12,11 @@ import importlib
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from pmod.core.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -186,6 +189,46 @@ def parse_field(cls: type[MethodConfig], name: str, value: Any) -> Any:
     """
     hints = typing.get_type_hints(cls)
     return _parse(hints[name], value, name)
+
+
+def setting_key(method: str, name: str) -> str:
+    """A method's field where settings of several methods stand side by side: ``<method>_<field>`` (``fastv_keep``),
+    the key of a YAML recipe and of an lmms-eval model arg, and the destination of the flag ``--fastv-keep``."""
+    return f"{method}_{name}"
+
+
+def setting_keys(method: str) -> dict[str, str]:
+    """``<method>_<field>`` -> field, for every settable field of ``method``, in the fields' order."""
+    return {setting_key(method, f.name): f.name for f in settable_fields(method_class(method))}
+
+
+def given_settings(values: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """field -> value of the ``<method>_<field>`` entries of ``values`` that are given (None: not given)."""
+    return {name: values[key] for key, name in setting_keys(method).items() if values.get(key) is not None}
+
+
+def config_from_settings(
+    method: str,
+    settings: Mapping[str, Any],
+    base: MethodConfig | None = None,
+    label: Callable[[str], str] = str,
+) -> MethodConfig:
+    """The config of ``method`` from field values (field -> text from a flag or a model arg, or a YAML value), on
+    top of ``base`` (default: the method's defaults): the one reading of ``<method>_<field>`` settings for the CLI
+    flags, YAML recipes and lmms-eval model args. A value that cannot be read raises :class:`UserError`
+    ``"<label(key)>: <why>"`` (``key`` its ``<method>_<field>``); settings the config refuses,
+    ``"<method> settings: <why>"``."""
+    cls = method_class(method)
+    parsed = {}
+    for name, value in settings.items():
+        try:
+            parsed[name] = parse_field(cls, name, value)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{label(setting_key(method, name))}: {err}") from err
+    try:
+        return dataclasses.replace(base, **parsed) if base is not None else cls(**parsed)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{method} settings: {err}") from err
 
 
 #: An item of a list of integers written as a range, ``a-b`` (both ends included).

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pmod.core.config import MethodConfig, method_class, method_names, parse_field, settable_fields
+from pmod.core.config import MethodConfig, config_from_settings, method_names, setting_keys
 from pmod.core.errors import UserError
 from pmod.core.weight_files import MAX_WEIGHT, unusable_weights
 
@@ -33,23 +33,14 @@ def method_from_args(method: str | None, settings: dict[str, Any]) -> MethodConf
         return None
     if method not in method_names():
         raise UserError(f"unknown method={method}; choose one of {', '.join(method_names())}.")
-    cls = method_class(method)
-    fields = {f"{method}_{f.name}": f.name for f in settable_fields(cls)}
-    unknown = sorted(set(settings) - set(fields))
+    keys = setting_keys(method)
+    unknown = sorted(set(settings) - set(keys))
     if unknown:
-        raise UserError(f"unknown model args {', '.join(unknown)}; method {method} takes {', '.join(fields)}.")
-    values = {}
-    for key, value in settings.items():
-        if isinstance(value, str):  # lmms-eval keeps the quotes and brackets that protect commas
-            value = value.strip().strip("'\"").strip("[]")
-        try:
-            values[fields[key]] = parse_field(cls, fields[key], value)
-        except (TypeError, ValueError) as err:
-            raise UserError(f"model arg {key}: {err}") from err
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{method} settings: {err}") from err
+        raise UserError(f"unknown model args {', '.join(unknown)}; method {method} takes {', '.join(keys)}.")
+    # lmms-eval keeps the quotes and brackets that protect commas
+    given = {keys[key]: value.strip().strip("'\"").strip("[]") if isinstance(value, str) else value
+             for key, value in settings.items()}  # fmt: skip
+    return config_from_settings(method, given, label=lambda key: f"model arg {key}")
 
 
 def torch_dtype(name: str | None, device: str) -> torch.dtype:

@@ -2,8 +2,8 @@
 
 Every settable field ``f`` of a method ``m`` becomes ``--<m>-<f>`` (``--pmod-beta``, ``--mod-ratio``,
 ``--gamma-mod-skip-ratio``, ``--fastv-keep``), with the field's help; its destination (and its key in a YAML
-recipe) is ``<m>_<f>`` (``pmod_beta``). Values are read by the field's type (``pmod.core.config.parse_field``):
-lists are comma-separated, ``none`` marks a dense layer in a ratio list.
+recipe) is ``<m>_<f>`` (``pmod_beta``). Values are read as everywhere else (``pmod.core.config.config_from_settings``,
+by the field's type): lists are comma-separated, ``none`` marks a dense layer in a ratio list.
 """
 
 from __future__ import annotations
@@ -13,18 +13,24 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pmod.core.config import MethodConfig, method_class, method_names, parse_field, settable_fields
+from pmod.core.config import (
+    MethodConfig,
+    config_from_settings,
+    given_settings,
+    method_class,
+    method_names,
+    settable_fields,
+    setting_key,
+    setting_keys,
+)
 from pmod.core.errors import UserError
 
 DENSE = "dense"
 
 
-def flag_prefix(method: str) -> str:
-    return method.replace("_", "-")
-
-
-def destination(method: str, name: str) -> str:
-    return f"{method}_{name}"
+def flag(key: str) -> str:
+    """The flag of a ``<method>_<field>`` setting: ``--fastv-keep``, ``--gamma-mod-skip-ratio``."""
+    return "--" + key.replace("_", "-")
 
 
 def add_method_arguments(
@@ -45,9 +51,10 @@ def add_method_arguments(
             default = f.default if f.default is not dataclasses.MISSING else None
             if f.default_factory is not dataclasses.MISSING:  # a list default (PyramidDrop's layers)
                 default = ",".join(map(str, f.default_factory()))
+            key = setting_key(method, f.name)
             group.add_argument(
-                f"--{flag_prefix(method)}-{f.name.replace('_', '-')}",
-                dest=destination(method, f.name),
+                flag(key),
+                dest=key,
                 default=argparse.SUPPRESS if suppress else None,
                 metavar=f.name.upper(),
                 help=f"{f.metadata.get('help', '')} (default: {default})",
@@ -56,42 +63,19 @@ def add_method_arguments(
 
 def method_settings(values: Mapping[str, Any], method: str) -> dict[str, Any]:
     """The fields of ``method`` given in ``values`` (flag destinations, e.g. from a namespace or a recipe)."""
-    cls = method_class(method)
-    out = {}
-    for f in settable_fields(cls):
-        key = destination(method, f.name)
-        if values.get(key) is not None:
-            out[f.name] = values[key]
-    return out
+    return given_settings(values, method)
 
 
 def given_method_flags(values: Mapping[str, Any]) -> dict[str, str]:
     """Every method-flag destination present in ``values`` -> the method it belongs to."""
-    owners = {}
-    for method in method_names():
-        for f in settable_fields(method_class(method)):
-            key = destination(method, f.name)
-            if values.get(key) is not None:
-                owners[key] = method
-    return owners
+    return {key: method for method in method_names() for key in setting_keys(method) if values.get(key) is not None}
 
 
 def build_config(method: str, settings: Mapping[str, Any], base: MethodConfig | None = None) -> MethodConfig:
     """A method config from field values given as text or as YAML/JSON values, on top of ``base`` (default: the
     method's defaults); a :class:`UserError` names the flag and the fix when a value cannot be read or the config
     refuses it."""
-    cls = method_class(method)
-    parsed = {}
-    for name, value in settings.items():
-        flag = f"--{flag_prefix(method)}-{name.replace('_', '-')}"
-        try:
-            parsed[name] = parse_field(cls, name, value)
-        except (TypeError, ValueError) as err:
-            raise UserError(f"{flag}: {err}") from err
-    try:
-        return dataclasses.replace(base, **parsed) if base is not None else cls(**parsed)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{method} settings: {err}") from err
+    return config_from_settings(method, settings, base, label=flag)
 
 
 def config_from_values(
@@ -105,8 +89,9 @@ def config_from_values(
     strays = {key: owner for key, owner in given_method_flags(values).items() if owner != method}
     if strays:
         key, owner = next(iter(strays.items()))
-        flag = "--" + key.replace("_", "-")
-        raise UserError(f"{flag} is a setting of method {owner}, but the method is {method}; pass --method {owner}")
+        raise UserError(
+            f"{flag(key)} is a setting of method {owner}, but the method is {method}; pass --method {owner}"
+        )
     if method == DENSE:
         return None
     same = base if base is not None and base.method == method else None
