@@ -139,9 +139,17 @@ def test_errors_name_the_fix(tmp_path):
         pmod.convert(model)
     with pytest.raises(ValueError, match="vision_mask has shape"):
         model(input_ids=torch.ones(2, 5, dtype=torch.long), vision_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="without a routing method"):
-        tiny_llama().save_pretrained(tmp_path)
-        pmod.load(tmp_path)
+
+
+def test_load_opens_a_dense_folder_as_transformers_does(tmp_path):
+    """pmod.load is the one loader: a folder without a routing method loads as the dense model it holds."""
+    model = tiny_llama(num_layers=3).eval()
+    model.save_pretrained(tmp_path)
+    loaded = pmod.load(tmp_path, dtype=torch.float32).eval()
+    assert type(loaded) is type(model) and pmod.get_method_config(loaded) is None and not pmod.routed_layers(loaded)
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_output_hidden_states_full_length():

@@ -216,8 +216,10 @@ def routing_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
-    """Load a routed model saved with ``save_pretrained``: the base class from ``config.json``, converted with the
-    stored method config, routers and all weights loaded by transformers' own ``from_pretrained``.
+    """Load a model folder saved with ``save_pretrained``, routed or dense: the base class from ``config.json``;
+    a routed folder's model converted with its stored method config, routers and all weights loaded by transformers'
+    own ``from_pretrained``; a dense folder's model as ``from_pretrained`` loads it (``get_method_config`` is None;
+    ``pmod.convert`` routes it). The one loader of every command that opens a model folder.
 
     Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) go to ``from_pretrained``. Reads
     folders saved by pmod 0.1 (p-MoD settings under ``"pmod"``) too.
@@ -232,10 +234,6 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
     check_weight_files(path)
     config = transformers.AutoConfig.from_pretrained(path)
     method_config = stored_method_config(config)
-    if method_config is None:
-        raise ValueError(
-            f"{path} holds a model without a routing method; load it with transformers and call pmod.convert(model)."
-        )
     archs = getattr(config, "architectures", None) or []
     base = getattr(transformers, archs[0], None) if archs else None
     adapter = backbone_for_model_type(getattr(config, "model_type", None))
@@ -244,6 +242,8 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
             f"{path} has architecture {archs} (model type {getattr(config, 'model_type', None)!r}); pmod supports "
             f"the model types {', '.join(supported_model_types())}."
         )
+    if method_config is None:
+        return base.from_pretrained(path, **from_pretrained_kwargs)
 
     def init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
         base.__init__(self, *args, **kwargs)

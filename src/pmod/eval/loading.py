@@ -82,10 +82,7 @@ def load_for_eval(
     if device.startswith("cuda"):
         kwargs["device_map"] = device  # straight onto the GPU, not through CPU memory
     try:
-        if stored is not None:
-            model = load(folder, **kwargs)
-        else:
-            model = getattr(transformers, config["architectures"][0]).from_pretrained(folder, **kwargs)
+        model = load(folder, **kwargs)  # routed or dense
         processor = transformers.AutoProcessor.from_pretrained(folder)
     except Exception as err:  # safetensors, torch and transformers each raise their own kinds
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -75,28 +75,23 @@ def check_model_folder(
 def load_model(
     folder: str | Path, device: str = "auto", command: str = "pmod", method_config: MethodConfig | None = None
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a routed model (``pmod.load``) or a dense LLaVA model, and its processor, from a local folder; a dense
-    one converted with ``method_config`` when given (a training-free method such as FastV, applied on the fly)."""
+    """A routed or a dense model (``pmod.load``) and its processor from a local folder; a dense one converted with
+    ``method_config`` when given (a training-free method such as FastV, applied on the fly)."""
     import torch
     import transformers
 
     from pmod.core.convert import convert, load
 
     folder = Path(folder)
-    config = check_model_folder(folder, command, method_config)
-    arch = config["architectures"][0]
+    check_model_folder(folder, command, method_config)  # refuses method_config for a routed folder
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if stored_method_config(config) is not None:
-        model = load(folder, dtype=dtype)
-    else:
-        model = getattr(transformers, arch).from_pretrained(folder, dtype=dtype)
-        if method_config is not None:
-            try:
-                convert(model, method_config)
-            except ValueError as err:
-                raise UserError(f"cannot apply {method_config.method} to {folder}: {err}") from err
+    model = load(folder, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if method_config is not None:
+        try:
+            convert(model, method_config)
+        except ValueError as err:
+            raise UserError(f"cannot apply {method_config.method} to {folder}: {err}") from err
     try:
         processor = transformers.AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError) as err:

@@ -41,11 +41,9 @@ def build_model(
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars would interleave with the run's logs
     try:
         if margs.model is not None:
-            config = config or check_model_folder(margs.model, "pmod train")
-            if stored_method_config(config) is not None:
-                model = load(margs.model)
-            else:
-                model = getattr(transformers, config["architectures"][0]).from_pretrained(margs.model)
+            if config is None:
+                check_model_folder(margs.model, "pmod train")
+            model = load(margs.model)  # routed or dense
             processor = transformers.AutoProcessor.from_pretrained(margs.model)
         else:
             model, processor = assemble_llava(margs.llm, margs.vision_tower, margs.projector)  # type: ignore[arg-type]
