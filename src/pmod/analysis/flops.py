@@ -57,7 +57,7 @@ from pmod.analysis.dims import (
     bytes_per_element,
     presets,
 )
-from pmod.core.config import LayerPlan, MethodConfig, method_class, stored_method_config
+from pmod.core.config import DEFAULT_METHOD, LayerPlan, MethodConfig, method_class, stored_method_config
 from pmod.core.schedules import kept_count
 
 __all__ = [
@@ -316,7 +316,7 @@ def estimate(
         dims = LMDims.from_config(config_or_dims)
         if method_config is None:
             method_config = method_config_from(config_or_dims)
-    method_config = method_config or method_class("pmod")()
+    method_config = method_config or method_class(DEFAULT_METHOD)()
     schedule = method_config.layer_ratios(dims.layers)
     plans = method_config.layer_plan(dims.layers)
     elem = bytes_per_element(dtype)

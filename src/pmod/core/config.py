@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 CONFIG_KEY = "pmod_method"
 #: The key pmod 0.1 stored p-MoD settings under.
 LEGACY_KEY = "pmod"
+#: The method used where none is named (``pmod.convert(model)``, ``pmod flops``, ``pmod train``): p-MoD.
+DEFAULT_METHOD = "pmod"
 
 _METHODS: dict[str, type[MethodConfig]] = {}
 #: The package whose modules register pmod's own methods; imported on the first lookup (a plugin load by name, so

@@ -27,7 +27,7 @@ from pmod.core.backbone import (
     supported_model_types,
 )
 from pmod.core.compat import CACHE_NAME, full_attention_mask, has_vision_inputs
-from pmod.core.config import MethodConfig, method_class, store_method_config, stored_method_config
+from pmod.core.config import DEFAULT_METHOD, MethodConfig, method_class, store_method_config, stored_method_config
 from pmod.core.errors import UserError
 from pmod.core.files import check_complete
 from pmod.core.plan import ForwardPlan
@@ -84,7 +84,7 @@ def convert(model: nn.Module, config: MethodConfig | None = None) -> nn.Module:
             "without pmod, which drops the trained routers. Load it with pmod.load(path) instead."
         )
     if config is None:
-        config = method_class("pmod")()
+        config = method_class(DEFAULT_METHOD)()
     if not isinstance(config, MethodConfig):
         raise TypeError(f"pmod.convert takes a method config (e.g. pmod.PModConfig()), got {type(config).__name__}.")
     return _convert(model, config, adapter)

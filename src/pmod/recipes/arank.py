@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from pmod.core.config import stored_method_config
 from pmod.core.errors import UserError
 from pmod.core.files import atomic_write_json
 from pmod.methods.gamma_mod import choose_layers
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data} does not exist; pass a LLaVA-format JSON or JSONL file")
     config = check_model_folder(args.model, "pmod arank")
-    if "pmod_method" in config or "pmod" in config:
+    if stored_method_config(config) is not None:
         raise UserError(f"{args.model} is already converted; ARank is measured on the dense model before conversion")
     from pmod.analysis.dims import LMDims
 

@@ -20,7 +20,7 @@ from pmod.analysis.flops import (
     method_config_from,
     presets,
 )
-from pmod.core.config import MethodConfig, method_names
+from pmod.core.config import DEFAULT_METHOD, MethodConfig, method_names
 from pmod.core.errors import UserError
 from pmod.core.weight_files import check_weight_files
 from pmod.io.loading import PROCESSOR_FILES
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} is {value}; give a number >= {least}")
     name, dims, stored, default_vision, stored_dtype = _load_source(args)
     dtype = args.dtype or stored_dtype or DEFAULT_DTYPE
-    method = args.method or (stored.method if stored is not None else "pmod")
+    method = args.method or (stored.method if stored is not None else DEFAULT_METHOD)
     config = method_flags.config_from_values(vars(args), method, base=stored)
     n_vision = default_vision if args.vision_tokens is None else args.vision_tokens
     n_text = args.text_tokens

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pmod.core.config import MethodConfig, method_class, method_names
+from pmod.core.config import DEFAULT_METHOD, MethodConfig, method_class, method_names
 from pmod.core.errors import UserError
 from pmod.recipes import method_flags
 from pmod.recipes.parsing import CommandParser, dashed
@@ -56,7 +56,8 @@ class ModelArguments:
     stage: str = field(default="finetune", metadata={"help": "pretrain (projector only) or finetune"})
     vision_lr: float | None = field(default=None, metadata={"help": "unfreeze the vision tower with this lr"})
     method: str = field(
-        default="pmod", metadata={"help": f"stage-2 routing method: {', '.join(TRAINABLE)} or {method_flags.DENSE}"}
+        default=DEFAULT_METHOD,
+        metadata={"help": f"stage-2 routing method: {', '.join(TRAINABLE)} or {method_flags.DENSE}"},
     )
     no_pmod: bool = field(default=False, metadata={"help": "finetune the dense baseline (same as --method dense)"})
     lora_r: int | None = field(default=None, metadata={"help": "train the LLM with LoRA of this rank (needs peft)"})

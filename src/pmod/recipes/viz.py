@@ -47,13 +47,14 @@ def routes_no_layer(config: dict[str, Any]) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pmod.core.config import stored_method_config
     from pmod.core.files import check_output_folder
     from pmod.data.images import open_image
     from pmod.io.loading import check_model_folder, load_model
 
     method_config = method_flags.on_the_fly_config(vars(args))
     config = check_model_folder(args.model, "pmod viz", method_config)
-    if "pmod_method" not in config and "pmod" not in config and method_config is None:
+    if stored_method_config(config) is None and method_config is None:
         raise UserError(
             f"{args.model} is a dense model: there is no routing to show. Apply a training-free method with "
             f"--method {' / '.join(method_flags.training_free_methods())}, or convert it (pmod.convert) or train "
