@@ -322,10 +322,10 @@ def reference_decoder_logits(
     return dense_model.lm_head(decoder.norm(x))
 
 
-def _paper_settings(cfg: Any, declared: Mapping[str, Any]) -> dict[str, Any]:
-    """The paper's settings of ``cfg``'s method (:data:`PAPER`), with the values the test ``declared`` instead;
-    refuses a config that holds anything else, naming the field."""
-    paper = PAPER.get(cfg.method, {})
+def paper_settings(cfg: Any, declared: Mapping[str, Any], paper: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The paper's settings of ``cfg``'s method (``paper``, default :data:`PAPER`'s), with the values the test
+    ``declared`` instead; refuses a config that holds anything else, naming the field."""
+    paper = PAPER.get(cfg.method, {}) if paper is None else paper
     unknown = sorted(set(declared) - set(paper))
     if unknown:
         raise ValueError(f"reference: {unknown} are no paper settings of {cfg.method}; known: {sorted(paper)}")
@@ -379,7 +379,7 @@ def reference_ratios(cfg: Any, num_layers: int, declared: Mapping[str, Any] | No
     """Per-layer ratios (None = dense) of a method config, computed here: PRD and the linear decay from their
     formulas with the paper's constants, MoD's layer sets, gamma-MoD's ``1 - skip_ratio`` on its layers (chosen
     below the 4th largest ARank when given as ARank), FastV's ``keep`` from layer K on. Layer 0 is always dense."""
-    paper = _paper_settings(cfg, declared or {})
+    paper = paper_settings(cfg, declared or {})
     if cfg.method not in RATIOS:
         raise ValueError(f"no reference for method {cfg.method!r}")
     return RATIOS[cfg.method](cfg, num_layers, paper)
@@ -392,7 +392,7 @@ def _checked(model: nn.Module, cfg: Any, declared: Mapping[str, Any], scoring_la
     from pmod.core.backbone import backbone_for
     from pmod.core.convert import routed_layers
 
-    paper = _paper_settings(cfg, declared)
+    paper = paper_settings(cfg, declared)
     ratios = reference_ratios(cfg, len(backbone_for(model).decoder_layers(model)), declared)
     routed = {i for i, r in enumerate(ratios) if r is not None}
     layers = routed_layers(model)

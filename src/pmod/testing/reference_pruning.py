@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pmod.testing.reference import Context, Decision
+from pmod.testing.reference import Context, Decision, paper_settings
 
 #: The papers' settings. PyramidDrop (CVPR 2025) 3.2 and its scripts (``--layer_list '[8,16,24]'
 #: --image_token_ratio_list "[0.5,0.25,0.125]"``): boundaries 8, 16, 24 and lambda 0.5. DART: K = 2, 4 vision and
@@ -152,18 +152,7 @@ def pruning_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> di
     from pmod.core.backbone import backbone_for
     from pmod.core.convert import routed_layers
 
-    settings = {name: PAPER[cfg.method][name] for name in FIXED[cfg.method]}
-    unknown = sorted(set(declared) - set(settings))
-    if unknown:
-        raise ValueError(f"reference: {unknown} are no paper settings of {cfg.method}; known: {sorted(settings)}")
-    settings.update(declared)
-    for name, value in settings.items():
-        if getattr(cfg, name) != value:
-            raise ValueError(
-                f"reference: the model's {cfg.method} {name} is {getattr(cfg, name)!r} but the reference uses "
-                f"{value!r} (the paper's: {PAPER[cfg.method][name]!r}); pass {name}= to reference_rules if the test "
-                "sets it"
-            )
+    settings = paper_settings(cfg, declared, {name: PAPER[cfg.method][name] for name in FIXED[cfg.method]})
     decoder = backbone_for(model).decoder(model)
     num_layers = len(decoder.layers)
     if cfg.method == "pdrop":
