@@ -3,9 +3,10 @@
 ``pmod train --stage finetune --model DIR --data-path train.json --output-dir OUT [--method M] [Trainer flags]``
 
 * ``--stage pretrain`` trains only the projector (paper: lr 1e-3, batch 256).
-* ``--stage finetune`` converts the model with ``--method`` (``pmod`` by default, ``mod``, ``gamma_mod``, or
-  ``dense`` for the baseline; FastV is training-free) and its ``--<method>-<setting>`` flags, then trains the
-  projector, the LLM and the routers; the vision tower stays frozen unless ``--vision-lr`` is given.
+* ``--stage finetune`` converts the model with ``--method`` (``pmod`` by default, a method whose config is
+  ``trainable``, or ``dense`` for the baseline; the training-free methods have nothing to train) and its
+  ``--<method>-<setting>`` flags, then trains the projector, the LLM and the routers; the vision tower stays frozen
+  unless ``--vision-lr`` is given.
 * ``--recipe paper`` takes the paper's schedule (lr, cosine, warmup 3%, 1 epoch); ``--config recipe.yaml`` supplies
   any flag (keys are the flag names with underscores). Command-line flags win over both.
 * Every ``transformers.TrainingArguments`` field is a flag too (``--bf16``, ``--deepspeed``, ...).
