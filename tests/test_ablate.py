@@ -154,7 +154,8 @@ def load_unit(out: Path, variant: str, seed: int) -> tuple[torch.nn.Module, obje
         model, processor = load_model(out / "runs" / variant / f"seed{seed}", "cpu")
     else:
         model, processor = load_model(out / "runs" / "dense" / f"seed{seed}", "cpu")
-        pmod.convert(model, config)
+        if config is not None:  # None: a control on the dense model itself (blank images)
+            pmod.convert(model, config)
     return model, processor, config
 
 
@@ -174,6 +175,32 @@ def processed_per_layer(model, processor, out: Path) -> tuple[list[int], int, in
         for layer, masks in rec.processed.items():
             counts[layer] = int(masks[0][0].sum())
     return counts, n_vision, n - n_vision
+
+
+def test_task_check_rows(run, monkeypatch):
+    """The task check: FastV and the random control keep a quarter of the vision tokens from layer 2 (the same
+    counts), and the blank-image row asks the dense model about images of each record's background alone."""
+    from PIL import Image
+
+    from pmod.io.loading import load_model
+    from pmod.recipes import demo_runs, generate
+
+    out, report = run
+    for name, ranking in (("check_fastv", "attention"), ("check_random", "random")):
+        assert (report["rows"][name]["method"], report["rows"][name]["config"]) == (
+            "fastv", {"layer": 2, "keep": 0.25, "ranking": ranking, "seed": 0})
+    assert report["rows"]["check_blind"]["config"] is None
+    model, processor = load_model(out / "runs" / "dense" / "seed0", "cpu")
+    seen = []
+    real_answer = generate.answer
+    monkeypatch.setattr(generate, "answer", lambda m, p, q, images, **kw: seen.extend(images) or real_answer(
+        m, p, q, images, **kw))  # fmt: skip
+    test = [r for r in json.loads((out / "data" / "test.json").read_text()) if r.get("image")][:4]
+    demo_runs.evaluate_model(model, processor, out / "data", test, blank_images=True)
+    for record, (image,) in zip(test, seen):
+        original = Image.open(out / "data" / record["image"])
+        assert image.size == original.size and len(set(original.getdata())) > 1
+        assert set(image.getdata()) == {tuple(record["meta"]["background"])}
 
 
 def test_processed_tokens_equal_the_analytic_count(run):

@@ -86,3 +86,32 @@ def test_multimodal_backbones_equal_the_masked_reference(family: str) -> None:
         got = model(**batch).logits
         want = reference_decoder_logits(dense, decoder, reference_rules(model), captured, real, vision)
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_random_ranking_keeps_the_top_of_a_seeded_uniform_draw(padding_side: str) -> None:
+    """ranking="random" (the task check's control): per row the round(n keep) vision tokens with the highest of
+    ``torch.rand`` drawn from a generator seeded with ``seed``, the same in every layer >= K; text always kept."""
+    ids, am, vm = routed_batch(ROWS, padding_side)
+    kept_sets = {}
+    for seed in (3, 3, 4):
+        model = pmod.convert(tiny_llama(num_layers=6), FastVConfig(layer=2, keep=0.5, ranking="random", seed=seed))
+        with torch.no_grad(), pmod.record_routing(model) as rec:
+            model(input_ids=ids, attention_mask=am, vision_mask=vm)
+        draw = torch.rand(*ids.shape, generator=torch.Generator().manual_seed(seed))
+        real = am.bool()
+        for b, (n_text, n_vision, _) in enumerate(ROWS):
+            vision = (vm & real)[b].nonzero().flatten().tolist()
+            want = sorted(sorted(vision, key=lambda p: -draw[b, p].item())[: round(n_vision * 0.5)])
+            for layer in range(2, 6):
+                processed = rec.processed[layer][0][b]
+                assert (processed & vm[b]).nonzero().flatten().tolist() == want
+                assert int((processed & real[b] & ~vm[b]).sum()) == n_text
+        kept_sets.setdefault(seed, []).append(rec.processed[2][0].clone())
+    assert torch.equal(kept_sets[3][0], kept_sets[3][1])
+    assert not torch.equal(kept_sets[3][0], kept_sets[4][0])
+
+
+def test_unknown_ranking_is_refused_in_one_line() -> None:
+    with pytest.raises(ValueError, match="FastV ranking 'top' is unknown; choose one of attention, random"):
+        FastVConfig(ranking="top")

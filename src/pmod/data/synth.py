@@ -47,6 +47,9 @@ GRID = 4  # cells per side
 MAX_SHAPES = 3
 #: Question kinds, the keys ``question_kinds`` picks from.
 QUESTION_KINDS: tuple[str, ...] = ("color", "count", "exists", "position", "shape")
+#: The synthetic tasks: ``scenes`` (:mod:`pmod.data.scenes`, cluttered scenes, the default of ``pmod demo``) and
+#: ``shapes`` (this module: 1-3 shapes, the easy task).
+TASKS: tuple[str, ...] = ("scenes", "shapes")
 
 TEXT_ONLY_FRACTION = 0.05
 MULTI_TURN_FRACTION = 0.2
@@ -100,9 +103,22 @@ _KIND_PATTERNS = (
 
 
 def question_kind(question: str) -> str:
-    """The :data:`QUESTION_KINDS` entry an image question of this generator belongs to ("other" for the rest)."""
+    """The question kind an image question of either task belongs to (:data:`QUESTION_KINDS`,
+    :data:`pmod.data.scenes.QUESTION_KINDS`; "other" for the rest)."""
+    from pmod.data import scenes
+
     text = question.lower()
-    return next((kind for kind, pattern in _KIND_PATTERNS if pattern in text), "other")
+    return scenes.question_kind(text) or next((kind for kind, pattern in _KIND_PATTERNS if pattern in text), "other")
+
+
+def task_question_kinds(task: str, default: bool = False) -> tuple[str, ...]:
+    """The question kinds of ``task`` (one of :data:`TASKS`): all of them, or (``default``) those asked when
+    ``question_kinds`` is not given."""
+    from pmod.data import scenes
+
+    if task == "scenes":
+        return scenes.DEFAULT_KINDS if default else scenes.QUESTION_KINDS
+    return QUESTION_KINDS
 
 
 def text_only_questions() -> list[tuple[str, str]]:
@@ -130,14 +146,18 @@ def _words(texts: list[str]) -> list[str]:
 
 
 def answer_vocabulary() -> list[str]:
-    """Every possible answer (one word each), sorted."""
-    return sorted({a for _, a in image_questions() + text_only_questions()})
+    """Every possible answer of either task (one word each), sorted."""
+    from pmod.data import scenes
+
+    return sorted({a for _, a in image_questions() + scenes.image_questions() + text_only_questions()})
 
 
 def vocabulary() -> list[str]:
     """Every word and punctuation mark of every possible question and answer, split like ``tokenizers``'
     ``Whitespace`` pre-tokenizer, sorted. ``<image>`` is not included (it is a special token)."""
-    qa = image_questions() + text_only_questions()
+    from pmod.data import scenes
+
+    qa = image_questions() + scenes.image_questions() + text_only_questions()
     return _words([q for q, _ in qa] + [a for _, a in qa])
 
 
@@ -160,19 +180,26 @@ def render(
         x0 = (c % GRID) * cell + rng.randint(0, cell - extent)
         y0 = (c // GRID) * cell + rng.randint(0, cell - extent)
         x1, y1 = x0 + extent - 1, y0 + extent - 1
-        rgb = COLORS[color]
-        if kind == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=rgb)
-        elif kind == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=rgb)
-        elif kind == "triangle":
-            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=rgb)
-        else:  # diamond
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=rgb)
+        draw_shape(draw, kind, (x0, y0, x1, y1), COLORS[color])
         side = "left" if c % GRID < GRID // 2 else "right"
         shapes.append(Shape(kind, color, (x0, y0, x1, y1), side))
     return image, shapes, background
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw, kind: str, bbox: tuple[int, int, int, int], rgb: tuple[int, int, int]
+) -> None:
+    """Draw a shape of ``kind`` filling the inclusive pixel box ``bbox``, without anti-aliasing."""
+    x0, y0, x1, y1 = bbox
+    if kind == "circle":
+        draw.ellipse(bbox, fill=rgb)
+    elif kind == "square":
+        draw.rectangle(bbox, fill=rgb)
+    elif kind == "triangle":
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=rgb)
+    else:  # diamond
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=rgb)
 
 
 def _human(question: str, with_image: bool, rng: random.Random) -> str:
@@ -196,11 +223,13 @@ def make_sample(
     turns: int | None = None,
     max_shapes: int = MAX_SHAPES,
     question_kinds: Sequence[str] | None = None,
+    task: str = "shapes",
 ) -> tuple[dict[str, Any], Image.Image | None]:
-    """One record (and its image, None for text-only samples); the image path is ``images/<id>.png``.
+    """One record (and its image, None for text-only samples) of ``task``; the image path is ``images/<id>.png``.
 
     ``turns`` asks that many questions about each image (at most one per question kind); None mixes one- and
-    two-turn samples. ``question_kinds`` (from :data:`QUESTION_KINDS`) limits what image questions ask about.
+    two-turn samples. ``question_kinds`` (from :func:`task_question_kinds`) limits what image questions ask about;
+    ``max_shapes`` applies to the ``shapes`` task.
     """
     sid = f"synth-{index:06d}"
     n_turns = 2 if rng.random() < MULTI_TURN_FRACTION else 1
@@ -209,6 +238,12 @@ def make_sample(
     if rng.random() < TEXT_ONLY_FRACTION:
         pairs = rng.sample(text_only_questions(), min(n_turns, 2))
         return {"id": sid, "conversations": _conversation(pairs, False, rng)}, None
+    if task == "scenes":
+        from pmod.data import scenes
+
+        kinds = None if question_kinds is None else tuple(question_kinds)
+        record, image, pairs = scenes.make_record(sid, size, rng, n_turns, kinds)
+        return {**record, "conversations": _conversation(pairs, True, rng)}, image
     image, shapes, background = render(size, rng, max_shapes)
     by_type = _questions_about(shapes, rng)
     if question_kinds is not None:
@@ -237,13 +272,16 @@ def generate(
     turns: int | None = None,
     max_shapes: int = MAX_SHAPES,
     question_kinds: Sequence[str] | None = None,
+    task: str = "shapes",
 ) -> tuple[Path, Path]:
     """Write ``n`` samples to ``out_dir``: ``train.json``, ``test.json`` (the last ``round(n * test_fraction)``
     samples) and ``images/*.png``. Image paths in the JSON are relative to ``out_dir`` (the image folder).
 
-    ``max_shapes`` (1-3) caps the shapes per image; ``question_kinds`` (a subset of :data:`QUESTION_KINDS`, default
-    all) limits what image questions ask about. One shape per image gives the easiest task: every answer is read off
-    one object (the demo asks about its colour and position, see :mod:`pmod.recipes.demo`).
+    ``task`` is one of :data:`TASKS`: ``shapes`` (this module) or ``scenes`` (:mod:`pmod.data.scenes`, harder).
+    ``max_shapes`` (1-3, ``shapes`` only) caps the shapes per image; ``question_kinds`` (a subset of the task's
+    :func:`task_question_kinds`; default: all of the shapes task's, the scenes task's ``DEFAULT_KINDS``) limits what
+    image questions ask about. One shape per image gives the easiest task: every answer is read off one object (the
+    demo asks about its colour and position, see :mod:`pmod.recipes.demo`).
 
     The set is written to a staging folder inside ``out_dir`` and swapped in when complete (:data:`DATASET_ENTRIES`,
     ``train.json`` last), so a killed run leaves the folder's earlier set whole, never its answers beside new
@@ -253,7 +291,7 @@ def generate(
     Raises FileExistsError if ``out_dir`` already holds a data set, unless ``overwrite`` (which replaces it).
     Returns the paths of train.json and test.json.
     """
-    _check_settings(n, image_size, test_fraction, max_shapes, question_kinds)
+    _check_settings(n, image_size, test_fraction, max_shapes, question_kinds, task)
     out = check_output_folder(out_dir, "--out")
     with OutputLock(out, "pmod data synth"):
         finish_interrupted_swap(out)
@@ -261,7 +299,7 @@ def generate(
             raise FileExistsError(f"{out} already holds a data set (train.json, test.json or images/)")
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=PARTIAL_SUFFIX, dir=out))
         try:
-            _write_set(staging, n, seed, image_size, test_fraction, turns, max_shapes, question_kinds)
+            _write_set(staging, n, seed, image_size, test_fraction, turns, max_shapes, question_kinds, task)
             _swap_in(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -269,8 +307,10 @@ def generate(
 
 
 def _check_settings(
-    n: int, image_size: int, test_fraction: float, max_shapes: int, question_kinds: Sequence[str] | None
+    n: int, image_size: int, test_fraction: float, max_shapes: int, question_kinds: Sequence[str] | None, task: str
 ) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if image_size < 8 * GRID:
@@ -280,10 +320,11 @@ def _check_settings(
     if not 1 <= max_shapes <= MAX_SHAPES:
         raise ValueError(f"max_shapes must be in [1, {MAX_SHAPES}], got {max_shapes}")
     if question_kinds is not None:
-        unknown = sorted(set(question_kinds) - set(QUESTION_KINDS))
-        if unknown or not question_kinds:
+        kinds = task_question_kinds(task)
+        if set(question_kinds) - set(kinds) or not question_kinds:
             raise ValueError(
-                f"question_kinds must be a non-empty subset of {', '.join(QUESTION_KINDS)}; got {list(question_kinds)}"
+                f"question_kinds must be a non-empty subset of {', '.join(kinds)} (the {task} task's kinds); "
+                f"got {list(question_kinds)}"
             )
 
 
@@ -296,13 +337,14 @@ def _write_set(
     turns: int | None,
     max_shapes: int,
     question_kinds: Sequence[str] | None,
+    task: str,
 ) -> None:
     """The data set's entries, written into the (empty) ``folder``."""
     (folder / "images").mkdir()
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        record, image = make_sample(i, image_size, rng, turns, max_shapes, question_kinds)
+        record, image = make_sample(i, image_size, rng, turns, max_shapes, question_kinds, task)
         if image is not None:
             image.save(folder / record["image"], format="PNG")
         records.append(record)
@@ -377,7 +419,7 @@ def patch_labels(image: Image.Image, meta: dict[str, Any], patch_size: int, min_
     indices into ``("background",) + SHAPES`` and ``("background",) + sorted(COLORS)``.
 
     A patch belongs to a shape when at least ``min_cover`` of its pixels have that shape's palette colour (exact,
-    since shapes are drawn without anti-aliasing; colours are distinct within an image). Returns lists of ints.
+    since shapes are drawn without anti-aliasing; each shape counts only inside its own box). Returns lists of ints.
     """
     width, height = image.size
     if width % patch_size or height % patch_size:
@@ -389,7 +431,12 @@ def patch_labels(image: Image.Image, meta: dict[str, Any], patch_size: int, min_
     shape_ids, color_ids = [0] * (rows * cols), [0] * (rows * cols)
     best = np.zeros(rows * cols)
     for shape in meta["shapes"]:
-        mask = (pixels == COLORS[shape["color"]]).all(-1)
+        inside = np.ones(pixels.shape[:2], dtype=bool)
+        if "bbox" in shape:  # shapes of one colour may repeat (scenes): each counts in its own box only
+            x0, y0, x1, y1 = shape["bbox"]
+            inside[:] = False
+            inside[y0 : y1 + 1, x0 : x1 + 1] = True
+        mask = (pixels == COLORS[shape["color"]]).all(-1) & inside
         cover = mask.reshape(rows, patch_size, cols, patch_size).mean(axis=(1, 3)).reshape(-1)
         for cell in np.nonzero((cover >= min_cover) & (cover > best))[0]:
             best[cell] = cover[cell]

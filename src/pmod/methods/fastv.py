@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from pmod.core.routed_layer import RoutingRule
 
 
+#: FastV's rankings: its own, and the random control.
+RANKINGS: tuple[str, ...] = ("attention", "random")
+
+
 @register_method
 @dataclass
 class FastVConfig(MethodConfig):
@@ -32,6 +36,9 @@ class FastVConfig(MethodConfig):
     Attributes:
         layer: K, the first pruned layer (ranked by the attention of layer K-1); at least 1.
         keep: share of each row's vision tokens kept from layer K on.
+        ranking: ``attention`` (FastV's rule) or ``random``: the same number of tokens drawn at random in every
+            forward (a control, not FastV: what a ranking is worth against none; seeded by ``seed``).
+        seed: the random ranking's seed.
     """
 
     method: ClassVar[str] = "fastv"
@@ -42,15 +49,21 @@ class FastVConfig(MethodConfig):
 
     layer: int = field(default=2, metadata={"help": "K: layers >= K keep only the top vision tokens"})
     keep: float = field(default=0.5, metadata={"help": "share of vision tokens kept from layer K on"})
+    ranking: str = field(default="attention", metadata={
+        "help": "attention (FastV) or random (a control: as many tokens drawn at random)"})  # fmt: skip
+    seed: int = field(default=0, metadata={"help": "seed of ranking=random"})
 
     def __post_init__(self) -> None:
         if self.layer < 1:
             raise ValueError(f"FastV layer K={self.layer} must be >= 1: the ranking comes from layer K-1.")
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"FastV keep {self.keep} is outside (0, 1]; choose the share of vision tokens to keep.")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"FastV ranking {self.ranking!r} is unknown; choose one of {', '.join(RANKINGS)}.")
 
     def describe(self, num_layers: int) -> str:
-        return f"FastV K={self.layer} keep {self.keep}"
+        ranking = "" if self.ranking == "attention" else f", {self.ranking} ranking (a control)"
+        return f"FastV K={self.layer} keep {self.keep}{ranking}"
 
     def layer_ratios(self, num_layers: int) -> list[float | None]:
         if self.layer >= num_layers:
@@ -69,6 +82,7 @@ class FastVConfig(MethodConfig):
         from pmod.methods.fastv_rules import FastVPruneRule, FastVScoreRule  # torch: only when a model is built
 
         ratios = self.layer_ratios(len(layers))
-        rules: dict[int, RoutingRule] = {self.layer - 1: FastVScoreRule()}
+        random_seed = self.seed if self.ranking == "random" else None
+        rules: dict[int, RoutingRule] = {self.layer - 1: FastVScoreRule(random_seed)}
         rules.update({i: FastVPruneRule(r) for i, r in enumerate(ratios) if r is not None})
         return rules

@@ -58,7 +58,12 @@ def last_token_attention(
 
 
 class FastVScoreRule(RoutingRule):
-    """Layer K-1: runs densely and leaves the last-token attention row for the pruned layers."""
+    """Layer K-1: runs densely and leaves the last-token attention row for the pruned layers, or, given a
+    ``random_seed``, uniform random scores (the random control: the same kept counts, no ranking)."""
+
+    def __init__(self, random_seed: int | None = None) -> None:
+        self.random_seed = random_seed
+        self.generator: torch.Generator | None = None
 
     def route(
         self,
@@ -70,8 +75,17 @@ class FastVScoreRule(RoutingRule):
         if inputs.vision_mask is not None:
             real = inputs.real_mask(hidden)
             with torch.no_grad():
-                inputs.shared[SCORES] = last_token_attention(layer, hidden, real, position_embeddings)[..., None]
+                inputs.shared[SCORES] = (
+                    last_token_attention(layer, hidden, real, position_embeddings)[..., None]
+                    if self.random_seed is None
+                    else self._random_scores(hidden)
+                )
         return None
+
+    def _random_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or self.generator.device != hidden.device:
+            self.generator = torch.Generator(hidden.device).manual_seed(self.random_seed)
+        return torch.rand(*hidden.shape[:2], 1, generator=self.generator, device=hidden.device)
 
 
 class FastVPruneRule(RoutingRule):

@@ -24,6 +24,7 @@ from typing import Any
 
 from pmod.core.errors import UserError
 from pmod.core.files import OutputLock, atomic_write_json, check_output_folder
+from pmod.data.synth import TASKS
 from pmod.recipes.ablate_variants import VARIANTS, parse_variants
 from pmod.recipes.demo import DemoSettings
 
@@ -62,7 +63,8 @@ class AblateSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AblateSettings:
         task = dict(data["task"])
-        task["question_kinds"] = tuple(task["question_kinds"])
+        task.setdefault("task", "shapes")  # a run of pmod <= 0.2 (before the scenes task) resumes on its own task
+        task["question_kinds"] = None if task["question_kinds"] is None else tuple(task["question_kinds"])
         task["variants"] = tuple(task["variants"])
         return cls(task=DemoSettings(**task), variants=tuple(data["variants"]), quick=data["quick"],
                    threads=data["threads"])  # fmt: skip
@@ -78,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR, skipping its finished units")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 250; --quick: 30)")
     parser.add_argument("--seed", type=int, help="the first seed (default: 0); seeds are SEED, SEED+1, ...")
+    parser.add_argument("--task", choices=TASKS, help="the synthetic task: shapes (default) or scenes (3-8 shapes "
+                        "whose answers need many vision tokens)")  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Path, AblateSettings]:
@@ -97,7 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Path, AblateSettings]:
                             f"`pmod ablate --out {out}`")  # fmt: skip
         settings = AblateSettings.from_dict(json.loads(stored.read_text()))
         given = {"--quick": (args.quick or None, settings.quick or None), "--steps": (args.steps, settings.task.steps),
-                 "--seed": (args.seed, settings.task.seed)}  # fmt: skip
+                 "--seed": (args.seed, settings.task.seed), "--task": (args.task, settings.task.task)}  # fmt: skip
         for flag, (value, before) in given.items():
             if value is not None and value != before:
                 raise UserError(f"{flag} differs from the run in {out} ({value} vs {before}); resume without it, "
@@ -112,6 +116,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Path, AblateSettings]:
             settings.task.steps = args.steps
         if args.seed is not None:
             settings.task.seed = args.seed
+        if args.task is not None:
+            settings.task.task = args.task
     if args.seeds is not None:
         settings.task.seeds = args.seeds
     if args.variants is not None:
@@ -176,7 +182,8 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
         for name in settings.variants:
             if name != "dense":
                 v = VARIANTS[name]
-                units.append(Unit(name, seed, configs[name], trained=v.trained, needs_dense=v.needs_dense))
+                units.append(Unit(name, seed, configs[name], trained=v.trained, needs_dense=v.needs_dense,
+                                  blank_images=v.blank_images))  # fmt: skip
     workers = unit_workers(n_units)
     say(f"pmod ablate: {len(settings.variants)} variants x {task.seeds} seeds, {task.steps} steps each, {workers} "
         f"at a time ({settings.threads} thread(s) each) -> {out}")  # fmt: skip
@@ -230,11 +237,13 @@ def measure_latency(layout, settings: AblateSettings, results: dict[str, dict], 
     loaded = {}
     for name in settings.variants:
         result = results.get(f"{name}/seed{seed}")
-        if result is None:
+        if result is None or VARIANTS[name].blank_images:  # a blank-image control runs the dense model: no row
             continue
         if VARIANTS[name].trained:
             loaded[name] = load_variant(layout.run(name, seed))
         else:
             model, processor = load_variant(layout.run("dense", seed))
             loaded[name] = (convert(model, method_class(result["method"]).from_dict(result["config"])), processor)
-    return measure_prefill_models(loaded, layout.data, test, reps=7) if loaded else {}
+    latency = measure_prefill_models(loaded, layout.data, test, reps=7) if loaded else {}
+    blank = [n for n in settings.variants if VARIANTS[n].blank_images and f"{n}/seed{seed}" in results]
+    return {**latency, **{n: latency["dense"] for n in blank if "dense" in latency}}  # the same (dense) model

@@ -342,9 +342,8 @@ def write_report(
         "# pmod ablate report",
         "",
         *smoke,
-        f"Task: the demo's synthetic shapes VQA ({task.samples} samples, {task.image_size} px images, one shape, "
-        f"questions about {', '.join(task.question_kinds)}; {workload.n_vision} vision and {workload.n_text} text "
-        f"tokens per prompt). Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size "
+        f"Task: {task.task_summary()}; {workload.n_vision} vision and {workload.n_text} text tokens per prompt. "
+        "Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size "
         f"{task.hidden}{layers_note}, tower pre-trained on per-patch labels for {task.vision_pretrain_steps} steps "
         "and frozen). "
         f"Every row: {budget}, learning rate {task.learning_rate}, the same data and seeds {settings.seeds}. A seed "

@@ -41,13 +41,14 @@ ARANK_SAMPLES = 50
 @dataclass(frozen=True)
 class Unit:
     """One variant at one seed. ``config`` is None for dense; gamma-MoD's ``layers="arank"`` is resolved from the
-    dense model of the same seed when the unit runs."""
+    dense model of the same seed when the unit runs. ``blank_images``: evaluated on blank images (a control)."""
 
     variant: str
     seed: int
     config: MethodConfig | None
     trained: bool = True
     needs_dense: bool = False
+    blank_images: bool = False
 
     @property
     def key(self) -> str:
@@ -84,7 +85,8 @@ def fingerprint(unit: Unit, settings: DemoSettings) -> str:
     result is reused only when this matches (so a folder run again with other settings trains again)."""
     task = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("seeds", "variants", "method_settings")}
     config = None if unit.config is None else {"method": unit.config.method, **unit.config.to_dict()}
-    return json.dumps({"task": task, "config": config, "trained": unit.trained}, sort_keys=True, default=str)
+    return json.dumps({"task": task, "config": config, "trained": unit.trained, "blank_images": unit.blank_images},
+                      sort_keys=True, default=str)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ one unit
@@ -135,9 +137,10 @@ def run_unit(unit: Unit, layout: Layout, settings: DemoSettings, test: list[dict
             model, processor = load_variant(folder)
         else:
             model, processor = load_variant(dense)
-            convert(model, config)
+            if config is not None:
+                convert(model, config)
             run = {"seconds": 0.0, "cpu_seconds": 0.0, "loss": [], "nonfinite_loss_steps": 0}
-        result = evaluate_model(model, processor, layout.data, test)
+        result = evaluate_model(model, processor, layout.data, test, blank_images=unit.blank_images)
         result.update(
             fingerprint=fingerprint(unit, settings),
             variant=unit.variant,

@@ -51,6 +51,7 @@ class Variant:
         trained: False for training-free methods (evaluated on the trained dense model of the same seed).
         needs_dense: the row needs the trained dense model of its seed (FastV runs on it; gamma-MoD takes its
             ARank layer choice from it).
+        blank_images: the row asks its questions about blank images (a control of the task, not a method).
     """
 
     name: str
@@ -59,6 +60,7 @@ class Variant:
     meaning: str
     trained: bool = True
     needs_dense: bool = False
+    blank_images: bool = False
 
 
 #: The comparisons, as the report heads them.
@@ -69,7 +71,11 @@ GROUPS = {
     "gamma-MoD": "gamma-MoD (ARank layer choice, shared router, masked routing; its own settings)",
     "training-free": "training-free at p-MoD's TFLOPs, on the trained dense model",
     "training-free-paper": "training-free at the papers' own settings (their own cost), on the trained dense model",
+    "task-check": "checks of the task, not methods: does it need many vision tokens? (the trained dense model)",
 }
+#: The task check's share of vision tokens kept from layer 2 on (issue 24: a task that needs its vision tokens
+#: loses at least 10 points with a quarter of them, chosen by FastV's ranking or at random).
+CHECK_KEEP = 0.25
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -143,6 +149,24 @@ VARIANTS: dict[str, Variant] = {
             "DART at its paper's setting (128 of 576 vision tokens = 0.222 kept from layer 2 on, 4 + 4 pivots), on "
             "the trained dense model of the same seed.",
             trained=False, needs_dense=True,
+        ),
+        Variant(
+            "check_fastv", "FastV, a quarter of the tokens", "task-check",
+            "FastV keeping a quarter of the vision tokens from layer 2 on, on the trained dense model: a task whose "
+            "answers need many vision tokens loses clearly here.",
+            trained=False, needs_dense=True,
+        ),
+        Variant(
+            "check_random", "a random quarter of the tokens", "task-check",
+            "as many vision tokens as the row above, drawn at random (FastV's ranking replaced by a seeded random "
+            "draw): what any ranking is worth against none.",
+            trained=False, needs_dense=True,
+        ),
+        Variant(
+            "check_blind", "no image (blank)", "task-check",
+            "the trained dense model asked about blank images of the same background: what the questions alone "
+            "give; compare with the answer-prior baseline under the table.",
+            trained=False, needs_dense=True, blank_images=True,
         ),
     ]
 }  # fmt: skip
@@ -304,6 +328,9 @@ def variant_configs(
         "dart": dart_at_budget(workload, reference),
         "pdrop_paper": PDropConfig(layers=pdrop_boundaries(layers), keep=0.5),
         "dart_paper": DARTConfig(layer=2, keep=0.222),
+        "check_fastv": FastVConfig(layer=2, keep=CHECK_KEEP),
+        "check_random": FastVConfig(layer=2, keep=CHECK_KEEP, ranking="random"),
+        "check_blind": None,
     }
     gamma = GammaMoDConfig(layers="arank", arank=None if arank is None else list(arank))
     configs["gamma_mod"] = gamma if arank is None else gamma.resolved(layers)

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 from pmod.core.errors import UserError
+from pmod.data.scenes import DEFAULT_KINDS as SCENE_DEFAULT_KINDS
+from pmod.data.scenes import QUESTION_KINDS as SCENE_KINDS
+from pmod.data.synth import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,11 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64, at least 32)")
     synth.add_argument("--test-fraction", type=float, default=0.1, help="share of samples in test.json (default 0.1)")
-    synth.add_argument("--max-shapes", type=int, default=3, help="most shapes per image, 1-3 (default 3)")
+    synth.add_argument("--task", choices=TASKS, default="shapes", help="shapes: 1-3 shapes per image (the easy "
+                       "task); scenes: 3-8 shapes among clutter, questions whose answers need many vision "
+                       "tokens")  # fmt: skip
+    synth.add_argument("--max-shapes", type=int, default=3, help="most shapes per image, 1-3 (default 3; shapes only)")
     synth.add_argument(
         "--questions",
         default=None,
-        help="comma-separated question kinds from color,count,exists,position,shape (default: all)",
+        help="comma-separated question kinds; shapes: color,count,exists,position,shape (default: all); scenes: "
+        f"{','.join(SCENE_KINDS)} (default: {','.join(SCENE_DEFAULT_KINDS)})",
     )
     synth.add_argument("--overwrite", action="store_true", help="replace a data set already in --out (train.json, "
                        "test.json, images/; other files there are kept)")  # fmt: skip
@@ -65,6 +72,7 @@ def _synth(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             max_shapes=args.max_shapes,
             question_kinds=None if args.questions is None else [q.strip() for q in args.questions.split(",")],
+            task=args.task,
         )
     except FileExistsError as err:
         raise UserError(f"{err}; pass --overwrite to replace it or choose another --out") from err

@@ -210,9 +210,8 @@ def write_report(
     md = [
         "# pmod demo report",
         "",
-        f"Task: synthetic shapes VQA ({settings.samples} samples, {settings.image_size} px images with at most "
-        f"{settings.max_shapes} shape(s), questions about {', '.join(settings.question_kinds)}, "
-        f"{results['dense']['n_vision']} vision tokens per image). Model: a small LLaVA (ViT tower "
+        f"Task: {settings.task_summary()}, {results['dense']['n_vision']} vision tokens per image. Model: a small "
+        "LLaVA (ViT tower "
         f"{settings.vision_layers} layers, 2-layer MLP projector, {settings.layers}-layer Llama decoder of hidden size "
         f"{settings.hidden}, word-level tokenizer). No pre-trained vision tower exists here, so the tower is first "
         f"pre-trained for {settings.vision_pretrain_steps} steps on per-patch labels of the training images "

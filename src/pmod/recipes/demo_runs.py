@@ -46,9 +46,10 @@ def make_data(data: Path, settings: DemoSettings) -> None:
     from pmod.core.files import atomic_write_json
     from pmod.data import synth
 
-    made_with = {"samples": settings.samples, "seed": settings.seed, "image_size": settings.image_size,
-                 "turns": settings.turns, "max_shapes": settings.max_shapes,
-                 "question_kinds": list(settings.question_kinds)}  # fmt: skip
+    kinds = list(settings.kinds)
+    made_with = {"task": settings.task, "samples": settings.samples, "seed": settings.seed,
+                 "image_size": settings.image_size, "turns": settings.turns, "max_shapes": settings.max_shapes,
+                 "question_kinds": kinds}  # fmt: skip
     record = data / DATA_SETTINGS
     if (data / "train.json").is_file() and record.is_file() and json.loads(record.read_text()) == made_with:
         return
@@ -60,7 +61,8 @@ def make_data(data: Path, settings: DemoSettings) -> None:
         image_size=settings.image_size,
         turns=settings.turns,
         max_shapes=settings.max_shapes,
-        question_kinds=settings.question_kinds,
+        question_kinds=kinds,
+        task=settings.task,
         overwrite=True,
     )
     atomic_write_json(record, made_with)
@@ -271,11 +273,15 @@ def question_and_answer(record: dict[str, Any]) -> tuple[str, str]:
     return human.replace("<image>", "").strip(), gpt.strip()
 
 
-def record_image(data: Path, record: dict[str, Any]):
-    """The image of a synthetic record."""
+def record_image(data: Path, record: dict[str, Any], blank: bool = False):
+    """The image of a synthetic record; ``blank``: an image of the same size in its background colour alone (what
+    a model that sees no shape is asked about)."""
+    from PIL import Image
+
     from pmod.data.images import open_image
 
-    return open_image(data / record["image"])
+    image = open_image(data / record["image"])
+    return Image.new("RGB", image.size, tuple(record["meta"]["background"])) if blank else image
 
 
 def evaluate(folder: Path, data: Path, test: list[dict[str, Any]], batch_size: int = 32) -> dict[str, Any]:
@@ -286,9 +292,15 @@ def evaluate(folder: Path, data: Path, test: list[dict[str, Any]], batch_size: i
 
 
 def evaluate_model(
-    model: torch.nn.Module, processor: Any, data: Path, test: list[dict[str, Any]], batch_size: int = 32
+    model: torch.nn.Module,
+    processor: Any,
+    data: Path,
+    test: list[dict[str, Any]],
+    batch_size: int = 32,
+    blank_images: bool = False,
 ) -> dict[str, Any]:
-    """:func:`evaluate` of a loaded model (e.g. one converted with a training-free method)."""
+    """:func:`evaluate` of a loaded model (e.g. one converted with a training-free method); ``blank_images`` asks
+    every question about a blank image instead (:func:`record_image`)."""
     from pmod.analysis.flops import estimate
     from pmod.data.synth import question_kind
     from pmod.io.loading import encode
@@ -298,7 +310,7 @@ def evaluate_model(
     for start in range(0, len(test), batch_size):
         chunk = test[start : start + batch_size]
         questions = [question_and_answer(r) for r in chunk]
-        images = [[record_image(data, r)] for r in chunk]
+        images = [[record_image(data, r, blank_images)] for r in chunk]
         texts, _ = answer(model, processor, [q for q, _ in questions], images, max_new_tokens=3, temperature=0.0)
         for (question, truth), text in zip(questions, texts):
             words = text.strip().split()

@@ -16,7 +16,7 @@ from typing import Any
 
 from lmms_eval.api.task import ConfigurableTask
 
-from pmod.data import synth
+from pmod.data import scenes, synth
 
 #: The environment variable that names the data folder.
 ENV = "PMOD_SHAPES_DIR"
@@ -30,6 +30,24 @@ CHOICES: dict[str, list[str]] = {
     "count": list(synth.NUMBERS[1 : synth.MAX_SHAPES + 1]),
     "exists": ["yes", "no"],
 }
+#: The same for a scenes set (``pmod data synth --task scenes``); ``half`` takes the two words its question names.
+SCENE_CHOICES: dict[str, list[str]] = {
+    "count": list(scenes.NUMBERS[scenes.MIN_SHAPES : scenes.MAX_SHAPES + 1]),
+    "count_color": list(scenes.NUMBERS),
+    "count_shape": list(scenes.NUMBERS),
+    "cell": list(synth.COLORS),
+    "most_color": list(synth.COLORS),
+    "most_shape": list(synth.SHAPES),
+    "exists": ["yes", "no"],
+    "relation": ["yes", "no"],
+}
+
+
+def choices(question: str, kind: str, scene: bool) -> list[str]:
+    """The answers a question of ``kind`` allows, as the multiple-choice options (``scene``: a scenes set)."""
+    if scene and kind == "half":
+        return next(list(pair[:2]) for words, pair in scenes.HALVES.items() if words in question)
+    return (SCENE_CHOICES if scene else CHOICES).get(kind, [])
 
 
 def data_folder() -> Path:
@@ -53,10 +71,11 @@ def documents(folder: Path) -> list[dict[str, Any]]:
         question = record["conversations"][0]["value"].replace("<image>", "").strip()
         answer = record["conversations"][1]["value"].strip()
         kind = synth.question_kind(question)
-        choices = CHOICES.get(kind, [])
-        choices = choices if answer in choices else [*choices, answer]  # an edited set may answer otherwise
+        scene = any("cell" in s for s in record.get("meta", {}).get("shapes", []))
+        options = choices(question, kind, scene)
+        options = options if answer in options else [*options, answer]  # an edited set may answer otherwise
         docs.append({
-            "id": record["id"], "question": question, "answer": answer, "kind": kind, "choices": choices,
+            "id": record["id"], "question": question, "answer": answer, "kind": kind, "choices": options,
             "image": str(folder / record["image"]),
         })  # fmt: skip
     return docs
