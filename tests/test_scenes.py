@@ -150,3 +150,16 @@ def test_cli_task_scenes_and_its_mistakes(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f"question_kinds must be a non-empty subset of {', '.join(scenes.QUESTION_KINDS)} (the "
                             "scenes task's kinds); got ['color']")  # fmt: skip
+
+
+def test_demo_task_setting_makes_its_data(tmp_path: Path) -> None:
+    """DemoSettings.task picks the generator and its default kinds; the data is made again when the task changes."""
+    from pmod.recipes.demo import DemoSettings
+    from pmod.recipes.demo_runs import make_data
+
+    for task, kinds in (("scenes", set(scenes.DEFAULT_KINDS)), ("shapes", {"color", "position"})):
+        make_data(tmp_path, DemoSettings(task=task, samples=40))
+        records = [r for r in _records(tmp_path) if "image" in r]
+        asked = {synth.question_kind(t["value"]) for r in records for t in r["conversations"][::2]}
+        assert asked <= kinds and len(asked) > 1
+        assert all(("cell" in r["meta"]["shapes"][0]) == (task == "scenes") for r in records)
