@@ -185,3 +185,17 @@ def test_cheap_readme_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert main(argv) == 0, argv
     assert Path("plots").is_dir() and any(Path("plots").iterdir())
     assert Path("data/shapes/train.json").is_file()
+
+
+def test_examples_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's `examples/quickstart.py`: its own checks hold (cached decoding equals recomputation, the reloaded
+    model's logits are identical) and it prints what it promises."""
+    import runpy
+
+    import torch
+
+    with torch.random.fork_rng():  # the script seeds torch; leave the other tests' generator as it was
+        runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "reloaded model gives identical logits: True" in out
+    assert "KV cache after prefill: p-MoD" in out
