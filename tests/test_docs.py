@@ -199,3 +199,12 @@ def test_examples_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "reloaded model gives identical logits: True" in out
     assert "KV cache after prefill: p-MoD" in out
+
+
+def test_every_ablation_row_is_documented() -> None:
+    """docs/DEMO.md's table of `pmod ablate` rows names every variant `--variants` accepts, and no other."""
+    from pmod.recipes.ablate_variants import VARIANTS
+
+    text = (ROOT / "docs" / "DEMO.md").read_text()
+    table = text[text.index("| row (`--variants` name) |") :].split("\n\n")[0].splitlines()[2:]
+    assert [re.search(r"\(`(\w+)`\) \|", row).group(1) for row in table] == list(VARIANTS)
