@@ -25,7 +25,7 @@ from pmod.recipes import method_flags
 
 @dataclass
 class DemoSettings:
-    """Size of the task and the model, and the training budget. ``quick`` is the 2-minute smoke version."""
+    """Size of the task and the model, and the training budget. ``quick`` is the smoke version of about a minute."""
 
     # The synthetic task (pmod.data.synth.TASKS): "shapes", one shape per image (the default: what the demo's
     # claims are measured on), or "scenes", 3-8 shapes among clutter whose answers need many vision tokens (issue
@@ -107,7 +107,8 @@ VARIANTS: dict[str, MethodConfig | None] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="pmod-demo", help="work and report folder (default: ./pmod-demo)")
-    parser.add_argument("--quick", action="store_true", help="a 2-minute smoke run (smaller model, fewer steps)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (smaller model, fewer "
+                        "steps)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="training steps per variant")
     parser.add_argument("--samples", type=int, help="synthetic samples (train + test)")
     parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: dense,pmod)")

@@ -11,7 +11,7 @@ measurements, and keeps the others beside them. One run at a time writes an ``--
 A ``--model`` may carry model args after a comma, e.g. ``--model DIR,method=fastv,fastv_keep=0.25`` converts a
 dense folder with FastV on the fly (likewise ``method=pdrop,pdrop_layers=[8,16,24],pdrop_keep=0.5`` and
 ``method=dart,dart_keep=0.222``: a list value in brackets). Multi-GPU runs use lmms-eval's own launcher:
-``accelerate launch -m lmms_eval --model pmod ...`` (see README).
+``accelerate launch -m lmms_eval --model pmod ...`` (see docs/EVALUATION.md).
 """
 
 from __future__ import annotations

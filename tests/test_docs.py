@@ -1,0 +1,210 @@
+"""The README and docs/ say what the code does: generated settings tables, set-up commands, versions, links, and
+every ``pmod`` command shown parses with the command's own parser (the cheap ones of the README also run)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pmod.cli import SUBCOMMANDS, main
+from pmod.core.backbone import supported_model_types
+from pmod.core.config import method_class, method_names
+from pmod.recipes.parsing import CommandParser, dashed
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, ROOT / "DEVELOPERS.md", ROOT / "BENCHMARKS.md", *DOCS]
+
+
+def settings_tables():
+    spec = importlib.util.spec_from_file_location("settings_tables", ROOT / "docs" / "settings_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def code_lines(path: Path) -> list[str]:
+    """The logical lines of the page's code blocks (fenced or indented), continuations joined."""
+    lines, fenced = [], False
+    for raw in path.read_text().splitlines():
+        if raw.startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced or raw.startswith("    "):
+            line = raw.strip()
+            if lines and lines[-1].endswith("\\"):
+                lines[-1] = lines[-1][:-1].rstrip() + " " + line
+            elif line:
+                lines.append(line)
+    return lines
+
+
+def pmod_commands(path: Path) -> list[list[str]]:
+    """Every ``pmod ...`` command in the page's code blocks as argv (``torchrun -m pmod.recipes.train`` counts as
+    ``pmod train``); comments dropped."""
+    commands = []
+    for line in code_lines(path):
+        if not (line.startswith("pmod ") or "pmod.recipes.train" in line):
+            continue
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["pmod"]:
+            commands.append(words[1:])
+        elif "pmod.recipes.train" in words:
+            commands.append(["train", *words[words.index("pmod.recipes.train") + 1 :]])
+    return commands
+
+
+def parse(argv: list[str]) -> None:
+    """Parse ``pmod <argv>`` as ``pmod.cli.main`` does, without running it."""
+    name = argv[0]
+    assert name in SUBCOMMANDS, argv
+    parser = CommandParser(prog=f"pmod {name}", allow_abbrev=False)
+    importlib.import_module(SUBCOMMANDS[name][0]).add_arguments(parser)
+    parser.parse_args([dashed(token) for token in argv[1:]])
+
+
+def test_settings_tables_are_generated_from_the_configs() -> None:
+    """docs/METHODS.md holds one table per registered method, each equal to the generated one."""
+    module = settings_tables()
+    text = (ROOT / "docs" / "METHODS.md").read_text()
+    assert module.blocks(text) == method_names()
+    assert module.render(text) == text, "docs/METHODS.md is out of date: run python docs/settings_tables.py"
+
+
+def test_settings_table_names_each_field_and_the_commands_that_take_it() -> None:
+    """FastV's new fields are rows, with their flags; its flags belong to flops, generate and viz, not to train."""
+    table = settings_tables().settings_table("fastv")
+    assert '| `ranking` | `--fastv-ranking` | `"attention"` | attention (FastV) or random' in table
+    assert "| `seed` | `--fastv-seed` | `0` | seed of ranking=random |" in table
+    assert "Flags of `pmod flops`, `pmod generate`, `pmod viz`; keys `fastv_<field>` of `pmod eval`" in table
+    assert "Flags of `pmod demo`, `pmod flops`, `pmod train`;" in settings_tables().settings_table("pmod")
+
+
+def test_setup_commands_are_what_ci_runs() -> None:
+    """The README's two commands install exactly what .ci/run installs and run its test command."""
+    ci = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")
+    install = re.search(r"^(python3 -m venv \.venv &&.*?\"\.\[test,eval\]\")", ci, re.M).group(1)
+    install = " ".join(install.split())
+    assert f"{install} && .venv/bin/python -m pytest -q" in " ".join(ci.split())
+    lines = code_lines(README)
+    assert f"{install} && .venv/bin/pmod demo" in lines
+    assert f"{install} && .venv/bin/python -m pytest -q" in lines
+
+
+def test_stated_versions_are_pyprojects() -> None:
+    """The requirements the README and docs/VERSIONS.md state are pyproject's."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    readme, versions = README.read_text(), (ROOT / "docs" / "VERSIONS.md").read_text()
+    for name in ("torch", "transformers"):
+        pin = re.search(rf'^\s*"({name}[<>=][^"]*)"', pyproject, re.M).group(1)
+        assert f"`{pin}`" in readme and f"`{pin}`" in versions, pin
+    python = re.search(r'^requires-python = "([^"]+)"', pyproject, re.M).group(1)
+    assert f"Python {python.replace('>=', '>= ')}" in readme, python
+
+
+def test_quick_is_described_alike() -> None:
+    """`--quick` of demo and ablate: the same words in their --help, the README and docs/DEMO.md."""
+    phrase = "smoke run of about a minute"
+    for name in ("demo", "ablate"):
+        parser = CommandParser(prog=f"pmod {name}")
+        importlib.import_module(SUBCOMMANDS[name][0]).add_arguments(parser)
+        quick = next(a for a in parser._actions if "--quick" in a.option_strings)
+        assert phrase in quick.help, quick.help
+    for page in (README, ROOT / "docs" / "DEMO.md"):
+        text = " ".join(page.read_text().split())
+        assert phrase in text and "2-minute" not in text and "30 seconds" not in text, page
+
+
+def test_support_table_has_every_family_and_method() -> None:
+    text = README.read_text()
+    table = text[text.index("| family (`model_type`) |") :].split("\n\n")[0].splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[1:] == [method_class(m).display_name for m in method_names()]
+    types = [t for row in table[2:] for t in re.findall(r"`(\w+)`", row.split("|")[1])]
+    assert sorted(types) == sorted(supported_model_types())
+    assert all(row.count("✓") == len(method_names()) for row in table[2:])
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_resolve(page: Path) -> None:
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        if "://" not in target:
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
+def test_every_command_parses(page: Path) -> None:
+    """Each `pmod` command in the page's code blocks is accepted by its command's parser (flags that exist,
+    values of the right kind)."""
+    for argv in pmod_commands(page):
+        try:
+            parse(argv)
+        except SystemExit as stop:
+            pytest.fail(f"{page.name}: `pmod {shlex.join(argv)}` does not parse (exit {stop.code})")
+
+
+#: README commands not run here, and why; every other README command runs in test_cheap_readme_commands_run.
+NOT_RUN = {
+    "demo": "7.5 minutes on 2 cores; tests/test_demo.py runs `pmod demo --quick`",
+    "demo --seeds 5": "five demos; tests/test_demo.py covers the seeds section on the quick settings",
+    "ablate": "about 25 minutes; tests/test_ablate.py runs the quick ablation",
+    "ablate --variants mod,pmod --seeds 5": "as above",
+    "ablate --resume pmod-ablate": "needs a stopped ablation; tests/test_ablate.py resumes one",
+    "train --model DIR --data-path train.json --output-dir out --stage finetune": "a training run; tests/test_train.py",
+    "train --model DIR --data-path train.json --output-dir out --stage finetune --method mod": "as above",
+    "eval --model dense-dir --model pmod-dir --tasks gqa,pope --out eval-out": "GQA and POPE come from the hub",
+}
+
+
+def test_cheap_readme_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's cheap commands, as written, on tiny model folders standing in for DIR / dense-dir /
+    path/to/model: each exits 0 (the set-up commands are .ci/run's; the rest are in NOT_RUN with the reason)."""
+    from pmod import PModConfig
+    from pmod.testing import tiny_llava_folder
+
+    commands = pmod_commands(README)
+    assert {shlex.join(c) for c in commands} >= set(NOT_RUN)
+    monkeypatch.chdir(tmp_path)
+    tiny_llava_folder("DIR", num_layers=4, pmod_config=PModConfig())
+    tiny_llava_folder("dense-dir", num_layers=4)
+    Path("path/to").mkdir(parents=True)
+    Path("path/to/model").symlink_to(tmp_path / "DIR")
+    Image.new("RGB", (32, 32), (10, 10, 200)).save("cat.png")
+    Path("questions.jsonl").write_text('{"image": "cat.png", "prompt": "What color is the shape ?"}\n')
+    run = [c for c in commands if shlex.join(c) not in NOT_RUN]
+    run.sort(key=lambda c: c[:2] != ["data", "synth"])  # data check reads what data synth writes
+    assert len(run) == 9, run
+    for argv in run:
+        assert main(argv) == 0, argv
+    assert Path("plots").is_dir() and any(Path("plots").iterdir())
+    assert Path("data/shapes/train.json").is_file()
+
+
+def test_examples_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's `examples/quickstart.py`: its own checks hold (cached decoding equals recomputation, the reloaded
+    model's logits are identical) and it prints what it promises."""
+    import runpy
+
+    import torch
+
+    with torch.random.fork_rng():  # the script seeds torch; leave the other tests' generator as it was
+        runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "reloaded model gives identical logits: True" in out
+    assert "KV cache after prefill: p-MoD" in out
+
+
+def test_every_ablation_row_is_documented() -> None:
+    """docs/DEMO.md's table of `pmod ablate` rows names every variant `--variants` accepts, and no other."""
+    from pmod.recipes.ablate_variants import VARIANTS
+
+    text = (ROOT / "docs" / "DEMO.md").read_text()
+    table = text[text.index("| row (`--variants` name) |") :].split("\n\n")[0].splitlines()[2:]
+    assert [re.search(r"\(`(\w+)`\) \|", row).group(1) for row in table] == list(VARIANTS)
