@@ -163,3 +163,20 @@ def test_demo_task_setting_makes_its_data(tmp_path: Path) -> None:
         asked = {synth.question_kind(t["value"]) for r in records for t in r["conversations"][::2]}
         assert asked <= kinds and len(asked) > 1
         assert all(("cell" in r["meta"]["shapes"][0]) == (task == "scenes") for r in records)
+
+
+def test_lmms_eval_documents_of_a_scenes_set(scene_dir: Path) -> None:
+    """pmod_shapes / pmod_shapes_mc read a scenes folder too: every kind named, its options the answers that kind
+    allows (``half``: the two words its question names), the true answer among them."""
+    from pmod.eval.tasks.shapes import documents
+
+    docs = documents(scene_dir)
+    assert {d["kind"] for d in docs} == set(scenes.QUESTION_KINDS)
+    numbers = list(scenes.NUMBERS)
+    want = {"count": numbers[3:9], "count_color": numbers, "count_shape": numbers, "cell": list(synth.COLORS),
+            "most_color": list(synth.COLORS), "most_shape": list(synth.SHAPES), "exists": ["yes", "no"],
+            "relation": ["yes", "no"]}  # fmt: skip
+    for d in docs:
+        half = re.fullmatch(r"Are there more shapes on the (\w+) or (\w+)\?", d["question"])
+        assert d["choices"] == (list(half.groups()) if half else want[d["kind"]]), d["question"]
+        assert d["answer"] in d["choices"]
