@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import pmod
 from pmod import PModConfig
-from pmod.analysis.flops import estimate
+from pmod.analysis.analytic_flops import estimate
 from pmod.testing import randomize_routers
 
 T = TypeVar("T")
@@ -205,9 +205,9 @@ def analytic(
         return sum(c.flops for c in layers) - attn + d.lm_head_flops
 
     result["lm_head_tflops"] = d.lm_head_flops / 1e12
-    result["causal_tflops_ratio"] = causal(d.pmod_layers) / causal(d.dense_layers)
+    result["causal_tflops_ratio"] = causal(d.routed_layers) / causal(d.dense_layers)
     result["causal_dense_tflops"] = causal(d.dense_layers) / 1e12
-    result["causal_pmod_tflops"] = causal(d.pmod_layers) / 1e12
+    result["causal_pmod_tflops"] = causal(d.routed_layers) / 1e12
     return result
 
 

@@ -45,7 +45,7 @@ from gpu_train import train_section  # noqa: E402
 
 import pmod  # noqa: E402
 from pmod import PModConfig  # noqa: E402
-from pmod.analysis.flops import estimate  # noqa: E402
+from pmod.analysis.analytic_flops import estimate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("correctness", "overhead", "prefill", "decode", "static_decode", "train")
@@ -81,7 +81,7 @@ def causal_flops(config: Any, n_vision: int, n_text: int) -> tuple[float, float]
                    for c in layers)  # fmt: skip
 
     head = report.lm_head_decode_flops  # one position
-    return causal(report.dense_layers) + head, causal(report.pmod_layers) + head
+    return causal(report.dense_layers) + head, causal(report.routed_layers) + head
 
 
 def padded_prompt(n_visions: list[int], n_text: int, vocab: int, device: str, seed: int = 0) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import pmod
+from pmod.analysis.analytic_flops import estimate
 from pmod.analysis.dims import LMDims
-from pmod.analysis.flops import estimate
 from pmod.cli import main
 from pmod.core import schedules
 from pmod.core.config import method_class
@@ -110,7 +110,7 @@ def test_training_free_rows_carry_their_configs(run):
     """The PyramidDrop and DART rows: in the saved settings, each unit's result and the report with the config
     their solver (or the paper) gives for the run's model and prompt, trained on nothing, and the Budgets section
     counts each layer's kept tokens with the method's own rounding (DART: round(16 * 0.222) = 4, not floor's 3)."""
-    from pmod.io.loading import load_model
+    from pmod.io.model_folder import load_model
 
     out, report = run
     settings = json.loads((out / "ablate.json").read_text())
@@ -146,7 +146,7 @@ def test_training_free_rows_carry_their_configs(run):
 
 def load_unit(out: Path, variant: str, seed: int) -> tuple[torch.nn.Module, object, pmod.MethodConfig | None]:
     """A unit's model as it was evaluated, and its config read back from its result file."""
-    from pmod.io.loading import load_model
+    from pmod.io.model_folder import load_model
 
     result = json.loads((out / "runs" / variant / f"seed{seed}" / "result.json").read_text())
     config = None if result["config"] is None else method_class(result["method"]).from_dict(result["config"])
@@ -161,7 +161,7 @@ def load_unit(out: Path, variant: str, seed: int) -> tuple[torch.nn.Module, obje
 
 def processed_per_layer(model, processor, out: Path) -> tuple[list[int], int, int]:
     """Tokens each decoder layer processed for one test prompt (record_routing; unrecorded layers: all)."""
-    from pmod.io.loading import encode
+    from pmod.io.model_folder import encode
     from pmod.recipes.demo_runs import question_and_answer, record_image
 
     record = next(r for r in json.loads((out / "data" / "test.json").read_text()) if r.get("image"))
@@ -182,7 +182,7 @@ def test_task_check_rows(run, monkeypatch):
     counts), and the blank-image row asks the dense model about images of each record's background alone."""
     from PIL import Image
 
-    from pmod.io.loading import load_model
+    from pmod.io.model_folder import load_model
     from pmod.recipes import demo_runs, generate
 
     out, report = run
@@ -212,7 +212,7 @@ def test_processed_tokens_equal_the_analytic_count(run):
         counts, n_vision, n_text = processed_per_layer(model, processor, out)
         dims = LMDims.from_config(model.config)
         cost = estimate(dims, config or pmod.PModConfig(), n_vision=n_vision, n_text=n_text)
-        want = [c.processed for c in (cost.pmod_layers if config is not None else cost.dense_layers)]
+        want = [c.processed for c in (cost.routed_layers if config is not None else cost.dense_layers)]
         assert counts == want, variant
         if config is not None and variant != "gamma_mod":
             assert counts != [n_vision + n_text] * len(counts), variant  # it does route
@@ -223,7 +223,7 @@ def test_processed_tokens_equal_the_analytic_count(run):
     pmod.convert(model, gamma)
     counts, _, _ = processed_per_layer(model, processor, out)
     cost = estimate(dims, gamma, n_vision=n_vision, n_text=n_text)
-    assert counts == [c.processed for c in cost.pmod_layers]
+    assert counts == [c.processed for c in cost.routed_layers]
     assert counts[1] == n_text + n_vision // 2  # every prompt text token is a question token at inference
 
 
@@ -238,7 +238,7 @@ def flops_with_kept(config, workload: Workload, kept: int) -> int:
         other = dataclasses.replace(config, ratio=(kept + 0.5) / n)  # floor(n * r) = kept
     else:
         other = dataclasses.replace(config, keep=kept / n)  # round(n * keep) = kept
-    return estimate(workload.dims, other, n_vision=n, n_text=workload.n_text).pmod_flops
+    return estimate(workload.dims, other, n_vision=n, n_text=workload.n_text).routed_flops
 
 
 @pytest.mark.parametrize("solver", [mod_at_budget, fastv_at_budget, dart_at_budget])
@@ -250,14 +250,14 @@ def flops_with_kept(config, workload: Workload, kept: int) -> int:
 )
 def test_flops_matching_solver(solver, workload, tolerance):
     """The solved ratio gives p-MoD's TFLOPs within the tolerance, and no token count next to it comes closer."""
-    target = estimate(workload.dims, pmod.PModConfig(), n_vision=workload.n_vision, n_text=workload.n_text).pmod_flops
+    target = estimate(workload.dims, pmod.PModConfig(), n_vision=workload.n_vision, n_text=workload.n_text).routed_flops
     config = solver(workload, pmod.PModConfig())
     if isinstance(config, pmod.MoDConfig):
         k = schedules.kept_count(workload.n_vision, config.ratio)
     else:
         k = schedules.kept_count(workload.n_vision, config.keep, "round")
     got = flops_with_kept(config, workload, k)
-    assert got == estimate(workload.dims, config, n_vision=workload.n_vision, n_text=workload.n_text).pmod_flops
+    assert got == estimate(workload.dims, config, n_vision=workload.n_vision, n_text=workload.n_text).routed_flops
     assert got == pytest.approx(target, rel=tolerance)
     assert abs(got - target) <= min(abs(flops_with_kept(config, workload, k + d) - target) for d in (-1, 1))
 
@@ -272,22 +272,23 @@ DEMO_8 = dataclasses.replace(DEMO_12, layers=8)
      (Workload(DEMO_8, 64, 15), 0.01, [2, 4, 6])],
 )  # fmt: skip
 def test_pdrop_solver_meets_pmod_tflops(workload, tolerance, boundaries):
-    """PyramidDrop's solved lambda gives p-MoD's TFLOPs within the tolerance (both from pmod.analysis.flops), on
-    stage boundaries at the paper's share of the depth, and no lambda of a fine grid comes closer."""
+    """PyramidDrop's solved lambda gives p-MoD's TFLOPs within the tolerance (both from
+    pmod.analysis.analytic_flops), on stage boundaries at the paper's share of the depth, and no lambda of a fine grid
+    comes closer."""
     n, n_text = workload.n_vision, workload.n_text
-    target = estimate(workload.dims, pmod.PModConfig(), n_vision=n, n_text=n_text).pmod_flops
+    target = estimate(workload.dims, pmod.PModConfig(), n_vision=n, n_text=n_text).routed_flops
     config = pdrop_at_budget(workload, pmod.PModConfig())
     assert config.layers == boundaries
-    got = estimate(workload.dims, config, n_vision=n, n_text=n_text).pmod_flops
+    got = estimate(workload.dims, config, n_vision=n, n_text=n_text).routed_flops
     assert got == pytest.approx(target, rel=tolerance)
     # what the solver claims, recounted by hand: stage s keeps floor(n lambda^s) vision tokens in its layers
     kept = [math.floor(n * config.keep**s) for s in (1, 2, 3)]
     stage_of = np.searchsorted(boundaries, np.arange(workload.dims.layers), side="right")
     want = [n_text + (n if s == 0 else kept[s - 1]) for s in stage_of]
-    assert [c.processed for c in estimate(workload.dims, config, n_vision=n, n_text=n_text).pmod_layers] == want
+    assert [c.processed for c in estimate(workload.dims, config, n_vision=n, n_text=n_text).routed_layers] == want
     grid = np.linspace(0.05, 1.0, 1901)
-    others = [estimate(workload.dims, dataclasses.replace(config, keep=float(k)), n_vision=n, n_text=n_text).pmod_flops
-              for k in grid]  # fmt: skip
+    others = [estimate(workload.dims, dataclasses.replace(config, keep=float(k)), n_vision=n,
+                       n_text=n_text).routed_flops for k in grid]  # fmt: skip
     assert abs(got - target) <= min(abs(f - target) for f in others)
 
 

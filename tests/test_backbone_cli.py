@@ -219,12 +219,12 @@ def test_train_stage2_keeps_the_tower_and_reloads(folders, tmp_path, monkeypatch
     (root / "train.json").write_text(json.dumps(records))
     trainers = []
 
-    class Recorded(training.PModTrainer):
+    class Recorded(training.RoutedTrainer):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(training, "PModTrainer", Recorded)
+    monkeypatch.setattr(training, "RoutedTrainer", Recorded)
     out = tmp_path / "out"
     rc = main(["train", "--model", str(root / "dense"), "--data-path", str(root / "train.json"), "--output-dir",
                str(out), "--max-steps", "3", "--per-device-train-batch-size", "2", "--learning-rate", "1e-3",

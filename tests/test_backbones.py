@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pmod
-from pmod.analysis.flops import counted_flops, estimate
+from pmod.analysis.analytic_flops import counted_flops, estimate
 from pmod.core.backbone import backbone_for
 from pmod.testing import randomize_routers
 from pmod.testing.multimodal import (
@@ -169,8 +169,8 @@ def test_analytic_flops_equal_flop_counter(family: str) -> None:
     n_vision = int(vision_of(one).sum())
     n_text = int(one["attention_mask"].sum()) - n_vision
     report = estimate(model.config, pmod.get_method_config(model), n_vision=n_vision, n_text=n_text)
-    assert counts["dense"] - counts["routed"] == report.dense_flops - report.pmod_flops
-    assert report.pmod_flops < report.dense_flops
+    assert counts["dense"] - counts["routed"] == report.dense_flops - report.routed_flops
+    assert report.routed_flops < report.dense_flops
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -212,13 +212,13 @@ def test_static_cache_generation_equals_the_dynamic_cache(family: str) -> None:
     """``generate(cache_implementation="static")`` (K/V preallocated, the routed layers' slot records as decode masks;
     ``generate`` hands these models a dict of 4-D masks per layer type) gives the tokens and logits of the default
     dynamic cache on images, two images and a video in one left-padded batch."""
-    from pmod.core.cache import PModStaticCache, cache_of
+    from pmod.core.cache import RoutedStaticCache, cache_of
 
     _, model, batch = routed(family)
     gen = dict(GEN, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         dynamic = model.generate(**batch, **gen)
         static = model.generate(**batch, cache_implementation="static", **gen)
-    assert isinstance(cache_of(static), PModStaticCache)
+    assert isinstance(cache_of(static), RoutedStaticCache)
     assert torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=0)

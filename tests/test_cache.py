@@ -145,15 +145,15 @@ DRAFTED = {**GEN, "eos_token_id": EOS, "suppress_tokens": [IMAGE_TOKEN_ID, EOS],
 
 
 def spy_on_crop(monkeypatch) -> list[int]:
-    """Record how many tokens each ``PModCache.crop`` removed (measured on layer 0, which caches every token)."""
-    removed, crop = [], pmod.PModCache.crop
+    """Record how many tokens each ``RoutedCache.crop`` removed (measured on layer 0, which caches every token)."""
+    removed, crop = [], pmod.RoutedCache.crop
 
     def spy(cache, tokens):
         before = cache.get_seq_length()
         crop(cache, tokens)
         removed.append(before - cache.get_seq_length())
 
-    monkeypatch.setattr(pmod.PModCache, "crop", spy)
+    monkeypatch.setattr(pmod.RoutedCache, "crop", spy)
     return removed
 
 
@@ -208,7 +208,7 @@ def test_reset_cache_serves_a_new_prompt_like_a_fresh_one():
     logits of a forward without cache."""
     model = converted("llava")
     first, second = (llava_batch(model, [text], [True], seed=seed) for text, seed in (((5, 6), 1), ((2, 9), 2)))
-    cache = pmod.PModCache()
+    cache = pmod.RoutedCache()
     with torch.no_grad():
         model(**first, **cache_kwargs(cache), use_cache=True)
         cache.reset()
@@ -231,16 +231,16 @@ def test_routed_layer_takes_the_cache_under_either_name(name):
     model = pmod.convert(tiny_llama(num_layers=3), pmod.PModConfig(schedule="explicit", ratios=[None, 0.5, 0.3]))
     randomize_routers(model, scale=3.0)
     ids, am, vm = routed_batch([(5, 12, False), (4, 7, True)], "left")
-    layer, seen, cache = model.model.layers[1], {}, pmod.PModCache()
+    layer, seen, cache = model.model.layers[1], {}, pmod.RoutedCache()
     hook = layer.register_forward_hook(lambda m, a, k, o: seen.update(args=a, kwargs=k, out=o), with_kwargs=True)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=am, vision_mask=vm, **cache_kwargs(cache), use_cache=True)
     hook.remove()
     inputs = {k: v for k, v in seen["kwargs"].items() if k not in ("cache", "past_key_values")}
-    again = pmod.PModCache()
+    again = pmod.RoutedCache()
     with torch.no_grad():
         out = layer(*seen["args"], **inputs, **{name: again})
     assert torch.equal(out, seen["out"])
     assert torch.equal(again.layers[1].keys, cache.layers[1].keys)
     assert torch.equal(again.layers[1].values, cache.layers[1].values)
-    assert torch.equal(again.pmod_slot_mask(1), cache.pmod_slot_mask(1))
+    assert torch.equal(again.slot_mask(1), cache.slot_mask(1))

@@ -16,13 +16,13 @@ from PIL import Image
 
 import pmod
 from pmod.analysis import plots
-from pmod.analysis.flops import estimate
+from pmod.analysis.analytic_flops import estimate
 from pmod.cli import main
 from pmod.core.cache import kv_cache_bytes
 from pmod.core.errors import UserError
 from pmod.data import synth
 from pmod.data.tokenizer import VICUNA_SYSTEM
-from pmod.io.loading import check_model_folder
+from pmod.io.model_folder import check_model_folder
 from pmod.recipes.viz import image_routing
 from pmod.testing import tiny_llava_folder
 
@@ -35,8 +35,8 @@ ALL_DENSE = pmod.PModConfig(schedule="explicit", ratios=[None] * 6)
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("methods")
     dense = Path(tiny_llava_folder(str(root / "dense"), num_layers=6))
-    routed = Path(tiny_llava_folder(str(root / "routed"), num_layers=6, pmod_config=pmod.PModConfig()))
-    all_dense = Path(tiny_llava_folder(str(root / "all-dense"), num_layers=6, pmod_config=ALL_DENSE))
+    routed = Path(tiny_llava_folder(str(root / "routed"), num_layers=6, method_config=pmod.PModConfig()))
+    all_dense = Path(tiny_llava_folder(str(root / "all-dense"), num_layers=6, method_config=ALL_DENSE))
     truncated = root / "truncated"
     shutil.copytree(routed, truncated)
     with open(truncated / "model.safetensors", "r+b") as f:  # a copy cut short
@@ -126,7 +126,7 @@ def test_flops_fastv_on_a_dense_folder(world, capsys) -> None:
                     dtype="float32")  # fmt: skip
     assert rc == 0 and data["method"] == "fastv"
     assert [layer["processed"] for layer in data["layers"]] == [36, 36] + [20 + 4] * 4
-    assert data["pmod_tflops"] == pytest.approx(want.pmod_flops / 1e12, rel=1e-12)
+    assert data["pmod_tflops"] == pytest.approx(want.routed_flops / 1e12, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------ ranges in lists
@@ -279,7 +279,7 @@ def test_the_command_line_says_so_in_one_line(world) -> None:
 def test_method_settings_read_alike_from_flags_recipes_and_model_args() -> None:
     """``<method>_<field>`` settings are read one way: a flag's text, a YAML recipe's value and an lmms-eval model arg
     give the same config, and the same mistake the same reason, each named the way its user wrote it."""
-    from pmod.eval.loading import method_from_args
+    from pmod.eval.model_args import method_from_args
     from pmod.recipes.method_flags import config_from_values
 
     want = pmod.PModConfig(schedule="constant", ratio=0.25, layers=[1, 3, 4, 5])

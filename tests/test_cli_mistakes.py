@@ -31,7 +31,7 @@ def pmod_command(*argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mistakes")
-    routed = Path(tiny_llava_folder(str(root / "routed"), num_layers=4, pmod_config=pmod.PModConfig()))
+    routed = Path(tiny_llava_folder(str(root / "routed"), num_layers=4, method_config=pmod.PModConfig()))
     dense = Path(tiny_llava_folder(str(root / "dense"), num_layers=4))
     tiny_llama(num_layers=2).save_pretrained(root / "llama")
     no_processor = root / "no-processor"  # the README quickstart before it saved the processor
@@ -54,7 +54,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(routed, truncated)
     (truncated / "model.safetensors").write_bytes((routed / "model.safetensors").read_bytes()[:30000])
     all_dense = tiny_llava_folder(str(root / "all-dense"), num_layers=4,
-                                  pmod_config=pmod.PModConfig(schedule="explicit", ratios=[None] * 4))  # fmt: skip
+                                  method_config=pmod.PModConfig(schedule="explicit", ratios=[None] * 4))  # fmt: skip
     return {"root": root, "routed": routed, "dense": dense, "llama": root / "llama", "no_processor": no_processor,
             "data": train_json, "broken": broken, "red": root / "red.png", "bad": root / "bad.png",
             "resume": root / "resume", "truncated": truncated, "all_dense": Path(all_dense)}  # fmt: skip

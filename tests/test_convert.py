@@ -88,7 +88,7 @@ def test_save_and_reload_offline(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     loaded = pmod.load(tmp_path)
     assert type(loaded) is type(model)
-    assert pmod.get_pmod_config(loaded) == PModConfig(beta=0.45)
+    assert pmod.get_method_config(loaded) == PModConfig(beta=0.45)
     assert pmod.layer_ratios(loaded) == pmod.layer_ratios(model)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -244,10 +244,10 @@ def test_damaged_weight_files_are_named_before_loading(tmp_path):
     from pathlib import Path
 
     from pmod.core.errors import UserError
-    from pmod.io.loading import check_model_folder
+    from pmod.io.model_folder import check_model_folder
     from pmod.testing import tiny_llava_folder
 
-    folder = Path(tiny_llava_folder(str(tmp_path / "m"), num_layers=2, pmod_config=PModConfig()))
+    folder = Path(tiny_llava_folder(str(tmp_path / "m"), num_layers=2, method_config=PModConfig()))
     weights = folder / "model.safetensors"
     good = weights.read_bytes()
     (length,) = struct.unpack("<Q", good[:8])

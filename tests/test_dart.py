@@ -14,7 +14,7 @@ from PIL import Image
 
 import pmod
 from pmod import DARTConfig, PDropConfig
-from pmod.analysis.flops import counted_flops, estimate, flop_counter
+from pmod.analysis.analytic_flops import counted_flops, estimate, flop_counter
 from pmod.core.cache import cache_of
 from pmod.testing import (
     IMAGE_TOKEN_ID,
@@ -167,11 +167,11 @@ def test_analytic_flops_equal_flop_counter(attn: str) -> None:
     with torch.no_grad(), counter:
         model(input_ids=ids, vision_mask=vision, use_cache=False)
     report = estimate(model.config, CONFIG, n_vision=n_vision, n_text=n_text)
-    assert counted_flops(counter) == report.pmod_flops
+    assert counted_flops(counter) == report.routed_flops
     hidden, t = model.config.hidden_size, n_text + n_vision
     kv_width = model.config.num_key_value_heads * (hidden // model.config.num_attention_heads)
-    assert report.pmod_layers[K - 1].scoring == 2 * t * hidden * kv_width
-    assert report.pmod_layers[K].scoring == 2 * (PIVOTS + TEXT_PIVOTS) * t * hidden
+    assert report.routed_layers[K - 1].scoring == 2 * t * hidden * kv_width
+    assert report.routed_layers[K].scoring == 2 * (PIVOTS + TEXT_PIVOTS) * t * hidden
 
 
 def test_defaults_are_the_papers_and_settings_are_checked() -> None:

@@ -40,7 +40,7 @@ def test_accuracy_recomputed_one_question_at_a_time(demo):
     """The report's accuracy (and per question kind) is the share of test questions whose greedy answer starts
     with the right word: recomputed here by ``generate`` on each question alone, unpadded."""
     from pmod.data.synth import question_kind
-    from pmod.io.loading import build_prompt, load_model
+    from pmod.io.model_folder import build_prompt, load_model
     from pmod.recipes.demo_runs import question_and_answer, record_image
 
     out, report = demo
@@ -93,7 +93,7 @@ def test_tower_is_frozen_in_stage_two(demo):
     """Both variants keep the pre-trained tower bit for bit; the decoder trained."""
     from transformers import LlavaForConditionalGeneration
 
-    from pmod.io.loading import load_model
+    from pmod.io.model_folder import load_model
 
     out, _ = demo
     base = LlavaForConditionalGeneration.from_pretrained(out / "base-model").state_dict()
@@ -108,7 +108,7 @@ def test_tower_is_frozen_in_stage_two(demo):
 def test_side_by_side_training_changes_nothing(demo, tmp_path):
     """The demo trains variants in worker processes when cores allow; the same variant trained here, in this
     process, gives the same weights bit for bit."""
-    from pmod.io.loading import load_model
+    from pmod.io.model_folder import load_model
     from pmod.recipes.demo_runs import parallel_workers, threads_per_worker, train_variant
 
     out, report = demo
@@ -132,7 +132,7 @@ def test_side_by_side_training_changes_nothing(demo, tmp_path):
 def test_report_kv_bytes_are_what_the_cache_holds(demo):
     """The analytic KV bytes in the report equal the bytes of a real prefill cache for one test prompt."""
     out, report = demo
-    from pmod.io.loading import encode, load_model
+    from pmod.io.model_folder import encode, load_model
     from pmod.recipes.demo_runs import question_and_answer, record_image
 
     data = out / "data"

@@ -172,7 +172,7 @@ def test_cheap_readme_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     commands = pmod_commands(README)
     assert {shlex.join(c) for c in commands} >= set(NOT_RUN)
     monkeypatch.chdir(tmp_path)
-    tiny_llava_folder("DIR", num_layers=4, pmod_config=PModConfig())
+    tiny_llava_folder("DIR", num_layers=4, method_config=PModConfig())
     tiny_llava_folder("dense-dir", num_layers=4)
     Path("path/to").mkdir(parents=True)
     Path("path/to/model").symlink_to(tmp_path / "DIR")

@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     whose prefill TFLOPs differ; and a small shapes set."""
     root = tmp_path_factory.mktemp("eval-keys")
     dense = tiny_llava_folder(str(root / "a" / "model"))
-    routed = tiny_llava_folder(str(root / "b" / "model"), pmod_config=pmod.PModConfig(), seed=1)
+    routed = tiny_llava_folder(str(root / "b" / "model"), method_config=pmod.PModConfig(), seed=1)
     data = root / "data"
     synth.generate(data, 60, seed=0, image_size=32, test_fraction=0.2)
     return root, dense, routed, data
@@ -144,12 +144,12 @@ def test_non_finite_scores_are_refused(setup, tmp_path, monkeypatch, task):
     from lmms_eval.evaluator import simple_evaluate
 
     from pmod.core.errors import UserError
-    from pmod.eval.lmms_model import PModLMM
+    from pmod.eval.lmms_model import RoutedLMM
     from pmod.eval.runner import task_manager
 
     root, dense, routed, data = setup
     monkeypatch.setenv("PMOD_SHAPES_DIR", str(data))
-    lm = PModLMM(pretrained=dense, device="cpu", batch_size=2, cost_dir=tmp_path / "costs")
+    lm = RoutedLMM(pretrained=dense, device="cpu", batch_size=2, cost_dir=tmp_path / "costs")
     with torch.no_grad():
         lm.model.lm_head.weight[0, 0] = float("nan")
     what = "log-likelihoods" if task.endswith("_mc") else "logits"

@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
     rewritten to the model's first answer word (a random model rarely says the right colour); and the task run once
     through the lmms-eval CLI."""
     root = tmp_path_factory.mktemp("eval")
-    folder = tiny_llava_folder(str(root / "model"), pmod_config=pmod.PModConfig())
+    folder = tiny_llava_folder(str(root / "model"), method_config=pmod.PModConfig())
     data = root / "data"
     synth.generate(data, 120, seed=0, image_size=32, test_fraction=0.2, question_kinds=("color", "position"))
     records = [r for r in json.loads((data / "test.json").read_text()) if r.get("image")][:DOCS]
@@ -71,9 +71,9 @@ def setup(tmp_path_factory):
 def test_registry_resolves_pmod_to_the_plugin_class():
     from lmms_eval.models import MODEL_REGISTRY_V2, get_model
 
-    from pmod.eval.lmms_model import PModLMM
+    from pmod.eval.lmms_model import RoutedLMM
 
-    assert get_model("pmod") is PModLMM
+    assert get_model("pmod") is RoutedLMM
     assert MODEL_REGISTRY_V2.resolve("pmod").model_type == "simple"
 
 
@@ -106,13 +106,13 @@ def test_two_processes_give_the_union_of_one_process_results(setup, tmp_path):
 def test_batch_size_4_equals_batch_size_1(setup, tmp_path, monkeypatch):
     from lmms_eval.evaluator import simple_evaluate
 
-    from pmod.eval.lmms_model import PModLMM
+    from pmod.eval.lmms_model import RoutedLMM
     from pmod.eval.runner import task_manager
 
     folder, data = setup[:2]
     monkeypatch.setenv("PMOD_SHAPES_DIR", str(data))
     manager = task_manager([], ["pmod_shapes", "pmod_shapes_mc"])
-    lm = PModLMM(pretrained=folder, batch_size=1, cost_dir=tmp_path / "b1", device="cpu")
+    lm = RoutedLMM(pretrained=folder, batch_size=1, cost_dir=tmp_path / "b1", device="cpu")
     lm.keep_model = True
     runs = {}
     for size in (1, 4):

@@ -38,7 +38,7 @@ def evaluate(setup, tasks, capsys) -> str:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pmod-eval")
     dense = tiny_llava_folder(str(root / "dense"))
-    routed = tiny_llava_folder(str(root / "pmod"), pmod_config=pmod.PModConfig())
+    routed = tiny_llava_folder(str(root / "pmod"), method_config=pmod.PModConfig())
     data = root / "data"
     synth.generate(data, 200, seed=1, image_size=32, test_fraction=0.2)
     # Every other target := the dense model's first answer word, so that scores are neither 0 nor equal.
@@ -196,12 +196,12 @@ def test_help_and_flag_errors_load_neither_torch_nor_lmms_eval():
 
 def test_pdrop_and_dart_on_the_fly_with_their_cost(setup, tmp_path):
     """A dense folder evaluated with PyramidDrop (its list setting in brackets) and DART on the fly, as FastV: each
-    row's TFLOPs and KV ratios equal pmod.analysis.flops' for the same requests' tokens (the KV measured on the
+    row's TFLOPs and KV ratios equal pmod.analysis.analytic_flops' for the same requests' tokens (the KV measured on the
     caches), below dense, and report.md lists each model's method settings and cost."""
     from transformers import AutoConfig
 
+    from pmod.analysis.analytic_flops import estimate
     from pmod.analysis.dims import LMDims
-    from pmod.analysis.flops import estimate
 
     root, dense, routed, data = setup
     configs = {"dense+pdrop": pmod.PDropConfig(layers=[1, 3], keep=0.5), "dense+dart": pmod.DARTConfig(keep=0.25)}
@@ -219,8 +219,8 @@ def test_pdrop_and_dart_on_the_fly_with_their_cost(setup, tmp_path):
                  .splitlines()]  # fmt: skip
         assert len(lines) == LIMIT
         costs = [estimate(dims, config, n_vision=c["n_vision"], n_text=c["n_text"], dtype="float32") for c in lines]
-        flops = sum(c.pmod_flops for c in costs) / sum(c.dense_flops for c in costs)
-        kv = sum(c.pmod_kv_bytes for c in costs) / sum(c.dense_kv_bytes for c in costs)
+        flops = sum(c.routed_flops for c in costs) / sum(c.dense_flops for c in costs)
+        kv = sum(c.routed_kv_bytes for c in costs) / sum(c.dense_kv_bytes for c in costs)
         assert rows[label]["tflops_ratio"] == pytest.approx(flops, rel=1e-12), label
         assert rows[label]["kv_ratio"] == pytest.approx(kv, rel=1e-12), label
         assert rows[label]["tflops_ratio"] < 1 and rows[label]["kv_ratio"] < 1

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import pmod
 from pmod import PModConfig
-from pmod.analysis.flops import LMDims, counted_flops, estimate, flop_counter
+from pmod.analysis.analytic_flops import LMDims, counted_flops, estimate, flop_counter
 from pmod.cli import main
 
 TOY = LMDims(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
@@ -22,7 +22,7 @@ TOY_PMOD = PModConfig(schedule="explicit", ratios=[None, 0.5])
 def test_toy_hand_values() -> None:
     # 4 vision + 2 text tokens, 1 sample; layer 0 dense (K = 6), layer 1 keeps 2 of 4 vision tokens (K = 4).
     r = estimate(TOY, TOY_PMOD, n_vision=4, n_text=2, batch_size=1, dtype="float16")
-    dense, routed = r.pmod_layers
+    dense, routed = r.routed_layers
 
     # q (8->8), k (8->4), v (8->4), o (8->8) on K tokens: 2 * K * 8 * (8 + 4 + 4 + 8)
     assert dense.attn_proj == 2 * 6 * 8 * 24 == 2304
@@ -41,13 +41,13 @@ def test_toy_hand_values() -> None:
     head = 2 * 6 * 8 * 10  # LM head on all 6 tokens
     assert r.lm_head_flops == head == 960
     assert r.dense_flops == 2 * 8064 + 960 == 17088
-    assert r.pmod_flops == 8064 + 5216 + 960 == 14240
+    assert r.routed_flops == 8064 + 5216 + 960 == 14240
     assert r.tflops_ratio == pytest.approx(14240 / 17088)
     assert r.to_dict()["tflops_ratio_without_lm_head"] == pytest.approx((8064 + 5216) / (2 * 8064))
 
     # KV: K and V, K tokens, 1 KV head of 4, 2 bytes
     assert r.dense_kv_bytes == 2 * (2 * 6 * 1 * 4 * 2) == 192
-    assert r.pmod_kv_bytes == 2 * 6 * 4 * 2 + 2 * 4 * 4 * 2 == 160
+    assert r.routed_kv_bytes == 2 * 6 * 4 * 2 + 2 * 4 * 4 * 2 == 160
     assert r.kv_cache_ratio == pytest.approx(160 / 192)
     assert r.mean_retention == (1.0 + 0.5) / 2
 
@@ -55,13 +55,13 @@ def test_toy_hand_values() -> None:
     dense_step = 384 + 768 + 2 * 2 * 2 * 4 * (6 + 1)  # = 1376
     routed_step = 384 + 768 + 2 * 2 * 2 * 4 * (4 + 1) + 2 * 8  # router scores the new token: = 1328
     assert r.dense_decode_flops == 2 * dense_step + 2 * 8 * 10 == 2912
-    assert r.pmod_decode_flops == dense_step + routed_step + 160 == 2864
+    assert r.routed_decode_flops == dense_step + routed_step + 160 == 2864
 
     # Batch and dtype scale linearly; the LM head can be left out of the totals.
     r3 = estimate(TOY, TOY_PMOD, n_vision=4, n_text=2, batch_size=3, dtype=torch.float32, include_lm_head=False)
     assert r3.dense_flops == 3 * 2 * 8064
-    assert r3.pmod_flops == 3 * (8064 + 5216)
-    assert r3.pmod_kv_bytes == 3 * 2 * 160
+    assert r3.routed_flops == 3 * (8064 + 5216)
+    assert r3.routed_kv_bytes == 3 * 2 * 160
     keys = {"dense_tflops", "pmod_tflops", "tflops_ratio", "dense_kv_bytes", "pmod_kv_bytes", "kv_cache_ratio"}
     assert keys | {"mean_retention", "layers"} <= set(r3.to_dict())
 
@@ -125,8 +125,8 @@ def test_pmod_matches_flop_counter(attn: str) -> None:
     with torch.no_grad(), counter:
         model(ids, vision_mask=vision, use_cache=False)
     report = estimate(model.config, config, n_vision=32, n_text=16)
-    assert counted_flops(counter) == pytest.approx(report.pmod_flops, rel=0.02)
-    assert report.pmod_flops < 0.75 * report.dense_flops  # routing really saves work here
+    assert counted_flops(counter) == pytest.approx(report.routed_flops, rel=0.02)
+    assert report.routed_flops < 0.75 * report.dense_flops  # routing really saves work here
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ import pmod
 from pmod import GammaMoDConfig
 from pmod.cli import main
 from pmod.data import synth
-from pmod.methods.arank import attention_rank, numerical_rank
+from pmod.methods.gamma_arank import attention_rank, numerical_rank
 from pmod.methods.gamma_mod import choose_layers
 from pmod.testing import randomize_routers, routed_batch, tiny_llama, tiny_llava_folder
 from pmod.testing.reference import reference_logits, reference_rules

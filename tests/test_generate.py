@@ -15,7 +15,7 @@ from pmod.testing import tiny_llama, tiny_llava_folder
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
-    tiny_llava_folder(str(path), num_layers=6, pmod_config=pmod.PModConfig())
+    tiny_llava_folder(str(path), num_layers=6, method_config=pmod.PModConfig())
     Image.new("RGB", (40, 30), (200, 10, 10)).save(path / "red.png")
     Image.new("RGB", (30, 50), (10, 10, 200)).save(path / "blue.png")
     return path
@@ -94,7 +94,7 @@ def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, capsys, case, messag
 )
 def test_generate_with_every_method(tmp_path, capsys, config):
     folder = tmp_path / config.method
-    tiny_llava_folder(str(folder), num_layers=6, pmod_config=config)
+    tiny_llava_folder(str(folder), num_layers=6, method_config=config)
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
     rc = main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt",
                "What color is the shape ?", "--max-new-tokens", "6"])  # fmt: skip

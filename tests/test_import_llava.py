@@ -38,7 +38,7 @@ from pmod.io.importers.original_config import count_exact, original_ratios, weig
 from pmod.io.importers.original_llava import import_llava
 from pmod.io.importers.original_processor import load_tokenizer
 from pmod.io.importers.tensor_files import TensorFolder
-from pmod.io.loading import encode, load_model
+from pmod.io.model_folder import encode, load_model
 from pmod.testing.reference import VisionRouterReference, reference_logits
 
 S, PATCH, LAYERS = 16, 4, 4  # tower image size and patch (4 x 4 = 16 tokens per tile); decoder layers

@@ -22,10 +22,10 @@ def test_compacted_equals_dense_reference(padding_side, attn, ratios):
     model = pmod.convert(copy.deepcopy(dense), PModConfig(schedule="explicit", ratios=ratios))
     randomize_routers(model, scale=3.0)
     ids, am, vm = make_batch(ROWS, padding_side)
-    routers = {i: layer.router for i, layer in pmod.pmod_layers(model).items()}
+    routers = {i: layer.router for i, layer in pmod.routed_layers(model).items()}
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=am, vision_mask=vm).logits
-        want = reference_forward(dense, routers, ratios, ids, am, vm, pmod.get_pmod_config(model))
+        want = reference_forward(dense, routers, ratios, ids, am, vm, pmod.get_method_config(model))
     real = am.bool()
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
 
@@ -37,7 +37,7 @@ def test_string_off_reference_and_int_masks():
     model = pmod.convert(copy.deepcopy(dense), cfg)
     randomize_routers(model, scale=3.0)
     ids, am, vm = make_batch(ROWS, "left", seed=3)
-    routers = {i: layer.router for i, layer in pmod.pmod_layers(model).items()}
+    routers = {i: layer.router for i, layer in pmod.routed_layers(model).items()}
     with torch.no_grad():
         got_int = model(input_ids=ids, attention_mask=am, vision_mask=vm.long()).logits
         got_bool = model(input_ids=ids, attention_mask=am.bool(), vision_mask=vm).logits
@@ -54,7 +54,7 @@ def test_equal_kept_counts_and_no_padding():
     model = pmod.convert(copy.deepcopy(dense), PModConfig(schedule="explicit", ratios=ratios))
     randomize_routers(model)
     ids, am, vm = make_batch([(6, 16, True), (6, 16, True), (6, 16, False)], "right", seed=1)
-    routers = {i: layer.router for i, layer in pmod.pmod_layers(model).items()}
+    routers = {i: layer.router for i, layer in pmod.routed_layers(model).items()}
     with pmod.record_routing(model) as rec, torch.no_grad():
         out = model(input_ids=ids, attention_mask=am, vision_mask=vm, output_hidden_states=True)
     want = reference_forward(dense, routers, ratios, ids, am, vm, PModConfig())

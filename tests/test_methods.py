@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pmod
 from pmod import FastVConfig, GammaMoDConfig, MoDConfig, PModConfig
-from pmod.analysis.flops import counted_flops, estimate
+from pmod.analysis.analytic_flops import counted_flops, estimate
 from pmod.testing import (
     PAD_TOKEN_ID,
     greedy_steps,
@@ -112,7 +112,7 @@ def test_folders_of_pmod_0_1_still_load(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     batch = llava_batch(model, [(3, 5)], [True])
     loaded = pmod.load(tmp_path)
-    assert pmod.get_pmod_config(loaded) == PModConfig(beta=0.45)
+    assert pmod.get_method_config(loaded) == PModConfig(beta=0.45)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
 
@@ -155,5 +155,5 @@ def test_analytic_flops_equal_flop_counter(method: str) -> None:
     with torch.no_grad(), counter:
         model(input_ids=ids, vision_mask=vision, use_cache=False)
     report = estimate(model.config, METHODS[method], n_vision=n_vision, n_text=n_text)
-    assert counted_flops(counter) == report.pmod_flops
-    assert report.pmod_flops < report.dense_flops
+    assert counted_flops(counter) == report.routed_flops
+    assert report.routed_flops < report.dense_flops

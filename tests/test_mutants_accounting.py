@@ -1,6 +1,6 @@
 """Tests written to kill the mutants that survived the rest of the suite in the FLOPs/KV accounting
-(``pmod.analysis.flops``, ``pmod.analysis.dims``; see ``benchmarks/mutation/run_mutation.py``). Expected values are
-worked out by hand in the comments, never read back from the code under test."""
+(``pmod.analysis.analytic_flops``, ``pmod.analysis.dims``; see ``benchmarks/mutation/run_mutation.py``). Expected
+values are worked out by hand in the comments, never read back from the code under test."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from pmod import PModConfig
+from pmod.analysis.analytic_flops import (
+    FlopsReport,
+    LayerCost,
+    LMDims,
+    counted_flops,
+    estimate,
+    layer_cost,
+    method_config_from,
+)
 from pmod.analysis.dims import bytes_per_element, presets, vision_tokens, weight_dtype
-from pmod.analysis.flops import FlopsReport, LayerCost, LMDims, counted_flops, estimate, layer_cost, method_config_from
 from pmod.core.config import LayerPlan
 
 TOY = LMDims(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
@@ -106,8 +114,8 @@ def test_question_tokens_matter_only_to_a_plan_that_routes_text() -> None:
 
 def test_token_count_checks() -> None:
     # Text-only and vision-only prompts are valid; no token at all, or a negative count, is not.
-    assert estimate(TOY, TOY_PMOD, n_vision=4, n_text=0).pmod_layers[1].processed == 2
-    assert estimate(TOY, TOY_PMOD, n_vision=0, n_text=3).pmod_layers[1].processed == 3
+    assert estimate(TOY, TOY_PMOD, n_vision=4, n_text=0).routed_layers[1].processed == 2
+    assert estimate(TOY, TOY_PMOD, n_vision=0, n_text=3).routed_layers[1].processed == 3
     assert estimate(TOY, TOY_PMOD, n_vision=1, n_text=0).dense_layers[0].processed == 1
     assert estimate(TOY, TOY_PMOD, n_vision=2, n_text=2).dense_layers[0].processed == 4
     for n_vision, n_text in ((0, 0), (-1, 2), (2, -1), (-1, -1)):
@@ -146,7 +154,7 @@ def test_estimate_takes_the_method_stored_in_the_config() -> None:
     # constant 0.25 on layers 1..3 (not the PRD default): floor(0.25 * 8) = 2 vision tokens kept there.
     r = estimate(config, n_vision=8, n_text=2)
     assert r.schedule == [None, 0.25, 0.25, 0.25]
-    assert [c.processed for c in r.pmod_layers] == [10, 4, 4, 4]
+    assert [c.processed for c in r.routed_layers] == [10, 4, 4, 4]
 
 
 class FakeCounter:

@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 import pmod
 from pmod import PModConfig
 from pmod.core import routed_layer
-from pmod.core.cache import PModCache, as_pmod_cache, cache_kwargs, cache_of, kv_cache_bytes
+from pmod.core.cache import RoutedCache, as_routed_cache, cache_kwargs, cache_of, kv_cache_bytes
 from pmod.core.plan import ForwardPlan, Selection
 from pmod.core.routed_layer import RoutingInputs
 from pmod.testing import randomize_routers, routed_batch, tiny_llama
@@ -34,9 +34,9 @@ def test_kv_cache_bytes_with_an_empty_layer_between_filled_ones() -> None:
     assert size.layer_tokens == [[3, 3], [], [1]]
 
 
-def record_two_rows() -> PModCache:
-    cache = as_pmod_cache(DynamicCache())
-    cache.pmod_extend_slots(0, torch.tensor([[True, False, True], [True, True, False]]).view(2, 1, 1, 3), 3, 2)
+def record_two_rows() -> RoutedCache:
+    cache = as_routed_cache(DynamicCache())
+    cache.extend_slots(0, torch.tensor([[True, False, True], [True, True, False]]).view(2, 1, 1, 3), 3, 2)
     cache.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), 0)  # what the layer then caches
     return cache
 
@@ -45,28 +45,28 @@ def test_repeating_rows_repeats_their_slot_records() -> None:
     # Row 0 (T, F, T) and row 1 (T, T, F), each repeated twice in place, as beam search and sampling expand a batch.
     cache = record_two_rows()
     cache.batch_repeat_interleave(2)
-    assert cache.pmod_slot_mask(0).tolist() == [[True, False, True]] * 2 + [[True, True, False]] * 2
+    assert cache.slot_mask(0).tolist() == [[True, False, True]] * 2 + [[True, True, False]] * 2
     assert cache.layers[0].keys.shape[0] == 4
 
 
 def test_reordering_rows_reorders_their_slot_records() -> None:
     # Beam search's reorder: new row 0 is old row 1 (T, T, F), new rows 1 and 2 are old row 0 (T, F, T).
     cache = record_two_rows()
-    cache.pmod_extend_slots(1, None, 3, 2)  # a layer whose slots are all real keeps no record (None)
+    cache.extend_slots(1, None, 3, 2)  # a layer whose slots are all real keeps no record (None)
     cache.reorder_cache(torch.tensor([1, 0, 0]))
-    assert cache.pmod_slot_mask(0).tolist() == [[True, True, False], [True, False, True], [True, False, True]]
+    assert cache.slot_mask(0).tolist() == [[True, True, False], [True, False, True], [True, False, True]]
 
 
 def test_a_static_cache_has_no_slot_mask_for_a_dense_layer() -> None:
-    cache = as_pmod_cache(StaticCache(config=tiny_llama(num_layers=2).config, max_cache_len=4))
-    assert cache.pmod_slot_mask(0) is None
+    cache = as_routed_cache(StaticCache(config=tiny_llama(num_layers=2).config, max_cache_len=4))
+    assert cache.slot_mask(0) is None
 
 
-def dense_and_routed_cache() -> PModCache:
+def dense_and_routed_cache() -> RoutedCache:
     """Layer 0 dense with 5 tokens; layer 1 routed with 4 slots, recorded as (T, F, T, T) in its one row."""
-    cache = as_pmod_cache(DynamicCache())
+    cache = as_routed_cache(DynamicCache())
     cache.update(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
-    cache.pmod_extend_slots(1, torch.tensor([True, False, True, True]).view(1, 1, 1, 4), 4, 1)
+    cache.extend_slots(1, torch.tensor([True, False, True, True]).view(1, 1, 1, 4), 4, 1)
     cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 1)
     return cache
 
@@ -74,9 +74,9 @@ def dense_and_routed_cache() -> PModCache:
 def test_crop_by_a_count_crops_the_slot_records_too() -> None:
     cache = dense_and_routed_cache()
     cache.crop(0)  # transformers 5.25: remove no token (what assisted decoding asks when every draft is accepted)
-    assert cache.pmod_slot_mask(1).tolist() == [[True, False, True, True]] and cache.get_seq_length() == 5
+    assert cache.slot_mask(1).tolist() == [[True, False, True, True]] and cache.get_seq_length() == 5
     cache.crop(-2)  # the last 2 tokens: 3 tokens in layer 0, 2 slots in layer 1
-    assert cache.pmod_slot_mask(1).tolist() == [[True, False]] and cache.get_seq_length() == 3
+    assert cache.slot_mask(1).tolist() == [[True, False]] and cache.get_seq_length() == 3
 
 
 @pytest.mark.parametrize(("keep", "length", "record"), [(5, 5, [True, False, True, True]), (7, 5, [True, False, True,
@@ -90,15 +90,15 @@ def test_crop_to_a_length_before_transformers_5_24(
     monkeypatch.setattr("pmod.core.cache.CROP_TAKES_COUNT", False)
     cache = dense_and_routed_cache()
     cache.crop(keep)
-    assert cache.get_seq_length() == length and cache.pmod_slot_mask(1).tolist() == [record]
+    assert cache.get_seq_length() == length and cache.slot_mask(1).tolist() == [record]
 
 
 def test_the_slot_mask_of_a_layer_whose_slots_are_all_real() -> None:
     # 2 rows, 3 KV heads, 4 slots, dim 5: a bool [rows, slots] mask, all True (the record is None).
-    cache = as_pmod_cache(DynamicCache())
-    cache.pmod_extend_slots(0, None, 4, 2)
+    cache = as_routed_cache(DynamicCache())
+    cache.extend_slots(0, None, 4, 2)
     cache.update(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5), 0)
-    mask = cache.pmod_slot_mask(0)
+    mask = cache.slot_mask(0)
     assert mask.dtype == torch.bool and mask.tolist() == [[True] * 4] * 2
 
 
@@ -153,7 +153,7 @@ def test_set_attention_path_defaults_to_auto() -> None:
     model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
     pmod.set_attention_path(model, "padded")
     pmod.set_attention_path(model)
-    assert [layer.pmod_attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
+    assert [layer.attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
 
 
 ROWS = [(5, 23, False), (9, 11, True), (4, 0, False), (6, 17, False)]  # unequal vision counts: unequal kept rows
@@ -254,7 +254,7 @@ def direct_layer(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, t
 
 
 def test_a_layer_called_without_routing_inputs_is_the_plain_decoder_layer() -> None:
-    # No pmod_routing (a caller outside pmod's model hook): every token is processed, as transformers' own
+    # No routing inputs (a caller outside pmod's model hook): every token is processed, as transformers' own
     # LlamaDecoderLayer.forward computes it.
     model, layer = direct_layer()
     hidden = torch.randn(2, 4, model.config.hidden_size)
@@ -274,7 +274,7 @@ def test_a_chunk_where_no_token_runs_is_only_rescaled(dtype: torch.dtype) -> Non
     pos = model.model.rotary_emb(hidden, torch.arange(3)[None])
     vision = torch.ones(1, 3, dtype=torch.bool)
     with torch.no_grad():
-        got = layer(hidden, position_embeddings=pos, pmod_routing=RoutingInputs(vision_mask=vision))
+        got = layer(hidden, position_embeddings=pos, routing=RoutingInputs(vision_mask=vision))
         logit = (hidden.float() @ layer.router.weight.float().T + layer.router.bias.float()).squeeze(-1)
     weight = 0.2 * torch.tanh(logit) + 1.0
     assert got.dtype == dtype
@@ -298,4 +298,4 @@ def test_a_layer_without_the_llama_submodules_is_refused_and_new_layers_start_on
     with pytest.raises(TypeError, match=r"Linear lacks \['input_layernorm', 'self_attn'"):
         routed_layer.make_routed_layer(torch.nn.Linear(2, 2), 0, routed_layer.RoutingRule())
     model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
-    assert [layer.pmod_attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
+    assert [layer.attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]

@@ -16,7 +16,7 @@ import pmod
 from pmod import GammaMoDConfig
 from pmod.core.compat import rotary
 from pmod.core.routed_layer import RoutingInputs
-from pmod.methods.arank import attention_rank, layer_aranks, query_key
+from pmod.methods.gamma_arank import attention_rank, layer_aranks, query_key
 from pmod.methods.gamma_mod import choose_layers, read_arank_file
 from pmod.methods.gamma_router import question_tokens, routing_loss
 from pmod.methods.vision_router import Router

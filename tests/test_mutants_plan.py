@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from pmod.core.cache import as_pmod_cache
+from pmod.core.cache import as_routed_cache
 from pmod.core.compat import has_vision_inputs
 from pmod.core.convert import real_tokens
 from pmod.core.layer_masks import causal_mask, compacted_mask, every_token_mask, static_mask
@@ -156,13 +156,13 @@ def test_shared_makes_once_per_key() -> None:
 
 def fake_layer(implementation: str, index: int = 1) -> SimpleNamespace:
     """What the mask functions read of a decoder layer: its index and its attention implementation."""
-    return SimpleNamespace(pmod_layer_idx=index, self_attn=SimpleNamespace(config=SimpleNamespace(
+    return SimpleNamespace(routed_layer_idx=index, self_attn=SimpleNamespace(config=SimpleNamespace(
         _attn_implementation=implementation)))  # fmt: skip
 
 
 def static_cache(rows: int = 2, size: int = 5):
     """A static cache of tiny_llama (2 KV heads of 16 dims) for ``rows`` rows and ``size`` slots per layer."""
-    return as_pmod_cache(StaticCache(config=tiny_llama(num_layers=2).config, max_cache_len=size))
+    return as_routed_cache(StaticCache(config=tiny_llama(num_layers=2).config, max_cache_len=size))
 
 
 #: Layer 1 prefills 3 slots, the middle one of row 0 and the last of row 1 fillers.
@@ -218,8 +218,8 @@ def test_vision_inputs_are_the_ones_given_and_not_none() -> None:
 
 def test_a_static_prefill_of_every_token_marks_them_all_written() -> None:
     cache = static_cache()
-    cache.pmod_write_slots(1, None, 3, torch.zeros(2, 3, 4))
-    assert cache.pmod_slot_mask(1).tolist() == [[True, True, True, False, False]] * 2
+    cache.write_slots(1, None, 3, torch.zeros(2, 3, 4))
+    assert cache.slot_mask(1).tolist() == [[True, True, True, False, False]] * 2
 
 
 def test_eager_causal_mask_of_the_compacted_slots() -> None:
@@ -233,20 +233,20 @@ def test_eager_causal_mask_of_the_compacted_slots() -> None:
 def test_a_one_token_step_of_every_token_extends_the_slot_record() -> None:
     # Layer 1 cached 2 slots per row in the prefill, (T, F) and (T, T); a decode step without padding (no model
     # mask) runs its one token in every row: the record grows by a real slot, and is the step's key mask (sdpa).
-    cache = as_pmod_cache(DynamicCache())
+    cache = as_routed_cache(DynamicCache())
     cache.update(torch.zeros(2, 1, 3, 2), torch.zeros(2, 1, 3, 2), 0)  # the dense layer 0
-    cache.pmod_extend_slots(1, torch.tensor([[True, False], [True, True]]).view(2, 1, 1, 2), 2, 2)
+    cache.extend_slots(1, torch.tensor([[True, False], [True, True]]).view(2, 1, 1, 2), 2, 2)
     cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 1)
     mask = every_token_mask(fake_layer("sdpa"), None, cache, ForwardPlan(None), torch.zeros(2, 1, 4))
     assert mask.dtype == torch.bool and mask[:, 0, 0].tolist() == [[True, False, True], [True, True, True]]
-    assert cache.pmod_slot_mask(1).tolist() == [[True, False, True], [True, True, True]]
+    assert cache.slot_mask(1).tolist() == [[True, False, True], [True, True, True]]
 
 
 def routed_layer_cache(record: torch.Tensor | None) -> DynamicCache:
     """Dense layer 0 with 2 tokens per row; layer 1 with 2 cached slots per row, recorded as ``record`` [2, 2]."""
-    cache = as_pmod_cache(DynamicCache())
+    cache = as_routed_cache(DynamicCache())
     cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 0)
-    cache.pmod_extend_slots(1, None if record is None else record.view(2, 1, 1, 2), 2, 2)
+    cache.extend_slots(1, None if record is None else record.view(2, 1, 1, 2), 2, 2)
     cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 1)
     return cache
 
@@ -273,12 +273,12 @@ def test_a_chunk_of_every_token_over_an_all_real_cache() -> None:
 def test_slots_recorded_after_all_real_ones_extend_them() -> None:
     # Layer 1 holds 2 real slots per row and no record; 2 new slots (T, F) and (F, T) make the record 4 slots long.
     cache = routed_layer_cache(None)
-    before, after = cache.pmod_extend_slots(1, torch.tensor([[True, False], [False, True]]).view(2, 1, 1, 2), 2, 2)
+    before, after = cache.extend_slots(1, torch.tensor([[True, False], [False, True]]).view(2, 1, 1, 2), 2, 2)
     assert before[:, 0, 0].tolist() == [[True, True]] * 2
     assert after.dtype == torch.bool
     assert after[:, 0, 0].tolist() == [[True, True, True, False], [True, True, False, True]]
     with pytest.raises(ValueError, match="The cache holds 2 rows but the batch has 3"):
-        cache.pmod_extend_slots(1, None, 1, 3)
+        cache.extend_slots(1, None, 1, 3)
 
 
 def test_a_compacted_step_without_fillers_records_real_slots() -> None:
@@ -286,7 +286,7 @@ def test_a_compacted_step_without_fillers_records_real_slots() -> None:
     cache = routed_layer_cache(torch.tensor([[True, False], [True, True]]))
     selection = Selection(torch.zeros(2, 1, 1, dtype=torch.long), None, 1, 2)
     compacted_mask(fake_layer("sdpa"), cache, 2, selection, ForwardPlan(None), torch.float32)
-    assert cache.pmod_slot_mask(1).tolist() == [[True, False, True], [True, True, True]]
+    assert cache.slot_mask(1).tolist() == [[True, False, True], [True, True, True]]
 
 
 def test_compacted_slots_with_fillers_over_a_cache_mask_the_fillers() -> None:
@@ -301,10 +301,10 @@ def test_compacted_slots_with_fillers_over_a_cache_mask_the_fillers() -> None:
 
 def test_a_one_element_cache_is_not_empty() -> None:
     # 1 row, 1 head, 1 token, dim 1: one element, but a cached row all the same; a batch of 2 is refused.
-    cache = as_pmod_cache(DynamicCache())
+    cache = as_routed_cache(DynamicCache())
     cache.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 0)
     with pytest.raises(ValueError, match="The cache holds 1 rows but the batch has 2"):
-        cache.pmod_extend_slots(0, None, 1, 2)
+        cache.extend_slots(0, None, 1, 2)
 
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from PIL import Image
 
 import pmod
 from pmod import PDropConfig
-from pmod.analysis.flops import counted_flops, estimate, flop_counter
+from pmod.analysis.analytic_flops import counted_flops, estimate, flop_counter
 from pmod.core.cache import cache_of
 from pmod.testing import greedy_steps, llava_batch, routed_batch, tiny_llama, tiny_llava
 from pmod.testing.reference import reference_logits
@@ -153,8 +153,8 @@ def test_analytic_flops_equal_flop_counter(attn: str) -> None:
     with torch.no_grad(), counter:
         model(input_ids=ids, vision_mask=vision, use_cache=False)
     report = estimate(model.config, CONFIG, n_vision=n_vision, n_text=n_text)
-    assert counted_flops(counter) == report.pmod_flops
-    assert [c.kept_vision for c in report.pmod_layers] == [32, 32, 19, 11, 11, 6]  # floor(32 * 0.6^s)
+    assert counted_flops(counter) == report.routed_flops
+    assert [c.kept_vision for c in report.routed_layers] == [32, 32, 19, 11, 11, 6]  # floor(32 * 0.6^s)
 
 
 def test_defaults_are_the_papers_and_settings_are_checked() -> None:

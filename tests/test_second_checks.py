@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 import pmod
 from pmod import FastVConfig, GammaMoDConfig, PModConfig
-from pmod.analysis.flops import counted_flops, estimate, flop_counter
+from pmod.analysis.analytic_flops import counted_flops, estimate, flop_counter
 from pmod.core.cache import cache_kwargs
 from pmod.core.compaction import top_k_mask
 from pmod.testing import randomize_routers, routed_batch, tiny_llama
@@ -57,7 +57,7 @@ def test_gqa_kv_bytes_of_a_real_cache_equal_the_accounting() -> None:
         assert tuple(cache.layers[layer].keys.shape) == (2, kv_heads, N_TEXT + kept, head_dim)
     by_hand = sum(2 * 2 * (N_TEXT + kept) * kv_heads * head_dim * 4 for kept in KEPT_BY_HAND)  # K and V, fp32
     report = estimate(text, cfg, n_vision=N_VISION, n_text=N_TEXT, batch_size=2, dtype=torch.float32)
-    assert pmod.kv_cache_bytes(cache).total_bytes == report.pmod_kv_bytes == by_hand
+    assert pmod.kv_cache_bytes(cache).total_bytes == report.routed_kv_bytes == by_hand
     assert pmod.kv_cache_bytes(dense_cache).total_bytes == report.dense_kv_bytes
     assert report.dense_kv_bytes == 4 * 2 * 2 * (N_TEXT + N_VISION) * kv_heads * head_dim * 4
 
@@ -68,7 +68,7 @@ def test_decode_step_flops_equal_the_accounting(attn: str) -> None:
     cfg = PModConfig(schedule="explicit", ratios=RATIOS)
     dense, model = routed_model(cfg, attn)
     report = estimate(model.config, cfg, n_vision=N_VISION, n_text=N_TEXT, batch_size=2)
-    for net, want in ((model, report.pmod_decode_flops), (dense, report.dense_decode_flops)):
+    for net, want in ((model, report.routed_decode_flops), (dense, report.dense_decode_flops)):
         cache, am = prefill(net)
         token = torch.full((2, 1), 5)
         counter = flop_counter()
@@ -84,7 +84,7 @@ def test_decode_step_flops_equal_the_accounting(attn: str) -> None:
     attention = sum(2 * 2 * 2 * text.num_attention_heads * text.head_dim * (N_TEXT + k + 1) for k in KEPT_BY_HAND)
     dense_attention = 4 * 2 * 2 * 2 * text.num_attention_heads * text.head_dim * (N_TEXT + N_VISION + 1)
     routers = 3 * 2 * 2 * text.hidden_size
-    assert report.dense_decode_flops - report.pmod_decode_flops == dense_attention - attention - routers
+    assert report.dense_decode_flops - report.routed_decode_flops == dense_attention - attention - routers
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -134,4 +134,4 @@ def test_processed_counts_equal_the_accounting(config: pmod.MethodConfig, kept_b
     for layer, kept in enumerate(kept_by_hand):
         ran = rec.processed[layer][0].sum(1).tolist() if layer in rec.processed else [N_TEXT + N_VISION] * 2
         assert ran == [N_TEXT + kept] * 2, layer
-        assert report.pmod_layers[layer].processed == N_TEXT + kept, layer
+        assert report.routed_layers[layer].processed == N_TEXT + kept, layer

@@ -14,7 +14,7 @@ import torch
 
 import pmod
 from pmod import DARTConfig, FastVConfig, GammaMoDConfig, PDropConfig, PModConfig
-from pmod.core.cache import PModStaticCache, cache_kwargs, cache_of
+from pmod.core.cache import RoutedStaticCache, cache_kwargs, cache_of
 from pmod.testing import llava_batch, randomize_routers, routed_batch, tiny_llama, tiny_llava
 
 CONFIGS = {
@@ -50,7 +50,7 @@ def test_static_cache_generation_equals_recomputation(method: str) -> None:
         dynamic = model.generate(**batch, **gen)
         full = model.generate(**batch, use_cache=False, **gen)
     cache = cache_of(static)
-    assert isinstance(cache, PModStaticCache)
+    assert isinstance(cache, RoutedStaticCache)
     assert torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=0)
     if method == "pmod":
@@ -58,8 +58,8 @@ def test_static_cache_generation_equals_recomputation(method: str) -> None:
         torch.testing.assert_close(torch.stack(static.logits), torch.stack(full.logits), atol=1e-5, rtol=0)
     dyn = cache_of(dynamic)
     for i in pmod.routed_layers(model):
-        real = dyn.pmod_slot_mask(i)
-        record = cache.pmod_slot_mask(i)
+        real = dyn.slot_mask(i)
+        record = cache.slot_mask(i)
         if real is None:  # a layer that cached every token of every row
             real = torch.ones(record.shape[0], dyn.layers[i].keys.shape[-2], dtype=torch.bool)
         # The dynamic cache's last step is not cached yet when generate stops: compare what both hold.
@@ -181,4 +181,4 @@ def test_a_reused_static_cache_is_emptied_in_place() -> None:
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
     assert {i: r.data_ptr() for i, r in static._records().items()} == records
     for i in records:
-        assert torch.equal(static.pmod_slot_mask(i), fresh.pmod_slot_mask(i)), i
+        assert torch.equal(static.slot_mask(i), fresh.slot_mask(i)), i

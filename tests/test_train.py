@@ -66,7 +66,7 @@ def test_stage2_reduces_loss_and_logs_routing(train_setup: dict[str, str], tmp_p
     import pmod
 
     model = pmod.load(tmp_path)
-    assert pmod.is_pmod_model(model)
+    assert pmod.is_routed_model(model)
     # Every image gives 16 vision tokens (32 px, patch 8), of which a layer of ratio R keeps floor(16 R).
     processed = {k: v for k, v in logs[-1].items() if k.startswith("pmod/processed/")}
     ratios = pmod.layer_ratios(model)
@@ -242,7 +242,7 @@ def test_lora_merges_adapters_and_trains_routers_fully(train_setup: dict[str, st
     flags = ("--max-steps", "3", "--learning-rate", "1e-2", "--lora-r", "4")
     train(*parse_args(train_argv(train_setup, tmp_path, *flags)))
     model = pmod.load(tmp_path)  # a merged, plain p-MoD folder
-    assert pmod.is_pmod_model(model)
+    assert pmod.is_routed_model(model)
     before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
     new = set(after) - set(before)
     assert new and all(".router." in k for k in new)  # only routers are added; no adapter tensors remain

@@ -241,7 +241,7 @@ def test_a_kill_during_the_final_save_leaves_no_half_model(
     final files into place: neither leaves a folder that looks like a model without saying so, and resuming saves
     the final model from the last checkpoint without training a step more (no extra checkpoint)."""
     import pmod
-    from pmod.io.loading import check_model_folder
+    from pmod.io.model_folder import check_model_folder
 
     out = tmp_path / "out"
     flags = ("--max-steps", "4", "--save-strategy", "steps", "--save-steps", "2")
@@ -290,7 +290,7 @@ def test_a_kill_during_the_final_save_leaves_no_half_model(
     check_model_folder(out, "pmod generate")
     final, last = load_file(out / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
-    assert pmod.is_pmod_model(pmod.load(out))
+    assert pmod.is_routed_model(pmod.load(out))
 
 
 # ------------------------------------------------------------------------------------ weak: broken checkpoints

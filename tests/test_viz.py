@@ -31,7 +31,7 @@ def test_kept_pixel_mask_by_hand():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("viz")
-    tiny_llava_folder(str(path), num_layers=6, image_size=32, patch_size=8, pmod_config=pmod.PModConfig())
+    tiny_llava_folder(str(path), num_layers=6, image_size=32, patch_size=8, method_config=pmod.PModConfig())
     image = Image.new("RGB", (32, 32), (200, 200, 200))
     ImageDraw.Draw(image).rectangle((0, 0, 7, 7), fill=(230, 25, 25))
     image.save(path / "red.png")
@@ -50,7 +50,7 @@ def test_image_routing_matches_the_recorded_forward(folder):
     # The un-normalised view is the image the model saw (a 32 px image passes the processor unchanged).
     assert np.abs(routing.image.astype(int) - np.asarray(image).astype(int)).max() <= 2
     # Independent check of one layer against a direct recorded forward.
-    from pmod.io.loading import build_prompt
+    from pmod.io.model_folder import build_prompt
 
     inputs = processor(
         text=[build_prompt(processor, "What color is the shape ?", 1)], images=[image], return_tensors="pt"
@@ -87,7 +87,7 @@ def test_pmod_viz_command(folder, tmp_path, capsys):
 )
 def test_viz_every_method(tmp_path, capsys, config, kept):
     folder = tmp_path / "model"
-    tiny_llava_folder(str(folder), num_layers=6, image_size=32, patch_size=8, pmod_config=config)
+    tiny_llava_folder(str(folder), num_layers=6, image_size=32, patch_size=8, method_config=config)
     model, processor = pmod.load(folder).eval(), AutoProcessor.from_pretrained(folder)
     routing = image_routing(model, processor, Image.new("RGB", (32, 32), (9, 9, 9)), "What color ?")
     assert dict(zip(routing.layers, routing.kept.sum(1).tolist())) == kept

@@ -9,7 +9,7 @@ tests that reach the mutated function (recorded once), so a mutant costs the fir
 interpreter importing torch and the whole test command (cosmic-ray's model); on 2 shared cores that is the
 difference between an evening and days.
 
-Scope (``MUTATE``): ``src/pmod/core/*``, ``src/pmod/methods/*``, ``src/pmod/analysis/flops.py`` and
+Scope (``MUTATE``): ``src/pmod/core/*``, ``src/pmod/methods/*``, ``src/pmod/analysis/analytic_flops.py`` and
 ``src/pmod/analysis/dims.py``. mutmut 3 mutates only code inside functions and methods: module-level constants,
 class attributes and dataclass fields (the config defaults) are not mutated (``tests/test_paper_constants.py``
 pins those literally), and neither are functions with a decorator other than ``@staticmethod``/``@classmethod``
@@ -71,7 +71,7 @@ from functions import ROOT, function_of, function_source, gap_summary
 VERDICTS = Path(__file__).with_name("verdicts.json")
 RESULT = ROOT / "benchmarks" / "results" / "mutation.json"
 
-MUTATE = ["src/pmod/core/*", "src/pmod/methods/*", "src/pmod/analysis/flops.py", "src/pmod/analysis/dims.py"]
+MUTATE = ["src/pmod/core/*", "src/pmod/methods/*", "src/pmod/analysis/analytic_flops.py", "src/pmod/analysis/dims.py"]
 
 #: The tests written to kill survivors. Named up front (an empty placeholder in the work copy until they exist):
 #: mutmut resets every result when its test selection changes, so adding them later must not change it.

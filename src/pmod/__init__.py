@@ -16,8 +16,8 @@ __version__ = "0.2.0"
 
 #: Public name -> (module, attribute): the one list of pmod's public API.
 EXPORTS: dict[str, tuple[str, str]] = {
-    "PModCache": ("pmod.core.cache", "PModCache"),
-    "PModStaticCache": ("pmod.core.cache", "PModStaticCache"),
+    "RoutedCache": ("pmod.core.cache", "RoutedCache"),
+    "RoutedStaticCache": ("pmod.core.cache", "RoutedStaticCache"),
     "kv_cache_bytes": ("pmod.core.cache", "kv_cache_bytes"),
     "MethodConfig": ("pmod.core.config", "MethodConfig"),
     "method_names": ("pmod.core.config", "method_names"),
@@ -39,10 +39,17 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "PDropConfig": ("pmod.methods", "PDropConfig"),
     "PModConfig": ("pmod.methods", "PModConfig"),
     "import_llava": ("pmod.io.importers.original_llava", "import_llava"),
-    # The names of pmod 0.1, kept: a p-MoD model is a routed model.
-    "pmod_layers": ("pmod.core.convert", "routed_layers"),
-    "is_pmod_model": ("pmod.core.convert", "is_routed_model"),
-    "get_pmod_config": ("pmod.core.convert", "get_method_config"),
+}
+
+#: Old name -> public name: names that said "pmod" of what serves every method (pmod 0.1's ``pmod_layers``,
+#: ``is_pmod_model``, ``get_pmod_config``; 0.2's caches). They resolve for one more release, with a
+#: ``DeprecationWarning``, and are not in ``__all__``.
+RENAMED: dict[str, str] = {
+    "PModCache": "RoutedCache",
+    "PModStaticCache": "RoutedStaticCache",
+    "pmod_layers": "routed_layers",
+    "is_pmod_model": "is_routed_model",
+    "get_pmod_config": "get_method_config",
 }
 
 #: The public names: the lazy table's (the ``TYPE_CHECKING`` block below repeats them for type checkers and IDEs,
@@ -51,6 +58,12 @@ __all__ = ["__version__", *sorted(EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
+    if name in RENAMED:
+        from pmod.core.deprecation import warn_renamed
+
+        new = RENAMED[name]
+        warn_renamed(f"pmod.{name}", f"pmod.{new}")
+        return globals()[new] if new in globals() else __getattr__(new)
     if name not in EXPORTS:
         raise AttributeError(f"module 'pmod' has no attribute {name!r}")
     module, attribute = EXPORTS[name]
@@ -64,8 +77,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (``X as X``: an explicit re-export)
-    from pmod.core.cache import PModCache as PModCache
-    from pmod.core.cache import PModStaticCache as PModStaticCache
+    from pmod.core.cache import RoutedCache as RoutedCache
+    from pmod.core.cache import RoutedStaticCache as RoutedStaticCache
     from pmod.core.cache import kv_cache_bytes as kv_cache_bytes
     from pmod.core.config import MethodConfig as MethodConfig
     from pmod.core.config import method_names as method_names
@@ -87,7 +100,3 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (``X as X``: an explicit re
     from pmod.methods import MoDConfig as MoDConfig
     from pmod.methods import PDropConfig as PDropConfig
     from pmod.methods import PModConfig as PModConfig
-
-    pmod_layers = routed_layers
-    is_pmod_model = is_routed_model
-    get_pmod_config = get_method_config

@@ -1,7 +1,7 @@
 """KV-cache bookkeeping for layers that cache fewer tokens than the sequence has.
 
 A routed layer writes K/V only for the tokens it processed. Rows of a batch keep different numbers of tokens, so
-the compacted K/V carry "filler" slots that must stay masked at every later step. :class:`PModCache` is a
+the compacted K/V carry "filler" slots that must stay masked at every later step. :class:`RoutedCache` is a
 ``DynamicCache`` that remembers, per routed layer, which cached slots are real, and moves that record along with
 the tensors when generation reorders (beam search), selects, repeats or crops the batch.
 """
@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from pmod.core.compat import CACHE_NAME, CROP_TAKES_COUNT
+from pmod.core.deprecation import renamed_attributes
 
 
 def cache_of(output: Any) -> DynamicCache | None:
@@ -27,7 +28,7 @@ def cache_kwargs(cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
     return {CACHE_NAME: cache}
 
 
-class PModCache(DynamicCache):
+class RoutedCache(DynamicCache):
     """A ``DynamicCache`` that also tracks which cached slots of each routed layer hold real tokens.
 
     Per routed layer the record is a bool ``[B, 1, 1, slots]`` (the shape sdpa takes as a key mask), or None while
@@ -35,11 +36,11 @@ class PModCache(DynamicCache):
     """
 
     def _slots(self) -> dict[int, torch.Tensor | None]:
-        if "_pmod_slots" not in self.__dict__:
-            self._pmod_slots: dict[int, torch.Tensor | None] = {}
-        return self._pmod_slots
+        if "_routed_slots" not in self.__dict__:
+            self._routed_slots: dict[int, torch.Tensor | None] = {}
+        return self._routed_slots
 
-    def pmod_extend_slots(
+    def extend_slots(
         self, layer_idx: int, new_valid: torch.Tensor | None, new: int, bsz: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Record the validity ``new_valid`` [B, 1, 1, new] (None: all real) of the ``new`` slots the layer is about
@@ -67,7 +68,7 @@ class PModCache(DynamicCache):
         keys = getattr(self.layers[layer_idx], "keys", None) if layer_idx < len(self.layers) else None
         return None if keys is None or keys.numel() == 0 else keys.shape[0]
 
-    def pmod_slot_mask(self, layer_idx: int) -> torch.Tensor | None:
+    def slot_mask(self, layer_idx: int) -> torch.Tensor | None:
         """Bool [B, cached slots] of a routed layer (True = real token), or None for a dense layer."""
         slots = self._slots()
         if layer_idx not in slots:
@@ -82,19 +83,19 @@ class PModCache(DynamicCache):
         super().reorder_cache(beam_idx)
         for i, valid in self._slots().items():
             if valid is not None:
-                self._pmod_slots[i] = valid.index_select(0, beam_idx.to(valid.device))
+                self._routed_slots[i] = valid.index_select(0, beam_idx.to(valid.device))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         for i, valid in self._slots().items():
             if valid is not None:
-                self._pmod_slots[i] = valid[indices]
+                self._routed_slots[i] = valid[indices]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         for i, valid in self._slots().items():
             if valid is not None:
-                self._pmod_slots[i] = valid.repeat_interleave(repeats, dim=0)
+                self._routed_slots[i] = valid.repeat_interleave(repeats, dim=0)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a negative count) from every layer.
@@ -112,7 +113,7 @@ class PModCache(DynamicCache):
         if tokens_to_remove < 0:
             for i, valid in self._slots().items():
                 if valid is not None:
-                    self._pmod_slots[i] = valid[..., :tokens_to_remove]
+                    self._routed_slots[i] = valid[..., :tokens_to_remove]
 
     def reset(self) -> None:
         """Empty the cache for a new prompt, keeping the object (``generate`` and user code may hold it)."""
@@ -125,32 +126,32 @@ class PModCache(DynamicCache):
         self._slots().clear()
 
 
-class PModStaticCache(StaticCache):
+class RoutedStaticCache(StaticCache):
     """A ``StaticCache`` for routed models: preallocated K/V, written in place, graph-capturable decode steps.
 
     Each layer of transformers' static cache writes at its own cumulative length, so a routed layer that cached K
     slots in the prefill writes its decode tokens at K, K + 1, ... Per routed layer a static slot record
     ``[B, 1, 1, max_cache_len]`` (False until written) is the key mask of its decode steps: one in-place write per
     step, no host sync, no shape that changes. Made from the ``StaticCache`` that ``generate(...,
-    cache_implementation="static")`` builds (:func:`as_pmod_cache`); the prefill must start from an empty cache and
-    decode one token per step (assisted decoding and beam search use :class:`PModCache`).
+    cache_implementation="static")`` builds (:func:`as_routed_cache`); the prefill must start from an empty cache and
+    decode one token per step (assisted decoding and beam search use :class:`RoutedCache`).
     """
 
     def _records(self) -> dict[int, torch.Tensor]:
-        if "_pmod_records" not in self.__dict__:
-            self._pmod_records: dict[int, torch.Tensor] = {}
-        return self._pmod_records
+        if "_routed_records" not in self.__dict__:
+            self._routed_records: dict[int, torch.Tensor] = {}
+        return self._routed_records
 
     def _filled(self) -> set[int]:
-        if "_pmod_filled" not in self.__dict__:
-            self._pmod_filled: set[int] = set()
-        return self._pmod_filled
+        if "_routed_filled" not in self.__dict__:
+            self._routed_filled: set[int] = set()
+        return self._routed_filled
 
-    def pmod_prefilled(self, layer_idx: int) -> bool:
+    def is_prefilled(self, layer_idx: int) -> bool:
         """Whether the layer has cached its prefill (known on the host, read from no tensor)."""
         return layer_idx in self._filled()
 
-    def pmod_write_slots(
+    def write_slots(
         self, layer_idx: int, new_valid: torch.Tensor | None, new: int, like: torch.Tensor
     ) -> torch.Tensor:
         """Record the validity ``new_valid`` [B, 1, 1, new] (None: all real) of the slots the layer is about to
@@ -176,7 +177,7 @@ class PModStaticCache(StaticCache):
         at = self.layers[layer_idx].cumulative_length.reshape(1)  # where this layer writes its next slot
         return record.index_fill_(3, at, True) if new_valid is None else record.index_copy_(3, at, new_valid)
 
-    def pmod_slot_mask(self, layer_idx: int) -> torch.Tensor | None:
+    def slot_mask(self, layer_idx: int) -> torch.Tensor | None:
         """Bool [B, max_cache_len] of a routed layer (True = a real token cached there), or None for a dense layer."""
         record = self._records().get(layer_idx)
         return None if record is None else record[:, 0, 0, :]
@@ -190,23 +191,23 @@ class PModStaticCache(StaticCache):
         self._filled().clear()
 
 
-def as_pmod_cache(cache: DynamicCache | StaticCache) -> PModCache | PModStaticCache:
-    """Make a plain ``DynamicCache`` a :class:`PModCache`, and a plain ``StaticCache`` a :class:`PModStaticCache`,
+def as_routed_cache(cache: DynamicCache | StaticCache) -> RoutedCache | RoutedStaticCache:
+    """Make a plain ``DynamicCache`` a :class:`RoutedCache`, and a plain ``StaticCache`` a :class:`RoutedStaticCache`,
     in place.
 
     In place because ``generate`` and user code keep references to the object they created; the classes add
     methods and one attribute only, so switching is safe.
     """
-    if isinstance(cache, (PModCache, PModStaticCache)):
+    if isinstance(cache, (RoutedCache, RoutedStaticCache)):
         return cache
     if type(cache) is DynamicCache:
-        cache.__class__ = PModCache
+        cache.__class__ = RoutedCache
     elif type(cache) is StaticCache:
-        cache.__class__ = PModStaticCache
+        cache.__class__ = RoutedStaticCache
     else:
         raise TypeError(
             f"Routed layers cache a different number of tokens per layer and cannot use {type(cache).__name__}; "
-            f"use the default dynamic cache (pass no cache, or a transformers.DynamicCache / pmod.PModCache) or "
+            f"use the default dynamic cache (pass no cache, or a transformers.DynamicCache / pmod.RoutedCache) or "
             f"a transformers.StaticCache (generate(..., cache_implementation='static'))."
         )
     return cache
@@ -234,9 +235,14 @@ def kv_cache_bytes(cache: DynamicCache) -> KVCacheSize:
             continue
         layer_bytes.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
         layer_slots.append(keys.shape[-2])
-        valid = cache.pmod_slot_mask(i) if isinstance(cache, PModCache) else None
+        valid = cache.slot_mask(i) if isinstance(cache, RoutedCache) else None
         if valid is None:
             layer_tokens.append([keys.shape[-2]] * keys.shape[0])
         else:
             layer_tokens.append(valid.sum(dim=1).tolist())
     return KVCacheSize(sum(layer_bytes), layer_bytes, layer_slots, layer_tokens)
+
+
+#: The names of pmod <= 0.2, kept for one release (they warn): the caches serve every method, not p-MoD alone.
+RENAMED = {"PModCache": "RoutedCache", "PModStaticCache": "RoutedStaticCache"}
+__getattr__ = renamed_attributes(__name__, RENAMED)

@@ -41,7 +41,7 @@ def _registry() -> dict[str, type[MethodConfig]]:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one decoder layer of a converted model computes, for the analytic cost (``pmod.analysis.flops``).
+    """What one decoder layer of a converted model computes, for the analytic cost (``pmod.analysis.analytic_flops``).
 
     Attributes:
         ratio: share of the routable tokens the layer processes (``floor(ratio * n_routable)``); None: a dense

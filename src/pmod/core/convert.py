@@ -57,7 +57,7 @@ def get_method_config(model: nn.Module) -> MethodConfig | None:
 def layer_ratios(model: nn.Module) -> list[float | None]:
     """Per-layer share of the routable tokens each layer processes (None = dense layer)."""
     layers = backbone_for(model).decoder_layers(model)
-    return [layer.pmod_ratio if is_routed_layer(layer) else None for layer in layers]
+    return [layer.routing_ratio if is_routed_layer(layer) else None for layer in layers]
 
 
 def convert(model: nn.Module, config: MethodConfig | None = None) -> nn.Module:
@@ -100,13 +100,13 @@ def _convert(model: nn.Module, config: MethodConfig, adapter: BackboneAdapter) -
     hook = _RoutingHook(model, adapter)
     model.register_forward_pre_hook(hook.before, with_kwargs=True)
     model.register_forward_hook(hook.after, with_kwargs=True)
-    model._pmod_routing_hook = hook
+    model._routing_hook = hook
     return model
 
 
 class _RoutingHook:
     """Hooks of the top-level model. Before the forward: work out which tokens are routable, which are padding and
-    which are question tokens, and hand that to the decoder layers as the ``pmod_routing`` keyword (which
+    which are question tokens, and hand that to the decoder layers as the ``routing`` keyword (which
     transformers passes down to them). After it: add the routing losses the layers collected to the loss.
 
     A keyword, not state on the model, so that gradient checkpointing replays each layer with its own inputs.
@@ -163,7 +163,7 @@ class _RoutingHook:
             labels=labels[:, -seq:] if labels is not None and labels.dim() == 2 else None,
             routing_losses=[] if collect else None,
         )
-        kwargs["pmod_routing"] = self.current
+        kwargs["routing"] = self.current
         return args, kwargs
 
     def _routable_ids(self, device: torch.device) -> torch.Tensor:
@@ -211,7 +211,7 @@ def real_tokens(
 def routing_loss(model: nn.Module) -> torch.Tensor | None:
     """The weighted routing loss of the model's last training forward (gamma-MoD), already added to its loss when
     labels were given; None when the method has none."""
-    hook = getattr(model, "_pmod_routing_hook", None)
+    hook = getattr(model, "_routing_hook", None)
     return None if hook is None else hook.last_routing_loss
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pmod.core.cache import PModCache, PModStaticCache
+from pmod.core.cache import RoutedCache, RoutedStaticCache
 from pmod.core.compaction import build_attention_mask
 from pmod.core.compat import attention_implementation
 from pmod.core.plan import ForwardPlan, Selection
 
 
 def compacted_mask(
-    layer: nn.Module, cache: PModCache | None, past: int, selection: Selection, plan: ForwardPlan, dtype: torch.dtype
+    layer: nn.Module, cache: RoutedCache | None, past: int, selection: Selection, plan: ForwardPlan, dtype: torch.dtype
 ) -> torch.Tensor | None:
     """The attention mask of the compacted slots; records their validity in the cache. Over an empty cache none
     is needed (fillers sit after every real slot, and causal attention never reaches them), except for eager
@@ -26,7 +26,7 @@ def compacted_mask(
     valid = None if selection.valid is None else selection.valid.view(bsz, 1, 1, slots)
     before = None
     if cache is not None:
-        before, _ = cache.pmod_extend_slots(layer.pmod_layer_idx, valid, slots, bsz)
+        before, _ = cache.extend_slots(layer.routed_layer_idx, valid, slots, bsz)
     implementation = attention_implementation(layer)
     if past == 0:
         if implementation != "eager":
@@ -36,19 +36,23 @@ def compacted_mask(
 
 
 def every_token_mask(
-    layer: nn.Module, model_mask: torch.Tensor | None, cache: PModCache | None, plan: ForwardPlan, hidden: torch.Tensor
+    layer: nn.Module,
+    model_mask: torch.Tensor | None,
+    cache: RoutedCache | None,
+    plan: ForwardPlan,
+    hidden: torch.Tensor,
 ) -> torch.Tensor | None:
     """The attention mask when the layer runs every token: the model's own over an empty layer cache; else built
     from the layer's slot record (a routed layer caches fewer slots than the dense layers)."""
     if cache is None:
         return model_mask
     bsz, seq = hidden.shape[:2]
-    if isinstance(cache, PModStaticCache):
+    if isinstance(cache, RoutedStaticCache):
         return static_mask(layer, cache, None if model_mask is None else plan.token_valid(), seq, hidden, model_mask)
-    past = cache.get_seq_length(layer.pmod_layer_idx)
+    past = cache.get_seq_length(layer.routed_layer_idx)
     # The model's mask is None only when no token of the whole batch is padding.
     new_valid = None if model_mask is None else plan.token_valid()
-    before, after = cache.pmod_extend_slots(layer.pmod_layer_idx, new_valid, seq, bsz)
+    before, after = cache.extend_slots(layer.routed_layer_idx, new_valid, seq, bsz)
     if past == 0:
         return model_mask
     implementation = attention_implementation(layer)
@@ -61,7 +65,7 @@ def every_token_mask(
 
 def static_mask(
     layer: nn.Module,
-    cache: PModStaticCache,
+    cache: RoutedStaticCache,
     new_valid: torch.Tensor | None,
     new: int,
     like: torch.Tensor,
@@ -70,8 +74,8 @@ def static_mask(
     """The attention mask over a static cache's full buffers. Prefill: the model's own when every token runs
     (built for the static shape), none when compacted (sdpa's causal mask is aligned top-left: slot i sees slots
     0..i, never the unwritten ones); flash attention reads the slot record as its key mask. Decode: the record."""
-    prefill = not cache.pmod_prefilled(layer.pmod_layer_idx)
-    record = cache.pmod_write_slots(layer.pmod_layer_idx, new_valid, new, like)
+    prefill = not cache.is_prefilled(layer.routed_layer_idx)
+    record = cache.write_slots(layer.routed_layer_idx, new_valid, new, like)
     implementation = attention_implementation(layer)
     if implementation.startswith("flash_attention"):
         return record.view(record.shape[0], -1)

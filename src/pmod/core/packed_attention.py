@@ -12,7 +12,7 @@ the layer's own attention module and MLP on it, and gives the attention kernel t
 The layer's attention module is the model's own (Llama, Qwen2, Qwen3, Qwen2.5-VL text, ...), so its projections,
 norms and RoPE stay untouched: :class:`PackedSdpa` intercepts the one ``scaled_dot_product_attention`` call that
 transformers' ``sdpa`` attention makes, and :class:`PackedCacheWriter` stores the packed keys/values in the padded
-slot layout the :class:`~pmod.core.cache.PModCache` keeps, so decoding after a packed prefill is unchanged.
+slot layout the :class:`~pmod.core.cache.RoutedCache` keeps, so decoding after a packed prefill is unchanged.
 """
 
 from __future__ import annotations

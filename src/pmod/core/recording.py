@@ -35,9 +35,9 @@ def recording(layers: dict[int, nn.Module], on_empty: Callable[[], Exception]) -
         raise on_empty()
     record = RoutingRecord()
     for layer in layers.values():
-        layer.pmod_recorder = record
+        layer.routing_recorder = record
     try:
         yield record
     finally:
         for layer in layers.values():
-            layer.pmod_recorder = None
+            layer.routing_recorder = None

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pmod.core.cache import PModCache, PModStaticCache, as_pmod_cache
+from pmod.core.cache import RoutedCache, RoutedStaticCache, as_routed_cache
 from pmod.core.compaction import gather_positions, sdpa_without_cudnn
 from pmod.core.compat import attention_implementation, has_rope_axis, pop_cache_keyword
+from pmod.core.deprecation import warn_renamed
 from pmod.core.layer_masks import compacted_mask, every_token_mask, static_mask
 from pmod.core.packed_attention import (
     ATTENTION_PATHS,
@@ -47,7 +48,7 @@ REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm
 
 @dataclass
 class RoutingInputs:
-    """What the layers need to know about the current chunk of tokens (passed down as the ``pmod_routing`` kwarg).
+    """What the layers need to know about the current chunk of tokens (passed down as the ``routing`` kwarg).
 
     Attributes:
         vision_mask: bool [B, T], the routable (vision) tokens; None means there are none in this chunk.
@@ -136,17 +137,17 @@ class RoutedLayerMixin:
     """Forward of a routed decoder layer; mixed into the model's own decoder-layer class by
     :func:`make_routed_layer`.
 
-    Attributes set by :func:`make_routed_layer`: ``routing_rule``, ``pmod_layer_idx``, ``pmod_attention_path``
-    (see :func:`set_attention_path`); ``pmod_recorder`` is set only inside :func:`pmod.record_routing`.
+    Attributes set by :func:`make_routed_layer`: ``routing_rule``, ``routed_layer_idx``, ``attention_path``
+    (see :func:`set_attention_path`); ``routing_recorder`` is set only inside :func:`pmod.record_routing`.
     """
 
     routing_rule: RoutingRule
-    pmod_layer_idx: int
-    pmod_recorder: Any = None
-    pmod_attention_path: str = "auto"
+    routed_layer_idx: int
+    routing_recorder: Any = None
+    attention_path: str = "auto"
 
     @property
-    def pmod_ratio(self) -> float | None:
+    def routing_ratio(self) -> float | None:
         return self.routing_rule.ratio
 
     def forward(
@@ -157,17 +158,20 @@ class RoutedLayerMixin:
         past_key_values: Any = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        pmod_routing: RoutingInputs | None = None,
+        routing: RoutingInputs | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        if "pmod_routing" in kwargs:  # its name in pmod <= 0.2
+            warn_renamed("the pmod_routing keyword of a routed layer", "routing")
+            routing = kwargs.pop("pmod_routing")
         cache_name, cache = pop_cache_keyword(kwargs, past_key_values)
-        cache = None if cache is None else as_pmod_cache(cache)
-        routing = pmod_routing if pmod_routing is not None else RoutingInputs()
+        cache = None if cache is None else as_routed_cache(cache)
+        routing = routing if routing is not None else RoutingInputs()
         decision = self.routing_rule.route(self, hidden_states, routing, position_embeddings)
         selection = self._select(decision, routing)
-        if self.pmod_recorder is not None and decision is not None:
+        if self.routing_recorder is not None and decision is not None:
             processed = self._processed(selection, routing, hidden_states)
-            self.pmod_recorder(self.pmod_layer_idx, processed, decision.weights)
+            self.routing_recorder(self.routed_layer_idx, processed, decision.weights)
         scale = None if decision is None else decision.token_scale
         if selection is None:  # every token: the original layer (with the method's MLP weights, if any)
             mask = every_token_mask(self, attention_mask, cache, routing.plan, hidden_states)
@@ -235,7 +239,7 @@ class RoutedLayerMixin:
         x: torch.Tensor,
         selection: Selection,
         rope: tuple[torch.Tensor, torch.Tensor],
-        cache: PModCache | None,
+        cache: RoutedCache | None,
         cache_name: str,
         use_cache: bool | None,
         scale: torch.Tensor | None,
@@ -245,16 +249,16 @@ class RoutedLayerMixin:
         """:meth:`_block` on the compacted batch ``x`` [B, K, D]: padded, or packed when :meth:`_packs` says so.
         Position ids are not passed on: the attention takes RoPE from ``rope``, and flash attention would read
         compacted positions as packed sequences."""
-        if isinstance(cache, PModStaticCache):
+        if isinstance(cache, RoutedStaticCache):
             valid = None if selection.valid is None else selection.valid.view(x.shape[0], 1, 1, selection.slots)
             mask = static_mask(self, cache, valid, selection.slots, x, None)
             return self._block(x, mask, None, rope, {cache_name: cache}, use_cache, scale, **kwargs)
-        past = 0 if cache is None else cache.get_seq_length(self.pmod_layer_idx)
+        past = 0 if cache is None else cache.get_seq_length(self.routed_layer_idx)
         if selection.valid is not None and past == 0 and self._packs(x):
             valid = selection.valid[..., 0]
             flat = packed_slot_index(valid, selection.total)
             if cache is not None:
-                cache.pmod_extend_slots(self.pmod_layer_idx, valid[:, None, None, :], selection.slots, x.shape[0])
+                cache.extend_slots(self.routed_layer_idx, valid[:, None, None, :], selection.slots, x.shape[0])
             y = self._packed_block(x, valid, flat, rope, cache, cache_name, use_cache, scale, **kwargs)
             return unpack_slots(y, flat, x)
         mask = compacted_mask(self, cache, past, selection, plan, x.dtype)
@@ -293,9 +297,9 @@ class RoutedLayerMixin:
         """Whether this prefill of rows with unequal token counts runs packed (see :mod:`pmod.core.packed_attention`):
         only with the ``sdpa`` attention and a layer cache that is still empty; ``auto`` also wants CUDA's varlen
         flash kernel and no autograd (its backward is not measured yet)."""
-        if self.pmod_attention_path == "padded" or attention_implementation(self) != "sdpa":
+        if self.attention_path == "padded" or attention_implementation(self) != "sdpa":
             return False
-        if self.pmod_attention_path == "packed":
+        if self.attention_path == "packed":
             return True
         return not torch.is_grad_enabled() and varlen_flash_available(x)
 
@@ -364,9 +368,9 @@ def make_routed_layer(layer: nn.Module, layer_idx: int, rule: RoutingRule) -> nn
     check_layer(layer)
     layer.__class__ = routed_layer_class(type(layer))
     layer.routing_rule = rule
-    layer.pmod_layer_idx = layer_idx
-    layer.pmod_recorder = None
-    layer.pmod_attention_path = "auto"
+    layer.routed_layer_idx = layer_idx
+    layer.routing_recorder = None
+    layer.attention_path = "auto"
     return layer
 
 
@@ -389,5 +393,5 @@ def set_attention_path(model: nn.Module, path: str = "auto") -> nn.Module:
                 "load it with attn_implementation='sdpa' (flash_attention_2 already unpads padded rows itself)."
             )
     for layer in layers:
-        layer.pmod_attention_path = path
+        layer.attention_path = path
     return model

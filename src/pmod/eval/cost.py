@@ -1,5 +1,5 @@
 """The cost of each evaluated request, recorded beside its answer: vision/text tokens, analytic prefill TFLOPs
-under the model's method (and what a dense model costs for the same tokens, :mod:`pmod.analysis.flops`), the KV
+under the model's method (and what a dense model costs for the same tokens, :mod:`pmod.analysis.analytic_flops`), the KV
 cache after prefill (measured on the cache, per row), the measured prefill latency and decode speed of its batch.
 
 Each process appends one JSON line per request to ``<dir>/requests.rank<R>.jsonl`` as its batch finishes;
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pmod.analysis.flops import estimate
+from pmod.analysis.analytic_flops import estimate
 
 if TYPE_CHECKING:
     import torch
@@ -63,9 +63,9 @@ class CostModel:
             report = estimate(self.config, self.method_config, n_vision=n_vision, n_text=n_text, dtype=self.dtype)
             routed = self.method_config is not None
             self._cache[key] = {
-                "prefill_tflops": (report.pmod_flops if routed else report.dense_flops) / 1e12,
+                "prefill_tflops": (report.routed_flops if routed else report.dense_flops) / 1e12,
                 "dense_prefill_tflops": report.dense_flops / 1e12,
-                "analytic_kv_bytes": report.pmod_kv_bytes if routed else report.dense_kv_bytes,
+                "analytic_kv_bytes": report.routed_kv_bytes if routed else report.dense_kv_bytes,
                 "dense_kv_bytes": report.dense_kv_bytes,
             }
         return self._cache[key]
@@ -81,7 +81,7 @@ def token_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_to
 def row_kv_bytes(cache: Any, attention_mask: torch.Tensor) -> list[int]:
     """Bytes of K/V each row holds in ``cache`` (after prefill): per routed layer its valid slots, per dense layer
     its real (non-padding) tokens, times the layer's bytes per token."""
-    from pmod.core.cache import PModCache, kv_cache_bytes
+    from pmod.core.cache import RoutedCache, kv_cache_bytes
 
     size = kv_cache_bytes(cache)
     rows = attention_mask.shape[0]
@@ -91,7 +91,7 @@ def row_kv_bytes(cache: Any, attention_mask: torch.Tensor) -> list[int]:
         if not slots:
             continue
         per_token = size.layer_bytes[i] // (rows * slots)
-        valid = cache.pmod_slot_mask(i) if isinstance(cache, PModCache) else None
+        valid = cache.slot_mask(i) if isinstance(cache, RoutedCache) else None
         tokens = real if valid is None else valid.sum(1).tolist()
         out = [o + int(t) * per_token for o, t in zip(out, tokens)]
     return out

@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pmod.core.cache import cache_kwargs
+from pmod.core.deprecation import renamed_attributes
 from pmod.core.errors import UserError
 from pmod.eval.cost import (
     CostLog,
@@ -42,8 +43,8 @@ from pmod.eval.cost import (
     summarize,
     token_counts,
 )
-from pmod.eval.loading import load_for_eval, method_from_args
-from pmod.io.loading import build_prompt
+from pmod.eval.model_args import load_for_eval, method_from_args
+from pmod.io.model_folder import build_prompt
 
 #: Generation settings of a task passed on to ``generate`` (others, e.g. LLaVA's ``image_aspect_ratio``, are not
 #: generation settings of a transformers model).
@@ -51,7 +52,7 @@ GENERATE_KWARGS = ("temperature", "top_p", "top_k", "num_beams", "repetition_pen
                    "no_repeat_ngram_size", "min_new_tokens")  # fmt: skip
 
 
-class PModLMM(lmms):
+class RoutedLMM(lmms):
     """A pmod or Hugging Face LLaVA model folder as an lmms-eval model (``generate_until``, ``loglikelihood``)."""
 
     is_simple = True
@@ -189,7 +190,7 @@ class PModLMM(lmms):
 
     def _encode(self, texts: list[str], visuals: list[list[Image.Image]], padding_side: str) -> Any:
         self.tokenizer.padding_side = padding_side
-        # One list per prompt, as pmod.io.loading.encode and the processors' apply_chat_template pass them.
+        # One list per prompt, as pmod.io.model_folder.encode and the processors' apply_chat_template pass them.
         nested = [list(images) for images in visuals] if any(visuals) else None
         inputs = self.processor(text=texts, images=nested, return_tensors="pt", padding=True).to(self._device)
         if "pixel_values" in inputs:
@@ -373,3 +374,7 @@ def _process_group(accelerator: Accelerator) -> tuple[int, int]:
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+#: pmod 0.2's name of :class:`RoutedLMM`, kept for one release (it warns).
+__getattr__ = renamed_attributes(__name__, {"PModLMM": "RoutedLMM"})

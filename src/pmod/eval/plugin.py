@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 #: The class lmms-eval instantiates for ``--model pmod``.
-MODEL_CLASS = "pmod.eval.lmms_model.PModLMM"
+MODEL_CLASS = "pmod.eval.lmms_model.RoutedLMM"
 
 
 def manifest() -> Any:

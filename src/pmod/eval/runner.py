@@ -270,12 +270,12 @@ def run_model(spec: ModelSpec, measurements: list[Measurement], out: Path, limit
 
     from lmms_eval.evaluator import simple_evaluate
 
-    from pmod.eval.lmms_model import PModLMM
+    from pmod.eval.lmms_model import RoutedLMM
 
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=out))  # this run's own, never another's
     try:
-        lm = PModLMM(pretrained=spec.folder, batch_size=batch_size, cost_dir=scratch, **{**model_args, **spec.args})
+        lm = RoutedLMM(pretrained=spec.folder, batch_size=batch_size, cost_dir=scratch, **{**model_args, **spec.args})
         lm.keep_model = True  # the next task reuses it
         for m in measurements:
             shutil.rmtree(m.folder, ignore_errors=True)  # what a dead run left of this measurement

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PivotLayerPlan(LayerPlan):
-    """A :class:`LayerPlan` with DART's ranking work, for the analytic cost (``pmod.analysis.flops``).
+    """A :class:`LayerPlan` with DART's ranking work, for the analytic cost (``pmod.analysis.analytic_flops``).
 
     Attributes:
         key_projection: the layer also projects every token to keys (the key norms of layer K-1).

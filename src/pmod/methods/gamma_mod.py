@@ -1,6 +1,6 @@
 """gamma-MoD (Luo et al., ICLR 2025): ARank-chosen MoD layers, one shared vision-language router, masked routing.
 
-* Layer choice: the layers whose attention-map rank (ARank, :mod:`pmod.methods.arank`) is below the 4th largest
+* Layer choice: the layers whose attention-map rank (ARank, :mod:`pmod.methods.gamma_arank`) is below the 4th largest
   become MoD layers (most of the model); or an explicit list.
 * Router: ONE ``Linear(hidden, 2)`` shared by every MoD layer, on the layer's normalised input; binary softmax,
   routing probability ``p = softmax(.)[..., 1]``.

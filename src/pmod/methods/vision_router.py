@@ -66,7 +66,7 @@ class VisionRouterRule(RoutingRule):
     ) -> RouteDecision | None:
         # Text-only inference (every decode step): nothing to route, so skip the router and the selection.
         # Training keeps the router in the graph so that data-parallel wrappers see it used in every step.
-        if inputs.vision_mask is None and layer.pmod_recorder is None and not torch.is_grad_enabled():
+        if inputs.vision_mask is None and layer.routing_recorder is None and not torch.is_grad_enabled():
             return None
         logits = layer.router(hidden).float()  # [B, T, 1]
         plan = inputs.plan
@@ -83,7 +83,7 @@ class VisionRouterRule(RoutingRule):
             scale_skipped=self.string,
             # Recorded only (detached: a recorder active in the forward but not in a checkpoint's replay must not
             # change what autograd saves).
-            weights=None if layer.pmod_recorder is None else self.token_weights(logits[..., 0].detach()),
+            weights=None if layer.routing_recorder is None else self.token_weights(logits[..., 0].detach()),
         )
 
 

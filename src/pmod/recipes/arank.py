@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmod.io.loading import check_model_folder
+    from pmod.io.model_folder import check_model_folder
 
     if args.samples < 1:
         raise UserError(f"--samples is {args.samples}; give at least 1")
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from pmod.analysis.plots import plot_arank
     from pmod.data.batching import LlavaCollator
     from pmod.data.dataset import LlavaDataset
-    from pmod.io.loading import load_model
-    from pmod.methods.arank import layer_aranks
+    from pmod.io.model_folder import load_model
+    from pmod.methods.gamma_arank import layer_aranks
 
     model, processor = load_model(args.model, args.device, "pmod arank")
     model = model.float() if model.device.type == "cpu" else model

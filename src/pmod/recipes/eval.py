@@ -47,9 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pmod.core.files import check_output_folder
-    from pmod.eval.loading import method_from_args
+    from pmod.eval.model_args import method_from_args
     from pmod.eval.runner import ModelSpec, evaluate_models, label_models
-    from pmod.io.loading import check_model_folder
+    from pmod.io.model_folder import check_model_folder
 
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
                         ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip

@@ -1,6 +1,6 @@
 """``pmod flops``: analytic FLOPs and KV-cache bytes of dense vs a routing method, as a table or JSON.
 
-The conventions (what is counted and how) are in :mod:`pmod.analysis.flops`.
+The conventions (what is counted and how) are in :mod:`pmod.analysis.analytic_flops`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from pmod.analysis.dims import vision_tokens, weight_dtype
-from pmod.analysis.flops import (
+from pmod.analysis.analytic_flops import (
     BYTES_PER_ELEMENT,
     DEFAULT_TEXT_TOKENS,
     FlopsReport,
@@ -20,10 +19,11 @@ from pmod.analysis.flops import (
     method_config_from,
     presets,
 )
+from pmod.analysis.dims import vision_tokens, weight_dtype
 from pmod.core.config import DEFAULT_METHOD, MethodConfig, method_names
 from pmod.core.errors import UserError
 from pmod.core.weight_files import check_weight_files
-from pmod.io.loading import PROCESSOR_FILES
+from pmod.io.model_folder import PROCESSOR_FILES
 from pmod.recipes import method_flags
 
 #: Vision tokens per sample when the model's config does not say (LLaVA-1.5's 576).
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UserError(str(err)) from None
-    if all(layer.ratio is None for layer in report.pmod_layers):
+    if all(layer.ratio is None for layer in report.routed_layers):
         print(f"pmod flops: warning: no layer is routed ({method} settings that leave every layer dense); these are "
               f"the dense model's costs", file=sys.stderr)  # fmt: skip
     if args.json:
@@ -160,7 +160,7 @@ def prompt_text_tokens(model: Path, question: str = QUESTION) -> int | None:
         return None
     import transformers
 
-    from pmod.io.loading import build_prompt
+    from pmod.io.model_folder import build_prompt
 
     try:
         processor = transformers.AutoProcessor.from_pretrained(model)
@@ -199,7 +199,7 @@ def format_report(report: FlopsReport, name: str) -> str:
     header += ("KV", "decode")
     widths = (5, 6, 7, 7, 10, 10, 10, 8, 10, 9, 9, 9)
     lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for c, dense in zip(report.pmod_layers, report.dense_layers, strict=True):
+    for c, dense in zip(report.routed_layers, report.dense_layers, strict=True):
         row = (
             str(c.index),
             "dense" if c.ratio is None else f"{c.ratio:.4f}",
@@ -218,10 +218,10 @@ def format_report(report: FlopsReport, name: str) -> str:
     head = "included" if report.include_lm_head else "excluded"
     r = report.to_dict()
     summary = (
-        (f"prefill GFLOPs (LM head {head})", report.dense_flops / GFLOP, report.pmod_flops / GFLOP),
-        ("prefill GFLOPs without LM head", report.dense_layers_flops / GFLOP, report.pmod_layers_flops / GFLOP),
-        ("decode GFLOPs per step", report.dense_decode_flops / GFLOP, report.pmod_decode_flops / GFLOP),
-        ("KV cache MiB", report.dense_kv_bytes / MIB, report.pmod_kv_bytes / MIB),
+        (f"prefill GFLOPs (LM head {head})", report.dense_flops / GFLOP, report.routed_flops / GFLOP),
+        ("prefill GFLOPs without LM head", report.dense_layers_flops / GFLOP, report.routed_layers_flops / GFLOP),
+        ("decode GFLOPs per step", report.dense_decode_flops / GFLOP, report.routed_decode_flops / GFLOP),
+        ("KV cache MiB", report.dense_kv_bytes / MIB, report.routed_kv_bytes / MIB),
     )
     lines += ["", f"{'':34}{'dense':>12}{method:>12}{'ratio':>9}"]
     for label, dense_v, routed_v in summary:

@@ -55,7 +55,7 @@ def answer(
     import torch
 
     from pmod.core.cache import cache_of
-    from pmod.io.loading import encode
+    from pmod.io.model_folder import encode
 
     inputs = encode(processor, model, prompts, images, videos)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
@@ -93,7 +93,7 @@ def read_batch_file(path: str) -> list[dict[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from pmod.data.images import open_image
-    from pmod.io.loading import check_model_folder, load_model
+    from pmod.io.model_folder import check_model_folder, load_model
 
     if (args.prompt is None) == (args.batch_file is None):
         raise UserError("give either --prompt (with --image) or --batch-file, not both or neither.")

@@ -24,7 +24,7 @@ from pmod.recipes.trainer import FINAL_STAGING
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-    from pmod.recipes.trainer import PModTrainer
+    from pmod.recipes.trainer import RoutedTrainer
 
 #: What the marker of an interrupted final save tells a reader to do.
 INCOMPLETE_ADVICE = (
@@ -139,7 +139,7 @@ def resume_point(targs: TrainingArguments) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- the final model
-def save_final(trainer: PModTrainer, processor: Any, output_dir: str) -> None:
+def save_final(trainer: RoutedTrainer, processor: Any, output_dir: str) -> None:
     """Save the final model and processor at the top of ``output_dir`` so that a kill leaves the old files, or a
     marker (:data:`pmod.core.files.INCOMPLETE_NAME`) that loaders refuse with what to do: refused if the weights are
     unusable, written to a staging folder, the marker set, the files renamed into place, stale weight shards of an

@@ -38,7 +38,7 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class PModTrainer(Trainer):
+class RoutedTrainer(Trainer):
     """Trainer with modality-grouped batches, a separate vision-tower lr, routing logs (``pmod/...`` keys),
     non-finite losses skipped and counted (``pmod/nonfinite_loss_steps``), and atomic checkpoints."""
 

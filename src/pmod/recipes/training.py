@@ -18,10 +18,10 @@ from pmod.core.backbone import backbone_for
 from pmod.core.config import MethodConfig, stored_method_config
 from pmod.core.convert import convert, get_method_config, load
 from pmod.io.importers.llava_parts import assemble_llava
-from pmod.io.loading import check_model_folder
+from pmod.io.model_folder import check_model_folder
 from pmod.recipes.train import DataArguments, ModelArguments, TrainError
 from pmod.recipes.train_output import output_lock, resume_point, save_final
-from pmod.recipes.trainer import PModTrainer, clean_staging
+from pmod.recipes.trainer import RoutedTrainer, clean_staging
 from pmod.recipes.trainer_fields import installed_name
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def train(
     targs: TrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
     method_config: MethodConfig | None = None,
-) -> PModTrainer:
+) -> RoutedTrainer:
     """Run one training stage and save the final model and processor to ``targs.output_dir``; returns the
     trainer (its ``state.log_history`` holds the logs). ``method_config`` overrides ``--method`` for stage 2.
 
@@ -165,7 +165,7 @@ def _train_locked(
     callbacks: list[TrainerCallback] | None,
     method_config: MethodConfig | None,
     config: dict[str, Any] | None,
-) -> PModTrainer:
+) -> RoutedTrainer:
     from pmod.data.batching import LlavaCollator
     from pmod.data.dataset import LlavaDataset
 
@@ -196,7 +196,7 @@ def _train_locked(
     if targs.resume_from_checkpoint is not None:
         said = f"resuming from {resume}" if resume else f"no checkpoint in {targs.output_dir}: starting from scratch"
         print(f"pmod train: {said}", file=sys.stderr)
-    trainer = PModTrainer(
+    trainer = RoutedTrainer(
         model=model,
         args=targs,
         train_dataset=dataset,

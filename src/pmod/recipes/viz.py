@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def image_routing(model: torch.nn.Module, processor: Any, image: Any, prompt: str) -> ImageRouting:
     """One forward over ``prompt`` about ``image``: what each routed layer kept of the image's tokens."""
     from pmod.analysis import plots
-    from pmod.io.loading import build_prompt
+    from pmod.io.model_folder import build_prompt
 
     inputs = processor(text=[build_prompt(processor, prompt, 1)], images=[image], return_tensors="pt")
     return plots.image_routing(model, processor, inputs, image)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from pmod.core.config import stored_method_config
     from pmod.core.files import check_output_folder
     from pmod.data.images import open_image
-    from pmod.io.loading import check_model_folder, load_model
+    from pmod.io.model_folder import check_model_folder, load_model
 
     method_config = method_flags.on_the_fly_config(vars(args))
     config = check_model_folder(args.model, "pmod viz", method_config)

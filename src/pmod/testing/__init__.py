@@ -15,7 +15,9 @@ from transformers import (
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from pmod.io.small_llava import build_small_llava, small_llama_config, small_vision_config
+from pmod.core.config import MethodConfig
+from pmod.core.deprecation import warn_renamed
+from pmod.experiments.small_llava import build_small_llava, small_llama_config, small_vision_config
 
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
@@ -169,7 +171,7 @@ def tiny_llava_folder(
     num_layers: int = 6,
     image_size: int = 32,
     patch_size: int = 8,
-    pmod_config=None,
+    method_config: MethodConfig | None = None,
     seed: int = 0,
     hidden: int = 64,
     heads: int = 4,
@@ -177,20 +179,28 @@ def tiny_llava_folder(
     vision_layers: int = 2,
     vision_feature_layer: int = -2,
     chat_template: str | None = None,
+    pmod_config: MethodConfig | None = None,
 ) -> str:
     """Save a small random LLaVA model with a word-level tokenizer (the synthetic set's vocabulary) and processor
     to ``folder``; it loads offline with ``from_pretrained`` / ``pmod.load``.
 
-    With ``pmod_config`` (any method config) the model is converted (random non-zero routers) before saving.
+    With ``method_config`` (any method config) the model is converted (random non-zero routers) before saving.
+    ``pmod_config`` is its deprecated name (it warns).
     """
     from pmod.core.convert import convert
+
+    if pmod_config is not None:
+        if method_config is not None:
+            raise TypeError("tiny_llava_folder takes method_config= (pmod_config= is its old name), not both")
+        warn_renamed("tiny_llava_folder(pmod_config=...)", "method_config=")
+        method_config = pmod_config
 
     model, processor = build_small_llava(
         num_layers, image_size, patch_size, seed, hidden, heads, vision_hidden, vision_layers, vision_feature_layer,
         chat_template,
     )  # fmt: skip
-    if pmod_config is not None:
-        convert(model, pmod_config)
+    if method_config is not None:
+        convert(model, method_config)
         randomize_routers(model, scale=3.0, seed=seed)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

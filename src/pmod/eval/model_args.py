@@ -68,7 +68,7 @@ def load_for_eval(
 
     from pmod.core.config import stored_method_config
     from pmod.core.convert import convert, load
-    from pmod.io.loading import check_model_folder
+    from pmod.io.model_folder import check_model_folder
 
     folder = Path(pretrained)
     config = check_model_folder(folder, "pmod eval")

@@ -186,8 +186,9 @@ class FlopsReport:
     """Dense vs routed cost of one prefill (and one decoding step) of the language model.
 
     All FLOPs and bytes are totals over the batch. ``include_lm_head`` says whether the headline totals
-    (:attr:`dense_flops`, :attr:`pmod_flops`, :attr:`tflops_ratio`) include the LM head. ``pmod_*`` names the
-    routed model under ``method_config``, whichever method it is.
+    (:attr:`dense_flops`, :attr:`routed_flops`, :attr:`tflops_ratio`) include the LM head. ``routed_*`` names the
+    routed model under ``method_config``, whichever method it is (in :meth:`to_dict`, whose keys ``pmod flops
+    --json`` prints, still ``pmod_*``).
     """
 
     dims: LMDims
@@ -197,7 +198,7 @@ class FlopsReport:
     batch_size: int
     bytes_per_element: int
     dense_layers: list[LayerCost]
-    pmod_layers: list[LayerCost]
+    routed_layers: list[LayerCost]
     lm_head_flops: int
     lm_head_decode_flops: int
     include_lm_head: bool = True
@@ -208,40 +209,40 @@ class FlopsReport:
         return sum(c.flops for c in self.dense_layers)
 
     @property
-    def pmod_layers_flops(self) -> int:
-        return sum(c.flops for c in self.pmod_layers)
+    def routed_layers_flops(self) -> int:
+        return sum(c.flops for c in self.routed_layers)
 
     @property
     def dense_flops(self) -> int:
         return self.dense_layers_flops + (self.lm_head_flops if self.include_lm_head else 0)
 
     @property
-    def pmod_flops(self) -> int:
-        return self.pmod_layers_flops + (self.lm_head_flops if self.include_lm_head else 0)
+    def routed_flops(self) -> int:
+        return self.routed_layers_flops + (self.lm_head_flops if self.include_lm_head else 0)
 
     @property
     def tflops_ratio(self) -> float:
-        return _ratio(self.pmod_flops, self.dense_flops)
+        return _ratio(self.routed_flops, self.dense_flops)
 
     @property
     def dense_decode_flops(self) -> int:
         return sum(c.decode for c in self.dense_layers) + (self.lm_head_decode_flops if self.include_lm_head else 0)
 
     @property
-    def pmod_decode_flops(self) -> int:
-        return sum(c.decode for c in self.pmod_layers) + (self.lm_head_decode_flops if self.include_lm_head else 0)
+    def routed_decode_flops(self) -> int:
+        return sum(c.decode for c in self.routed_layers) + (self.lm_head_decode_flops if self.include_lm_head else 0)
 
     @property
     def dense_kv_bytes(self) -> int:
         return sum(c.kv_bytes for c in self.dense_layers)
 
     @property
-    def pmod_kv_bytes(self) -> int:
-        return sum(c.kv_bytes for c in self.pmod_layers)
+    def routed_kv_bytes(self) -> int:
+        return sum(c.kv_bytes for c in self.routed_layers)
 
     @property
     def kv_cache_ratio(self) -> float:
-        return _ratio(self.pmod_kv_bytes, self.dense_kv_bytes)
+        return _ratio(self.routed_kv_bytes, self.dense_kv_bytes)
 
     @property
     def mean_retention(self) -> float:
@@ -253,22 +254,22 @@ class FlopsReport:
         """JSON-ready summary; ``layers`` holds the routed per-layer records, ``dense_layers`` the dense ones."""
         return {
             "dense_tflops": self.dense_flops / 1e12,
-            "pmod_tflops": self.pmod_flops / 1e12,
+            "pmod_tflops": self.routed_flops / 1e12,
             "tflops_ratio": self.tflops_ratio,
             "dense_kv_bytes": self.dense_kv_bytes,
-            "pmod_kv_bytes": self.pmod_kv_bytes,
+            "pmod_kv_bytes": self.routed_kv_bytes,
             "kv_cache_ratio": self.kv_cache_ratio,
             "mean_retention": self.mean_retention,
             "includes_lm_head": self.include_lm_head,
             "dense_flops": self.dense_flops,
-            "pmod_flops": self.pmod_flops,
+            "pmod_flops": self.routed_flops,
             "lm_head_flops": self.lm_head_flops,
             "dense_flops_without_lm_head": self.dense_layers_flops,
-            "pmod_flops_without_lm_head": self.pmod_layers_flops,
-            "tflops_ratio_without_lm_head": _ratio(self.pmod_layers_flops, self.dense_layers_flops),
+            "pmod_flops_without_lm_head": self.routed_layers_flops,
+            "tflops_ratio_without_lm_head": _ratio(self.routed_layers_flops, self.dense_layers_flops),
             "dense_decode_flops": self.dense_decode_flops,
-            "pmod_decode_flops": self.pmod_decode_flops,
-            "decode_flops_ratio": _ratio(self.pmod_decode_flops, self.dense_decode_flops),
+            "pmod_decode_flops": self.routed_decode_flops,
+            "decode_flops_ratio": _ratio(self.routed_decode_flops, self.dense_decode_flops),
             "lm_head_decode_flops": self.lm_head_decode_flops,
             "n_vision": self.n_vision,
             "n_text": self.n_text,
@@ -278,7 +279,7 @@ class FlopsReport:
             "method": self.method_config.method,
             "method_config": self.method_config.to_dict(),
             "schedule": list(self.schedule),
-            "layers": [c.to_dict() for c in self.pmod_layers],
+            "layers": [c.to_dict() for c in self.routed_layers],
             "dense_layers": [c.to_dict() for c in self.dense_layers],
         }
 
@@ -330,7 +331,7 @@ def estimate(
         batch_size=batch_size,
         bytes_per_element=elem,
         dense_layers=[layer_cost(dims, i, None, *args) for i in range(dims.layers)],
-        pmod_layers=[layer_cost(dims, i, plan, *args) for i, plan in enumerate(plans)],
+        routed_layers=[layer_cost(dims, i, plan, *args) for i, plan in enumerate(plans)],
         lm_head_flops=2 * batch_size * t * dims.hidden * dims.vocab,
         lm_head_decode_flops=2 * batch_size * dims.hidden * dims.vocab,
         include_lm_head=include_lm_head,
