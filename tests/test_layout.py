@@ -44,7 +44,7 @@ def test_no_private_names_across_modules() -> None:
 
 def test_private_name_check_can_fail(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("from pmod.recipes.demo import _image\nimport pmod\npmod.core.routed_layer._ROUTED_CLASSES\n")
+    bad.write_text("from pmod.experiments.demo import _image\nimport pmod\npmod.core.routed_layer._ROUTED_CLASSES\n")
     assert len(private_imports(bad)) == 2
 
 

@@ -2,7 +2,7 @@
 
 LLaVA starts from a vision tower pre-trained elsewhere and keeps it frozen. Nothing pre-trained can be downloaded
 here, and a tower trained from scratch together with the language model did not learn to see within the demo's
-budget: the loss stayed at the answer priors (see ``pmod.recipes.demo``). Supervising the tower alone on per-patch
+budget: the loss stayed at the answer priors (see ``pmod.experiments.demo``). Supervising the tower alone on per-patch
 labels of the synthetic set takes under a minute and gives features in which each patch says what it shows and where,
 as a real pre-trained tower's features do. The targets:
 

@@ -18,9 +18,9 @@ from pmod.analysis import plots as plotting
 from pmod.core import schedules
 from pmod.core.config import method_class
 from pmod.core.files import atomic_write_text
-from pmod.recipes.ablate_variants import GROUPS, VARIANTS, Workload
-from pmod.recipes.demo import DemoSettings
-from pmod.recipes.demo_report import prior_baseline
+from pmod.experiments.ablate_variants import GROUPS, VARIANTS, Workload
+from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo_report import prior_baseline
 
 #: The p-MoD vs dense gap the demo aims for (points): p-MoD at most this far below dense.
 GAP_GOAL = 2.0

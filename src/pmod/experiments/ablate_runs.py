@@ -30,9 +30,9 @@ from transformers import TrainerCallback
 from pmod.core.config import MethodConfig
 from pmod.core.errors import UserError
 from pmod.core.files import atomic_write_json
+from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo_runs import evaluate_model, load_variant, train_config
 from pmod.methods import GammaMoDConfig
-from pmod.recipes.demo import DemoSettings
-from pmod.recipes.demo_runs import evaluate_model, load_variant, train_config
 
 #: Samples ``pmod arank`` averages over for gamma-MoD's layer choice (the paper's 50).
 ARANK_SAMPLES = 50

@@ -12,8 +12,8 @@ import torch
 
 from pmod.analysis import plots as plotting
 from pmod.core.files import atomic_write_text
-from pmod.recipes.demo import DemoSettings
-from pmod.recipes.demo_runs import (
+from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo_runs import (
     load_variant,
     parallel_workers,
     question_and_answer,
@@ -87,7 +87,7 @@ answer priors):
   question before or after the image): it needs two hops (the colour word, then matching patches). "What shape is in
   the image?" and "Is the shape on the left or the right?" stayed at chance.
 - A tower pre-trained on per-patch labels and then frozen, as LLaVA freezes CLIP
-  (`pmod.recipes.vision_pretrain`): colour questions reached 1.00 within 100 steps. Shape-kind questions stayed near
+  (`pmod.experiments.vision_pretrain`): colour questions reached 1.00 within 100 steps. Shape-kind questions stayed near
   chance (0.41-0.43 after 300 steps): the small tower does not learn to tell outlines apart (held-out shape-kind
   accuracy on shape patches about 0.3-0.37, chance 0.25), so the demo does not ask them.
 - Position ("left or right?") questions, dense, batch 32, one or two questions per image: chance after 200 steps
@@ -105,7 +105,7 @@ answer priors):
 def seeds_section(seeds: dict[str, dict[int, dict[str, Any]]], settings: DemoSettings) -> tuple[list[str], dict]:
     """``pmod demo --seeds N``: accuracy per seed and variant, and each variant's paired gap to dense (mean and
     spread over seeds) against the 2-point goal. Returns the markdown lines and the JSON summary."""
-    from pmod.recipes.ablate_report import describe_difference, goal_clause, paired_difference
+    from pmod.experiments.ablate_report import describe_difference, goal_clause, paired_difference
 
     order = sorted({s for runs in seeds.values() for s in runs})
     kinds = sorted({k for runs in seeds.values() for r in runs.values() for k in r["per_question_kind"]})
@@ -215,8 +215,8 @@ def write_report(
         f"{settings.vision_layers} layers, 2-layer MLP projector, {settings.layers}-layer Llama decoder of hidden size "
         f"{settings.hidden}, word-level tokenizer). No pre-trained vision tower exists here, so the tower is first "
         f"pre-trained for {settings.vision_pretrain_steps} steps on per-patch labels of the training images "
-        "(`pmod.recipes.vision_pretrain`, a stand-in for CLIP) and then frozen, as in LLaVA's recipe; the projector "
-        f"and the decoder start from random weights. Each variant: {settings.steps} steps of batch "
+        "(`pmod.experiments.vision_pretrain`, a stand-in for CLIP) and then frozen, as in LLaVA's recipe; the "
+        f"projector and the decoder start from random weights. Each variant: {settings.steps} steps of batch "
         f"{settings.batch_size}, same seed and data. Accuracy: exact match of the first answer word on {len(test)} "
         "held-out image questions.",
         "",
