@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,6 +105,17 @@ def test_quick_report_numbers_are_the_units(run):
     assert rows["fastv"]["train_seconds"] == 0  # training-free: evaluated on the trained dense model
     trained = [units[(v, 0)]["loss"] for v in VARIANTS if VARIANTS[v].trained]
     assert all(len(loss) >= 2 for loss in trained)
+
+
+def test_report_names_the_model_it_trained(run):
+    """The model sentence carries the run's decoder depth and width, and no text is left unformatted (a missing f
+    once printed "({task.layers}-layer" into every report)."""
+    out, _ = run
+    md = (out / "report.md").read_text()
+    task = tiny_settings().task
+    assert (f"Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size {task.hidden}; the "
+            f"demo's decoder has {DemoSettings().layers} layers, fewer here") in md  # fmt: skip
+    assert not re.findall(r"\{[A-Za-z_][\w.]*\}", md)
 
 
 def test_training_free_rows_carry_their_configs(run):

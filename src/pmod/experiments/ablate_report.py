@@ -379,7 +379,7 @@ def setup_paragraph(settings: Any, workload: Workload, budget: str, prior: float
                    if task.layers != demo_layers else "")  # fmt: skip
     return (
         f"Task: {task.task_summary()}; {workload.n_vision} vision and {workload.n_text} text tokens per prompt. "
-        "Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size "
+        f"Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size "
         f"{task.hidden}{layers_note}, tower pre-trained on per-patch labels for {task.vision_pretrain_steps} steps "
         "and frozen). "
         f"Every row: {budget}, learning rate {task.learning_rate}, the same data and seeds {settings.seeds}. A seed "
