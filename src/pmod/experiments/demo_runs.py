@@ -1,5 +1,5 @@
 """The steps of ``pmod demo`` that run models: the tower pre-training, the variants' training (side by side on a
-CPU), evaluation and the prefill timing. ``pmod.recipes.demo`` holds the settings and the orchestration."""
+CPU), evaluation and the prefill timing. ``pmod.experiments.demo`` holds the settings and the orchestration."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from transformers import TrainerCallback
 
 from pmod.core.config import MethodConfig
 from pmod.core.convert import is_routed_model, layer_ratios
-from pmod.recipes.demo import DemoSettings
+from pmod.experiments.demo import DemoSettings
 
 
 def pretrain_vision(base: Path, data: Path, settings: DemoSettings) -> dict[str, Any]:
     """Pre-train the base model's vision tower on per-patch labels and save it back (the stand-in for CLIP)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pmod.recipes.vision_pretrain import pretrain_vision_tower
+    from pmod.experiments.vision_pretrain import pretrain_vision_tower
 
     model = LlavaForConditionalGeneration.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
@@ -157,11 +157,11 @@ def train_more_seeds(
     out: Path, settings: DemoSettings, test: list[dict[str, Any]]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """``pmod demo --seeds N``: every variant trained and evaluated again with seeds ``settings.seed + 1`` on, from
-    base models that share the first seed's pre-trained tower (``pmod.recipes.ablate_runs``: side by side, each
+    base models that share the first seed's pre-trained tower (``pmod.experiments.ablate_runs``: side by side, each
     unit written as it ends). Returns the results and the failures by unit key (``"pmod/seed1"``)."""
     import shutil
 
-    from pmod.recipes.ablate_runs import Layout, Unit, run_units, unit_workers
+    from pmod.experiments.ablate_runs import Layout, Unit, run_units, unit_workers
 
     layout = Layout(out)
     seeds = range(settings.seed + 1, settings.seed + settings.seeds)
