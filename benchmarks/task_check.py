@@ -3,7 +3,7 @@ vision tokens from layer 2 (FastV's ranking, and a random draw) and about blank 
 
     PYTHONPATH=src python benchmarks/task_check.py OUT task=scenes steps=500 question_kinds=count,half
 
-``key=value`` arguments set fields of :class:`pmod.recipes.demo.DemoSettings` (tuples comma-separated). Writes
+``key=value`` arguments set fields of :class:`pmod.experiments.demo.DemoSettings` (tuples comma-separated). Writes
 ``OUT/task_check.json``: the settings, the answer-prior baseline and, per row, accuracy and accuracy per question
 kind on the held-out image questions. The same rows are in ``pmod ablate`` (``check_fastv``, ``check_random``,
 ``check_blind``); this script is the quick one-model version used to design the scenes task (BENCHMARKS.md).
@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from pmod.core.convert import convert
+from pmod.experiments.demo import DemoSettings, run_demo
+from pmod.experiments.demo_report import prior_baseline
+from pmod.experiments.demo_runs import evaluate_model, load_variant
 from pmod.methods import FastVConfig
-from pmod.recipes.demo import DemoSettings, run_demo
-from pmod.recipes.demo_report import prior_baseline
-from pmod.recipes.demo_runs import evaluate_model, load_variant
 
 ROWS = {  # row -> (training-free config on the trained dense model, blank images)
     "dense": (None, False),

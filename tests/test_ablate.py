@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,8 +24,8 @@ from pmod.analysis.dims import LMDims
 from pmod.cli import main
 from pmod.core import schedules
 from pmod.core.config import method_class
-from pmod.recipes.ablate import AblateSettings
-from pmod.recipes.ablate_variants import (
+from pmod.experiments.ablate import AblateSettings
+from pmod.experiments.ablate_variants import (
     VARIANTS,
     Workload,
     dart_at_budget,
@@ -34,7 +35,7 @@ from pmod.recipes.ablate_variants import (
     pdrop_boundaries,
     variant_configs,
 )
-from pmod.recipes.demo import DemoSettings
+from pmod.experiments.demo import DemoSettings
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 #: Fields that are measured wall times, not results: they differ between any two runs.
@@ -106,6 +107,17 @@ def test_quick_report_numbers_are_the_units(run):
     assert all(len(loss) >= 2 for loss in trained)
 
 
+def test_report_names_the_model_it_trained(run):
+    """The model sentence carries the run's decoder depth and width, and no text is left unformatted (a missing f
+    once printed "({task.layers}-layer" into every report)."""
+    out, _ = run
+    md = (out / "report.md").read_text()
+    task = tiny_settings().task
+    assert (f"Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size {task.hidden}; the "
+            f"demo's decoder has {DemoSettings().layers} layers, fewer here") in md  # fmt: skip
+    assert not re.findall(r"\{[A-Za-z_][\w.]*\}", md)
+
+
 def test_training_free_rows_carry_their_configs(run):
     """The PyramidDrop and DART rows: in the saved settings, each unit's result and the report with the config
     their solver (or the paper) gives for the run's model and prompt, trained on nothing, and the Budgets section
@@ -161,8 +173,8 @@ def load_unit(out: Path, variant: str, seed: int) -> tuple[torch.nn.Module, obje
 
 def processed_per_layer(model, processor, out: Path) -> tuple[list[int], int, int]:
     """Tokens each decoder layer processed for one test prompt (record_routing; unrecorded layers: all)."""
+    from pmod.experiments.demo_runs import question_and_answer, record_image
     from pmod.io.model_folder import encode
-    from pmod.recipes.demo_runs import question_and_answer, record_image
 
     record = next(r for r in json.loads((out / "data" / "test.json").read_text()) if r.get("image"))
     inputs = encode(processor, model, [question_and_answer(record)[0]], [[record_image(out / "data", record)]])
@@ -182,8 +194,9 @@ def test_task_check_rows(run, monkeypatch):
     counts), and the blank-image row asks the dense model about images of each record's background alone."""
     from PIL import Image
 
+    from pmod.experiments import demo_runs
     from pmod.io.model_folder import load_model
-    from pmod.recipes import demo_runs, generate
+    from pmod.recipes import generate
 
     out, report = run
     for name, ranking in (("check_fastv", "attention"), ("check_random", "random")):
@@ -313,7 +326,7 @@ def test_schedules_have_pmod_mean_retention():
 def test_same_config_and_seed_give_the_same_run(run, tmp_path):
     """A unit trained again (here, one at a time in this process; in the run, in a worker beside another) gives
     identical losses and accuracy; the other seed of the same variant does not. Asked again, it is read back."""
-    from pmod.recipes.ablate_runs import Layout, Unit, run_units
+    from pmod.experiments.ablate_runs import Layout, Unit, run_units
 
     out, report = run
     for part in ("data", "seeds"):
@@ -343,7 +356,8 @@ def test_killed_run_resumes_to_the_same_report(run, tmp_path, capsys):
     out, report = run
     folder = tmp_path / "killed"
     settings = dataclasses.replace(tiny_settings(), variants=("dense", "pmod", "gamma_mod", "fastv"))
-    code = ("import json, sys; from pathlib import Path; from pmod.recipes.ablate import AblateSettings, run_ablation; "
+    code = ("import json, sys; from pathlib import Path; "
+            "from pmod.experiments.ablate import AblateSettings, run_ablation; "
             "run_ablation(Path(sys.argv[1]), AblateSettings.from_dict(json.loads(sys.argv[2])))")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder), json.dumps(settings.to_dict())], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -388,7 +402,7 @@ def test_output_folder_mistakes(tmp_path, capsys, monkeypatch):
     each before any work starts (the work is replaced by an error here, so that running on would show); once the
     other run is gone (its lock dies with it, as after a kill), --resume goes ahead."""
     from pmod.core.files import OutputLock
-    from pmod.recipes import demo_runs
+    from pmod.experiments import demo_runs
 
     def no_work(*args):
         raise RuntimeError("the run started working")
@@ -419,7 +433,7 @@ def test_accuracy_plot_labels_apart_and_error_bars_within_0_1(tmp_path, monkeypa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.text import Text
 
-    from pmod.recipes.ablate_report import plot_accuracy_vs_cost
+    from pmod.experiments.ablate_report import plot_accuracy_vs_cost
 
     points = {"dense": (1.0, 0.98, 0.05), "mod": (0.50, 0.50, 0.02), "tanh1": (0.505, 0.515, 0.02),
               "tanh": (0.51, 0.53, 0.02), "string": (0.502, 0.545, 0.03), "pmod": (0.50, 0.56, 0.01),

@@ -8,7 +8,7 @@ import torch
 import pmod
 from pmod.cli import main
 from pmod.core.cache import cache_of
-from pmod.recipes.demo import DemoSettings
+from pmod.experiments.demo import DemoSettings
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_accuracy_recomputed_one_question_at_a_time(demo):
     """The report's accuracy (and per question kind) is the share of test questions whose greedy answer starts
     with the right word: recomputed here by ``generate`` on each question alone, unpadded."""
     from pmod.data.synth import question_kind
+    from pmod.experiments.demo_runs import question_and_answer, record_image
     from pmod.io.model_folder import build_prompt, load_model
-    from pmod.recipes.demo_runs import question_and_answer, record_image
 
     out, report = demo
     data = out / "data"
@@ -67,8 +67,8 @@ def test_accuracy_recomputed_one_question_at_a_time(demo):
 def test_accuracy_counts_the_first_word_by_hand(demo, monkeypatch):
     """The quick run's models answer nothing yet (accuracy 0), so the scoring is also checked on forced answers:
     right, right in other case with more words, a wrong word, the right word second, nothing."""
+    from pmod.experiments.demo_runs import evaluate, question_and_answer
     from pmod.recipes import generate
-    from pmod.recipes.demo_runs import evaluate, question_and_answer
 
     out, _ = demo
     data = out / "data"
@@ -108,8 +108,8 @@ def test_tower_is_frozen_in_stage_two(demo):
 def test_side_by_side_training_changes_nothing(demo, tmp_path):
     """The demo trains variants in worker processes when cores allow; the same variant trained here, in this
     process, gives the same weights bit for bit."""
+    from pmod.experiments.demo_runs import parallel_workers, threads_per_worker, train_variant
     from pmod.io.model_folder import load_model
-    from pmod.recipes.demo_runs import parallel_workers, threads_per_worker, train_variant
 
     out, report = demo
     settings = DemoSettings.quick()
@@ -132,8 +132,8 @@ def test_side_by_side_training_changes_nothing(demo, tmp_path):
 def test_report_kv_bytes_are_what_the_cache_holds(demo):
     """The analytic KV bytes in the report equal the bytes of a real prefill cache for one test prompt."""
     out, report = demo
+    from pmod.experiments.demo_runs import question_and_answer, record_image
     from pmod.io.model_folder import encode, load_model
-    from pmod.recipes.demo_runs import question_and_answer, record_image
 
     data = out / "data"
     record = next(r for r in json.loads((data / "test.json").read_text()) if r.get("image"))
@@ -164,7 +164,7 @@ def test_variants_must_include_dense(tmp_path, capsys):
 
 
 def test_prior_baseline_by_hand(tmp_path):
-    from pmod.recipes.demo_report import prior_baseline
+    from pmod.experiments.demo_report import prior_baseline
 
     def rec(q, a):
         return {
@@ -179,7 +179,7 @@ def test_prior_baseline_by_hand(tmp_path):
 
 
 def test_method_flags_set_the_variants(tmp_path, capsys):
-    from pmod.recipes.demo import DemoSettings
+    from pmod.experiments.demo import DemoSettings
 
     settings = DemoSettings(variants=("dense", "pmod", "mod"), method_settings={"pmod": {"beta": "0.4"}})
     assert settings.variant_config("pmod") == pmod.PModConfig(beta=0.4)
@@ -208,7 +208,7 @@ def test_seeds_section_reports_the_gap_with_its_spread():
     """`pmod demo --seeds N`: per-seed accuracies, and the p-MoD - dense gap paired by seed, against numpy."""
     import numpy as np
 
-    from pmod.recipes.demo_report import seeds_section
+    from pmod.experiments.demo_report import seeds_section
 
     def result(acc, position):
         return {"accuracy": acc, "per_question_kind": {"color": 1.0, "position": position}}
@@ -239,7 +239,7 @@ def test_output_folder_mistakes(tmp_path, capsys, monkeypatch):
     import os
 
     from pmod.core.files import OutputLock
-    from pmod.recipes import demo_runs
+    from pmod.experiments import demo_runs
 
     def no_work(*args):
         raise RuntimeError("the demo started working")
@@ -262,7 +262,7 @@ def test_data_made_again_when_its_settings_change(tmp_path):
     the same folder with other --samples (or seed, ...) must not train on the earlier set."""
     import dataclasses
 
-    from pmod.recipes.demo_runs import make_data
+    from pmod.experiments.demo_runs import make_data
 
     data = tmp_path / "data"
 

@@ -203,7 +203,7 @@ def test_examples_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_every_ablation_row_is_documented() -> None:
     """docs/DEMO.md's table of `pmod ablate` rows names every variant `--variants` accepts, and no other."""
-    from pmod.recipes.ablate_variants import VARIANTS
+    from pmod.experiments.ablate_variants import VARIANTS
 
     text = (ROOT / "docs" / "DEMO.md").read_text()
     table = text[text.index("| row (`--variants` name) |") :].split("\n\n")[0].splitlines()[2:]

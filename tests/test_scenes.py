@@ -154,8 +154,8 @@ def test_cli_task_scenes_and_its_mistakes(tmp_path: Path, capsys: pytest.Capture
 
 def test_demo_task_setting_makes_its_data(tmp_path: Path) -> None:
     """DemoSettings.task picks the generator and its default kinds; the data is made again when the task changes."""
-    from pmod.recipes.demo import DemoSettings
-    from pmod.recipes.demo_runs import make_data
+    from pmod.experiments.demo import DemoSettings
+    from pmod.experiments.demo_runs import make_data
 
     for task, kinds in (("scenes", set(scenes.DEFAULT_KINDS)), ("shapes", {"color", "position"})):
         make_data(tmp_path, DemoSettings(task=task, samples=40))

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pmod.data import synth
-from pmod.recipes.vision_pretrain import load_patch_dataset, patch_accuracy, pretrain_vision_tower
+from pmod.experiments.vision_pretrain import load_patch_dataset, patch_accuracy, pretrain_vision_tower
 from pmod.testing import tiny_llava_folder
 
 

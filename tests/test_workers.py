@@ -19,15 +19,15 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 import slowwork
-from pmod.recipes.demo import DemoSettings
+from pmod.experiments.demo import DemoSettings
 out = Path(sys.argv[3])
 if sys.argv[1] == "ablate":
-    from pmod.recipes import ablate_runs
+    from pmod.experiments import ablate_runs
     ablate_runs.run_unit = slowwork.work
     units = [ablate_runs.Unit("dense", 0, None), ablate_runs.Unit("dense", 1, None)]
     ablate_runs.run_units(units, ablate_runs.Layout(out), DemoSettings(), [], threads=1, workers=2)
 else:
-    from pmod.recipes import demo_runs
+    from pmod.experiments import demo_runs
     demo_runs.train_in_worker = slowwork.work
     demo_runs.parallel_workers = lambda settings: 2
     demo_runs.train_variants(out, out, out, DemoSettings(variants=("dense", "pmod")))

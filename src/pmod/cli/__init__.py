@@ -18,12 +18,12 @@ from pmod.recipes.parsing import CommandParser, dashed
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("pmod.recipes.demo", "the main job: train dense vs p-MoD on a synthetic VQA task; accuracy and cost"),
+    "demo": ("pmod.experiments.demo", "the main job: train dense vs p-MoD on a synthetic VQA task; accuracy and cost"),
     "flops": ("pmod.recipes.flops", "analytic FLOPs and KV-cache bytes of dense vs a routing method"),
     "train": ("pmod.recipes.train", "stage-1 (projector) / stage-2 (routed finetune) training on the HF Trainer"),
     "generate": ("pmod.recipes.generate", "answer prompts about images with a model folder (streams; batches)"),
     "viz": ("pmod.recipes.viz", "plot which vision tokens each routed layer keeps for an image"),
-    "ablate": ("pmod.recipes.ablate", "the papers' ablations on the built-in task, with seeds and spread"),
+    "ablate": ("pmod.experiments.ablate", "the papers' ablations on the built-in task, with seeds and spread"),
     "eval": ("pmod.recipes.eval", "evaluate models with lmms-eval: each task's metric next to TFLOPs, KV and latency"),
     "arank": ("pmod.recipes.arank", "per-layer attention rank (gamma-MoD's ARank) of a model on LLaVA samples"),
     "import-llava": ("pmod.recipes.import_llava", "turn an original LLaVA / p-MoD checkpoint into a pmod folder"),

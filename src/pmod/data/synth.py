@@ -281,7 +281,7 @@ def generate(
     ``max_shapes`` (1-3, ``shapes`` only) caps the shapes per image; ``question_kinds`` (a subset of the task's
     :func:`task_question_kinds`; default: all of the shapes task's, the scenes task's ``DEFAULT_KINDS``) limits what
     image questions ask about. One shape per image gives the easiest task: every answer is read off one object (the
-    demo asks about its colour and position, see :mod:`pmod.recipes.demo`).
+    demo asks about its colour and position, see :mod:`pmod.experiments.demo`).
 
     The set is written to a staging folder inside ``out_dir`` and swapped in when complete (:data:`DATASET_ENTRIES`,
     ``train.json`` last), so a killed run leaves the folder's earlier set whole, never its answers beside new

@@ -41,6 +41,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    plot_file, out_file = check_arguments(args)  # before the model loads
+    values, count, bad_samples = measure(args)
+    chosen = choose_layers(values, args.threshold_rank)
+    threshold = sorted(values, reverse=True)[args.threshold_rank - 1]
+    result = {
+        "model": str(args.model),
+        "samples": count,
+        "variant": args.variant,
+        "arank": values,
+        "threshold_rank": args.threshold_rank,
+        "threshold": threshold,
+        "mod_layers": chosen,
+        "bad_samples": bad_samples,
+    }
+    if plot_file is not None:
+        from pmod.analysis.plots import plot_arank
+
+        result["plot"] = str(plot_arank(values, threshold, chosen, plot_file))
+    if out_file is not None:
+        atomic_write_json(out_file, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print_table(result, args.data, plot_file)
+    return 0
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """Every mistake in the arguments, as one line, before the model loads; returns the ``--plot`` and ``--out``
+    files (None: not asked for)."""
     from pmod.io.model_folder import check_model_folder
 
     if args.samples < 1:
@@ -58,10 +88,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold_rank > layers:
         raise UserError(f"--threshold-rank is {args.threshold_rank} but the model has {layers} layers; give at most "
                         f"{layers} (the paper: 4)")  # fmt: skip
-    plot_file = check_output_file(args.plot, "--plot") if args.plot else None  # before the model loads
+    plot_file = check_output_file(args.plot, "--plot") if args.plot else None
     out_file = check_output_file(args.out, "--out") if args.out else None
+    return plot_file, out_file
 
-    from pmod.analysis.plots import plot_arank
+
+def measure(args: argparse.Namespace) -> tuple[list[float], int, int]:
+    """The ARank of every decoder layer of ``--model``, averaged over its first ``--samples`` samples; with the
+    number of samples used and of bad samples skipped."""
     from pmod.data.batching import LlavaCollator
     from pmod.data.dataset import LlavaDataset
     from pmod.io.model_folder import load_model
@@ -80,32 +114,15 @@ def run(args: argparse.Namespace) -> int:
             yield {k: v.to(model.device) for k, v in batch.items()}
 
     values = layer_aranks(model, batches(), args.variant)
-    chosen = choose_layers(values, args.threshold_rank)
-    threshold = sorted(values, reverse=True)[args.threshold_rank - 1]
-    result = {
-        "model": str(args.model),
-        "samples": count,
-        "variant": args.variant,
-        "arank": values,
-        "threshold_rank": args.threshold_rank,
-        "threshold": threshold,
-        "mod_layers": chosen,
-        "bad_samples": len(dataset.bad_samples),
-    }
-    if plot_file is not None:
-        result["plot"] = str(plot_arank(values, threshold, chosen, plot_file))
-    if out_file is not None:
-        atomic_write_json(out_file, result)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"ARank ({args.variant}) over {count} samples of {args.data}; head dim bounds it")
+    return values, count, len(dataset.bad_samples)  # bad samples are found while the batches are read
+
+
+def print_table(result: dict, data: str, plot_file: Path | None) -> None:
+    """The per-layer values and which layers gamma-MoD would convert, as text; the plot's path on stderr."""
+    values, chosen, rank = result["arank"], result["mod_layers"], result["threshold_rank"]
+    print(f"ARank ({result['variant']}) over {result['samples']} samples of {data}; head dim bounds it")
     for i, value in enumerate(values):
         print(f"  layer {i:3d}  {value:8.2f}  {'MoD' if i in chosen else 'dense'}")
-    print(f"threshold (the {args.threshold_rank}th largest): {threshold:.2f}; MoD layers: {chosen}")
+    print(f"threshold (the {rank}th largest): {result['threshold']:.2f}; MoD layers: {chosen}")
     if plot_file is not None:
         print(f"plot: {plot_file}", file=sys.stderr)
-    return 0
-
-
-

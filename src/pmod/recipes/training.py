@@ -173,15 +173,7 @@ def _train_locked(
     model, processor = build_model(margs, method_config, config)
     if margs.lora_r:
         model = apply_lora(model, margs)
-    checkpointing = installed_name("activation_checkpointing")  # gradient_checkpointing before transformers 5.24
-    if getattr(targs, checkpointing):
-        options = f"{checkpointing}_kwargs"
-        setattr(targs, options, getattr(targs, options) or {"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    targs.remove_unused_columns = False  # the collator's keys are the model's inputs; keep image_sizes etc.
-    if not torch.cuda.is_available():
-        targs.dataloader_pin_memory = False  # pinning needs an accelerator; on a CPU it only warns
+    set_trainer_options(targs, model)
     dataset = LlavaDataset(
         dargs.data_path,
         processor,
@@ -209,6 +201,29 @@ def _train_locked(
     if trainer.args.should_save:
         clean_staging(targs.output_dir)
     trainer.train(resume_from_checkpoint=resume)
+    finish_training(trainer, processor, dataset, margs, targs)
+    return trainer
+
+
+def set_trainer_options(targs: TrainingArguments, model: nn.Module) -> None:
+    """The Trainer options this model and machine need: activation checkpointing without reentrancy (and with
+    gradients into the inputs), the collator's every key kept, and no memory pinning without an accelerator."""
+    checkpointing = installed_name("activation_checkpointing")  # gradient_checkpointing before transformers 5.24
+    if getattr(targs, checkpointing):
+        options = f"{checkpointing}_kwargs"
+        setattr(targs, options, getattr(targs, options) or {"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    targs.remove_unused_columns = False  # the collator's keys are the model's inputs; keep image_sizes etc.
+    if not torch.cuda.is_available():
+        targs.dataloader_pin_memory = False  # pinning needs an accelerator; on a CPU it only warns
+
+
+def finish_training(
+    trainer: RoutedTrainer, processor: Any, dataset: Any, margs: ModelArguments, targs: TrainingArguments
+) -> None:
+    """After training: the skipped steps reported, LoRA merged into the weights, the final model and processor
+    saved (:func:`pmod.recipes.train_output.save_final`), and the data used named."""
     skipped = trainer.skipped_report()
     if skipped and trainer.args.should_save:
         logger.warning(skipped)
@@ -219,4 +234,3 @@ def _train_locked(
     save_final(trainer, processor, targs.output_dir)
     if trainer.args.should_save:
         print(f"pmod train: data: {dataset.summary().splitlines()[0]}", file=sys.stderr)
-    return trainer

@@ -2,7 +2,7 @@
 
 LLaVA starts from a vision tower pre-trained elsewhere and keeps it frozen. Nothing pre-trained can be downloaded
 here, and a tower trained from scratch together with the language model did not learn to see within the demo's
-budget: the loss stayed at the answer priors (see ``pmod.recipes.demo``). Supervising the tower alone on per-patch
+budget: the loss stayed at the answer priors (see ``pmod.experiments.demo``). Supervising the tower alone on per-patch
 labels of the synthetic set takes under a minute and gives features in which each patch says what it shows and where,
 as a real pre-trained tower's features do. The targets:
 
@@ -34,6 +34,8 @@ from pmod.data.synth import COLORS, SHAPES, patch_labels
 TARGETS = ("shape", "color", "row", "column", "side")
 _COORDINATES = ("row", "column")
 _BACKGROUND_CLASSES = ("shape", "color", "side")  # class 0 is background
+#: Outputs of each target's head: the classes with background, one coordinate each for row and column.
+_HEAD_SIZES = {"shape": 1 + len(SHAPES), "color": 1 + len(COLORS), "row": 1, "column": 1, "side": 3}
 
 
 def _coordinate(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -136,13 +138,10 @@ def pretrain_vision_tower(
     tower, layer = _tower_and_layer(model)
     patch_size = model.config.vision_config.patch_size
     pixels, targets = load_patch_dataset(train_records, image_folder, processor, patch_size)
-    n_patches = targets["row"].shape[1]
-    side = int(round(n_patches**0.5))
-    sizes = {"shape": 1 + len(SHAPES), "color": 1 + len(COLORS), "row": 1, "column": 1, "side": 3}
-    hidden = tower.config.hidden_size
+    side = int(round(targets["row"].shape[1] ** 0.5))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    heads = nn.ModuleDict({name: nn.Linear(hidden, sizes[name]) for name in TARGETS})
+    heads = nn.ModuleDict({name: nn.Linear(tower.config.hidden_size, _HEAD_SIZES[name]) for name in TARGETS})
     params = [p for p in tower.parameters()] + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
@@ -150,24 +149,12 @@ def pretrain_vision_tower(
     tower.train()
     for p in tower.parameters():
         p.requires_grad_(True)
-    # Most patches are background: weigh it down so the few shape patches drive the shape and colour heads.
-    weights = {name: None for name in TARGETS}
-    for name in _BACKGROUND_CLASSES:
-        weights[name] = torch.ones(sizes[name])
-        weights[name][0] = background_weight
+    weights = _class_weights(background_weight)
     history = []
     bar = tqdm(range(steps), desc="vision tower pre-training", disable=not progress)
     for step in bar:
         index = torch.randint(len(pixels), (min(batch_size, len(pixels)),), generator=generator)
-        features = _patch_features(tower, layer, pixels[index])
-        loss = sum(
-            nn.functional.mse_loss(head(features).squeeze(-1), _coordinate(targets[name][index], side))
-            if name in _COORDINATES
-            else nn.functional.cross_entropy(
-                head(features).flatten(0, 1), targets[name][index].flatten(), weight=weights[name]
-            )
-            for name, head in heads.items()
-        )
+        loss = _patch_loss(heads, _patch_features(tower, layer, pixels[index]), targets, index, weights, side)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -179,3 +166,33 @@ def pretrain_vision_tower(
         pixels, targets = load_patch_dataset(eval_records, image_folder, processor, patch_size)
     return {"loss": history, "accuracy": patch_accuracy(model, heads, pixels, targets)}
 
+
+def _class_weights(background_weight: float) -> dict[str, torch.Tensor | None]:
+    """Cross-entropy class weights per target: background (class 0) weighed down to ``background_weight``, since
+    most patches are background and the few shape patches should drive the shape and colour heads; None for the
+    coordinates."""
+    weights: dict[str, torch.Tensor | None] = {name: None for name in TARGETS}
+    for name in _BACKGROUND_CLASSES:
+        weights[name] = torch.ones(_HEAD_SIZES[name])
+        weights[name][0] = background_weight
+    return weights
+
+
+def _patch_loss(
+    heads: nn.ModuleDict,
+    features: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    weights: dict[str, torch.Tensor | None],
+    side: int,
+) -> torch.Tensor:
+    """The summed loss of every head on a batch (the images ``index`` of ``targets``): coordinate MSE for row and
+    column, weighted cross-entropy for the classes."""
+    return sum(
+        nn.functional.mse_loss(head(features).squeeze(-1), _coordinate(targets[name][index], side))
+        if name in _COORDINATES
+        else nn.functional.cross_entropy(
+            head(features).flatten(0, 1), targets[name][index].flatten(), weight=weights[name]
+        )
+        for name, head in heads.items()
+    )

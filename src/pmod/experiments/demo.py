@@ -46,7 +46,8 @@ class DemoSettings:
     vision_hidden: int = 128
     vision_layers: int = 3
     vision_feature_layer: int = -2  # LLaVA's choice: the second-to-last tower layer
-    vision_pretrain_steps: int = 300  # per-patch pre-training of the tower (pmod.recipes.vision_pretrain), then frozen
+    # per-patch pre-training of the tower (pmod.experiments.vision_pretrain), then frozen
+    vision_pretrain_steps: int = 300
     steps: int = 250
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -172,7 +173,7 @@ def _run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
 
     from pmod.core.errors import UserError
     from pmod.core.files import atomic_write_json
-    from pmod.recipes.demo_runs import (
+    from pmod.experiments.demo_runs import (
         build_base_model,
         evaluate,
         make_data,
@@ -200,7 +201,7 @@ def _run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
         results[name]["train_seconds"] = runs[name]["seconds"]
     seeds = None
     if settings.seeds > 1:
-        from pmod.recipes.demo_runs import train_more_seeds
+        from pmod.experiments.demo_runs import train_more_seeds
 
         more, failures = train_more_seeds(out, settings, test)
         if failures:
@@ -208,7 +209,7 @@ def _run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
                             f"see its log.txt under {out / 'runs'}")  # fmt: skip
         seeds = {name: {settings.seed: results[name], **{r["seed"]: r for r in more.values() if r["variant"] == name}}
                  for name in settings.variants}  # fmt: skip
-    from pmod.recipes.demo_report import write_report
+    from pmod.experiments.demo_report import write_report
 
     report = write_report(out, settings, runs, results, data, test, vision, seeds)
     report["total_seconds"] = round(time.time() - started, 1)

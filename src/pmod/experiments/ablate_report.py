@@ -18,9 +18,9 @@ from pmod.analysis import plots as plotting
 from pmod.core import schedules
 from pmod.core.config import method_class
 from pmod.core.files import atomic_write_text
-from pmod.recipes.ablate_variants import GROUPS, VARIANTS, Workload
-from pmod.recipes.demo import DemoSettings
-from pmod.recipes.demo_report import prior_baseline
+from pmod.experiments.ablate_variants import GROUPS, VARIANTS, Workload
+from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo_report import prior_baseline
 
 #: The p-MoD vs dense gap the demo aims for (points): p-MoD at most this far below dense.
 GAP_GOAL = 2.0
@@ -317,74 +317,28 @@ def write_report(
     """Plots, report.md and the report dict. ``workers``: units that ran side by side; ``elapsed``: seconds the
     run took up to the report (``resumed``: this invocation's, which skipped finished units); ``test``: the held-out
     questions (for the answer-prior baseline)."""
-    task = settings.task
     rows = summarize(settings, results, failures, latency)
-    plots = {"accuracy_vs_tflops": plot_accuracy_vs_cost(rows, out / "accuracy_vs_tflops.png").name}
-    curves = mean_loss_curves(settings, results)
-    if curves:
-        plots["loss"] = plotting.plot_loss_curves(curves, out / "loss.png").name
-    budget = f"{task.steps} steps of batch {task.batch_size}"
+    plots = report_plots(out, settings, results, rows)
+    budget = f"{settings.task.steps} steps of batch {settings.task.batch_size}"
     md_table = table(rows)
-    per_seed = ["| row | " + " | ".join(f"seed {s}" for s in settings.seeds) + " |",
-                "|" + "---|" * (len(settings.seeds) + 1)]  # fmt: skip
-    for r in rows.values():
-        per_seed.append(f"| {r['label']} | " + " | ".join(
-            f"{r['accuracy'][s]:.3f}" if s in r["accuracy"] else "-" for s in settings.seeds) + " |")  # fmt: skip
     prior = prior_baseline(out / "data", test)
-    demo_layers = DemoSettings().layers
-    layers_note = (f"; the demo's decoder has {demo_layers} layers, fewer here fit every row and seed in time"
-                   if task.layers != demo_layers else "")  # fmt: skip
     smoke = ["**A `--quick` smoke run: tiny model and budget. Its numbers test the machinery and say nothing about the "
              "methods.**", ""] if settings.quick else []  # fmt: skip
-    nonfinite = sum(r.get("nonfinite_loss_steps", 0) for r in rows.values())
-    bad_weights = sum(r.get("nonfinite_parameters", 0) for r in rows.values())
     md = [
         "# pmod ablate report",
         "",
         *smoke,
-        f"Task: {task.task_summary()}; {workload.n_vision} vision and {workload.n_text} text tokens per prompt. "
-        "Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size "
-        f"{task.hidden}{layers_note}, tower pre-trained on per-patch labels for {task.vision_pretrain_steps} steps "
-        "and frozen). "
-        f"Every row: {budget}, learning rate {task.learning_rate}, the same data and seeds {settings.seeds}. A seed "
-        "sets the projector's, decoder's and routers' initialisation and the data order; data, tower and test "
-        f"questions are shared. Accuracy: exact match of the first answer word on {len(test)} held-out "
-        f"image questions; answering each question with its most frequent training answer, without the image, "
-        f"scores {prior:.3f}. Small models on a synthetic task: the rows' order is evidence about the methods at this "
-        "scale, not a reproduction of the papers' numbers.",
+        setup_paragraph(settings, workload, budget, prior, len(test)),
         "",
         md_table,
         "",
-        "Accuracy differences are in points, paired by seed (mean ± sd over seeds); **bold**: larger than the seed "
-        "spread. TFLOPs and KV are analytic (`pmod flops`, one prompt, fp32) as a share of dense; prefill latency "
-        "is measured on this machine for the first seed's models (median of 7 forwards of 16 test prompts, the "
-        "rows taking turns), as a ratio to dense. Train s: mean wall time of a seed's training, "
-        + (f"{workers} units running side by side" if workers > 1 else "one unit at a time")
-        + "; in brackets its CPU time (the wall time without other jobs' share of the cores). "
-        + f"The whole run took {elapsed / 60:.1f} minutes on this machine"
-        + (" (this invocation; the run was resumed)." if resumed else "."),
+        method_paragraph(workers, elapsed, resumed),
         "",
-        "## What each row says",
-        "",
-        *row_sentences(rows),
-        "",
-        gap_statement(rows, budget),
-        "",
-        f"NaN/Inf: {nonfinite} training step(s) had a non-finite loss (skipped and counted, not fatal); "
-        f"{bad_weights} trained model(s) ended with non-finite weights.",
-        "",
-        "## Accuracy per seed",
-        "",
-        *per_seed,
-        "",
-        "## Budgets",
-        "",
-        *budgets_md(rows, workload),
-        "",
-        "## What the rows mean",
-        "",
-        *[f"- **{VARIANTS[n].label}** (`{n}`): {VARIANTS[n].meaning}" for n in settings.variants],
-        "",
+        *findings_lines(rows, budget),
+        *per_seed_lines(rows, settings.seeds),
+        *["## Budgets", "", *budgets_md(rows, workload), ""],
+        *["## What the rows mean", "", *[f"- **{VARIANTS[n].label}** (`{n}`): {VARIANTS[n].meaning}"
+                                         for n in settings.variants], ""],  # fmt: skip
         *(["## Failed units", "", *[f"- {k}: {v}" for k, v in failures.items()], ""] if failures else []),
         "## Plots",
         "",
@@ -404,3 +358,67 @@ def write_report(
         "plots": plots,
         "table": md_table,
     }
+
+
+def report_plots(out: Path, settings: Any, results: dict[str, dict], rows: dict[str, dict]) -> dict[str, str]:
+    """Accuracy against cost, and the mean loss curves of the trained rows (when any logged a loss), written into
+    ``out``; returns their file names."""
+    plots = {"accuracy_vs_tflops": plot_accuracy_vs_cost(rows, out / "accuracy_vs_tflops.png").name}
+    curves = mean_loss_curves(settings, results)
+    if curves:
+        plots["loss"] = plotting.plot_loss_curves(curves, out / "loss.png").name
+    return plots
+
+
+def setup_paragraph(settings: Any, workload: Workload, budget: str, prior: float, n_test: int) -> str:
+    """The task, the model, the budget and seeds every row shares, how accuracy is scored, and the answer-prior
+    baseline."""
+    task = settings.task
+    demo_layers = DemoSettings().layers
+    layers_note = (f"; the demo's decoder has {demo_layers} layers, fewer here fit every row and seed in time"
+                   if task.layers != demo_layers else "")  # fmt: skip
+    return (
+        f"Task: {task.task_summary()}; {workload.n_vision} vision and {workload.n_text} text tokens per prompt. "
+        f"Model: the demo's small LLaVA ({task.layers}-layer Llama decoder of hidden size "
+        f"{task.hidden}{layers_note}, tower pre-trained on per-patch labels for {task.vision_pretrain_steps} steps "
+        "and frozen). "
+        f"Every row: {budget}, learning rate {task.learning_rate}, the same data and seeds {settings.seeds}. A seed "
+        "sets the projector's, decoder's and routers' initialisation and the data order; data, tower and test "
+        f"questions are shared. Accuracy: exact match of the first answer word on {n_test} held-out "
+        f"image questions; answering each question with its most frequent training answer, without the image, "
+        f"scores {prior:.3f}. Small models on a synthetic task: the rows' order is evidence about the methods at this "
+        "scale, not a reproduction of the papers' numbers."
+    )
+
+
+def method_paragraph(workers: int, elapsed: float, resumed: bool) -> str:
+    """How differences, costs, latency and training time are measured, and how long the run took."""
+    return (
+        "Accuracy differences are in points, paired by seed (mean ± sd over seeds); **bold**: larger than the seed "
+        "spread. TFLOPs and KV are analytic (`pmod flops`, one prompt, fp32) as a share of dense; prefill latency "
+        "is measured on this machine for the first seed's models (median of 7 forwards of 16 test prompts, the "
+        "rows taking turns), as a ratio to dense. Train s: mean wall time of a seed's training, "
+        + (f"{workers} units running side by side" if workers > 1 else "one unit at a time")
+        + "; in brackets its CPU time (the wall time without other jobs' share of the cores). "
+        + f"The whole run took {elapsed / 60:.1f} minutes on this machine"
+        + (" (this invocation; the run was resumed)." if resumed else ".")
+    )
+
+
+def findings_lines(rows: dict[str, dict], budget: str) -> list[str]:
+    """The "What each row says" section: a sentence per row, the p-MoD gap, and the non-finite counts."""
+    nonfinite = sum(r.get("nonfinite_loss_steps", 0) for r in rows.values())
+    bad_weights = sum(r.get("nonfinite_parameters", 0) for r in rows.values())
+    return ["## What each row says", "", *row_sentences(rows), "", gap_statement(rows, budget), "",
+            f"NaN/Inf: {nonfinite} training step(s) had a non-finite loss (skipped and counted, not fatal); "
+            f"{bad_weights} trained model(s) ended with non-finite weights.", ""]  # fmt: skip
+
+
+def per_seed_lines(rows: dict[str, dict], seeds: list[int]) -> list[str]:
+    """The "Accuracy per seed" section: one table line per row, "-" where a seed has no result."""
+    lines = ["## Accuracy per seed", "", "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|" + "---|" * (len(seeds) + 1)]  # fmt: skip
+    for r in rows.values():
+        lines.append(f"| {r['label']} | " + " | ".join(
+            f"{r['accuracy'][s]:.3f}" if s in r["accuracy"] else "-" for s in seeds) + " |")  # fmt: skip
+    return lines + [""]

@@ -1,14 +1,14 @@
 """`pmod ablate`: the papers' comparisons on the demo's synthetic task, every variant trained with the same data,
 tower, steps and seeds, side by side, and reported with the spread over seeds.
 
-Rows (``pmod.recipes.ablate_variants``): dense; vanilla MoD at p-MoD's TFLOPs; p-MoD's component ladder (MoD ->
+Rows (``pmod.experiments.ablate_variants``): dense; vanilla MoD at p-MoD's TFLOPs; p-MoD's component ladder (MoD ->
 +TanhNorm alpha 1 and 0.2 -> +STRing -> +PRD); the schedule shapes at p-MoD's mean retention (constant, linear,
 cosine = PRD); gamma-MoD with ARank-chosen layers; the training-free rows on the trained dense model: FastV,
 PyramidDrop and DART at p-MoD's TFLOPs, and PyramidDrop and DART at their papers' own settings.
 
 Steps: synthetic data and the pre-trained tower (as ``pmod demo``) -> one base model per seed -> one unit per
-variant and seed (``pmod.recipes.ablate_runs``: trained, evaluated and written as it ends) -> prefill latency of
-the first seed's models, alternating -> ``report.md``, ``report.json`` and plots (``pmod.recipes.ablate_report``).
+variant and seed (``pmod.experiments.ablate_runs``: trained, evaluated and written as it ends) -> prefill latency of
+the first seed's models, alternating -> ``report.md``, ``report.json`` and plots (``pmod.experiments.ablate_report``).
 ``--resume DIR`` continues a run that was stopped, skipping every finished unit.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 from pmod.core.errors import UserError
 from pmod.core.files import OutputLock, atomic_write_json, check_output_folder
 from pmod.data.synth import TASKS
-from pmod.recipes.ablate_variants import VARIANTS, parse_variants
-from pmod.recipes.demo import DemoSettings
+from pmod.experiments.ablate_variants import VARIANTS, parse_variants
+from pmod.experiments.demo import DemoSettings
 
 #: The folder's record of its run: the settings, so that ``--resume`` continues the same run.
 SETTINGS_FILE = "ablate.json"
@@ -156,10 +156,10 @@ def run_ablation(out: Path, settings: AblateSettings, say=print) -> dict[str, An
 def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     import torch
 
-    from pmod.recipes.ablate_report import write_report
-    from pmod.recipes.ablate_runs import Layout, Unit, run_units, unit_workers
-    from pmod.recipes.ablate_variants import variant_configs
-    from pmod.recipes.demo_runs import make_data, seed_base_model, threads_per_worker
+    from pmod.experiments.ablate_report import write_report
+    from pmod.experiments.ablate_runs import Layout, Unit, run_units, unit_workers
+    from pmod.experiments.ablate_variants import variant_configs
+    from pmod.experiments.demo_runs import make_data, seed_base_model, threads_per_worker
 
     started = time.time()
     task, layout = settings.task, Layout(out)
@@ -200,7 +200,7 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
 def prepare_tower(folder: Path, data: Path, task: DemoSettings) -> dict[str, Any]:
     """The base model of the first seed with its tower pre-trained (as the demo does); kept once finished
     (``tower.json`` holds the pre-training result and is written last)."""
-    from pmod.recipes.demo_runs import build_base_model, pretrain_vision
+    from pmod.experiments.demo_runs import build_base_model, pretrain_vision
 
     done = folder / "tower.json"
     if done.is_file():
@@ -217,9 +217,9 @@ def prompt_workload(model_folder: Path, data: Path, test: list[dict[str, Any]]):
     """The analytic cost's workload: the language model's shape and the token counts of the first test prompt
     (as the demo's report counts them)."""
     from pmod.analysis.dims import LMDims
-    from pmod.io.loading import encode
-    from pmod.recipes.ablate_variants import Workload
-    from pmod.recipes.demo_runs import load_variant, question_and_answer, record_image
+    from pmod.experiments.ablate_variants import Workload
+    from pmod.experiments.demo_runs import load_variant, question_and_answer, record_image
+    from pmod.io.model_folder import encode
 
     model, processor = load_variant(model_folder)
     sample = encode(processor, model, [question_and_answer(test[0])[0]], [[record_image(data, test[0])]])
@@ -231,7 +231,7 @@ def measure_latency(layout, settings: AblateSettings, results: dict[str, dict], 
     """Median prefill latency (ms) of the first seed's model of every finished variant, measured in turns."""
     from pmod.core.config import method_class
     from pmod.core.convert import convert
-    from pmod.recipes.demo_runs import load_variant, measure_prefill_models
+    from pmod.experiments.demo_runs import load_variant, measure_prefill_models
 
     seed = settings.seeds[0]
     loaded = {}

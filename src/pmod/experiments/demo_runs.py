@@ -1,5 +1,5 @@
 """The steps of ``pmod demo`` that run models: the tower pre-training, the variants' training (side by side on a
-CPU), evaluation and the prefill timing. ``pmod.recipes.demo`` holds the settings and the orchestration."""
+CPU), evaluation and the prefill timing. ``pmod.experiments.demo`` holds the settings and the orchestration."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from transformers import TrainerCallback
 
 from pmod.core.config import MethodConfig
 from pmod.core.convert import is_routed_model, layer_ratios
-from pmod.recipes.demo import DemoSettings
+from pmod.experiments.demo import DemoSettings
 
 
 def pretrain_vision(base: Path, data: Path, settings: DemoSettings) -> dict[str, Any]:
     """Pre-train the base model's vision tower on per-patch labels and save it back (the stand-in for CLIP)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pmod.recipes.vision_pretrain import pretrain_vision_tower
+    from pmod.experiments.vision_pretrain import pretrain_vision_tower
 
     model = LlavaForConditionalGeneration.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
@@ -71,7 +71,7 @@ def make_data(data: Path, settings: DemoSettings) -> None:
 def build_base_model(settings: DemoSettings, seed: int) -> tuple[torch.nn.Module, Any]:
     """The demo's small LLaVA model, randomly initialised with ``seed``, and its processor."""
     from pmod.data.tokenizer import SHORT_CHAT_TEMPLATE
-    from pmod.io.small_llava import build_small_llava
+    from pmod.experiments.small_llava import build_small_llava
 
     return build_small_llava(
         num_layers=settings.layers,
@@ -157,11 +157,11 @@ def train_more_seeds(
     out: Path, settings: DemoSettings, test: list[dict[str, Any]]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """``pmod demo --seeds N``: every variant trained and evaluated again with seeds ``settings.seed + 1`` on, from
-    base models that share the first seed's pre-trained tower (``pmod.recipes.ablate_runs``: side by side, each
+    base models that share the first seed's pre-trained tower (``pmod.experiments.ablate_runs``: side by side, each
     unit written as it ends). Returns the results and the failures by unit key (``"pmod/seed1"``)."""
     import shutil
 
-    from pmod.recipes.ablate_runs import Layout, Unit, run_units, unit_workers
+    from pmod.experiments.ablate_runs import Layout, Unit, run_units, unit_workers
 
     layout = Layout(out)
     seeds = range(settings.seed + 1, settings.seed + settings.seeds)
@@ -262,7 +262,7 @@ def train_config(
 
 def load_variant(folder: Path) -> tuple[torch.nn.Module, Any]:
     """A trained variant and its processor."""
-    from pmod.io.loading import load_model
+    from pmod.io.model_folder import load_model
 
     return load_model(folder, "auto")
 
@@ -301,9 +301,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """:func:`evaluate` of a loaded model (e.g. one converted with a training-free method); ``blank_images`` asks
     every question about a blank image instead (:func:`record_image`)."""
-    from pmod.analysis.flops import estimate
+    from pmod.analysis.analytic_flops import estimate
     from pmod.data.synth import question_kind
-    from pmod.io.loading import encode
+    from pmod.io.model_folder import encode
     from pmod.recipes.generate import answer
 
     correct, per_kind = 0, {}
@@ -348,7 +348,7 @@ def measure_prefill_models(
     loaded: dict[str, tuple[torch.nn.Module, Any]], data: Path, test: list[dict[str, Any]], reps: int = 5
 ) -> dict[str, float]:
     """:func:`measure_prefill` of loaded models and their processors."""
-    from pmod.io.loading import encode
+    from pmod.io.model_folder import encode
 
     chunk = test[:16]
     inputs = {

@@ -30,9 +30,9 @@ from transformers import TrainerCallback
 from pmod.core.config import MethodConfig
 from pmod.core.errors import UserError
 from pmod.core.files import atomic_write_json
+from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo_runs import evaluate_model, load_variant, train_config
 from pmod.methods import GammaMoDConfig
-from pmod.recipes.demo import DemoSettings
-from pmod.recipes.demo_runs import evaluate_model, load_variant, train_config
 
 #: Samples ``pmod arank`` averages over for gamma-MoD's layer choice (the paper's 50).
 ARANK_SAMPLES = 50
@@ -198,10 +198,41 @@ def run_units(
     """Run every unit not finished yet (those with a ``result.json`` are read back), ``workers`` at a time with
     ``threads`` torch threads each; a unit that needs its seed's dense model waits for it. Returns the results and
     the failures (key -> message) by unit key; a failed unit is reported and the others go on."""
-    from tqdm.auto import tqdm
+    global _report_step
+    results, todo = finished_units(units, layout, settings)
+    if results:
+        say(f"resuming: {len(results)} of {len(units)} units already finished, {len(todo)} to run")
+    if not todo:
+        return results, {}
+    progress = Progress({u.key: settings.steps if u.trained else 0 for u in todo})
+    own_threads = torch.get_num_threads()
+    pool, queue = start_pool(workers, threads, progress.advance)
+    run = Scheduler(layout, settings, test, pool, workers, progress, results, len(units))
+    try:
+        while todo or run.running:
+            run.submit_ready(todo)
+            if not run.running:  # what is left waits for a dense unit this run does not have
+                run.failures.update({u.key: f"needs dense/seed{u.seed}, which this run does not train" for u in todo})
+                break
+            finished, _ = wait(list(run.running), timeout=0.5, return_when=FIRST_COMPLETED)
+            while queue is not None and not queue.empty():
+                progress.advance(*queue.get())
+            for future in finished:
+                run.collect(future)
+    finally:
+        _report_step = None
+        pool.shutdown(cancel_futures=True)
+        progress.bar.close()
+        torch.set_num_threads(own_threads)
+    return results, run.failures
 
+
+def finished_units(
+    units: list[Unit], layout: Layout, settings: DemoSettings
+) -> tuple[dict[str, dict[str, Any]], list[Unit]]:
+    """The stored results of the units that finished with these settings (their fingerprint matches), by unit key,
+    and the units still to run."""
     results: dict[str, dict[str, Any]] = {}
-    failures: dict[str, str] = {}
     todo = []
     for unit in units:
         path = layout.result(unit.variant, unit.seed)
@@ -210,75 +241,97 @@ def run_units(
             results[unit.key] = stored
         else:
             todo.append(unit)
-    if results:
-        say(f"resuming: {len(results)} of {len(units)} units already finished, {len(todo)} to run")
-    if not todo:
-        return results, failures
-    steps = {u.key: settings.steps if u.trained else 0 for u in todo}
-    bar = tqdm(total=sum(steps.values()) or len(todo), desc="training", unit="step", dynamic_ncols=True)
-    done_steps = dict.fromkeys(steps, 0)
+    return results, todo
 
-    def advance(key: str, step: int) -> None:
-        step = min(step, steps[key])
-        bar.update(step - done_steps[key])
-        done_steps[key] = step
 
+class Progress:
+    """The run's progress bar, in training steps: ``steps`` per unit key (0 for a training-free unit; when no unit
+    trains, the bar counts finished units instead)."""
+
+    def __init__(self, steps: dict[str, int]) -> None:
+        from tqdm.auto import tqdm
+
+        self.steps = steps
+        self.done = dict.fromkeys(steps, 0)
+        self.bar = tqdm(total=sum(steps.values()) or len(steps), desc="training", unit="step", dynamic_ncols=True)
+
+    def advance(self, key: str, step: int) -> None:
+        """Unit ``key`` has finished ``step`` training steps."""
+        step = min(step, self.steps[key])
+        self.bar.update(step - self.done[key])
+        self.done[key] = step
+
+    def unit_done(self, key: str) -> None:
+        """Unit ``key`` finished without training: one tick when the bar counts units."""
+        if not self.steps[key]:
+            self.bar.update(0 if any(self.steps.values()) else 1)
+
+
+def start_pool(workers: int, threads: int, advance: Callable[[str, int], None]) -> tuple[Any, Any]:
+    """Where the units run, and the queue on which worker processes report their steps (None: none needed). One
+    worker: this process, with ``threads`` torch threads; more: worker processes of ``threads`` threads each, which
+    end with this process, even on kill -9."""
     global _report_step
-    own_threads = torch.get_num_threads()
     if workers == 1:
         torch.set_num_threads(threads)
-        pool: Any = InProcess()
-        queue = None
         _report_step = advance
-    else:
-        from pmod.recipes.workers import spawn_context, worker_pool
+        return InProcess(), None
+    from pmod.recipes.workers import spawn_context, worker_pool
 
-        queue = spawn_context().Queue()
-        pool = worker_pool(workers, _init_worker, (queue, threads))  # they end with this process, even on kill -9
-    running: dict[Future, Unit] = {}
-    started = time.time()
-    try:
-        while todo or running:
-            for unit in list(todo):
-                if len(running) >= workers:
-                    break
-                dense_key = f"dense/seed{unit.seed}"
-                if unit.needs_dense and dense_key in failures:
-                    todo.remove(unit)
-                    failures[unit.key] = f"the dense model of seed {unit.seed} failed"
-                elif not unit.needs_dense or dense_key in results:
-                    todo.remove(unit)
-                    running[pool.submit(run_unit, unit, layout, settings, test)] = unit
-            if not running:  # what is left waits for a dense unit this run does not have
-                failures.update({u.key: f"needs dense/seed{u.seed}, which this run does not train" for u in todo})
+    queue = spawn_context().Queue()
+    return worker_pool(workers, _init_worker, (queue, threads)), queue
+
+
+@dataclass
+class Scheduler:
+    """The units of one run in flight: started when a worker is free (and, where a unit needs it, once its seed's
+    dense unit has finished), and collected as they end."""
+
+    layout: Layout
+    settings: DemoSettings
+    test: list[dict[str, Any]]
+    pool: Any
+    workers: int
+    progress: Progress
+    results: dict[str, dict[str, Any]]
+    n_units: int
+    failures: dict[str, str] = dataclasses.field(default_factory=dict)
+    running: dict[Future, Unit] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.time)
+
+    def submit_ready(self, todo: list[Unit]) -> None:
+        """Start the units of ``todo`` that may run now, while workers are free (removing them from ``todo``); a unit
+        whose dense model failed fails without running."""
+        for unit in list(todo):
+            if len(self.running) >= self.workers:
                 break
-            finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-            while queue is not None and not queue.empty():
-                advance(*queue.get())
-            for future in finished:
-                unit = running.pop(future)
-                advance(unit.key, steps[unit.key])
-                error = future.exception()
-                if isinstance(error, BrokenProcessPool):
-                    raise UserError(f"a worker process died while running {unit.key} (killed, or out of memory?); "
-                                    f"the finished units are kept under {layout.out / 'runs'} and a rerun skips "
-                                    "them")  # fmt: skip
-                if error is not None:
-                    failures[unit.key] = f"{type(error).__name__}: {error}"
-                    folder = layout.run(unit.variant, unit.seed)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    (folder / "error.txt").write_text(failures[unit.key] + "\n")
-                    bar.write(f"{unit.key}: FAILED ({failures[unit.key]}); see its log.txt")
-                    continue
-                results[unit.key] = result = future.result()
-                how = f"trained in {result['train_seconds']:.0f} s" if unit.trained else "training-free"
-                bar.write(f"{unit.key}: accuracy {result['accuracy']:.3f}, {how} ({len(results)}/{len(units)} units, "
-                          f"{time.time() - started:.0f} s)")  # fmt: skip
-                if not steps[unit.key]:
-                    bar.update(0 if any(steps.values()) else 1)
-    finally:
-        _report_step = None
-        pool.shutdown(cancel_futures=True)
-        bar.close()
-        torch.set_num_threads(own_threads)
-    return results, failures
+            dense_key = f"dense/seed{unit.seed}"
+            if unit.needs_dense and dense_key in self.failures:
+                todo.remove(unit)
+                self.failures[unit.key] = f"the dense model of seed {unit.seed} failed"
+            elif not unit.needs_dense or dense_key in self.results:
+                todo.remove(unit)
+                self.running[self.pool.submit(run_unit, unit, self.layout, self.settings, self.test)] = unit
+
+    def collect(self, future: Future) -> None:
+        """A finished unit: its result kept, or its failure recorded (and written to ``error.txt`` in its folder).
+        A worker process that died ends the run, in one line."""
+        unit = self.running.pop(future)
+        self.progress.advance(unit.key, self.progress.steps[unit.key])
+        error = future.exception()
+        if isinstance(error, BrokenProcessPool):
+            raise UserError(f"a worker process died while running {unit.key} (killed, or out of memory?); the "
+                            f"finished units are kept under {self.layout.out / 'runs'} and a rerun skips "
+                            "them")  # fmt: skip
+        if error is not None:
+            self.failures[unit.key] = f"{type(error).__name__}: {error}"
+            folder = self.layout.run(unit.variant, unit.seed)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "error.txt").write_text(self.failures[unit.key] + "\n")
+            self.progress.bar.write(f"{unit.key}: FAILED ({self.failures[unit.key]}); see its log.txt")
+            return
+        self.results[unit.key] = result = future.result()
+        how = f"trained in {result['train_seconds']:.0f} s" if unit.trained else "training-free"
+        self.progress.bar.write(f"{unit.key}: accuracy {result['accuracy']:.3f}, {how} ({len(self.results)}/"
+                                f"{self.n_units} units, {time.time() - self.started:.0f} s)")  # fmt: skip
+        self.progress.unit_done(unit.key)

@@ -3,7 +3,7 @@
 Every routed row is held to p-MoD's cost, so that accuracy is the only thing left to compare:
 
 * the vanilla-MoD row and the component ladder (MoD -> +TanhNorm -> +STRing) run a constant ratio on MoD's layers
-  (2..L-2), the ratio chosen so that the analytic prefill TFLOPs (:func:`pmod.analysis.flops.estimate`) come
+  (2..L-2), the ratio chosen so that the analytic prefill TFLOPs (:func:`pmod.analysis.analytic_flops.estimate`) come
   closest to p-MoD's; the last rung, +PRD, is p-MoD itself;
 * the schedule shapes (constant, linear, cosine = PRD) have p-MoD's mean retention;
 * FastV and DART keep the share of vision tokens from layer 2 on, PyramidDrop the share ``lambda`` kept at each
@@ -26,8 +26,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pmod.analysis.analytic_flops import estimate
 from pmod.analysis.dims import LMDims
-from pmod.analysis.flops import estimate
 from pmod.core import schedules
 from pmod.core.config import MethodConfig
 from pmod.core.errors import UserError
@@ -197,7 +197,7 @@ class Workload:
     def tflops(self, config: MethodConfig | None) -> float:
         """Analytic prefill TFLOPs of the language model under ``config`` (None: dense), LM head included."""
         report = estimate(self.dims, config or PModConfig(), n_vision=self.n_vision, n_text=self.n_text)
-        return (report.pmod_flops if config is not None else report.dense_flops) / 1e12
+        return (report.routed_flops if config is not None else report.dense_flops) / 1e12
 
 
 def grid_ratio(k: int, n: int, rounding: str = "floor") -> float:

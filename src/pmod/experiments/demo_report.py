@@ -12,8 +12,8 @@ import torch
 
 from pmod.analysis import plots as plotting
 from pmod.core.files import atomic_write_text
-from pmod.recipes.demo import DemoSettings
-from pmod.recipes.demo_runs import (
+from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo_runs import (
     load_variant,
     parallel_workers,
     question_and_answer,
@@ -87,7 +87,7 @@ answer priors):
   question before or after the image): it needs two hops (the colour word, then matching patches). "What shape is in
   the image?" and "Is the shape on the left or the right?" stayed at chance.
 - A tower pre-trained on per-patch labels and then frozen, as LLaVA freezes CLIP
-  (`pmod.recipes.vision_pretrain`): colour questions reached 1.00 within 100 steps. Shape-kind questions stayed near
+  (`pmod.experiments.vision_pretrain`): colour questions reached 1.00 within 100 steps. Shape-kind questions stayed near
   chance (0.41-0.43 after 300 steps): the small tower does not learn to tell outlines apart (held-out shape-kind
   accuracy on shape patches about 0.3-0.37, chance 0.25), so the demo does not ask them.
 - Position ("left or right?") questions, dense, batch 32, one or two questions per image: chance after 200 steps
@@ -105,7 +105,7 @@ answer priors):
 def seeds_section(seeds: dict[str, dict[int, dict[str, Any]]], settings: DemoSettings) -> tuple[list[str], dict]:
     """``pmod demo --seeds N``: accuracy per seed and variant, and each variant's paired gap to dense (mean and
     spread over seeds) against the 2-point goal. Returns the markdown lines and the JSON summary."""
-    from pmod.recipes.ablate_report import describe_difference, goal_clause, paired_difference
+    from pmod.experiments.ablate_report import describe_difference, goal_clause, paired_difference
 
     order = sorted({s for runs in seeds.values() for s in runs})
     kinds = sorted({k for runs in seeds.values() for r in runs.values() for k in r["per_question_kind"]})
@@ -144,9 +144,62 @@ def write_report(
 ) -> dict[str, Any]:
     """Plots, report.md and the report dict (table, per-variant results, routing analysis; with ``seeds``, the
     results of every variant per seed, the gap to dense over seeds)."""
-
     workers = parallel_workers(settings)
     plots = {"loss": plotting.plot_loss_curves({n: tuple(zip(*r["loss"])) for n, r in runs.items()}, out / "loss.png")}
+    dense = results["dense"]
+    table = results_table(results)
+    routing_md, concentration, routing_plots = routing_section(out, runs, results, data, test)
+    plots.update(routing_plots)
+    acc_gap = {n: round(100 * (r["accuracy"] - dense["accuracy"]), 1) for n, r in results.items() if n != "dense"}
+    prior = prior_baseline(data, test)
+    seeds_md, seeds_json = seeds_section(seeds, settings) if seeds else ([], None)
+    md = [
+        "# pmod demo report",
+        "",
+        setup_paragraph(settings, dense["n_vision"], len(test)),
+        "",
+        vision_paragraph(vision),
+        "",
+        table,
+        "",
+        "Accuracy difference vs dense (points): " + ", ".join(f"{n} {g:+.1f}" for n, g in acc_gap.items()),
+        "",
+        prior_paragraph(prior, dense["accuracy"]),
+        "",
+        *seeds_md,
+        cost_paragraph(workers),
+        "",
+        "Per question kind (accuracy):",
+        "",
+        *[f"- {n}: {results[n]['per_question_kind']}" for n in results],
+        routing_md,
+        *closing_lines(plots),
+    ]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    return {
+        "settings": asdict(settings),
+        "results": {n: dict(r) for n, r in results.items()},
+        "accuracy_gap_points": acc_gap,
+        "prior_baseline_accuracy": prior,
+        "parallel_workers": workers,
+        "vision_pretraining": None if vision is None else {"accuracy": vision["accuracy"], "loss": vision["loss"]},
+        "shape_concentration": concentration,
+        "loss": {n: r["loss"] for n, r in runs.items()},
+        "plots": {k: Path(p).name for k, p in plots.items()},
+        "table": table,
+        **({"seeds": seeds_json, "seeds_summary": seeds_json["summary"]} if seeds_json else {}),
+    }
+
+
+def closing_lines(plots: dict[str, Path]) -> list[str]:
+    """The report's last sections: how the task was chosen, and the plots."""
+    return ["## How the task was chosen", "", TUNING_HISTORY, "## Plots", "",
+            *[f"![{k}]({Path(p).name})" for k, p in plots.items()]]  # fmt: skip
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """The markdown table: per variant its accuracy, analytic cost, measured prefill time and training time, each
+    cost also as a share of dense's."""
     dense = results["dense"]
     header = (
         "| variant | accuracy | prefill TFLOPs | vs dense | KV bytes | vs dense | prefill ms | vs dense | train s |"
@@ -159,76 +212,87 @@ def write_report(
             f"| {r['kv_bytes']} | {r['kv_bytes'] / dense['kv_bytes']:.1%} | {r['prefill_ms']:.1f} "
             f"| {r['prefill_ms'] / dense['prefill_ms']:.2f}x | {r['train_seconds']:.0f} |"
         )
-    table = "\n".join(lines)
-    routing_md, concentration = "", {}
-    routed = [n for n in results if n != "dense"]
-    for name in routed:
-        folder = runs[name]["folder"]
+    return "\n".join(lines)
+
+
+def routing_section(
+    out: Path, runs: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]], data: Path, test: list[dict]
+) -> tuple[str, dict[str, dict], dict[str, Path]]:
+    """Per routed variant: its schedule, heatmap and kept-token overlays plotted into ``out``, and what its routers
+    learned (:func:`shape_concentration`). Returns the markdown, the concentration per variant and the plots."""
+    routing_md, concentration, plots = "", {}, {}
+    for name in (n for n in results if n != "dense"):
         plots[f"{name}_schedule"] = plotting.plot_schedule(results[name]["layer_ratios"], out / f"{name}_schedule.png")
-        model, processor = load_variant(folder)
+        model, processor = load_variant(runs[name]["folder"])
         for i, record in enumerate(test[:3]):
             routing = image_routing(model, processor, record_image(data, record), question_and_answer(record)[0])
             if i == 0:
                 plots[f"{name}_heatmap"] = plotting.plot_token_heatmap(routing, out / f"{name}_heatmap.png")
             plots[f"{name}_overlay_{i}"] = plotting.plot_kept_overlay(routing, out / f"{name}_overlay_{i}.png")
         concentration[name] = shape_concentration(model, processor, data, test)
-        deep = list(concentration[name].values())
-        lift = np.mean([d["kept_on_shape"] / max(d["base_rate"], 1e-9) for d in deep])
-        verdict = (
-            "kept tokens concentrate on the shapes" if lift > 1.2 else "kept tokens do NOT concentrate on the shapes"
-        )
-        routing_md += (
-            f"\n### {name}: what the routers learned\n\nAveraged over p-MoD layers, {verdict}: the share "
-            f"of kept tokens that touch a shape is {lift:.2f}x the share of all tokens that do.\n\n"
-            "| layer | kept tokens on a shape | shape tokens kept | tokens on a shape (base rate) |\n"
-            "|---|---|---|---|\n"
-        )
-        for layer, d in concentration[name].items():
-            routing_md += (
-                f"| {layer} | {d['kept_on_shape']:.3f} | {d['shape_tokens_kept']:.3f} | {d['base_rate']:.3f} |\n"
-            )
-    acc_gap = {n: round(100 * (results[n]["accuracy"] - dense["accuracy"]), 1) for n in routed}
-    prior = prior_baseline(data, test)
-    learned = dense["accuracy"] - prior
-    prior_md = f"Answer-prior baseline (each question's most frequent training answer, no image): {prior:.3f}. " + (
+        routing_md += concentration_md(name, concentration[name])
+    return routing_md, concentration, plots
+
+
+def concentration_md(name: str, concentration: dict[int, dict]) -> str:
+    """One routed variant's section: whether its kept tokens concentrate on the shapes, and the per-layer table."""
+    lift = np.mean([d["kept_on_shape"] / max(d["base_rate"], 1e-9) for d in concentration.values()])
+    verdict = "kept tokens concentrate on the shapes" if lift > 1.2 else "kept tokens do NOT concentrate on the shapes"
+    text = (
+        f"\n### {name}: what the routers learned\n\nAveraged over p-MoD layers, {verdict}: the share "
+        f"of kept tokens that touch a shape is {lift:.2f}x the share of all tokens that do.\n\n"
+        "| layer | kept tokens on a shape | shape tokens kept | tokens on a shape (base rate) |\n"
+        "|---|---|---|---|\n"
+    )
+    for layer, d in concentration.items():
+        text += f"| {layer} | {d['kept_on_shape']:.3f} | {d['shape_tokens_kept']:.3f} | {d['base_rate']:.3f} |\n"
+    return text
+
+
+def setup_paragraph(settings: DemoSettings, n_vision: int, n_test: int) -> str:
+    """The task, the model, how the tower was pre-trained, the training budget and how accuracy is scored."""
+    return (
+        f"Task: {settings.task_summary()}, {n_vision} vision tokens per image. Model: a small "
+        "LLaVA (ViT tower "
+        f"{settings.vision_layers} layers, 2-layer MLP projector, {settings.layers}-layer Llama decoder of hidden size "
+        f"{settings.hidden}, word-level tokenizer). No pre-trained vision tower exists here, so the tower is first "
+        f"pre-trained for {settings.vision_pretrain_steps} steps on per-patch labels of the training images "
+        "(`pmod.experiments.vision_pretrain`, a stand-in for CLIP) and then frozen, as in LLaVA's recipe; the "
+        f"projector and the decoder start from random weights. Each variant: {settings.steps} steps of batch "
+        f"{settings.batch_size}, same seed and data. Accuracy: exact match of the first answer word on {n_test} "
+        "held-out image questions."
+    )
+
+
+def vision_paragraph(vision: dict[str, Any] | None) -> str:
+    """The tower pre-training's held-out per-patch accuracy ("" without a pre-training result)."""
+    if vision is None:
+        return ""
+    acc = vision["accuracy"]
+    return (
+        "Vision tower pre-training, held-out per-patch accuracy: colour on shape patches "
+        f"{acc['color_on_object']:.3f}, shape kind on shape patches {acc['shape_on_object']:.3f}, left/right half "
+        f"on shape patches {acc['side_on_object']:.3f}, row {acc['row']:.3f}, column {acc['column']:.3f} "
+        "(coordinates rounded to a patch)."
+    )
+
+
+def prior_paragraph(prior: float, dense_accuracy: float) -> str:
+    """The answer-prior baseline, and whether the dense model is far enough above it for the comparison to say
+    anything."""
+    learned = dense_accuracy - prior
+    return f"Answer-prior baseline (each question's most frequent training answer, no image): {prior:.3f}. " + (
         f"The dense model is {100 * learned:.1f} points above it, so it uses the image."
         if learned > 0.05
         else f"The dense model is only {100 * learned:+.1f} points from it: at this training budget neither model "
         "has learned to use the image beyond answer priors, so the accuracy comparison says little about p-MoD. "
         "Train longer (`--steps`) for a meaningful comparison."
     )
-    seeds_md, seeds_json = seeds_section(seeds, settings) if seeds else ([], None)
-    vision_md = ""
-    if vision is not None:
-        acc = vision["accuracy"]
-        vision_md = (
-            "Vision tower pre-training, held-out per-patch accuracy: colour on shape patches "
-            f"{acc['color_on_object']:.3f}, shape kind on shape patches {acc['shape_on_object']:.3f}, left/right half "
-            f"on shape patches {acc['side_on_object']:.3f}, row {acc['row']:.3f}, column {acc['column']:.3f} "
-            "(coordinates rounded to a patch)."
-        )
-    md = [
-        "# pmod demo report",
-        "",
-        f"Task: {settings.task_summary()}, {results['dense']['n_vision']} vision tokens per image. Model: a small "
-        "LLaVA (ViT tower "
-        f"{settings.vision_layers} layers, 2-layer MLP projector, {settings.layers}-layer Llama decoder of hidden size "
-        f"{settings.hidden}, word-level tokenizer). No pre-trained vision tower exists here, so the tower is first "
-        f"pre-trained for {settings.vision_pretrain_steps} steps on per-patch labels of the training images "
-        "(`pmod.recipes.vision_pretrain`, a stand-in for CLIP) and then frozen, as in LLaVA's recipe; the projector "
-        f"and the decoder start from random weights. Each variant: {settings.steps} steps of batch "
-        f"{settings.batch_size}, same seed and data. Accuracy: exact match of the first answer word on {len(test)} "
-        "held-out image questions.",
-        "",
-        vision_md,
-        "",
-        table,
-        "",
-        "Accuracy difference vs dense (points): " + ", ".join(f"{n} {g:+.1f}" for n, g in acc_gap.items()),
-        "",
-        prior_md,
-        "",
-        *(seeds_md if seeds else []),
+
+
+def cost_paragraph(workers: int) -> str:
+    """How the costs were obtained, and how the variants' training shared the machine."""
+    return (
         "TFLOPs and KV bytes are analytic (`pmod flops`, fp32, one prompt); prefill ms is measured on this machine "
         "(median of 5 forwards over 16 test prompts, variants alternating). "
         + (
@@ -237,31 +301,5 @@ def write_report(
             "while the others ran."
             if workers > 1
             else "The variants trained one after the other."
-        ),
-        "",
-        "Per question kind (accuracy):",
-        "",
-        *[f"- {n}: {results[n]['per_question_kind']}" for n in results],
-        routing_md,
-        "## How the task was chosen",
-        "",
-        TUNING_HISTORY,
-        "## Plots",
-        "",
-        *[f"![{k}]({Path(p).name})" for k, p in plots.items()],
-    ]
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    serialisable = {n: {k: v for k, v in r.items()} for n, r in results.items()}
-    return {
-        "settings": asdict(settings),
-        "results": serialisable,
-        "accuracy_gap_points": acc_gap,
-        "prior_baseline_accuracy": prior,
-        "parallel_workers": workers,
-        "vision_pretraining": None if vision is None else {"accuracy": vision["accuracy"], "loss": vision["loss"]},
-        "shape_concentration": concentration,
-        "loss": {n: r["loss"] for n, r in runs.items()},
-        "plots": {k: Path(p).name for k, p in plots.items()},
-        "table": table,
-        **({"seeds": seeds_json, "seeds_summary": seeds_json["summary"]} if seeds_json else {}),
-    }
+        )
+    )
