@@ -118,6 +118,11 @@ class MethodConfig:
         """The config with everything a saved model needs made explicit (e.g. layers chosen from a file)."""
         return self
 
+    def budget_knob(self) -> tuple[str, float, float] | None:
+        """The setting that moves this method's cost, and the range it may take (``field``, low, high), for
+        :func:`pmod.analysis.budget.at_budget`; None when the method has no single cost knob."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -263,7 +263,7 @@ def pdrop_at_budget(workload: Workload, reference: MethodConfig, layers: Sequenc
 
     def reaches(k: int, s: int) -> float:
         keep = min((k / n) ** (1 / s), 1.0)
-        while math.floor(n * keep**s) < k:
+        while schedules.kept_count(n, keep**s) < k:
             keep = math.nextafter(keep, 2.0)
         return keep
 

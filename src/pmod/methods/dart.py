@@ -69,6 +69,9 @@ class DARTConfig(MethodConfig):
         if self.pivots < 1 or self.text_pivots < 0:
             raise ValueError(f"DART needs pivots >= 1 and text_pivots >= 0, got {self.pivots} and {self.text_pivots}.")
 
+    def budget_knob(self) -> tuple[str, float, float] | None:
+        return ("keep", 1e-6, 1.0)
+
     def describe(self, num_layers: int) -> str:
         return f"DART K={self.layer} keep {self.keep}, {self.pivots} vision + {self.text_pivots} text pivots"
 

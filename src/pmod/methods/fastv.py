@@ -61,6 +61,9 @@ class FastVConfig(MethodConfig):
         if self.ranking not in RANKINGS:
             raise ValueError(f"FastV ranking {self.ranking!r} is unknown; choose one of {', '.join(RANKINGS)}.")
 
+    def budget_knob(self) -> tuple[str, float, float] | None:
+        return ("keep", 1e-6, 1.0)
+
     def describe(self, num_layers: int) -> str:
         ranking = "" if self.ranking == "attention" else f", {self.ranking} ranking (a control)"
         return f"FastV K={self.layer} keep {self.keep}{ranking}"

@@ -99,6 +99,9 @@ class GammaMoDConfig(MethodConfig):
             )
         return dataclasses.replace(self, layers=choose_layers(values, self.threshold_rank), arank=list(values))
 
+    def budget_knob(self) -> tuple[str, float, float] | None:
+        return ("skip_ratio", 0.0, 1.0 - 1e-6)  # on its layers, which stay as chosen (resolve ARank first)
+
     def describe(self, num_layers: int) -> str:
         return f"gamma-MoD skip {self.skip_ratio} on layers {self.mod_layers(num_layers)}"
 

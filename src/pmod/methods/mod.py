@@ -51,6 +51,9 @@ class MoDConfig(MethodConfig):
         if isinstance(self.layers, str) and self.layers not in ("deep_all", "interleave"):
             raise ValueError(f"Unknown MoD layer set {self.layers!r}; use 'deep_all', 'interleave' or a list.")
 
+    def budget_knob(self) -> tuple[str, float, float] | None:
+        return ("ratio", 1e-6, 1.0)
+
     def describe(self, num_layers: int) -> str:
         where = self.layers if isinstance(self.layers, str) else f"layers {self.layers}"
         return f"MoD constant {self.ratio} on {where}"

@@ -62,6 +62,9 @@ class PDropConfig(MethodConfig):
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"PyramidDrop keep {self.keep} is outside (0, 1]; choose the share kept per stage.")
 
+    def budget_knob(self) -> tuple[str, float, float] | None:
+        return ("keep", 1e-6, 1.0)
+
     def describe(self, num_layers: int) -> str:
         return f"PyramidDrop boundaries {self.layers} keep {self.keep} per stage"
 

@@ -84,6 +84,13 @@ class PModConfig(MethodConfig):
     def bias(self) -> float:
         return NORM_DEFAULTS[self.weight_norm][1] if self.weight_bias is None else self.weight_bias
 
+    def budget_knob(self) -> tuple[str, float, float] | None:
+        # PRD/linear shift every ratio by beta: at -1 every routed layer is clamped to min_ratio, at 1.5 every layer
+        # is at max_ratio or above (dense). The constant schedule moves its one ratio; an explicit one has no knob.
+        return {"prd": ("beta", -1.0, 1.5), "linear": ("beta", -1.0, 1.5), "constant": ("ratio", 1e-6, 1.0)}.get(
+            self.schedule
+        )
+
     def describe(self, num_layers: int) -> str:
         if self.schedule in ("prd", "linear"):
             return f"p-MoD {self.schedule} (beta {self.beta}, max ratio {self.max_ratio}, min ratio {self.min_ratio})"

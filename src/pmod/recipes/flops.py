@@ -19,6 +19,7 @@ from pmod.analysis.analytic_flops import (
     method_config_from,
     presets,
 )
+from pmod.analysis.budget import MEASURES, at_budget, cost_ratio
 from pmod.analysis.dims import vision_tokens, weight_dtype
 from pmod.core.config import DEFAULT_METHOD, MethodConfig, method_names
 from pmod.core.errors import UserError
@@ -70,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave the LM head out of the totals (it is included by default, run on every prefill token)",
     )
+    parser.add_argument("--budget", type=float, metavar="SHARE", help="set the method's cost setting (PRD's beta, "
+                        "MoD's ratio, FastV's / DART's / PyramidDrop's keep, gamma-MoD's skip ratio) so that its cost "
+                        "comes closest to this share of dense's, e.g. 0.4; prints the setting chosen")  # fmt: skip
+    parser.add_argument("--budget-measure", choices=MEASURES, default="tflops", help="what --budget is a share of: "
+                        "prefill TFLOPs (default) or KV-cache bytes")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
 
 
@@ -90,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if n_text is None:
         n_text = prompt_text_tokens(Path(args.model)) if args.model else None
         n_text = DEFAULT_TEXT_TOKENS if n_text is None else n_text
+    if args.budget is not None:
+        config = _at_budget(config, dims, args, n_vision=n_vision, n_text=n_text)
     try:
         report = estimate(
             dims,
@@ -111,6 +119,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(report, name))
     return 0
+
+
+def _at_budget(config: MethodConfig, dims: LMDims, args: argparse.Namespace, **workload: int) -> MethodConfig:
+    """``config`` with its cost setting chosen for ``--budget``; the choice is printed to stderr."""
+    knob = config.budget_knob()
+    try:
+        chosen = at_budget(config.resolved(dims.layers), dims, args.budget, measure=args.budget_measure,
+                           batch_size=args.batch_size, n_question=args.question_tokens, **workload)  # fmt: skip
+    except ValueError as err:
+        raise UserError(f"--budget {args.budget}: {err}") from None
+    share = cost_ratio(chosen, dims, args.budget_measure, batch_size=args.batch_size, n_question=args.question_tokens,
+                       **workload)  # fmt: skip
+    print(f"pmod flops: --budget {args.budget} of dense's {args.budget_measure}: {config.method} {knob[0]} = "
+          f"{getattr(chosen, knob[0]):.6g} gives {share:.4f}", file=sys.stderr)  # fmt: skip
+    return chosen
 
 
 def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | None, int, str | None]:
