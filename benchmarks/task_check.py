@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from pmod.core.convert import convert
+from pmod.experiments.ablate_variants import CHECK_KEEP
 from pmod.experiments.demo import DemoSettings, run_demo
 from pmod.experiments.demo_report import prior_baseline
 from pmod.experiments.demo_runs import evaluate_model, load_variant
@@ -26,8 +27,8 @@ from pmod.methods import FastVConfig
 ROWS = {  # row -> (training-free config on the trained dense model, blank images)
     "dense": (None, False),
     "blind": (None, True),
-    "fastv25": (FastVConfig(layer=2, keep=0.25), False),
-    "random25": (FastVConfig(layer=2, keep=0.25, ranking="random"), False),
+    "fastv25": (FastVConfig(layer=2, keep=CHECK_KEEP), False),
+    "random25": (FastVConfig(layer=2, keep=CHECK_KEEP, ranking="random"), False),
 }
 
 

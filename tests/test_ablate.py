@@ -203,7 +203,14 @@ def test_task_check_rows(run, monkeypatch):
         assert (report["rows"][name]["method"], report["rows"][name]["config"]) == (
             "fastv", {"layer": 2, "keep": 0.25, "ranking": ranking, "seed": 0})
     assert report["rows"]["check_blind"]["config"] is None
+    units = unit_results(out)
+    assert units[("check_random", 1)]["config"]["seed"] == 1  # each training seed its own draw
     model, processor = load_model(out / "runs" / "dense" / "seed0", "cpu")
+    eval_samples = json.loads((out / "ablate.json").read_text())["task"]["eval_samples"]
+    run_test = [r for r in json.loads((out / "data" / "test.json").read_text()) if r.get("image")][:eval_samples]
+    blind = demo_runs.evaluate_model(model, processor, out / "data", run_test, blank_images=True)
+    assert units[("check_blind", 0)]["per_question_kind"] == blind["per_question_kind"]  # the unit asked this way
+    assert json.loads(units[("check_blind", 0)]["fingerprint"])["blank_images"] is True
     seen = []
     real_answer = generate.answer
     monkeypatch.setattr(generate, "answer", lambda m, p, q, images, **kw: seen.extend(images) or real_answer(

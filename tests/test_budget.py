@@ -73,5 +73,9 @@ def test_flops_cli_budget(capsys: pytest.CaptureFixture[str]) -> None:
     assert abs(report["tflops_ratio"] - 0.4) < 0.002  # one of 576 tokens on 30 layers moves it ~0.0016
     assert main([*args, "--fastv-keep", str(keep)]) == 0
     assert json.loads(capsys.readouterr().out)["tflops_ratio"] == pytest.approx(report["tflops_ratio"], rel=1e-5)
+    assert main([*args, "--budget", "0.4", "--no-lm-head"]) == 0  # the budget of the totals the table shows
+    captured = capsys.readouterr()
+    share = float(captured.err.split(" gives ")[1])
+    assert json.loads(captured.out)["tflops_ratio"] == pytest.approx(share, abs=5e-5) and abs(share - 0.4) < 0.002
     assert main([*args, "--budget", "0.01"]) == 2
     assert capsys.readouterr().err.strip().startswith("pmod flops: error: --budget 0.01: fastv reaches tflops")

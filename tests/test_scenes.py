@@ -115,7 +115,7 @@ def test_same_seed_same_bytes_and_closed_vocabulary(tmp_path: Path, scene_dir: P
     images = sorted(p.name for p in (scene_dir / "images").iterdir())
     assert images == sorted(p.name for p in (again / "images").iterdir())
     assert all((again / "images" / n).read_bytes() == (scene_dir / "images" / n).read_bytes() for n in images)
-    tokenizer = build_word_tokenizer(synth.vocabulary())
+    tokenizer = build_word_tokenizer(synth.vocabulary("scenes"))
     texts = [t["value"].replace("<image>", "") for r in _records(scene_dir) for t in r["conversations"]]
     assert all(tokenizer.unk_token_id not in tokenizer(t)["input_ids"] for t in texts)
 
@@ -148,8 +148,25 @@ def test_cli_task_scenes_and_its_mistakes(tmp_path: Path, capsys: pytest.Capture
     assert main(["data", "synth", "--task", "scenes", "--out", str(tmp_path / "t"), "--n", "5",
                  "--questions", "color"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
+    assert main(["data", "synth", "--task", "scenes", "--out", str(tmp_path / "u"), "--n", "5", "--image-size",
+                 "60"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip().endswith("image_size of the scenes task must be a multiple of its 8-cell "
+                                                    "grid, got 60")  # fmt: skip
     assert err[-1].endswith(f"question_kinds must be a non-empty subset of {', '.join(scenes.QUESTION_KINDS)} (the "
                             "scenes task's kinds); got ['color']")  # fmt: skip
+
+
+def test_each_task_has_its_own_vocabulary() -> None:
+    """The shapes task's words are those of pmod 0.2 (its demo model, tokenizer and weights are built as before the
+    scenes task existed); the scenes task has its own."""
+    assert synth.vocabulary() == [
+        "?", "How", "Is", "What", "Which", "a", "are", "blue", "circle", "color", "diamond", "does", "four", "green",
+        "have", "image", "in", "is", "left", "many", "no", "on", "one", "or", "orange", "purple", "red", "right",
+        "shape", "shapes", "sides", "square", "the", "there", "three", "triangle", "two", "yellow", "yes",
+    ]  # fmt: skip
+    scene_words = set(synth.vocabulary("scenes"))
+    assert {"eight", "circles", "bottom", "row", "column", "common"} <= scene_words
+    assert not {"eight", "circles", "bottom"} & set(synth.vocabulary())
 
 
 def test_demo_task_setting_makes_its_data(tmp_path: Path) -> None:

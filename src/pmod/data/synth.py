@@ -47,8 +47,9 @@ GRID = 4  # cells per side
 MAX_SHAPES = 3
 #: Question kinds, the keys ``question_kinds`` picks from.
 QUESTION_KINDS: tuple[str, ...] = ("color", "count", "exists", "position", "shape")
-#: The synthetic tasks: ``scenes`` (:mod:`pmod.data.scenes`, cluttered scenes, the default of ``pmod demo``) and
-#: ``shapes`` (this module: 1-3 shapes, the easy task).
+#: The synthetic tasks: ``shapes`` (this module: 1-3 shapes, the easy task, the default of ``pmod demo``) and
+#: ``scenes`` (:mod:`pmod.data.scenes`: cluttered scenes, ``pmod demo --task scenes``). Each has its own vocabulary,
+#: so that a model of one task is built as it was before the other existed.
 TASKS: tuple[str, ...] = ("scenes", "shapes")
 
 TEXT_ONLY_FRACTION = 0.05
@@ -145,19 +146,22 @@ def _words(texts: list[str]) -> list[str]:
     return sorted({w for t in texts for w in _WORD_RE.findall(t)})
 
 
-def answer_vocabulary() -> list[str]:
-    """Every possible answer of either task (one word each), sorted."""
+def _task_questions(task: str) -> list[tuple[str, str]]:
     from pmod.data import scenes
 
-    return sorted({a for _, a in image_questions() + scenes.image_questions() + text_only_questions()})
+    return (scenes.image_questions() if task == "scenes" else image_questions()) + text_only_questions()
 
 
-def vocabulary() -> list[str]:
-    """Every word and punctuation mark of every possible question and answer, split like ``tokenizers``'
-    ``Whitespace`` pre-tokenizer, sorted. ``<image>`` is not included (it is a special token)."""
-    from pmod.data import scenes
+def answer_vocabulary(task: str = "shapes") -> list[str]:
+    """Every possible answer of ``task`` (one word each), sorted."""
+    return sorted({a for _, a in _task_questions(task)})
 
-    qa = image_questions() + scenes.image_questions() + text_only_questions()
+
+def vocabulary(task: str = "shapes") -> list[str]:
+    """Every word and punctuation mark of every possible question and answer of ``task`` (one of :data:`TASKS`),
+    split like ``tokenizers``' ``Whitespace`` pre-tokenizer, sorted. ``<image>`` is not included (a special
+    token)."""
+    qa = _task_questions(task)
     return _words([q for q, _ in qa] + [a for _, a in qa])
 
 
@@ -317,6 +321,11 @@ def _check_settings(
         raise ValueError(f"image_size must be >= {8 * GRID}, got {image_size}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    from pmod.data import scenes
+
+    if task == "scenes" and image_size % scenes.GRID:
+        raise ValueError(f"image_size of the scenes task must be a multiple of its {scenes.GRID}-cell grid, got "
+                         f"{image_size}")  # fmt: skip
     if not 1 <= max_shapes <= MAX_SHAPES:
         raise ValueError(f"max_shapes must be in [1, {MAX_SHAPES}], got {max_shapes}")
     if question_kinds is not None:

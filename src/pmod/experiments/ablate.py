@@ -27,6 +27,7 @@ from pmod.core.files import OutputLock, atomic_write_json, check_output_folder
 from pmod.data.synth import TASKS
 from pmod.experiments.ablate_variants import VARIANTS, parse_variants
 from pmod.experiments.demo import DemoSettings
+from pmod.methods import FastVConfig
 
 #: The folder's record of its run: the settings, so that ``--resume`` continues the same run.
 SETTINGS_FILE = "ablate.json"
@@ -63,7 +64,9 @@ class AblateSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AblateSettings:
         task = dict(data["task"])
-        task.setdefault("task", "shapes")  # a run of pmod <= 0.2 (before the scenes task) resumes on its own task
+        # A run from before the scenes task resumes on its own task; its units train again, since what a unit's
+        # result depends on (its fingerprint) now names the task and FastV's ranking.
+        task.setdefault("task", "shapes")
         task["question_kinds"] = None if task["question_kinds"] is None else tuple(task["question_kinds"])
         task["variants"] = tuple(task["variants"])
         return cls(task=DemoSettings(**task), variants=tuple(data["variants"]), quick=data["quick"],
@@ -181,8 +184,10 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     for seed in settings.seeds:
         for name in settings.variants:
             if name != "dense":
-                v = VARIANTS[name]
-                units.append(Unit(name, seed, configs[name], trained=v.trained, needs_dense=v.needs_dense,
+                v, config = VARIANTS[name], configs[name]
+                if isinstance(config, FastVConfig) and config.ranking == "random":  # each seed its own draw
+                    config = dataclasses.replace(config, seed=seed)
+                units.append(Unit(name, seed, config, trained=v.trained, needs_dense=v.needs_dense,
                                   blank_images=v.blank_images))  # fmt: skip
     workers = unit_workers(n_units)
     say(f"pmod ablate: {len(settings.variants)} variants x {task.seeds} seeds, {task.steps} steps each, {workers} "

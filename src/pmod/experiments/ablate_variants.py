@@ -164,8 +164,9 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "check_blind", "no image (blank)", "task-check",
-            "the trained dense model asked about blank images of the same background: what the questions alone "
-            "give; compare with the answer-prior baseline under the table.",
+            "the trained dense model asked about blank images of the same background: a blank image lies outside "
+            "the training data, so this may score below the answer-prior baseline that the report prints above "
+            "the table; far above it would mean the questions give the answers away.",
             trained=False, needs_dense=True, blank_images=True,
         ),
     ]

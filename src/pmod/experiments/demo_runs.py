@@ -83,6 +83,7 @@ def build_base_model(settings: DemoSettings, seed: int) -> tuple[torch.nn.Module
         vision_layers=settings.vision_layers,
         vision_feature_layer=settings.vision_feature_layer,
         chat_template=SHORT_CHAT_TEMPLATE,  # no system prompt: most of each sequence is vision tokens
+        task=settings.task,
     )
 
 

@@ -64,10 +64,11 @@ def build_small_llava(
     vision_layers: int = 2,
     vision_feature_layer: int = -2,
     chat_template: str | None = None,
+    task: str = "shapes",
 ) -> tuple[LlavaForConditionalGeneration, Any]:
     """A random LLaVA model (CLIP tower, 2-layer MLP projector, Llama decoder) and its processor, with a word-level
-    tokenizer over the synthetic shapes set's vocabulary."""
-    tokenizer = build_word_tokenizer(vocabulary())
+    tokenizer over the vocabulary of the synthetic ``task`` (:data:`pmod.data.synth.TASKS`)."""
+    tokenizer = build_word_tokenizer(vocabulary(task))
     processor = build_llava_processor(
         tokenizer, image_size=image_size, patch_size=patch_size, chat_template=chat_template
     )

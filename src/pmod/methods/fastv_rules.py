@@ -59,11 +59,13 @@ def last_token_attention(
 
 class FastVScoreRule(RoutingRule):
     """Layer K-1: runs densely and leaves the last-token attention row for the pruned layers, or, given a
-    ``random_seed``, uniform random scores (the random control: the same kept counts, no ranking)."""
+    ``random_seed``, random scores (the random control: the same kept counts, no ranking). The i-th vision token of
+    every row scores the i-th number of one uniform draw seeded with ``random_seed``, so the tokens kept depend on the
+    seed and the row's vision count only: not on the batch, the padding, the forwards before or the device."""
 
     def __init__(self, random_seed: int | None = None) -> None:
         self.random_seed = random_seed
-        self.generator: torch.Generator | None = None
+        self.draw: torch.Tensor | None = None
 
     def route(
         self,
@@ -78,14 +80,17 @@ class FastVScoreRule(RoutingRule):
                 inputs.shared[SCORES] = (
                     last_token_attention(layer, hidden, real, position_embeddings)[..., None]
                     if self.random_seed is None
-                    else self._random_scores(hidden)
+                    else self._random_scores(inputs.vision_mask)
                 )
         return None
 
-    def _random_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.generator is None or self.generator.device != hidden.device:
-            self.generator = torch.Generator(hidden.device).manual_seed(self.random_seed)
-        return torch.rand(*hidden.shape[:2], 1, generator=self.generator, device=hidden.device)
+    def _random_scores(self, vision: torch.Tensor) -> torch.Tensor:
+        length = vision.shape[1]
+        if self.draw is None or len(self.draw) < length or self.draw.device != vision.device:
+            generator = torch.Generator().manual_seed(self.random_seed)  # on the CPU: one stream on every device
+            self.draw = torch.rand(max(length, 1024), generator=generator).to(vision.device)
+        order = (vision.long().cumsum(dim=1) - 1).clamp(min=0)  # the index of each vision token in its row
+        return self.draw[order][..., None]
 
 
 class FastVPruneRule(RoutingRule):

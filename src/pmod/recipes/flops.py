@@ -124,13 +124,12 @@ def run(args: argparse.Namespace) -> int:
 def _at_budget(config: MethodConfig, dims: LMDims, args: argparse.Namespace, **workload: int) -> MethodConfig:
     """``config`` with its cost setting chosen for ``--budget``; the choice is printed to stderr."""
     knob = config.budget_knob()
+    workload.update(batch_size=args.batch_size, n_question=args.question_tokens, include_lm_head=not args.no_lm_head)
     try:
-        chosen = at_budget(config.resolved(dims.layers), dims, args.budget, measure=args.budget_measure,
-                           batch_size=args.batch_size, n_question=args.question_tokens, **workload)  # fmt: skip
+        chosen = at_budget(config.resolved(dims.layers), dims, args.budget, measure=args.budget_measure, **workload)
     except ValueError as err:
         raise UserError(f"--budget {args.budget}: {err}") from None
-    share = cost_ratio(chosen, dims, args.budget_measure, batch_size=args.batch_size, n_question=args.question_tokens,
-                       **workload)  # fmt: skip
+    share = cost_ratio(chosen, dims, args.budget_measure, **workload)
     print(f"pmod flops: --budget {args.budget} of dense's {args.budget_measure}: {config.method} {knob[0]} = "
           f"{getattr(chosen, knob[0]):.6g} gives {share:.4f}", file=sys.stderr)  # fmt: skip
     return chosen

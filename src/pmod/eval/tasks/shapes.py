@@ -46,7 +46,7 @@ SCENE_CHOICES: dict[str, list[str]] = {
 def choices(question: str, kind: str, scene: bool) -> list[str]:
     """The answers a question of ``kind`` allows, as the multiple-choice options (``scene``: a scenes set)."""
     if scene and kind == "half":
-        return next(list(pair[:2]) for words, pair in scenes.HALVES.items() if words in question)
+        return next((list(pair[:2]) for words, pair in scenes.HALVES.items() if words in question), [])
     return (SCENE_CHOICES if scene else CHOICES).get(kind, [])
 
 
