@@ -14,7 +14,7 @@ from PIL import Image
 
 from pmod.cli import main
 from pmod.core.files import LOCK_NAME, OutputLock
-from pmod.data import synth
+from pmod.data import set_swap, synth
 from pmod.data.llava_format import check_records
 from pmod.data.tokenizer import build_word_tokenizer
 
@@ -287,7 +287,7 @@ def test_kill_during_the_swap_leaves_one_whole_set(tmp_path: Path, monkeypatch: 
     synth.generate(tmp_path / "new", 16, seed=2, image_size=32)
     new = _files(tmp_path / "new")
     calls = []
-    replace = synth.os.replace
+    replace = set_swap.os.replace
 
     class Killed(BaseException):
         pass
@@ -298,9 +298,10 @@ def test_kill_during_the_swap_leaves_one_whole_set(tmp_path: Path, monkeypatch: 
             raise Killed
         replace(src, dst)
 
-    monkeypatch.setattr(synth.os, "replace", dying_replace)
-    monkeypatch.setattr(synth, "finish_interrupted_swap", lambda out: None)  # a kill runs no clean-up
-    monkeypatch.setattr(synth.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(set_swap.os, "replace", dying_replace)
+    for module in (synth, set_swap):  # a kill runs no clean-up
+        monkeypatch.setattr(module, "finish_interrupted_swap", lambda out: None)
+    monkeypatch.setattr(set_swap.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(Killed) if kill_at <= 6 else contextlib.nullcontext():
         synth.generate(out, 16, seed=2, image_size=32, overwrite=True)
     monkeypatch.undo()

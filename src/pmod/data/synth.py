@@ -15,7 +15,6 @@ patches a model keeps.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pmod.core.files import PARTIAL_SUFFIX, OutputLock, check_output_folder
+from pmod.data.set_swap import DATASET_ENTRIES, STAGING_PREFIX, entry_exists, finish_interrupted_swap, swap_in
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
@@ -299,12 +299,12 @@ def generate(
     out = check_output_folder(out_dir, "--out")
     with OutputLock(out, "pmod data synth"):
         finish_interrupted_swap(out)
-        if any(_exists(out / name) for name in DATASET_ENTRIES) and not overwrite:
+        if any(entry_exists(out / name) for name in DATASET_ENTRIES) and not overwrite:
             raise FileExistsError(f"{out} already holds a data set (train.json, test.json or images/)")
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=PARTIAL_SUFFIX, dir=out))
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=PARTIAL_SUFFIX, dir=out))
         try:
             _write_set(staging, n, seed, image_size, test_fraction, turns, max_shapes, question_kinds, task)
-            _swap_in(staging, out)
+            swap_in(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return out / "train.json", out / "test.json"
@@ -361,66 +361,6 @@ def _write_set(
     for name, part in (("train.json", records[: n - n_test]), ("test.json", records[n - n_test :])):
         # One record a line: diffable, and still a plain JSON list.
         (folder / name).write_text("[\n" + ",\n".join(json.dumps(r) for r in part) + "\n]\n", encoding="utf-8")
-
-
-# ------------------------------------------------------------------- swapping a data set into its folder
-#: A data set's entries in its folder, in the order a new set is moved in: ``train.json`` last (and out first), so
-#: a folder with a ``train.json`` holds one whole set, and one without it is known to be incomplete.
-DATASET_ENTRIES: tuple[str, ...] = ("images", "test.json", "train.json")
-_STAGING_PREFIX = ".pmod-synth."
-#: Inside the output folder while a swap is under way: the set being replaced, and (``_ALL_ASIDE``) a mark that
-#: all of it is out of the way, after which entries of the folder's set are the new one's.
-_OLD_NAME = f"{_STAGING_PREFIX}old{PARTIAL_SUFFIX}"
-_ALL_ASIDE = "all-aside"
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif _exists(path):
-        path.unlink()
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace the data set in ``out`` by the one in ``staging``: the old entries moved aside (``train.json``
-    first), the new ones moved in (``train.json`` last), the old ones deleted. Renames only, in one file system; a
-    failure on the way puts the old set back, and so does the next run after a kill (:func:`finish_interrupted_swap`).
-    """
-    old = out / _OLD_NAME
-    old.mkdir()
-    try:
-        for name in reversed(DATASET_ENTRIES):
-            if _exists(out / name):
-                os.replace(out / name, old / name)
-        (old / _ALL_ASIDE).touch()
-        for name in DATASET_ENTRIES:
-            os.replace(staging / name, out / name)
-    except BaseException:
-        finish_interrupted_swap(out)
-        raise
-    shutil.rmtree(old)
-
-
-def finish_interrupted_swap(out: str | Path) -> None:
-    """Undo what a killed :func:`generate` left in ``out``: a swap that did not reach ``train.json`` gives the
-    earlier set back (a finished one just drops it), and staging folders are removed. Run under the folder's lock."""
-    out = Path(out)
-    old = out / _OLD_NAME
-    if old.is_dir():
-        if not _exists(out / "train.json"):  # the new set was not complete: the old one comes back
-            if (old / _ALL_ASIDE).exists():
-                for name in DATASET_ENTRIES:
-                    _remove(out / name)
-            for name in DATASET_ENTRIES:
-                if _exists(old / name):
-                    os.replace(old / name, out / name)
-        shutil.rmtree(old)
-    for stale in out.glob(f"{_STAGING_PREFIX}*{PARTIAL_SUFFIX}"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def patch_labels(image: Image.Image, meta: dict[str, Any], patch_size: int, min_cover: float = 0.1) -> dict[str, Any]:
