@@ -180,7 +180,7 @@ def test_cheap_readme_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     Path("questions.jsonl").write_text('{"image": "cat.png", "prompt": "What color is the shape ?"}\n')
     run = [c for c in commands if shlex.join(c) not in NOT_RUN]
     run.sort(key=lambda c: c[:2] != ["data", "synth"])  # data check reads what data synth writes
-    assert len(run) == 9, run
+    assert len(run) == 10, run
     for argv in run:
         assert main(argv) == 0, argv
     assert Path("plots").is_dir() and any(Path("plots").iterdir())
