@@ -103,3 +103,23 @@ def test_generate_with_every_method(tmp_path, capsys, config):
     assert captured.out.strip() == direct_answer(folder, "What color is the shape ?", "red.png")
     share = float(captured.err.split("dense model:")[1].split(",")[1].split("%")[0]) / 100
     assert 0 < share < 1  # the routed layers cache fewer tokens
+
+
+def test_budget_picks_the_setting_flops_picks_and_answers_with_it(tmp_path, capsys):
+    """pmod generate --method fastv --budget: the keep that pmod flops --budget picks for the same folder and prompt
+    length, and the answer that keep gives when passed by hand."""
+    dense = tmp_path / "dense"
+    tiny_llava_folder(str(dense), num_layers=6)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    base = ["generate", "--model", str(dense), "--image", str(tmp_path / "red.png"), "--prompt",
+            "What color is the shape ?", "--max-new-tokens", "4", "--method", "fastv"]  # fmt: skip
+    assert main([*base, "--budget", "0.9"]) == 0
+    captured = capsys.readouterr()
+    keep = float(captured.err.split("fastv keep = ")[1].split()[0])
+    n_text = int(captured.err.split(" vision + ")[1].split()[0])
+    assert main(["flops", str(dense), "--method", "fastv", "--budget", "0.9", "--text-tokens", str(n_text)]) == 0
+    assert float(capsys.readouterr().err.split("fastv keep = ")[1].split()[0]) == keep
+    assert main([*base, "--fastv-keep", str(keep)]) == 0
+    assert capsys.readouterr().out == captured.out
+    assert main([*base[:-2], "--budget", "0.9"]) == 2  # no --method: nothing to set
+    assert "--budget chooses a training-free method's setting: pass --method" in capsys.readouterr().err

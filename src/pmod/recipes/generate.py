@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     method_flags.add_on_the_fly_arguments(parser)
+    parser.add_argument("--budget", type=float, metavar="SHARE", help="with --method: its setting whose analytic "
+                        "prefill TFLOPs come closest to this share of dense's for one image and --prompt (as pmod "
+                        "flops --budget); the setting chosen is printed")  # fmt: skip
 
 
 def cache_report(cache: Any) -> str:
@@ -72,6 +75,33 @@ def answer(
     return processor.batch_decode(new, skip_special_tokens=True), cache_report(cache_of(out))
 
 
+def config_at_budget(folder: Path, config: Any, budget: float, prompt: str | None) -> Any:
+    """``config`` (a training-free method's, applied on the fly) with its cost setting chosen for ``budget``, for a
+    prompt of one image and ``prompt`` in the folder's prompt format; the choice is printed to stderr."""
+    from pmod.analysis.budget import at_budget, cost_ratio
+    from pmod.analysis.dims import LMDims, vision_tokens
+    from pmod.recipes.flops import QUESTION, prompt_text_tokens
+
+    if config is None:
+        raise UserError("--budget chooses a training-free method's setting: pass --method with it (a routed folder "
+                        "runs the schedule it was trained with)")  # fmt: skip
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    per_image = vision_tokens(data)
+    if per_image is None:
+        raise UserError(f"--budget: {folder} has no vision config to count an image's tokens; drop --budget")
+    workload = {"n_vision": int(per_image[0]), "n_text": prompt_text_tokens(folder, prompt or QUESTION) or 1}
+    dims = LMDims.from_config(data)
+    try:
+        chosen = at_budget(config, dims, budget, **workload)
+    except ValueError as err:
+        raise UserError(f"--budget {budget}: {err}") from None
+    field = config.budget_knob()[0]
+    print(f"pmod generate: --budget {budget}: {config.method} {field} = {getattr(chosen, field):.6g} gives "
+          f"{cost_ratio(chosen, dims, **workload):.4f} of dense's TFLOPs ({workload['n_vision']} vision + "
+          f"{workload['n_text']} text tokens)", file=sys.stderr)  # fmt: skip
+    return chosen
+
+
 def read_batch_file(path: str) -> list[dict[str, str]]:
     records = []
     try:
@@ -101,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-size and --max-new-tokens must be at least 1.")
     method_config = method_flags.on_the_fly_config(vars(args))
     check_model_folder(args.model, "pmod generate", method_config)  # before any weight is read
+    if args.budget is not None:
+        method_config = config_at_budget(Path(args.model), method_config, args.budget, args.prompt)
     if args.prompt is not None:
         if not args.image and not args.video and not args.text_only:
             raise UserError("no --image given: pass --image FILE for a question about an image (or --video FILE), "
