@@ -9,11 +9,11 @@ tests that reach the mutated function (recorded once), so a mutant costs the fir
 interpreter importing torch and the whole test command (cosmic-ray's model); on 2 shared cores that is the
 difference between an evening and days.
 
-Scope (``MUTATE``): ``src/pmod/core/*``, ``src/pmod/methods/*``, ``src/pmod/analysis/analytic_flops.py`` and
-``src/pmod/analysis/dims.py``. mutmut 3 mutates only code inside functions and methods: module-level constants,
-class attributes and dataclass fields (the config defaults) are not mutated (``tests/test_paper_constants.py``
-pins those literally), and neither are functions with a decorator other than ``@staticmethod``/``@classmethod``
-(``@property`` ones included).
+Scope (``MUTATE``): ``src/pmod/core/*``, ``src/pmod/methods/*``, ``src/pmod/analysis/analytic_flops.py``,
+``src/pmod/analysis/dims.py`` and ``src/pmod/analysis/budget.py``. mutmut 3 mutates only code inside functions and
+methods: module-level constants, class attributes and dataclass fields (the config defaults) are not mutated
+(``tests/test_paper_constants.py`` pins those literally), and neither are functions with a decorator other than
+``@staticmethod``/``@classmethod`` (``@property`` ones included).
 
 Tests (``TESTS``): the test files that exercise these modules in-process, minus ``DESELECTED``: the tests that run
 pmod in a subprocess (a subprocess imports the unmutated package, so it could never kill a mutant and only costs
@@ -71,12 +71,19 @@ from functions import ROOT, function_of, function_source, gap_summary
 VERDICTS = Path(__file__).with_name("verdicts.json")
 RESULT = ROOT / "benchmarks" / "results" / "mutation.json"
 
-MUTATE = ["src/pmod/core/*", "src/pmod/methods/*", "src/pmod/analysis/analytic_flops.py", "src/pmod/analysis/dims.py"]
+MUTATE = [
+    "src/pmod/core/*",
+    "src/pmod/methods/*",
+    "src/pmod/analysis/analytic_flops.py",
+    "src/pmod/analysis/dims.py",
+    "src/pmod/analysis/budget.py",
+]
 
 #: The tests written to kill survivors. Named up front (an empty placeholder in the work copy until they exist):
 #: mutmut resets every result when its test selection changes, so adding them later must not change it.
 MUTANT_TESTS = [
-    f"tests/test_mutants_{name}.py" for name in ("core", "layer", "methods", "accounting", "config", "io", "plan")
+    f"tests/test_mutants_{name}.py"
+    for name in ("core", "layer", "methods", "accounting", "config", "io", "plan", "rules")
 ]
 
 TESTS = [
@@ -84,7 +91,7 @@ TESTS = [
     for name in (
         "schedule layer cache methods gamma_mod fastv packed_attention flops paper_constants positions second_checks "
         "reference_checks convert backbones files train train_faults cli_methods generate import_llava static_compile "
-        "count_ops pdrop dart"
+        "count_ops pdrop dart budget"
     ).split()
 ] + MUTANT_TESTS
 

@@ -1,0 +1,160 @@
+"""Tests written to kill the mutants that survived the rest of the suite in the training-free methods' run-time
+rules (``pmod.methods.fastv_rules``, ``pdrop_rules``, ``dart_rules``) and the budget knob (``pmod.analysis.budget``;
+see ``benchmarks/mutation/run_mutation.py``). Expected values are worked out by hand in the comments, never read back
+from the code under test."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pmod
+from pmod.analysis.budget import at_budget, cost_ratio
+from pmod.analysis.dims import LMDims
+from pmod.core.routed_layer import RoutingInputs
+from pmod.methods import DARTConfig, FastVConfig, PDropConfig
+from pmod.methods.fastv_rules import SCORES, FastVScoreRule, last_token_attention
+from pmod.testing import routed_batch, tiny_llama
+
+# hidden 128, 12 layers, 4 heads (and 4 KV heads) of 32, MLP 256, vocab 64; 64 vision + 16 text tokens
+DIMS = LMDims(hidden=128, layers=12, heads=4, kv_heads=4, head_dim=32, intermediate=256, vocab=64)
+WORKLOAD = {"n_vision": 64, "n_text": 16}
+
+
+def _layer_flops(k: int) -> int:
+    """Prefill FLOPs of one layer of DIMS on k tokens, by hand: q, k, v, o projections (4 * 128 wide each way),
+    QK^T and AV (2 * 4 heads * k * k * 32 each), the SwiGLU MLP (3 matmuls 128 x 256)."""
+    return k * 2 * 128 * 512 + 2 * (2 * 4 * k * k * 32) + k * 3 * 2 * 128 * 256
+
+
+# FastV K=2, keep 0.5: layers 0 and 1 see all 80 tokens, layer 1 also scores the last token's attention row (k_proj
+# over 80 tokens, q_proj of one, one QK^T row of 80), layers 2..11 see 16 text + round(64 * 0.5) = 32 vision tokens;
+# the LM head runs on all 80 tokens (2 * 80 * 128 * 64).
+SCORING = 2 * 80 * 128 * 128 + 2 * 128 * 128 + 2 * 4 * 80 * 32
+LM_HEAD = 2 * 80 * 128 * 64
+FASTV_TFLOPS = (2 * _layer_flops(80) + SCORING + 10 * _layer_flops(48) + LM_HEAD) / (12 * _layer_flops(80) + LM_HEAD)
+FASTV_KV = (2 * 80 + 10 * 48) / (12 * 80)  # KV entries per layer = tokens the layer processes
+
+
+def test_cost_ratio_measures_prefill_tflops_by_default_and_kv_bytes_on_request() -> None:
+    assert cost_ratio(FastVConfig(), DIMS, **WORKLOAD) == pytest.approx(FASTV_TFLOPS, rel=1e-12)
+    assert cost_ratio(FastVConfig(), DIMS, "tflops", **WORKLOAD) == pytest.approx(FASTV_TFLOPS, rel=1e-12)
+    assert cost_ratio(FastVConfig(), DIMS, "kv", **WORKLOAD) == pytest.approx(2 / 3, rel=1e-12)
+    assert FASTV_KV == 2 / 3 and abs(FASTV_TFLOPS - FASTV_KV) > 0.01  # the two measures tell the mutants apart
+
+
+# FastV's knob is keep in [1e-6, 1]. Cheapest: round(64e-6) = 0 vision tokens from layer 2; dearest: keep 1, all
+# 80 tokens everywhere plus layer 1's scoring row (so a little above dense's cost).
+FASTV_MIN = (2 * _layer_flops(80) + SCORING + 10 * _layer_flops(16) + LM_HEAD) / (12 * _layer_flops(80) + LM_HEAD)
+FASTV_MAX = (12 * _layer_flops(80) + SCORING + LM_HEAD) / (12 * _layer_flops(80) + LM_HEAD)
+
+
+def test_budgets_at_the_ends_of_the_reachable_range_and_within_its_tolerance() -> None:
+    """The reachable range includes its ends, and budgets up to 1e-12 outside them (a printed and re-read cost);
+    a budget 1e-9 outside is refused. The dearest budget gives keep 1.0 itself (the knob's upper bound)."""
+    assert cost_ratio(FastVConfig(keep=1e-6), DIMS, **WORKLOAD) == pytest.approx(FASTV_MIN, rel=1e-12)
+    assert cost_ratio(FastVConfig(keep=1.0), DIMS, **WORKLOAD) == pytest.approx(FASTV_MAX, rel=1e-12)
+    low, high = (cost_ratio(FastVConfig(keep=k), DIMS, **WORKLOAD) for k in (1e-6, 1.0))
+    assert at_budget(FastVConfig(), DIMS, high, **WORKLOAD).keep == 1.0
+    assert at_budget(FastVConfig(), DIMS, high + 1e-12, **WORKLOAD).keep == 1.0
+    for budget in (low, low - 1e-12):
+        chosen = at_budget(FastVConfig(), DIMS, budget, **WORKLOAD)
+        assert round(64 * chosen.keep) == 0 and 1e-6 <= chosen.keep <= 1.0
+    for budget in (high + 1e-9, low - 1e-9):
+        with pytest.raises(ValueError, match="fastv reaches tflops shares"):
+            at_budget(FastVConfig(), DIMS, budget, **WORKLOAD)
+
+
+def _random_scores(seed: int, vision: torch.Tensor, rule: FastVScoreRule | None = None) -> torch.Tensor:
+    """FastV's random control through its rule's ``route``, as layer K-1 runs it: scores [B, T]."""
+    rule = rule or FastVScoreRule(random_seed=seed)
+    inputs = RoutingInputs(vision_mask=vision)
+    assert rule.route(None, torch.zeros(*vision.shape, 1), inputs) is None
+    return inputs.shared[SCORES][..., 0]
+
+
+def test_random_control_draws_again_for_a_sequence_longer_than_its_draw() -> None:
+    """The i-th vision token of a row scores the i-th number of torch.rand drawn with the seed on the CPU (a draw's
+    first numbers do not depend on its length), however long the sequence: a 1,500-token row after a short one."""
+    rule = FastVScoreRule(random_seed=7)
+    draw = torch.rand(1500, generator=torch.Generator().manual_seed(7))
+    short = torch.tensor([[False, True, True, False, True]])
+    assert _random_scores(7, short, rule).tolist() == [[draw[0], draw[0], draw[1], draw[1], draw[2]]]
+    long = torch.zeros(1, 1500, dtype=torch.bool)
+    long[0, 10:] = True  # 1,490 vision tokens after 10 text tokens
+    scores = _random_scores(7, long, rule)
+    assert torch.equal(scores[0, 10:], draw[:1490]) and torch.equal(scores[0, :10], draw[0].expand(10))
+
+
+def test_a_budget_at_a_cost_step_gives_the_top_of_the_step_in_two_digits() -> None:
+    """FastV's cost moves in steps of one kept vision token: keep in [39.5/64, 40.5/64] = [0.6171875, 0.6328125]
+    keeps round(64 keep) = 40. For a budget equal to that step's cost, bisection keeps cost(cheap) <= budget, so it
+    ends on the step's top edge 0.6328125, returned with the fewest significant digits (from 2) that keep the cost:
+    0.63 (64 * 0.63 = 40.32 -> 40). At keep 0.5 (the step [31.5/64, 32.5/64] = [0.4921875, 0.5078125]) the top edge
+    gives 0.51 (32.64 -> 33, no), 0.508 (32.512 -> 33, no), 0.5078 (32.4992 -> 32)."""
+    for kept, want in ((40, 0.63), (32, 0.5078)):
+        budget = cost_ratio(FastVConfig(keep=kept / 64), DIMS, **WORKLOAD)
+        assert at_budget(FastVConfig(), DIMS, budget, **WORKLOAD).keep == want
+
+
+def test_a_knob_that_does_not_move_the_cost_stays_at_its_dearest_end() -> None:
+    """Without vision tokens FastV's keep changes nothing: every setting costs the same, and the one chosen is the
+    knob's dearest end, keep 1.0 (prune nothing when pruning gains nothing)."""
+    text_only = {"n_vision": 0, "n_text": 16}
+    budget = cost_ratio(FastVConfig(), DIMS, **text_only)
+    assert budget == cost_ratio(FastVConfig(keep=1e-6), DIMS, **text_only)
+    assert at_budget(FastVConfig(), DIMS, budget, **text_only).keep == 1.0
+
+
+def test_last_token_attention_keys_only_narrow_what_it_attends_to() -> None:
+    """``keys`` limits the tokens attended to; it never adds padding or tokens after the last real one: keys that
+    are all True give the row of keys=None. Row 0 is right-padded (2 pads), row 1 has no padding."""
+    model = tiny_llama(num_layers=2)
+    layer = model.model.layers[0]
+    hidden = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    real = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(6)[None])
+    with torch.no_grad():
+        plain = last_token_attention(layer, hidden, real, position_embeddings)
+        everything = last_token_attention(layer, hidden, real, position_embeddings, keys=torch.ones(2, 6).bool())
+    assert torch.equal(plain, everything)
+    assert plain[0, 4:].tolist() == [0.0, 0.0] and torch.allclose(plain.sum(1), torch.ones(2))
+
+
+@pytest.fixture(scope="module")
+def count_ops():
+    """``benchmarks/count_ops.py``, the op and host-sync counter (as tests/test_count_ops.py imports it)."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        yield importlib.import_module("count_ops")
+    finally:
+        sys.path.remove(benchmarks)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [FastVConfig(layer=2, keep=0.5), PDropConfig(layers=[2, 3, 4], keep=0.5), DARTConfig(layer=2, keep=0.5)],
+    ids=lambda c: c.method,
+)
+def test_given_the_counts_a_prefill_reads_nothing_back_to_the_host(config, count_ops) -> None:
+    """With the per-row vision and real counts passed in (as a compiled prefill needs), the training-free methods'
+    prefill makes no host read of its own: exactly the dense model's syncs (transformers' own). Each rule names its
+    candidates as the plan's VISION kind, whose counts the caller gave; under another kind the plan counts the
+    mask on the host, one more sync."""
+    dense = tiny_llama(num_layers=6)
+    model = pmod.convert(copy.deepcopy(dense), copy.deepcopy(config)).eval()
+    ids, am, vm = routed_batch([(5, 8, False), (3, 4, False)], "left")
+    counts = {"vision_counts": vm.sum(1).tolist(), "real_counts": am.sum(1).tolist()}
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=False, **counts)  # first-call setup
+        with count_ops.counting(model) as routed:
+            model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=False, **counts)
+        with count_ops.counting(dense) as plain:
+            dense(input_ids=ids, attention_mask=am, use_cache=False)
+    assert plain.to_dict()["syncs"] == 2 and routed.to_dict()["syncs"] == 2
