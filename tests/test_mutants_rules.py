@@ -14,10 +14,13 @@ import pytest
 import torch
 
 import pmod
+from pmod.analysis.analytic_flops import layer_cost
 from pmod.analysis.budget import at_budget, cost_ratio
 from pmod.analysis.dims import LMDims
 from pmod.core.routed_layer import RoutingInputs
 from pmod.methods import DARTConfig, FastVConfig, PDropConfig
+from pmod.methods.dart import PivotLayerPlan
+from pmod.methods.dart_rules import duplication_ranking, pivot_tokens
 from pmod.methods.fastv_rules import SCORES, FastVScoreRule, last_token_attention
 from pmod.testing import routed_batch, tiny_llama
 
@@ -158,3 +161,73 @@ def test_given_the_counts_a_prefill_reads_nothing_back_to_the_host(config, count
         with count_ops.counting(dense) as plain:
             dense(input_ids=ids, attention_mask=am, use_cache=False)
     assert plain.to_dict()["syncs"] == 2 and routed.to_dict()["syncs"] == 2
+
+
+def test_pivots_in_position_order_missing_ones_last_and_text_pivots_of_a_row_without_vision() -> None:
+    """Row 0: vision tokens at 1 and 2, three vision pivots asked (the third is missing), two text pivots among the
+    text after the last vision token (positions 3..7; position 0 is before it). Row 1: no vision token, so every real
+    token is text after it (position 7 is padding, with the largest norm)."""
+    norms = torch.tensor([[9.0, 5, 7, 1, 8, 2, 6, 3], [8, 7, 1, 2, 3, 4, 5, 9]])
+    vision = torch.zeros(2, 8, dtype=torch.bool)
+    vision[0, 1:3] = True
+    real = torch.ones(2, 8, dtype=torch.bool)
+    real[1, 7] = False
+    image, image_ok, pivots, ok = pivot_tokens(norms, vision, real, 3, 2)
+    assert image[0, :2].tolist() == [2, 1] and image_ok.tolist() == [[True, True, False], [False] * 3]
+    # row 0: vision 2 (norm 7), 1 (5); text 4 (8), 6 (6) -> position order 1, 2, 4, 6, then the missing one
+    # row 1: text 0 (8), 1 (7) -> 0, 1, then the three missing vision pivots
+    assert pivots[0, :4].tolist() == [1, 2, 4, 6] and pivots[1, :2].tolist() == [0, 1]
+    assert ok.tolist() == [[True] * 4 + [False], [True] * 2 + [False] * 3]
+
+
+def test_pivots_of_equal_norms_are_the_lowest_positions() -> None:
+    """Ties go to the lower position: 48 vision tokens (0..47) and 16 text tokens of one norm give the vision
+    pivots 0..7 and the text pivots 48..51."""
+    vision = torch.zeros(1, 64, dtype=torch.bool)
+    vision[0, :48] = True
+    image, _, pivots, ok = pivot_tokens(torch.ones(1, 64), vision, torch.ones(1, 64).bool(), 8, 4)
+    assert image.tolist() == [list(range(8))] and pivots.tolist() == [[*range(8), 48, 49, 50, 51]] and ok.all()
+
+
+def test_one_pivot_fills_the_whole_budget_taking_equally_dissimilar_tokens_by_position() -> None:
+    """32 vision tokens (0..31) and 8 text tokens; one vision pivot (position 5, the largest key norm), no text
+    pivot; keep 0.5: round(32 * 0.5) = 16 kept, the pivot and ceil((16 - 1) / 1) = 15 more. Every other token is
+    orthogonal to the pivot (similarity 0, a tie), so they are taken by position: 0..4 and 6..15, in that order."""
+    states = torch.tensor([[0.0, 1.0]]).repeat(40, 1)
+    states[5] = torch.tensor([1.0, 0.0])
+    norms = torch.ones(1, 40)
+    norms[0, 5] = 10.0
+    vision = torch.zeros(1, 40, dtype=torch.bool)
+    vision[0, :32] = True
+    ranking = duplication_ranking(states[None], norms, vision, torch.ones(1, 40).bool(), 0.5, (1, 0))
+    want = [-(p + 1.0) for p in range(5)] + [0.0] + [-float(p) for p in range(6, 16)] + [float("-inf")] * 24
+    assert ranking.tolist() == [want]
+
+
+def test_duplication_ranking_of_a_batch_is_each_row_alone() -> None:
+    """Two rows of other states, norms and vision tokens, two vision pivots and one text pivot: ranked together as
+    each alone (each row's count of tokens taken so far is its own)."""
+    gen = torch.Generator().manual_seed(0)
+    states, norms = torch.randn(2, 20, 6, generator=gen), torch.rand(2, 20, generator=gen)
+    vision = torch.zeros(2, 20, dtype=torch.bool)
+    vision[0, 2:14] = True
+    vision[1, 4:18] = True
+    real = torch.ones(2, 20, dtype=torch.bool)
+    batch = duplication_ranking(states, norms, vision, real, 0.5, (2, 1))
+    for row in range(2):
+        alone = duplication_ranking(states[row : row + 1], norms[row : row + 1], vision[row : row + 1],
+                                    real[row : row + 1], 0.5, (2, 1))  # fmt: skip
+        assert torch.equal(batch[row : row + 1], alone)
+    # ranked: the 2 vision pivots, then each of the 3 pivots ceil((kept - 2) / 3) more: row 0 keeps round(12 * 0.5)
+    # = 6 (2 + 3 * 2 = 8 ranked), row 1 round(14 * 0.5) = 7 (2 + 3 * 2 = 8 ranked)
+    assert torch.isfinite(batch).sum(1).tolist() == [8, 8]
+
+
+def test_layer_cost_adds_every_ranking_cost_a_plan_declares() -> None:
+    """A plan with the last-token row, a key projection and 3 similarity rows pays all three (toy model: hidden 8,
+    2 heads of 4, 1 KV head; t = 4 vision + 2 text = 6 tokens): 2*6*8*1*4 + 2*8*2*4 + 2*2*6*4 = 608 for the row,
+    2*6*8*1*4 = 384 for the keys, 2*3*6*8 = 288 for the similarities."""
+    toy = LMDims(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
+    plan = PivotLayerPlan(scores_last_token=True, key_projection=True, similarity_rows=3)
+    assert layer_cost(toy, 0, plan, 4, 2, 1, 2).scoring == 608 + 384 + 288
+    assert layer_cost(toy, 0, PivotLayerPlan(key_projection=True), 4, 2, 1, 2).scoring == 384
