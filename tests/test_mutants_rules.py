@@ -1,7 +1,7 @@
 """Tests written to kill the mutants that survived the rest of the suite in the training-free methods' run-time
-rules (``pmod.methods.fastv_rules``, ``pdrop_rules``, ``dart_rules``) and the budget knob (``pmod.analysis.budget``;
-see ``benchmarks/mutation/run_mutation.py``). Expected values are worked out by hand in the comments, never read back
-from the code under test."""
+rules (``pmod.methods.fastv_rules``, ``pdrop_rules``, ``dart_rules``), their configs and the budget knob
+(``pmod.analysis.budget``; see ``benchmarks/mutation/run_mutation.py``). Expected values are worked out by hand in
+the comments, never read back from the code under test."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import pmod
-from pmod.analysis.analytic_flops import layer_cost
+from pmod.analysis.analytic_flops import estimate, layer_cost
 from pmod.analysis.budget import at_budget, cost_ratio
 from pmod.analysis.dims import LMDims
 from pmod.core.routed_layer import RoutingInputs
-from pmod.methods import DARTConfig, FastVConfig, PDropConfig
+from pmod.methods import DARTConfig, FastVConfig, PDropConfig, PModConfig
 from pmod.methods.dart import PivotLayerPlan
 from pmod.methods.dart_rules import duplication_ranking, pivot_tokens
 from pmod.methods.fastv_rules import SCORES, FastVScoreRule, last_token_attention
@@ -231,3 +231,52 @@ def test_layer_cost_adds_every_ranking_cost_a_plan_declares() -> None:
     plan = PivotLayerPlan(scores_last_token=True, key_projection=True, similarity_rows=3)
     assert layer_cost(toy, 0, plan, 4, 2, 1, 2).scoring == 608 + 384 + 288
     assert layer_cost(toy, 0, PivotLayerPlan(key_projection=True), 4, 2, 1, 2).scoring == 384
+
+
+def test_method_config_bounds_at_their_edges() -> None:
+    """The smallest accepted settings are accepted and the first refused ones refused, each in one line: DART's
+    K >= 1, pivots >= 1, text_pivots >= 0, keep in (0, 1]; PyramidDrop's first boundary >= 1, keep in (0, 1]."""
+    assert DARTConfig(layer=1, pivots=1, text_pivots=0).layer == 1
+    with pytest.raises(ValueError, match=r"DART keep 0.0 is outside \(0, 1\]"):
+        DARTConfig(keep=0.0)
+    assert PDropConfig(layers=[1, 4]).layers == [1, 4]
+    with pytest.raises(ValueError, match=r"PyramidDrop keep 1.5 is outside \(0, 1\]"):
+        PDropConfig(layers=[2, 4], keep=1.5)
+
+
+@pytest.mark.parametrize("layers", [[2, 4, 9], [2, 4, 8], [8]])
+def test_pdrop_boundary_at_or_past_the_last_layer_is_refused(layers: list[int]) -> None:
+    """An 8-layer model has layers 0..7: a last boundary of 8 or 9 is named, whatever the boundaries before it."""
+    with pytest.raises(ValueError, match=f"PyramidDrop boundary layer {layers[-1]} is beyond the model's 8 layers"):
+        PDropConfig(layers=layers).layer_ratios(8)
+
+
+def test_dart_rounds_its_kept_count_in_every_pruned_layer() -> None:
+    """DART keeps round(n_vision * keep): 10 * 0.55 = 5.5 (5.500000000000001 in floats) -> 6, where floor gives 5;
+    layers 0 and 1 (K = 2) keep all 10."""
+    report = estimate(DIMS, DARTConfig(layer=2, keep=0.55), n_vision=10, n_text=4)
+    assert [c.kept_vision for c in report.routed_layers] == [10, 10] + [6] * 10
+
+
+def test_dart_names_a_decoder_without_a_final_norm() -> None:
+    with pytest.raises(TypeError, match="DART compares hidden states under the decoder's final norm; Module has no"):
+        DARTConfig().build(torch.nn.Module(), torch.nn.ModuleList(torch.nn.Identity() for _ in range(4)))
+
+
+def test_fastv_describes_its_random_control() -> None:
+    assert FastVConfig(ranking="random").describe(12) == "FastV K=2 keep 0.5, random ranking (a control)"
+    assert FastVConfig().describe(12) == "FastV K=2 keep 0.5"
+
+
+def test_pmod_budget_knob_ranges() -> None:
+    """PRD and linear move beta over [-1, 1.5] (at -1 every routed layer is clamped to min_ratio, at 1.5 each is at
+    max_ratio or above), the constant schedule its ratio over [1e-6, 1]; an explicit schedule has no knob."""
+    assert PModConfig().budget_knob() == ("beta", -1.0, 1.5)
+    assert PModConfig(schedule="linear").budget_knob() == ("beta", -1.0, 1.5)
+    assert PModConfig(schedule="constant", ratio=0.5).budget_knob() == ("ratio", 1e-6, 1.0)
+    assert PModConfig(schedule="explicit", ratios=[None, 0.5]).budget_knob() is None
+    for schedule in ("prd", "linear"):
+        low = PModConfig(schedule=schedule, beta=-1.0).layer_ratios(12)
+        high = PModConfig(schedule=schedule, beta=1.5).layer_ratios(12)
+        assert all(r == PModConfig().min_ratio for r in low if r is not None)
+        assert all(r is None or r >= PModConfig().max_ratio for r in high)
