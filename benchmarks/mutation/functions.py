@@ -8,6 +8,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: Modules renamed since older work copies were measured (current name -> name there), so that ``--previous`` finds
+#: their results: a function whose source is unchanged keeps its mutants' numbers under the new module name.
+RENAMED = {"pmod.analysis.analytic_flops": "pmod.analysis.flops", "pmod.methods.gamma_arank": "pmod.methods.arank"}
+
 
 def _functions(source: str) -> dict[str, str]:
     """Every function's and method's source in a module, by mutmut's name for it (``x_f``, ``xǁClassǁmethod``)."""
@@ -47,3 +51,34 @@ def gap_summary(names: list[str]) -> dict[str, int]:
         key = name.split(".x", 1)[0] + "." + label
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def names_before(name: str, source: str) -> list[tuple[str, str]]:
+    """(mutant name, source file) under which an older work copy may hold mutant ``name`` of ``source``: as they
+    are, then under the module's name before a rename (``RENAMED``)."""
+    found = [(name, source)]
+    for new, old in RENAMED.items():
+        if name.startswith(new + ".x"):
+            path = source.replace(new.replace(".", "/") + ".py", old.replace(".", "/") + ".py")
+            found.append((old + name[len(new) :], path))
+    return found
+
+
+def module_of(mutant: str) -> str:
+    """``pmod.core.schedules.x_kept_count__mutmut_3`` -> ``pmod.core.schedules``."""
+    return mutant.split(".x")[0]
+
+
+def short_args(argv: list[str], most: int = 12) -> list[str]:
+    """The command line as recorded in runs.json: a long list of mutant names (the not-yet-run mutants of some
+    functions, passed by name so that mutmut does not run the finished ones again) becomes a count per module."""
+    names = [a for a in argv if ".x" in a and not a.startswith("-")]
+    if len(names) <= most:
+        return argv
+    modules: dict[str, int] = {}
+    for name in names:
+        modules[module_of(name)] = modules.get(module_of(name), 0) + 1
+    listed = ", ".join(f"{n} of {m}" for m, n in sorted(modules.items()))
+    summary = f"<{len(names)} mutant names: {listed}>"
+    first = argv.index(names[0])
+    return [a for a in argv[:first] if a not in names] + [summary] + [a for a in argv[first:] if a not in names]

@@ -9,11 +9,11 @@ tests that reach the mutated function (recorded once), so a mutant costs the fir
 interpreter importing torch and the whole test command (cosmic-ray's model); on 2 shared cores that is the
 difference between an evening and days.
 
-Scope (``MUTATE``): ``src/pmod/core/*``, ``src/pmod/methods/*``, ``src/pmod/analysis/analytic_flops.py`` and
-``src/pmod/analysis/dims.py``. mutmut 3 mutates only code inside functions and methods: module-level constants,
-class attributes and dataclass fields (the config defaults) are not mutated (``tests/test_paper_constants.py``
-pins those literally), and neither are functions with a decorator other than ``@staticmethod``/``@classmethod``
-(``@property`` ones included).
+Scope (``MUTATE``): ``src/pmod/core/*``, ``src/pmod/methods/*``, ``src/pmod/analysis/analytic_flops.py``,
+``src/pmod/analysis/dims.py`` and ``src/pmod/analysis/budget.py``. mutmut 3 mutates only code inside functions and
+methods: module-level constants, class attributes and dataclass fields (the config defaults) are not mutated
+(``tests/test_paper_constants.py`` pins those literally), and neither are functions with a decorator other than
+``@staticmethod``/``@classmethod`` (``@property`` ones included).
 
 Tests (``TESTS``): the test files that exercise these modules in-process, minus ``DESELECTED``: the tests that run
 pmod in a subprocess (a subprocess imports the unmutated package, so it could never kill a mutant and only costs
@@ -66,17 +66,24 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
-from functions import ROOT, function_of, function_source, gap_summary
+from functions import ROOT, function_of, function_source, gap_summary, module_of, names_before, short_args
 
 VERDICTS = Path(__file__).with_name("verdicts.json")
 RESULT = ROOT / "benchmarks" / "results" / "mutation.json"
 
-MUTATE = ["src/pmod/core/*", "src/pmod/methods/*", "src/pmod/analysis/analytic_flops.py", "src/pmod/analysis/dims.py"]
+MUTATE = [
+    "src/pmod/core/*",
+    "src/pmod/methods/*",
+    "src/pmod/analysis/analytic_flops.py",
+    "src/pmod/analysis/dims.py",
+    "src/pmod/analysis/budget.py",
+]
 
 #: The tests written to kill survivors. Named up front (an empty placeholder in the work copy until they exist):
 #: mutmut resets every result when its test selection changes, so adding them later must not change it.
 MUTANT_TESTS = [
-    f"tests/test_mutants_{name}.py" for name in ("core", "layer", "methods", "accounting", "config", "io", "plan")
+    f"tests/test_mutants_{name}.py"
+    for name in ("core", "layer", "methods", "accounting", "config", "io", "plan", "rules")
 ]
 
 TESTS = [
@@ -84,7 +91,7 @@ TESTS = [
     for name in (
         "schedule layer cache methods gamma_mod fastv packed_attention flops paper_constants positions second_checks "
         "reference_checks convert backbones files train train_faults cli_methods generate import_llava static_compile "
-        "count_ops pdrop dart"
+        "count_ops pdrop dart budget"
     ).split()
 ] + MUTANT_TESTS
 
@@ -182,11 +189,6 @@ def confirm_dir(work: Path) -> Path:
     return work.with_name(work.name + "-confirm")
 
 
-def module_of(mutant: str) -> str:
-    """``pmod.core.schedules.x_kept_count__mutmut_3`` -> ``pmod.core.schedules``."""
-    return mutant.split(".x")[0]
-
-
 def short_diff(name: str, path: str) -> list[str]:
     """The changed lines of a mutant (``-`` original, ``+`` mutant)."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
@@ -271,10 +273,10 @@ def _copy_results(work: Path) -> tuple[dict, dict, dict]:
 
 
 def merged_results(work: Path, previous: list[Path]) -> tuple[dict, dict[str, list[str]]]:
-    """Per mutant of the current code: (baseline status, confirmed status, source file, work copy it was run in).
-    A mutant not checked in ``work`` is taken from the first ``previous`` copy that checked it, if its function's
-    source there equals the current one; else it stays not checked, listed as stale (its function changed since it
-    was measured) or unmeasured."""
+    """Per mutant of the current code: (baseline status, confirmed status, source file, work copy it was run in,
+    its name there). A mutant not checked in ``work`` is taken from the first ``previous`` copy that checked it
+    (under its module's name there: ``functions.RENAMED``), if its function's source there equals the current one;
+    else it stays not checked, listed as stale (its function changed since it was measured) or unmeasured."""
     now, baseline, confirmed = _copy_results(work)
     older = [(p, *_copy_results(p)) for p in previous]
     cache: dict = {}
@@ -282,20 +284,24 @@ def merged_results(work: Path, previous: list[Path]) -> tuple[dict, dict[str, li
     for name, (_, source) in now.items():
         status = baseline.get(name, "not checked")
         if status != "not checked":
-            merged[name] = (status, confirmed.get(name, ("",))[0], source, work)
+            merged[name] = (status, confirmed.get(name, ("",))[0], source, work, name)
             continue
         function = function_of(name)
         current = function_source(ROOT, source, cache).get(function)
-        stale = False
+        stale, found = False, None
         for root, _, old_base, old_confirmed in older:
-            if old_base.get(name, "not checked") == "not checked":
-                continue
-            if function_source(root, source, cache).get(function) == current:
-                merged[name] = (old_base[name], old_confirmed.get(name, ("",))[0], source, root)
+            for old_name, old_source in names_before(name, source):
+                if old_base.get(old_name, "not checked") == "not checked":
+                    continue
+                if function_source(root, old_source, cache).get(function) == current:
+                    found = (old_base[old_name], old_confirmed.get(old_name, ("",))[0], old_source, root, old_name)
+                else:
+                    stale = True
                 break
-            stale = True
-        else:
-            merged[name] = ("not checked", "", source, work)
+            if found:
+                break
+        merged[name] = found or ("not checked", "", source, work, name)
+        if not found:
             gaps["stale" if stale else "unmeasured"].append(name)
     return merged, gaps
 
@@ -308,15 +314,15 @@ def report(work: Path, previous: list[Path] | None = None) -> dict:
     import transformers
 
     merged, gaps = merged_results(work, previous or [])
-    baseline = {n: b for n, (b, _, _, _) in merged.items()}
+    baseline = {n: b for n, (b, *_) in merged.items()}
     verdicts = json.loads(VERDICTS.read_text()) if VERDICTS.exists() else {}
     final = dict(baseline)
     survivors = {}
-    for name, (status, confirmed, source, root) in sorted(merged.items()):
+    for name, (status, confirmed, source, root, name_there) in sorted(merged.items()):
         if status in DETECTED or status == "not checked":
             continue
         os.chdir(root)  # mutmut's diff reads its own files relative to the work copy
-        diff = short_diff(name, source)
+        diff = short_diff(name_there, source)
         entry = {"baseline": status, "diff": diff}
         if confirmed in DETECTED:
             final[name] = "killed"
@@ -369,21 +375,6 @@ def report(work: Path, previous: list[Path] | None = None) -> dict:
 
 def _runs(work: Path) -> list[dict]:
     return json.loads((work / "runs.json").read_text()) if (work / "runs.json").exists() else []
-
-
-def short_args(argv: list[str], most: int = 12) -> list[str]:
-    """The command line as recorded in runs.json: a long list of mutant names (the not-yet-run mutants of some
-    functions, passed by name so that mutmut does not run the finished ones again) becomes a count per module."""
-    names = [a for a in argv if ".x" in a and not a.startswith("-")]
-    if len(names) <= most:
-        return argv
-    modules: dict[str, int] = {}
-    for name in names:
-        modules[module_of(name)] = modules.get(module_of(name), 0) + 1
-    listed = ", ".join(f"{n} of {m}" for m, n in sorted(modules.items()))
-    summary = f"<{len(names)} mutant names: {listed}>"
-    first = argv.index(names[0])
-    return [a for a in argv[:first] if a not in names] + [summary] + [a for a in argv[first:] if a not in names]
 
 
 def run_mutmut(args: argparse.Namespace, work: Path, names: list[str]) -> None:
