@@ -215,3 +215,9 @@ def test_renumbered_positions_need_no_cache() -> None:
         assert not torch.allclose(plain, kept_positions)  # the positions differ, so do the outputs
         with pytest.raises(ValueError, match="use_cache=False"):
             model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=True)
+
+
+def test_unknown_prefill_rule_is_refused_in_one_line() -> None:
+    """A misspelt rule ('topk') used to run the top-k path without a word."""
+    with pytest.raises(ValueError, match="prefill_rule 'topk' is unknown; choose top_k or threshold."):
+        pmod.GammaMoDConfig(prefill_rule="topk")

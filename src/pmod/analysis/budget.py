@@ -68,8 +68,8 @@ def at_budget(
         middle = (cheap + dear) / 2
         cheap, dear = (middle, dear) if cost(middle) <= budget else (cheap, middle)
     best = min((cheap, dear), key=lambda v: (abs(cost(v) - budget), cost(v)))
-    # Bisection ends on the edge of a step of the cost: give the shortest value with the same cost instead, which
-    # reads well and survives being printed and typed back in.
+    # Bisection ends on the edge of a step of the cost: give that value rounded to the fewest significant digits
+    # that keep its cost instead, which reads well and survives being printed and typed back in.
     shortest = (float(f"{best:.{digits}g}") for digits in range(2, 18))
     short = next(v for v in shortest if low <= v <= high and cost(v) == cost(best))
     return with_value(short)

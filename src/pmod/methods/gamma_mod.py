@@ -86,6 +86,8 @@ class GammaMoDConfig(MethodConfig):
             raise ValueError(f"layers must be 'arank' or a list of layer indices, got {self.layers!r}.")
         if self.threshold_rank < 1:
             raise ValueError(f"threshold_rank must be >= 1, got {self.threshold_rank}.")
+        if self.prefill_rule not in ("top_k", "threshold"):
+            raise ValueError(f"prefill_rule {self.prefill_rule!r} is unknown; choose top_k or threshold.")
 
     def resolved(self, num_layers: int) -> GammaMoDConfig:
         """The config with ``layers`` chosen from ARank (read from ``arank_file`` if needed)."""
