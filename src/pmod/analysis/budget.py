@@ -12,6 +12,7 @@ met to one step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from pmod.analysis.analytic_flops import DEFAULT_TEXT_TOKENS, LMDims, estimate
@@ -56,6 +57,7 @@ def at_budget(
     def with_value(value: float) -> MethodConfig:
         return dataclasses.replace(config, **{name: value})
 
+    @functools.cache  # the bisection's ends and the rounding below ask for the same values again
     def cost(value: float) -> float:
         return cost_ratio(with_value(value), dims, measure, **workload)
 

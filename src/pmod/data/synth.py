@@ -112,14 +112,11 @@ def question_kind(question: str) -> str:
     return scenes.question_kind(text) or next((kind for kind, pattern in _KIND_PATTERNS if pattern in text), "other")
 
 
-def task_question_kinds(task: str, default: bool = False) -> tuple[str, ...]:
-    """The question kinds of ``task`` (one of :data:`TASKS`): all of them, or (``default``) those asked when
-    ``question_kinds`` is not given."""
+def task_question_kinds(task: str) -> tuple[str, ...]:
+    """The question kinds of ``task`` (one of :data:`TASKS`)."""
     from pmod.data import scenes
 
-    if task == "scenes":
-        return scenes.DEFAULT_KINDS if default else scenes.QUESTION_KINDS
-    return QUESTION_KINDS
+    return scenes.QUESTION_KINDS if task == "scenes" else QUESTION_KINDS
 
 
 def text_only_questions() -> list[tuple[str, str]]:

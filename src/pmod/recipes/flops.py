@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pmod.analysis.analytic_flops import (
     BYTES_PER_ELEMENT,
@@ -123,15 +124,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _at_budget(config: MethodConfig, dims: LMDims, args: argparse.Namespace, **workload: int) -> MethodConfig:
     """``config`` with its cost setting chosen for ``--budget``; the choice is printed to stderr."""
-    knob = config.budget_knob()
     workload.update(batch_size=args.batch_size, n_question=args.question_tokens, include_lm_head=not args.no_lm_head)
+    return settings_at_budget("pmod flops", config.resolved(dims.layers), dims, args.budget, args.budget_measure,
+                              **workload)  # fmt: skip
+
+
+def settings_at_budget(
+    command: str, config: MethodConfig, dims: LMDims, budget: float, measure: str = "tflops", **workload: Any
+) -> MethodConfig:
+    """``--budget`` of ``command``: ``config`` with its cost setting chosen by :func:`at_budget` for ``workload``
+    (``n_vision``, ``n_text``, ...), the choice printed to stderr; an unreachable budget is a one-line
+    :class:`UserError`."""
     try:
-        chosen = at_budget(config.resolved(dims.layers), dims, args.budget, measure=args.budget_measure, **workload)
+        chosen = at_budget(config, dims, budget, measure=measure, **workload)
     except ValueError as err:
-        raise UserError(f"--budget {args.budget}: {err}") from None
-    share = cost_ratio(chosen, dims, args.budget_measure, **workload)
-    print(f"pmod flops: --budget {args.budget} of dense's {args.budget_measure}: {config.method} {knob[0]} = "
-          f"{getattr(chosen, knob[0]):.6g} gives {share:.4f}", file=sys.stderr)  # fmt: skip
+        raise UserError(f"--budget {budget}: {err}") from None
+    field = config.budget_knob()[0]
+    share = cost_ratio(chosen, dims, measure, **workload)
+    print(f"{command}: --budget {budget} of dense's {measure} for {workload['n_vision']} vision + "
+          f"{workload['n_text']} text tokens: {config.method} {field} = {getattr(chosen, field):.6g} gives "
+          f"{share:.4f}", file=sys.stderr)  # fmt: skip
     return chosen
 
 

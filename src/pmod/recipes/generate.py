@@ -78,9 +78,8 @@ def answer(
 def config_at_budget(folder: Path, config: Any, budget: float, prompt: str | None) -> Any:
     """``config`` (a training-free method's, applied on the fly) with its cost setting chosen for ``budget``, for a
     prompt of one image and ``prompt`` in the folder's prompt format; the choice is printed to stderr."""
-    from pmod.analysis.budget import at_budget, cost_ratio
     from pmod.analysis.dims import LMDims, vision_tokens
-    from pmod.recipes.flops import QUESTION, prompt_text_tokens
+    from pmod.recipes.flops import QUESTION, prompt_text_tokens, settings_at_budget
 
     if config is None:
         raise UserError("--budget chooses a training-free method's setting: pass --method with it (a routed folder "
@@ -89,17 +88,9 @@ def config_at_budget(folder: Path, config: Any, budget: float, prompt: str | Non
     per_image = vision_tokens(data)
     if per_image is None:
         raise UserError(f"--budget: {folder} has no vision config to count an image's tokens; drop --budget")
-    workload = {"n_vision": int(per_image[0]), "n_text": prompt_text_tokens(folder, prompt or QUESTION) or 1}
-    dims = LMDims.from_config(data)
-    try:
-        chosen = at_budget(config, dims, budget, **workload)
-    except ValueError as err:
-        raise UserError(f"--budget {budget}: {err}") from None
-    field = config.budget_knob()[0]
-    print(f"pmod generate: --budget {budget}: {config.method} {field} = {getattr(chosen, field):.6g} gives "
-          f"{cost_ratio(chosen, dims, **workload):.4f} of dense's TFLOPs ({workload['n_vision']} vision + "
-          f"{workload['n_text']} text tokens)", file=sys.stderr)  # fmt: skip
-    return chosen
+    n_text = prompt_text_tokens(folder, prompt or QUESTION) or 1
+    return settings_at_budget("pmod generate", config, LMDims.from_config(data), budget, n_vision=int(per_image[0]),
+                              n_text=n_text)  # fmt: skip
 
 
 def read_batch_file(path: str) -> list[dict[str, str]]:

@@ -30,17 +30,19 @@ CHOICES: dict[str, list[str]] = {
     "count": list(synth.NUMBERS[1 : synth.MAX_SHAPES + 1]),
     "exists": ["yes", "no"],
 }
-#: The same for a scenes set (``pmod data synth --task scenes``); ``half`` takes the two words its question names.
-SCENE_CHOICES: dict[str, list[str]] = {
-    "count": list(scenes.NUMBERS[scenes.MIN_SHAPES : scenes.MAX_SHAPES + 1]),
-    "count_color": list(scenes.NUMBERS),
-    "count_shape": list(scenes.NUMBERS),
-    "cell": list(synth.COLORS),
-    "most_color": list(synth.COLORS),
-    "most_shape": list(synth.SHAPES),
-    "exists": ["yes", "no"],
-    "relation": ["yes", "no"],
-}
+
+
+def _scene_choices() -> dict[str, list[str]]:
+    """Per kind, the answers the scenes task's questions of that kind can have, in the generator's order; ``half``
+    is left out (its two words depend on the question, :func:`choices`)."""
+    answers: dict[str, dict[str, None]] = {}
+    for question, answer in scenes.image_questions():
+        answers.setdefault(scenes.question_kind(question), {})[answer] = None
+    return {kind: list(words) for kind, words in answers.items() if kind != "half"}
+
+
+#: The same for a scenes set (``pmod data synth --task scenes``).
+SCENE_CHOICES: dict[str, list[str]] = _scene_choices()
 
 
 def choices(question: str, kind: str, scene: bool) -> list[str]:
