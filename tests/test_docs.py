@@ -1,10 +1,11 @@
 """The README and docs/ say what the code does: generated settings tables, set-up commands, versions, links, and
-every ``pmod`` command shown parses with the command's own parser (the cheap ones of the README also run)."""
+every ``pmod`` command shown parses with the command's own parser, and every command of the README runs."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import shlex
 from pathlib import Path
@@ -150,41 +151,68 @@ def test_every_command_parses(page: Path) -> None:
             pytest.fail(f"{page.name}: `pmod {shlex.join(argv)}` does not parse (exit {stop.code})")
 
 
-#: README commands not run here, and why; every other README command runs in test_cheap_readme_commands_run.
-NOT_RUN = {
-    "demo": "7.5 minutes on 2 cores; tests/test_demo.py runs `pmod demo --quick`",
-    "demo --seeds 5": "five demos; tests/test_demo.py covers the seeds section on the quick settings",
-    "ablate": "about 25 minutes; tests/test_ablate.py runs the quick ablation",
-    "ablate --variants mod,pmod --seeds 5": "as above",
-    "ablate --resume pmod-ablate": "needs a stopped ablation; tests/test_ablate.py resumes one",
-    "train --model DIR --data-path train.json --output-dir out --stage finetune": "a training run; tests/test_train.py",
-    "train --model DIR --data-path train.json --output-dir out --stage finetune --method mod": "as above",
-    "eval --model dense-dir --model pmod-dir --tasks gqa,pope --out eval-out": "GQA and POPE come from the hub",
-}
+#: What the tests add to a README command to bound its size (the command's own flags for that): the demo and the
+#: ablation at their ``--quick`` size, shrunk further below as in tests/test_ablate.py; a training run of 2 steps;
+#: an evaluation of 8 documents per task. Nothing else is changed; ``--resume`` continues the run it names.
+SIZE_BOUNDS = {"demo": ["--quick"], "ablate": ["--quick"], "train": ["--max-steps", "2"], "eval": ["--limit", "8"]}
+#: The tests' tiny demo task and model: the quick settings of demo and ablate become these.
+TINY = dict(samples=48, image_size=32, patch_size=8, layers=4, hidden=32, vision_hidden=32, vision_layers=1,
+            vision_pretrain_steps=1, steps=1, batch_size=4, eval_samples=4)  # fmt: skip
 
 
-def test_cheap_readme_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's cheap commands, as written, on tiny model folders standing in for DIR / dense-dir /
-    path/to/model: each exits 0 (the set-up commands are .ci/run's; the rest are in NOT_RUN with the reason)."""
+def bounded(argv: list[str]) -> list[str]:
+    """``argv`` with its size bound (nothing for a ``--resume``, which runs the settings it finds)."""
+    return argv if "--resume" in argv else [*argv, *SIZE_BOUNDS.get(argv[0], [])]
+
+
+def readme_placeholders() -> None:
+    """The folders and files the README's commands name, as tiny stand-ins in the current folder."""
     from pmod import PModConfig
     from pmod.testing import tiny_llava_folder
 
-    commands = pmod_commands(README)
-    assert {shlex.join(c) for c in commands} >= set(NOT_RUN)
-    monkeypatch.chdir(tmp_path)
     tiny_llava_folder("DIR", num_layers=4, method_config=PModConfig())
     tiny_llava_folder("dense-dir", num_layers=4)
     Path("path/to").mkdir(parents=True)
-    Path("path/to/model").symlink_to(tmp_path / "DIR")
+    Path("path/to/model").symlink_to(Path.cwd() / "DIR")
     Image.new("RGB", (32, 32), (10, 10, 200)).save("cat.png")
     Path("questions.jsonl").write_text('{"image": "cat.png", "prompt": "What color is the shape ?"}\n')
-    run = [c for c in commands if shlex.join(c) not in NOT_RUN]
-    run.sort(key=lambda c: c[:2] != ["data", "synth"])  # data check reads what data synth writes
-    assert len(run) == 10, run
-    for argv in run:
-        assert main(argv) == 0, argv
-    assert Path("plots").is_dir() and any(Path("plots").iterdir())
-    assert Path("data/shapes/train.json").is_file()
+
+
+def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `pmod` command of the README, in the README's order, on tiny stand-ins for DIR / dense-dir /
+    path/to/model, with only its size bounded (SIZE_BOUNDS): each exits 0 and leaves what it promises. The
+    ablation rows are separate runs (each its own folder), except ``--resume``, which continues the first."""
+    import json
+
+    from pmod import load
+    from pmod.core.convert import get_method_config
+    from pmod.experiments.ablate import AblateSettings
+    from pmod.experiments.demo import DemoSettings
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # in this process: worker start-up costs more than these runs
+    monkeypatch.setattr(DemoSettings, "quick", classmethod(lambda cls: cls(**TINY)))
+    monkeypatch.setattr(AblateSettings, "quick_settings",
+                        classmethod(lambda cls: cls(task=DemoSettings(**TINY, seeds=1), quick=True)))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    readme_placeholders()
+    commands = pmod_commands(README)
+    # the training and eval commands read what data synth writes
+    assert [c[:2] for c in commands].index(["data", "synth"]) < [c[0] for c in commands].index("train")
+    runs = {}  # demo and ablate write ./pmod-demo, ./pmod-ablate: each command runs in its own folder
+    for i, argv in enumerate(commands):
+        if argv[0] in ("demo", "ablate") and "--resume" not in argv:
+            runs[shlex.join(argv)] = tmp_path / f"run{i}"
+            runs[shlex.join(argv)].mkdir()
+        monkeypatch.chdir(runs["ablate"] if "--resume" in argv else runs.get(shlex.join(argv), tmp_path))
+        assert main(bounded(argv)) == 0, argv
+    monkeypatch.chdir(tmp_path)
+    assert get_method_config(load("pmod-dir")).method == "pmod" and get_method_config(load("mod-dir")).method == "mod"
+    ablate = json.loads((runs["ablate"] / "pmod-ablate" / "report.json").read_text())
+    some = json.loads((runs["ablate --variants mod,pmod --seeds 5"] / "pmod-ablate" / "report.json").read_text())
+    assert ablate["settings"]["task"]["layers"] == TINY["layers"] and ablate["settings"]["task"]["seeds"] == 1
+    assert some["settings"]["variants"] == ["dense", "mod", "pmod"] and some["settings"]["task"]["seeds"] == 5
+    assert json.loads((runs["demo --seeds 5"] / "pmod-demo" / "report.json").read_text())["settings"]["seeds"] == 5
+    assert any(Path("plots").iterdir()) and any(Path("eval-out").iterdir())
 
 
 def test_examples_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -330,6 +330,23 @@ def test_stage2_trains_other_methods(
     assert routers and all("router" in k for k in routers)
 
 
+def test_a_routed_folder_keeps_its_routing_or_refuses_another(train_setup: dict[str, str], tmp_path: Path) -> None:
+    """Stage 2 from a p-MoD folder goes on with its p-MoD routing; asking for MoD (or dense) there is refused in one
+    line instead of training p-MoD under a --method mod command (what it did before)."""
+    import pmod
+
+    first = tmp_path / "pmod"
+    train(*parse_args(train_argv(train_setup, first, "--max-steps", "1")))
+    routed = {**train_setup, "model": str(first)}
+    for flags, asked in ((("--method", "mod"), "MoDConfig"), (("--method", "dense"), "a dense model"),
+                         (("--pmod-max-ratio", "0.5"), "max_ratio=0.5")):  # fmt: skip
+        with pytest.raises(TrainError, match=f"is already a pmod model, but this run asks for .*{asked}"):
+            train(*parse_args(train_argv(train_setup | routed, tmp_path / "no", "--max-steps", "1", *flags)))
+        assert not (tmp_path / "no").exists()
+    train(*parse_args(train_argv(routed, tmp_path / "again", "--max-steps", "1", "--method", "pmod")))
+    assert pmod.get_method_config(pmod.load(tmp_path / "again")) == pmod.get_method_config(pmod.load(first))
+
+
 def test_method_flags_are_checked(train_setup: dict[str, str]) -> None:
     with pytest.raises(TrainError, match="--mod-ratio is a setting of method mod"):
         parse_args(["--model", "m", "--mod-ratio", "0.3"])

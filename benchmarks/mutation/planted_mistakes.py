@@ -74,7 +74,7 @@ MISTAKES = (
             "top = ranked.sort(dim=1, descending=True, stable=True).indices[:, :slots]",
             "top = (ranked.shape[1] - 1 - ranked.flip(1).sort(dim=1, descending=True, stable=True).indices)[:, :slots]",
             ("tests/test_layer.py", "tests/test_cache.py", "tests/test_flops.py", "tests/test_second_checks.py")),
-    Mistake("topk_ties_high_mask", "top-k ties broken by the higher position (compaction.top_k_mask: gamma-MoD's decode)",
+    Mistake("topk_ties_high_mask", "top-k ties broken by the higher position (compaction.top_k_mask, gamma-MoD's)",
             "src/pmod/core/compaction.py",
             "order = torch.sort(ranked, dim=1, descending=True, stable=True).indices",
             "order = ranked.shape[1] - 1 - torch.sort(ranked.flip(1), dim=1, descending=True, stable=True).indices",

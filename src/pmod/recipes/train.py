@@ -56,9 +56,10 @@ class ModelArguments:
     projector: str | None = field(default=None, metadata={"help": "assemble: projector weights (.bin/.safetensors)"})
     stage: str = field(default="finetune", metadata={"help": "pretrain (projector only) or finetune"})
     vision_lr: float | None = field(default=None, metadata={"help": "unfreeze the vision tower with this lr"})
-    method: str = field(
-        default=DEFAULT_METHOD,
-        metadata={"help": f"stage-2 routing method: {', '.join(TRAINABLE)} or {method_flags.DENSE}"},
+    method: str | None = field(
+        default=None,
+        metadata={"help": f"stage-2 routing method: {', '.join(TRAINABLE)} or {method_flags.DENSE} (default: a routed "
+                          f"folder's own routing, {DEFAULT_METHOD} for a dense one)"},
     )
     no_pmod: bool = field(default=False, metadata={"help": "finetune the dense baseline (same as --method dense)"})
     lora_r: int | None = field(default=None, metadata={"help": "train the LLM with LoRA of this rank (needs peft)"})
@@ -79,10 +80,15 @@ class ModelArguments:
         if self.no_pmod:
             self.method = method_flags.DENSE
 
+    @property
+    def routing_requested(self) -> bool:
+        """Whether ``--method`` or a method flag was given (otherwise a routed folder keeps its own routing)."""
+        return self.method is not None or bool(self.method_settings)
+
     def method_config(self) -> MethodConfig | None:
-        """The method config of ``--method`` and its flags (None: the dense baseline)."""
+        """The method config of ``--method`` (default p-MoD) and its flags (None: the dense baseline)."""
         try:
-            config = method_flags.config_from_values(self.method_settings, self.method)
+            config = method_flags.config_from_values(self.method_settings, self.method or DEFAULT_METHOD)
         except UserError as err:
             raise TrainError(str(err)) from err
         if config is not None and not config.trainable:

@@ -50,10 +50,18 @@ def build_model(
     finally:
         transformers.utils.logging.enable_progress_bar()
     if margs.stage == "finetune":
-        if get_method_config(model) is not None:  # routed, or settings that route no layer (it trains dense)
-            logger.info("model is already routed (%s); keeping its routing", get_method_config(model))
-        elif wanted is not None:
+        current = get_method_config(model)
+        if current is None and wanted is not None:
             convert(model, wanted)
+        elif current is not None:  # routed, or settings that route no layer (it trains dense)
+            asked = method_config is not None or margs.routing_requested
+            if asked and wanted != current:  # a routed model cannot be converted again: never train other routing
+                raise TrainError(
+                    f"{margs.model} is already a {current.method} model, but this run asks for "
+                    f"{'a dense model' if wanted is None else f'{wanted!r}'}; start from the dense folder, or drop "
+                    f"--method and the method flags to go on training its own routing."
+                )
+            logger.info("model is already routed (%s); keeping its routing", current)
     set_trainable(model, margs.stage, train_vision=margs.vision_lr is not None)
     model.config.use_cache = False
     return model, processor
