@@ -79,3 +79,62 @@ def test_flops_cli_budget(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(captured.out)["tflops_ratio"] == pytest.approx(share, abs=5e-5) and abs(share - 0.4) < 0.002
     assert main([*args, "--budget", "0.01"]) == 2
     assert capsys.readouterr().err.strip().startswith("pmod flops: error: --budget 0.01: fastv reaches tflops")
+
+
+#: Each method's trained-model budget test: a target it reaches (p-MoD's at PRD's beta would route layer 1 too).
+TARGETS = {"pmod": 0.45, "mod": 0.7, "gamma_mod": 0.7, "fastv": 0.45}
+TRAINED = {
+    "pmod": PModConfig(),
+    "mod": MoDConfig(ratio=0.5),
+    "gamma_mod": GammaMoDConfig(layers=[1, 2, 3, 4, 5, 6, 7]),
+}
+
+
+@pytest.mark.parametrize("method", [*TRAINED, "fastv"])
+def test_set_budget_runs_the_model_as_one_converted_at_that_setting(method: str, tmp_path) -> None:
+    """A converted model moved to another share of dense's TFLOPs (pmod.set_budget) gives the logits of the dense
+    model converted afresh with the config it reports, the same routers copied in; a trained method keeps exactly its
+    routed layers (p-MoD's PRD at that budget would route other ones), the cost is the budget to within one kept-token
+    step, and the folder it saves reloads at that budget."""
+    import torch
+
+    import pmod
+    from pmod.analysis.budget import set_budget
+    from pmod.testing import llava_batch, randomize_routers, tiny_llava
+
+    config = TRAINED.get(method, FastVConfig())
+    model = pmod.convert(tiny_llava(num_layers=8), config)
+    randomize_routers(model)
+    before = pmod.routed_layers(model).keys()
+    chosen = set_budget(model, TARGETS[method], n_vision=64, n_text=16)
+    dims = LMDims.from_config(model.config)
+    share = cost_ratio(chosen, dims, "tflops", n_vision=64, n_text=16)
+    # One kept token more or less in every routed layer moves the cost by at most this much:
+    step = 2.5 * len(before) / dims.layers / 64
+    assert abs(share - TARGETS[method]) <= step and pmod.routed_layers(model).keys() == before
+    assert pmod.get_method_config(model) == chosen and pmod.layer_ratios(model) == chosen.layer_ratios(8)
+    if method == "pmod":
+        assert chosen.schedule == "explicit" and all((r is None) == (i not in before) for i, r in
+                                                     enumerate(chosen.ratios))  # fmt: skip
+        prd = at_budget(config, dims, TARGETS[method], n_vision=64, n_text=16).layer_ratios(8)  # beta moved instead
+        assert {i for i, r in enumerate(prd) if r is not None} != set(before)
+    fresh = pmod.convert(tiny_llava(num_layers=8), chosen)
+    fresh.load_state_dict(model.state_dict())
+    batch = llava_batch(model, [(3, 5), (6, 2)], [True, True], padding_side="left")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, fresh(**batch).logits, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    assert pmod.layer_ratios(pmod.load(tmp_path)) == chosen.layer_ratios(8)
+
+
+def test_set_budget_refuses_a_dense_model_and_a_budget_out_of_reach() -> None:
+    import pmod
+    from pmod.analysis.budget import set_budget
+    from pmod.testing import tiny_llava
+
+    with pytest.raises(ValueError, match="routes no decoder layer"):
+        set_budget(tiny_llava(num_layers=4), 0.5, n_vision=64)
+    model = pmod.convert(tiny_llava(num_layers=8), MoDConfig(ratio=0.5))
+    with pytest.raises(ValueError, match=r"mod with its routed layers reaches tflops shares 0\.\d+ to 1\.\d+ "):
+        set_budget(model, 0.05, n_vision=64, n_text=16)
+    assert pmod.get_method_config(model) == MoDConfig(ratio=0.5).resolved(8)  # nothing changed

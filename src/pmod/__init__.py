@@ -31,6 +31,7 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "routing_loss": ("pmod.core.convert", "routing_loss"),
     "UserError": ("pmod.core.errors", "UserError"),
     "at_budget": ("pmod.analysis.budget", "at_budget"),
+    "set_budget": ("pmod.analysis.budget", "set_budget"),
     "RoutingRecord": ("pmod.core.recording", "RoutingRecord"),
     "set_attention_path": ("pmod.core.routed_layer", "set_attention_path"),
     "DARTConfig": ("pmod.methods", "DARTConfig"),
@@ -79,6 +80,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (``X as X``: an explicit re-export)
     from pmod.analysis.budget import at_budget as at_budget
+    from pmod.analysis.budget import set_budget as set_budget
     from pmod.core.cache import RoutedCache as RoutedCache
     from pmod.core.cache import RoutedStaticCache as RoutedStaticCache
     from pmod.core.cache import kv_cache_bytes as kv_cache_bytes

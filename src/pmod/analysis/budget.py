@@ -61,11 +61,17 @@ def at_budget(
     def cost(value: float) -> float:
         return cost_ratio(with_value(value), dims, measure, **workload)
 
+    return with_value(_solve(cost, low, high, budget, f"{config.method} reaches {measure} shares", iterations))
+
+
+def _solve(cost: Any, low: float, high: float, budget: float, reaches: str, iterations: int = 60) -> float:
+    """The value in [low, high] whose ``cost`` (monotone, rising or falling) comes closest to ``budget``, written
+    with the fewest digits that keep its cost; ValueError ``"{reaches} a to b ..."`` when out of reach."""
     cheap, dear = (low, high) if cost(low) <= cost(high) else (high, low)
     reach = (cost(cheap), cost(dear))
     if not reach[0] - 1e-12 <= budget <= reach[1] + 1e-12:
-        raise ValueError(f"{config.method} reaches {measure} shares {reach[0]:.4f} to {reach[1]:.4f} of dense's "
-                         f"here, not {budget}; choose a budget in that range")  # fmt: skip
+        raise ValueError(f"{reaches} {reach[0]:.4f} to {reach[1]:.4f} of dense's here, not {budget}; choose a "
+                         f"budget in that range")  # fmt: skip
     for _ in range(iterations):  # cost(cheap) <= budget <= cost(dear) throughout
         middle = (cheap + dear) / 2
         cheap, dear = (middle, dear) if cost(middle) <= budget else (cheap, middle)
@@ -73,5 +79,71 @@ def at_budget(
     # Bisection ends on the edge of a step of the cost: give that value rounded to the fewest significant digits
     # that keep its cost instead, which reads well and survives being printed and typed back in.
     shortest = (float(f"{best:.{digits}g}") for digits in range(2, 18))
-    short = next(v for v in shortest if low <= v <= high and cost(v) == cost(best))
-    return with_value(short)
+    return next(v for v in shortest if low <= v <= high and cost(v) == cost(best))
+
+
+def set_budget(
+    model: Any, budget: float, *, measure: str = "tflops", n_vision: int, n_text: int = DEFAULT_TEXT_TOKENS,
+    **workload: Any,
+) -> MethodConfig:
+    """Run a converted model at another budget, in place; returns the method config it now runs (also stored in its
+    config, so ``save_pretrained`` keeps it).
+
+    A method with trained routers keeps its routed layers and their routers: every routed layer's share is scaled
+    by one factor, chosen so that the analytic cost (:func:`cost_ratio`, for prompts of ``n_vision`` vision and
+    ``n_text`` text tokens) comes closest to ``budget`` (MoD's and gamma-MoD's single ratio move as their knob does;
+    p-MoD's schedule becomes the explicit list of the scaled ratios, since moving PRD's ``beta`` would route layers
+    that have no router). A training-free method takes :func:`at_budget`'s setting. Raises ValueError for a dense
+    model, a method acting before the decoder, or a budget out of reach (naming the reachable range)."""
+    from pmod.core.backbone import backbone_for
+    from pmod.core.config import store_method_config
+    from pmod.core.convert import get_method_config, routed_layers
+
+    current = get_method_config(model)
+    layers = backbone_for(model).decoder_layers(model)
+    routed = routed_layers(model)
+    if current is None or not routed:
+        raise ValueError("this model routes no decoder layer, so it has no budget to set; convert it with a method "
+                         "first, e.g. pmod.convert(model, pmod.FastVConfig())")  # fmt: skip
+    workload = {"n_vision": n_vision, "n_text": n_text, **workload}
+    dims = LMDims.from_config(model.config)
+    if current.trainable:
+        chosen = _scaled_at_budget(current, [layer.routing_ratio if i in routed else None for i, layer in
+                                             enumerate(layers)], dims, budget, measure, workload)  # fmt: skip
+        for i, ratio in enumerate(chosen.layer_ratios(len(layers))):
+            if i in routed:
+                routed[i].routing_rule.ratio = ratio
+    else:
+        chosen = at_budget(current, dims, budget, measure=measure, **workload)
+        rules = chosen.build(backbone_for(model).decoder(model), layers)
+        if sorted(rules) != sorted(routed):
+            raise ValueError(f"{chosen.describe(len(layers))} routes other layers than the model; convert the dense "
+                             f"model with it instead")  # fmt: skip
+        for i, rule in rules.items():
+            routed[i].routing_rule = rule
+    store_method_config(model.config, chosen)
+    return chosen
+
+
+def _scaled_at_budget(
+    config: MethodConfig, ratios: list[float | None], dims: Any, budget: float, measure: str, workload: dict
+) -> MethodConfig:
+    """``config`` with every routed layer's share of ``ratios`` times one factor (at most 1), closest to
+    ``budget``."""
+    routed = [r for r in ratios if r is not None]
+
+    def scaled(factor: float) -> MethodConfig:
+        if config.method == "pmod":
+            moved = [None if r is None else min(1.0, r * factor) for r in ratios]
+            return dataclasses.replace(config, schedule="explicit", ratios=moved)
+        name = config.budget_knob()[0]  # MoD's ratio, gamma-MoD's skip ratio: one share on fixed layers
+        share = min(1.0, routed[0] * factor)
+        return dataclasses.replace(config, **{name: share if name == "ratio" else 1.0 - share})
+
+    @functools.cache
+    def cost(factor: float) -> float:
+        return cost_ratio(scaled(factor), dims, measure, **workload)
+
+    factor = _solve(cost, 1e-6, 1.0 / min(routed), budget, f"{config.method} with its routed layers reaches {measure}"
+                    f" shares")  # fmt: skip
+    return scaled(factor)
