@@ -19,6 +19,29 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class VisionTokenPath:
+    """Where one family's per-image vision tokens pass from its tower to its projector, for a method that reduces them
+    before the decoder (VisionZip).
+
+    Attributes:
+        encoder_layers: the tower's encoder layers.
+        feature_layer: the index into the tower's hidden states whose tokens feed the projector (LLaVA's
+            ``vision_feature_layer``: -2); hidden state ``i`` is the output of encoder layer ``i - 1``.
+        projector: the module that maps the selected tokens [images, tokens, width] to the decoder's width.
+        image_token_id: the placeholder id standing for one vision token in ``input_ids``.
+        tokens_per_image: the placeholders the processor writes for one image.
+        has_cls: the tower's first token is a [CLS] token that attends to every patch.
+    """
+
+    encoder_layers: nn.ModuleList
+    feature_layer: int
+    projector: nn.Module
+    image_token_id: int
+    tokens_per_image: int
+    has_cls: bool = True
+
+
+@dataclass(frozen=True)
 class BackboneAdapter:
     """How pmod finds its way around one model family.
 
@@ -33,6 +56,8 @@ class BackboneAdapter:
             stand in the sequence (row by row), for the plots; None where the family has no images.
         flops_presets: published shapes of this family for ``pmod flops --preset`` (name -> (model dims
             as config fields, vision tokens, description)).
+        vision_token_path: ``model -> VisionTokenPath`` for methods that act on the vision tokens before the decoder;
+            None where the family has no such path that pmod supports (those methods refuse it in one line).
     """
 
     name: str
@@ -43,6 +68,7 @@ class BackboneAdapter:
     projector_prefixes: tuple[str, ...] = ()
     image_grid: Callable[[nn.Module, dict], tuple[int, int] | None] | None = None
     flops_presets: dict[str, tuple[dict[str, int], int, str]] = field(default_factory=dict)
+    vision_token_path: Callable[[nn.Module], VisionTokenPath] | None = None
 
     @property
     def multimodal(self) -> bool:

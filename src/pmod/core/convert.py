@@ -76,7 +76,7 @@ def convert(model: nn.Module, config: MethodConfig | None = None) -> nn.Module:
     [batch, seq] or [batch, past + seq]) marks tokens a method must always process (gamma-MoD's masked routing).
     """
     adapter = backbone_for(model)
-    if is_routed_model(model):
+    if is_routed_model(model) or getattr(model, "_routing_hook", None) is not None:
         raise ValueError("This model is already converted; convert the original model, not a converted one.")
     if stored_method_config(model.config) is not None:
         raise ValueError(
@@ -101,6 +101,7 @@ def _convert(model: nn.Module, config: MethodConfig, adapter: BackboneAdapter) -
     model.register_forward_pre_hook(hook.before, with_kwargs=True)
     model.register_forward_hook(hook.after, with_kwargs=True)
     model._routing_hook = hook
+    config.attach(model, adapter)  # work before the decoder (VisionZip); its pre-hook runs before the one above
     return model
 
 
@@ -254,7 +255,7 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
     loader = type(base.__name__, (base,), {"__init__": init, "__module__": base.__module__})
     model = loader.from_pretrained(path, **from_pretrained_kwargs)
     model.__class__ = base
-    if not routed_layers(model):
+    if not routed_layers(model) and method_config.routes_layers:
         logger.warning("%s", no_routed_layer_warning(path, method_config))
     return model
 

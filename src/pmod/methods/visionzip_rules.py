@@ -1,0 +1,248 @@
+"""VisionZip's run-time rule: each image's vision tokens reduced before the decoder, and the sequence shortened to
+match (the settings and the rule in words: :mod:`pmod.methods.visionzip`).
+
+Three hooks, set up by :func:`attach_visionzip` when a model is converted:
+
+* on the tower layer whose output feeds the projector: its input (for the [CLS] attention and the keys, computed
+  again from the layer's own ``layer_norm1``, ``q_proj`` and ``k_proj``, so every attention backend works) and its
+  output (the tokens, the [CLS] token included);
+* on the projector: its input replaced by the ``dominant + contextual`` reduced tokens of each image;
+* on the model: ``input_ids`` (and the attention mask and labels) keep the first ``dominant + contextual``
+  placeholders of each image and drop the rest, rows re-padded; the logits are put back at the positions of the
+  tokens given, so that callers index them as before (dropped placeholders get 0). ``model.generate`` shortens the
+  prompt before generating and gives back the sequences with the prompt as given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pmod.core.backbone import BackboneAdapter, VisionTokenPath
+from pmod.core.errors import UserError
+
+#: The label of tokens without a loss (transformers' ignore index).
+IGNORE_INDEX = -100
+
+
+def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [CLS] token's attention over the patches, summed over heads [N, P], and the keys averaged over heads
+    [N, 1 + P, head_dim], of a CLIP encoder layer whose input is ``hidden`` [N, 1 + P, D] ([CLS] first)."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    n, t, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = ((q @ k.transpose(-1, -2)) * attn.scale).float().softmax(-1)  # [N, heads, 1, 1 + P]
+    return probs[:, :, 0, 1:].sum(1), k.mean(1)
+
+
+def reduce_tokens(
+    tokens: torch.Tensor, keys: torch.Tensor, cls_attention: torch.Tensor, dominant: int, contextual: int
+) -> torch.Tensor:
+    """VisionZip on each image's ``tokens`` [N, 1 + P, D] ([CLS] first): [N, dominant + contextual, D], the
+    [CLS] token and the ``dominant - 1`` patches of highest ``cls_attention`` [N, P] in position order, then the
+    ``contextual`` merged tokens (targets at a uniform stride over the rest, each the target plus the mean of the
+    tokens whose normalised ``keys`` [N, 1 + P, d] are most similar to its key)."""
+    n, t, width = tokens.shape
+    keep = torch.zeros(n, t, dtype=torch.bool, device=tokens.device)
+    keep[:, 0] = True
+    keep.scatter_(1, cls_attention.topk(dominant - 1, dim=1).indices + 1, True)
+    kept = tokens[keep].view(n, dominant, width)
+    if contextual == 0:
+        return kept
+    left = t - dominant
+    rest, rest_keys = tokens[~keep].view(n, left, width), keys[~keep].view(n, left, -1)
+    rest_keys = rest_keys / rest_keys.norm(dim=-1, keepdim=True)
+    targets = torch.arange(0, left, max(1, left // contextual), device=tokens.device)[:contextual]
+    is_target = torch.zeros(left, dtype=torch.bool, device=tokens.device)
+    is_target[targets] = True
+    similarity = rest_keys[:, ~is_target] @ rest_keys[:, targets].transpose(1, 2)  # [N, others, contextual]
+    assign = F.one_hot(similarity.argmax(-1), contextual).to(tokens.dtype)
+    counts = assign.sum(1).clamp(min=1).unsqueeze(-1)
+    merged = assign.transpose(1, 2) @ rest[:, ~is_target] / counts
+    return torch.cat([kept, rest[:, targets] + merged], dim=1)
+
+
+class TowerTap:
+    """The hooks on the selected tower layer and the projector: the projector gets the reduced tokens."""
+
+    def __init__(self, layer: nn.Module, dominant: int, contextual: int) -> None:
+        self.layer, self.dominant, self.contextual = layer, dominant, contextual
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def layer_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.seen["input"] = args[0] if args else kwargs["hidden_states"]
+
+    def layer_output(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        self.seen["output"] = output[0] if isinstance(output, tuple) else output
+
+    def projector_input(self, module: nn.Module, args: tuple) -> tuple:
+        features = args[0]
+        tokens, hidden = self.seen.pop("output", None), self.seen.pop("input", None)
+        if tokens is None or hidden is None or tokens.shape[0] != features.shape[0]:
+            raise RuntimeError("VisionZip: the projector ran without its tower's selected layer; the tower and the "
+                               "projector must run in one get_image_features call")  # fmt: skip
+        cls_attention, keys = cls_attention_and_keys(self.layer, hidden)
+        return (reduce_tokens(tokens, keys, cls_attention, self.dominant, self.contextual).to(features.dtype),)
+
+
+@dataclass
+class Shortening:
+    """Which tokens of a [B, T] input a forward keeps (``keep``), where each lands (``where`` [B, T]) and the
+    shortened length."""
+
+    keep: torch.Tensor
+    where: torch.Tensor
+    length: int
+
+    def apply(self, x: torch.Tensor, fill: int) -> torch.Tensor:
+        """``x`` [B, T] shortened to [B, length]; new slots (padding) get ``fill``."""
+        out = x.new_full((x.shape[0], self.length + 1), fill)
+        out.scatter_(1, torch.where(self.keep, self.where, self.length), x)
+        return out[:, : self.length]
+
+    def restore(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-token outputs [B, length, ...] put back at the positions of the input [B, T, ...] (0 elsewhere)."""
+        out = y.new_zeros((*self.keep.shape, *y.shape[2:]))
+        rows = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(self.where)
+        out[self.keep] = y[rows[self.keep], self.where[self.keep]]
+        return out
+
+
+class SequenceHook:
+    """The model's hooks: a forward's ``input_ids`` keep ``kept`` of the ``per_image`` placeholders of each image;
+    ``model.generate`` shortens its prompt once, before generating."""
+
+    def __init__(self, model: nn.Module, path: VisionTokenPath, kept: int) -> None:
+        self.positional = list(inspect.signature(model.forward).parameters)
+        self.image_token_id, self.per_image, self.kept = path.image_token_id, path.tokens_per_image, kept
+        self.pad_id = getattr(model.config, "pad_token_id", None) or 0
+        self.current: Shortening | None = None
+        self.generating = False  # inside model.generate: the prompt is already shortened
+
+    def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, left: bool) -> Shortening | None:
+        """The shortening of ``input_ids`` (None: no image placeholder); rows re-padded on the left or right."""
+        is_image = input_ids == self.image_token_id
+        counts = is_image.sum(1)
+        if not bool(counts.any()):
+            return None
+        if bool((counts % self.per_image).any()):
+            raise UserError(f"VisionZip: a row holds {counts.tolist()} image placeholders, not a whole number "
+                            f"of images of {self.per_image}; encode the prompts with the model's own "
+                            f"processor")  # fmt: skip
+        rank = (is_image.cumsum(1) - 1) % self.per_image
+        keep = ~(is_image & (rank >= self.kept))
+        if attention_mask is not None and attention_mask.dim() == 2:
+            keep &= attention_mask.bool()  # padding is dropped too, and the rows padded again to the longest
+        lengths = keep.sum(1)
+        length = int(lengths.max())
+        where = keep.cumsum(1) - 1
+        if left:
+            where = where + (length - lengths)[:, None]
+        return Shortening(keep, where, length)
+
+    def shorten(self, kwargs: dict[str, Any], left: bool | None = None) -> Shortening | None:
+        """Shorten ``input_ids``, ``attention_mask`` and ``labels`` in ``kwargs`` in place."""
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if ids is None:
+            if kwargs.get("inputs_embeds") is not None and kwargs.get("pixel_values") is not None:
+                raise UserError("VisionZip shortens the prompt's image placeholders: pass input_ids, not "
+                                "inputs_embeds")  # fmt: skip
+            return None
+        if left is None:  # keep the batch's own padding side (left when some row starts with padding)
+            left = mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any())
+        short = self.plan(ids, mask, left)
+        if short is None:
+            return None
+        if kwargs.get("position_ids") is not None:
+            raise UserError("VisionZip numbers the shortened sequence itself; call the model without position_ids")
+        if mask is None and bool((short.keep.sum(1) != short.length).any()):
+            mask = torch.ones_like(ids)  # rows of unequal length now: padding needs a mask
+        kwargs["input_ids"] = short.apply(ids, self.pad_id)
+        if mask is not None:
+            kwargs["attention_mask"] = short.apply(mask, 0)
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = short.apply(kwargs["labels"], IGNORE_INDEX)
+        return short
+
+    def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        self.current = None
+        if self.generating:
+            return args, kwargs
+        kwargs = {**dict(zip(self.positional, args)), **kwargs}
+        self.current = self.shorten(kwargs)
+        return (), kwargs
+
+    def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        short, self.current = self.current, None
+        logits = getattr(output, "logits", None)
+        if short is not None and logits is not None and logits.shape[1] == short.length:
+            output.logits = short.restore(logits)
+        return output
+
+
+def generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``generate`` of a VisionZip model: the prompt shortened (left-padded) before generating; the sequences come
+    back with the prompt as given, so ``out[:, input_ids.shape[1]:]`` are the new tokens as usual."""
+    hook: SequenceHook = model._visionzip
+    if args:
+        kwargs["input_ids"], args = args[0], args[1:]
+    ids = kwargs.get("input_ids")
+    short = hook.shorten(kwargs, left=True) if ids is not None else None
+    hook.generating = short is not None
+    try:
+        out = type(model).generate(model, *args, **kwargs)
+    finally:
+        hook.generating = False
+    if short is None:
+        return out
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    prompt = ids.repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
+    restored = torch.cat([prompt.to(sequences.device), sequences[:, short.length :]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return restored
+    out.sequences = restored
+    return out
+
+
+def selected_layer(path: VisionTokenPath) -> int:
+    """The encoder layer whose output is the hidden state ``path.feature_layer`` (hidden state 0: embeddings)."""
+    count = len(path.encoder_layers)
+    index = path.feature_layer if path.feature_layer >= 0 else count + 1 + path.feature_layer
+    if not 1 <= index <= count:
+        raise UserError(f"VisionZip needs a tower layer's output as the image features; this model takes hidden "
+                        f"state {path.feature_layer} of {count + 1} (set vision_feature_layer to a layer, e.g. -2)")
+    return index - 1
+
+
+def attach_visionzip(model: nn.Module, adapter: BackboneAdapter, dominant: int, contextual: int) -> None:
+    """Set up VisionZip's hooks on ``model`` (see the module's docstring); a one-line :class:`UserError` where the
+    family gives no CLIP tower with a [CLS] token or an image has fewer tokens than are kept."""
+    path = adapter.vision_token_path(model) if adapter.vision_token_path is not None else None
+    if path is None or not path.has_cls:
+        raise UserError(f"VisionZip ranks an image's tokens by the [CLS] attention of its CLIP tower, which pmod "
+                        f"finds in LLaVA-1.5 models only; {adapter.name} models have none (SigLIP and Qwen-VL towers "
+                        f"have no [CLS] token; LLaVA-NeXT's crops are not built yet): use a LLaVA-1.5 model, or "
+                        f"fastv, pdrop or dart, which act in the decoder")  # fmt: skip
+    if not isinstance(path.feature_layer, int):
+        raise UserError(f"VisionZip reads one tower layer; this model concatenates layers {path.feature_layer}")
+    if dominant + contextual > path.tokens_per_image:
+        raise UserError(f"VisionZip keeps dominant + contextual = {dominant} + {contextual} tokens per image, more "
+                        f"than the {path.tokens_per_image} of this model's images; lower them")  # fmt: skip
+    layer = path.encoder_layers[selected_layer(path)]
+    tap = TowerTap(layer, dominant, contextual)
+    layer.register_forward_pre_hook(tap.layer_input, with_kwargs=True)
+    layer.register_forward_hook(tap.layer_output, with_kwargs=True)
+    path.projector.register_forward_pre_hook(tap.projector_input)
+    hook = SequenceHook(model, path, dominant + contextual)
+    model.register_forward_pre_hook(hook.before, with_kwargs=True, prepend=True)
+    model.register_forward_hook(hook.after, with_kwargs=True)
+    model._visionzip = hook
+    model.generate = types.MethodType(generate, model)

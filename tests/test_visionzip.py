@@ -1,0 +1,222 @@
+"""VisionZip against its independent reference (``pmod.testing.reference_visionzip``): the [CLS] attention of the
+feature layer picks the dominant tokens, the rest merge into contextual ones by key similarity, the decoder gets the
+shortened sequence; cached decoding = recomputation, batched = rows alone, save/load, analytic FLOPs =
+FlopCounterMode, and the one-line refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import pmod
+from pmod import VisionZipConfig
+from pmod.analysis.analytic_flops import estimate, flop_counter
+from pmod.analysis.budget import at_budget, cost_ratio
+from pmod.core.cache import cache_of
+from pmod.core.errors import UserError
+from pmod.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, tiny_llama, tiny_llava, tiny_llava_next
+from pmod.testing.reference_visionzip import visionzip_reference_logits
+
+DOMINANT, CONTEXTUAL = 6, 3
+CONFIG = VisionZipConfig(dominant=DOMINANT, contextual=CONTEXTUAL)
+PER_IMAGE, KEPT = 64, DOMINANT + CONTEXTUAL  # the tiny tower: 8 x 8 patches
+#: (text before, images, text after): unequal image counts, two images in a row, a row without one.
+ROWS = [(3, 1, 5), (2, 2, 2), (6, 0, 1), (1, 1, 9)]
+
+
+def models(attn: str = "sdpa", config: VisionZipConfig = CONFIG) -> tuple[torch.nn.Module, torch.nn.Module]:
+    dense = tiny_llava(num_layers=4, attn_implementation=attn)
+    return dense, pmod.convert(copy.deepcopy(dense), config)
+
+
+def batch_of(rows: list[tuple[int, int, int]], padding_side: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids with ``PER_IMAGE`` placeholders per image (one text token between two images), mask, pixels."""
+    g = torch.Generator().manual_seed(seed)
+    made = []
+    for before, images, after in rows:
+        parts = [torch.randint(4, 128, (before,), generator=g)]
+        for i in range(images):
+            if i:
+                parts.append(torch.randint(4, 128, (1,), generator=g))
+            parts.append(torch.full((PER_IMAGE,), IMAGE_TOKEN_ID))
+        made.append(torch.cat([*parts, torch.randint(4, 128, (after,), generator=g)]))
+    width = max(len(r) for r in made)
+    ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(made):
+        start = width - len(row) if padding_side == "left" else 0
+        ids[r, start : start + len(row)], mask[r, start : start + len(row)] = row, 1
+    n_images = sum(images for _, images, _ in rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(n_images, 3, 32, 32, generator=g)}
+
+
+def kept_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bool [B, T]: the real tokens the decoder sees (the first KEPT placeholders of each image, all text)."""
+    image = batch["input_ids"] == IMAGE_TOKEN_ID
+    rank = (image.cumsum(1) - 1) % PER_IMAGE
+    return batch["attention_mask"].bool() & ~(image & (rank >= KEPT))
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_logits_equal_the_reference(padding_side: str, attn: str) -> None:
+    dense, model = models(attn)
+    batch = batch_of(ROWS, padding_side)
+    with torch.no_grad():
+        got = model(**batch).logits
+        want = visionzip_reference_logits(dense, batch, DOMINANT, CONTEXTUAL)
+    assert got.shape[:2] == batch["input_ids"].shape  # logits stand at the positions of the tokens given
+    keep = kept_positions(batch)
+    for r, row in enumerate(want):
+        assert row.shape[0] == int(keep[r].sum())
+        torch.testing.assert_close(got[r, keep[r]], row, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [VisionZipConfig(dominant=1, contextual=5), VisionZipConfig(dominant=20,
+                                    contextual=0), VisionZipConfig(dominant=30, contextual=34)])  # fmt: skip
+def test_other_settings_equal_the_reference(config: VisionZipConfig) -> None:
+    """Only [CLS] dominant, no contextual token, and every token kept (targets with nothing merged in)."""
+    dense, model = models(config=config)
+    batch = batch_of(ROWS[:2], "right", seed=5)
+    with torch.no_grad():
+        got = model(**batch).logits
+        want = visionzip_reference_logits(dense, batch, config.dominant, config.contextual)
+    image = batch["input_ids"] == IMAGE_TOKEN_ID
+    keep = batch["attention_mask"].bool() & ~(image & ((image.cumsum(1) - 1) % PER_IMAGE >= config.kept))
+    for r, row in enumerate(want):
+        torch.testing.assert_close(got[r, keep[r]], row, atol=2e-5, rtol=1e-4)
+
+
+def test_cached_generation_equals_recomputation() -> None:
+    _, model = models()
+    batch = batch_of(ROWS, "left", seed=2)
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None,
+               suppress_tokens=[IMAGE_TOKEN_ID])  # fmt: skip
+    with torch.no_grad():
+        cached = model.generate(**batch, **gen)
+        recomputed = model.generate(**batch, **gen, use_cache=False)
+        assert torch.equal(cached[:, : batch["input_ids"].shape[1]], batch["input_ids"])  # the prompt as given
+        assert torch.equal(cached, recomputed)
+        full = {**batch, "input_ids": cached, "attention_mask": torch.cat(
+            [batch["attention_mask"], torch.ones_like(cached[:, -8:])], dim=1)}  # fmt: skip
+        logits = model(**full, use_cache=False).logits
+    width = batch["input_ids"].shape[1]
+    assert torch.equal(logits[:, width - 1 : -1].argmax(-1), cached[:, width:])
+
+
+def test_batched_equals_rows_alone() -> None:
+    _, model = models()
+    batch = batch_of(ROWS, "left", seed=4)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None,
+               suppress_tokens=[IMAGE_TOKEN_ID])  # fmt: skip
+    with torch.no_grad():
+        together = model.generate(**batch, **gen)[:, -6:]
+    image = 0
+    for r, (_, images, _) in enumerate(ROWS):
+        real = batch["attention_mask"][r].bool()
+        row = {"input_ids": batch["input_ids"][r : r + 1, real]}
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+        if images:
+            row["pixel_values"] = batch["pixel_values"][image : image + images]
+            image += images
+        with torch.no_grad():
+            assert torch.equal(model.generate(**row, **gen)[0, -6:], together[r]), f"row {r}"
+
+
+def test_cache_and_labels_are_shortened() -> None:
+    _, model = models()
+    batch = batch_of(ROWS, "right", seed=3)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100)
+    with torch.no_grad():
+        out = model(**batch, labels=labels.masked_fill(batch["attention_mask"] == 0, -100), use_cache=True)
+    keep = kept_positions(batch)
+    assert cache_of(out).get_seq_length() == int(keep.sum(1).max())
+    # The loss is the shortened sequence's: each kept token predicts the next kept one (dropped placeholders and
+    # padding carry no label).
+    logits = torch.cat([out.logits[r, keep[r]][:-1] for r in range(len(ROWS))])
+    targets = torch.cat([labels[r, keep[r]][1:] for r in range(len(ROWS))])
+    want = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_gives_identical_logits(tmp_path) -> None:
+    _, model = models()
+    batch = batch_of(ROWS, "left", seed=6)
+    with torch.no_grad():
+        want = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())["pmod_method"]
+    assert stored == {"method": "visionzip", "settings": {"dominant": DOMINANT, "contextual": CONTEXTUAL}}
+    loaded = pmod.load(tmp_path)
+    assert pmod.get_method_config(loaded) == CONFIG
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, want)
+
+
+def language_model_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """What FlopCounterMode counts in the decoder and the LM head (not the tower, the projector, rotary tables)."""
+    counter = flop_counter()
+    with torch.no_grad(), counter:
+        model(**batch, use_cache=False)
+    counts = counter.get_flop_counts()
+    prefixes = ("LlavaForConditionalGeneration.model.language_model", "LlavaForConditionalGeneration.lm_head")
+    total = sum(sum(ops.values()) for name, ops in counts.items() if name in prefixes)
+    rotary = sum(sum(ops.values()) for name, ops in counts.items() if name.endswith("rotary_emb"))
+    return total - rotary
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_analytic_flops_equal_flop_counter(attn: str) -> None:
+    dense, model = models(attn)
+    batch = batch_of([(7, 1, 9)], "left", seed=1)
+    report = estimate(model.config, CONFIG, n_vision=PER_IMAGE, n_text=16)
+    assert language_model_flops(model, batch) == report.routed_flops
+    assert language_model_flops(dense, batch) == report.dense_flops
+    assert report.routed_layers[0].processed == 16 + KEPT and report.routed_kv_bytes < report.dense_kv_bytes
+
+
+def test_defaults_budget_and_refusals() -> None:
+    cfg = VisionZipConfig()
+    assert (cfg.dominant, cfg.contextual, cfg.trainable) == (54, 10, False)
+    report = estimate(pmod.analysis.dims.presets()["llava-1.5-7b"].dims, cfg, n_vision=576, n_text=64)
+    assert [c.processed for c in report.routed_layers] == [128] * 32  # every layer sees 54 + 10 vision tokens
+    config = tiny_llava().config
+    chosen = at_budget(cfg, config, 0.5, n_vision=PER_IMAGE, n_text=16)
+    assert isinstance(chosen.dominant, int) and chosen.contextual == 10
+
+    def miss(dominant: int) -> float:
+        return abs(cost_ratio(VisionZipConfig(dominant=dominant), config, n_vision=PER_IMAGE, n_text=16) - 0.5)
+
+    assert miss(chosen.dominant) < 0.02 and miss(chosen.dominant) <= min(miss(chosen.dominant - 1),
+                                                                         miss(chosen.dominant + 1))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^VisionZip needs dominant >= 1"):
+        VisionZipConfig(dominant=0)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: tiny_llava_next(num_layers=2), r"^VisionZip ranks an image's tokens by the \[CLS\] attention .*"
+         r"llava_next models have none"),
+        (lambda: tiny_llama(num_layers=2), r"decoder models have none"),
+        (lambda: tiny_llava(num_layers=2), r"^VisionZip keeps dominant \+ contextual = 60 \+ 10 tokens per image, "
+         r"more than the 64 of this model's images; lower them$"),
+    ],
+)  # fmt: skip
+def test_unsupported_models_are_refused_in_one_line(build, message: str) -> None:
+    with pytest.raises(UserError, match=message) as err:
+        pmod.convert(build(), VisionZipConfig(dominant=60, contextual=10))
+    assert "\n" not in str(err.value)
+
+
+def test_placeholders_of_no_whole_image_are_refused() -> None:
+    _, model = models()
+    batch = batch_of([(3, 1, 5)], "left")
+    batch["input_ids"] = batch["input_ids"][:, 1:]
+    batch["input_ids"][0, 2] = 7  # one placeholder fewer
+    batch["attention_mask"] = batch["attention_mask"][:, 1:]
+    with pytest.raises(UserError, match=r"^VisionZip: a row holds \[63\] image placeholders"):
+        model(**batch)
