@@ -220,3 +220,22 @@ def test_placeholders_of_no_whole_image_are_refused() -> None:
     batch["attention_mask"] = batch["attention_mask"][:, 1:]
     with pytest.raises(UserError, match=r"^VisionZip: a row holds \[63\] image placeholders"):
         model(**batch)
+
+
+def test_ablation_rows_meet_pmod_tflops_and_scale_the_paper() -> None:
+    """``visionzip``: the dominant count whose TFLOPs come closest to p-MoD's (no neighbour closer);
+    ``visionzip_paper``: 54 + 10 of 576 at the same share of the image's tokens."""
+    from pmod.analysis.dims import LMDims, presets
+    from pmod.experiments.ablate_variants import Workload, visionzip_at_budget, visionzip_paper
+
+    assert (visionzip_paper(576).dominant, visionzip_paper(576).contextual) == (54, 10)
+    assert (visionzip_paper(64).dominant, visionzip_paper(64).contextual) == (6, 1)
+    dims = LMDims.from_config(tiny_llava(num_layers=12).config)
+    for workload in (Workload(dims, 64, 15), Workload(presets()["llava-1.5-7b"].dims, 576, 64)):
+        target = workload.tflops(pmod.PModConfig())
+        chosen = visionzip_at_budget(workload, pmod.PModConfig())
+        assert chosen.contextual == visionzip_paper(workload.n_vision).contextual
+
+        misses = [abs(workload.tflops(VisionZipConfig(dominant=chosen.dominant + d, contextual=chosen.contextual))
+                      - target) for d in (0, -1, 1)]  # fmt: skip
+        assert misses[0] <= min(misses[1:]) and misses[0] < 0.02 * target
