@@ -239,3 +239,31 @@ def test_ablation_rows_meet_pmod_tflops_and_scale_the_paper() -> None:
         misses = [abs(workload.tflops(VisionZipConfig(dominant=chosen.dominant + d, contextual=chosen.contextual))
                       - target) for d in (0, -1, 1)]  # fmt: skip
         assert misses[0] <= min(misses[1:]) and misses[0] < 0.02 * target
+
+
+def test_generate_visionzip_on_a_dense_folder_equals_convert(tmp_path, capsys) -> None:
+    """``pmod generate --method visionzip`` applies it on the fly, as pmod.convert would; the KV share it prints is
+    against what the dense model caches for the prompt as given (64 placeholders), not the shortened one."""
+    from PIL import Image
+    from test_cli_methods import PROMPT, VICUNA_SYSTEM, reference_generate
+    from transformers import AutoProcessor
+
+    from pmod.cli import main
+    from pmod.testing import tiny_llava_folder
+
+    folder = tiny_llava_folder(str(tmp_path / "dense"), num_layers=4)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (230, 25, 25)).save(image)
+    rc = main(["generate", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "6",
+               "--method", "visionzip", "--visionzip-dominant", "5", "--visionzip-contextual", "2"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    answer, _ = reference_generate(tmp_path / "dense", VisionZipConfig(dominant=5, contextual=2), image)
+    assert captured.out.strip() == answer
+    processor = AutoProcessor.from_pretrained(folder)
+    prompt = len(processor(text=[f"{VICUNA_SYSTEM} USER: <image>\n{PROMPT} ASSISTANT:"],
+                           images=[Image.open(image).convert("RGB")])["input_ids"][0])  # fmt: skip
+    vision = json.loads((tmp_path / "dense" / "config.json").read_text())["vision_config"]
+    per_image = (vision["image_size"] // vision["patch_size"]) ** 2  # this folder's tower: 16
+    dense, kept = prompt + 6 - 1, prompt - (per_image - 7) + 6 - 1  # generate caches all but the last token
+    assert f"{kept / dense:.1%})" in captured.err
