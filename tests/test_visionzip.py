@@ -267,3 +267,23 @@ def test_generate_visionzip_on_a_dense_folder_equals_convert(tmp_path, capsys) -
     per_image = (vision["image_size"] // vision["patch_size"]) ** 2  # this folder's tower: 16
     dense, kept = prompt + 6 - 1, prompt - (per_image - 7) + 6 - 1  # generate caches all but the last token
     assert f"{kept / dense:.1%})" in captured.err
+
+
+def test_measured_kv_bytes_count_the_shortened_rows() -> None:
+    """``pmod eval`` measures each row's KV bytes with the decoder's own padding mask (``decoder_attention_mask``):
+    after a VisionZip forward, each row holds its text and ``KEPT`` tokens per image, not the placeholders given."""
+    from pmod.core.convert import decoder_attention_mask
+    from pmod.eval.cost import row_kv_bytes
+
+    _, model = models()
+    batch = batch_of(ROWS, "left", seed=7)
+    with torch.no_grad():
+        cache = cache_of(model(**batch, use_cache=True))
+    size = pmod.kv_cache_bytes(cache)
+    per_token = size.layer_bytes[0] // (len(ROWS) * size.layer_slots[0])
+    want = [int(k) * per_token * len(size.layer_bytes) for k in kept_positions(batch).sum(1)]
+    assert row_kv_bytes(cache, decoder_attention_mask(model, batch["attention_mask"])) == want
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][2:3, -7:])  # a text-only call: the mask given is the decoder's
+    mask = torch.ones(1, 7, dtype=torch.long)
+    assert decoder_attention_mask(model, mask) is mask

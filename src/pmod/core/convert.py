@@ -209,6 +209,19 @@ def real_tokens(
     return (own if own.dtype == torch.bool else own == 0).to(device), mask.shape[-1]
 
 
+#: The model attribute of a method that shortens the sequence before the decoder (VisionZip): an object whose
+#: ``decoder_mask`` is the padding mask [B, T'] of the sequence the decoder got in the model's last forward or
+#: generate (None: not shortened).
+SHORTENING_ATTRIBUTE = "pmod_shortening"
+
+
+def decoder_attention_mask(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The padding mask of the sequence the decoder got in ``model``'s last call on ``attention_mask``: that mask,
+    or the shortened one where the method shortened the sequence before the decoder (what the KV cache holds)."""
+    shortened = getattr(getattr(model, SHORTENING_ATTRIBUTE, None), "decoder_mask", None)
+    return attention_mask if shortened is None else shortened
+
+
 def routing_loss(model: nn.Module) -> torch.Tensor | None:
     """The weighted routing loss of the model's last training forward (gamma-MoD), already added to its loss when
     labels were given; None when the method has none."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pmod.core.backbone import BackboneAdapter, VisionTokenPath
+from pmod.core.convert import SHORTENING_ATTRIBUTE
 from pmod.core.errors import UserError
 
 #: The label of tokens without a loss (transformers' ignore index).
@@ -126,6 +127,7 @@ class SequenceHook:
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
         self.current: Shortening | None = None
         self.generating = False  # inside model.generate: the prompt is already shortened
+        self.decoder_mask: torch.Tensor | None = None  # the last shortened call's padding mask
 
     def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, left: bool) -> Shortening | None:
         """The shortening of ``input_ids`` (None: no image placeholder); rows re-padded on the left or right."""
@@ -151,6 +153,7 @@ class SequenceHook:
     def shorten(self, kwargs: dict[str, Any], left: bool | None = None) -> Shortening | None:
         """Shorten ``input_ids``, ``attention_mask`` and ``labels`` in ``kwargs`` in place."""
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        self.decoder_mask = None
         if ids is None:
             if kwargs.get("inputs_embeds") is not None and kwargs.get("pixel_values") is not None:
                 raise UserError("VisionZip shortens the prompt's image placeholders: pass input_ids, not "
@@ -168,6 +171,7 @@ class SequenceHook:
         kwargs["input_ids"] = short.apply(ids, self.pad_id)
         if mask is not None:
             kwargs["attention_mask"] = short.apply(mask, 0)
+        self.decoder_mask = short.apply(torch.ones_like(ids) if mask is None else mask, 0)
         if kwargs.get("labels") is not None:
             kwargs["labels"] = short.apply(kwargs["labels"], IGNORE_INDEX)
         return short
@@ -245,4 +249,5 @@ def attach_visionzip(model: nn.Module, adapter: BackboneAdapter, dominant: int, 
     model.register_forward_pre_hook(hook.before, with_kwargs=True, prepend=True)
     model.register_forward_hook(hook.after, with_kwargs=True)
     model._visionzip = hook
+    setattr(model, SHORTENING_ATTRIBUTE, hook)
     model.generate = types.MethodType(generate, model)
