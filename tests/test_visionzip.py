@@ -17,7 +17,7 @@ from pmod.analysis.analytic_flops import estimate, flop_counter
 from pmod.analysis.budget import at_budget, cost_ratio
 from pmod.core.cache import cache_of
 from pmod.core.errors import UserError
-from pmod.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, tiny_llama, tiny_llava, tiny_llava_next
+from pmod.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_next_batch, tiny_llama, tiny_llava, tiny_llava_next
 from pmod.testing.reference_visionzip import visionzip_reference_logits
 
 DOMINANT, CONTEXTUAL = 6, 3
@@ -199,9 +199,8 @@ def test_defaults_budget_and_refusals() -> None:
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: tiny_llava_next(num_layers=2), r"^VisionZip ranks an image's tokens by the \[CLS\] attention .*"
-         r"llava_next models have none"),
-        (lambda: tiny_llama(num_layers=2), r"decoder models have none"),
+        (lambda: tiny_llama(num_layers=2), r"^VisionZip ranks an image's tokens by the \[CLS\] attention .*"
+         r"decoder models have none"),
         (lambda: tiny_llava(num_layers=2), r"^VisionZip keeps dominant \+ contextual = 60 \+ 10 tokens per image, "
          r"more than the 64 of this model's images; lower them$"),
     ],
@@ -287,3 +286,60 @@ def test_measured_kv_bytes_count_the_shortened_rows() -> None:
         model(input_ids=batch["input_ids"][2:3, -7:])  # a text-only call: the mask given is the decoder's
     mask = torch.ones(1, 7, dtype=torch.long)
     assert decoder_attention_mask(model, mask) is mask
+
+
+NEXT_CONFIG = VisionZipConfig(dominant=4, contextual=2)  # of 16 patches per view
+NEXT_SIZES = [(16, 32), (32, 32), None, (32, 16)]  # 1x2, 2x2 and 2x1 tiles after the base view, a text-only row
+
+
+def next_models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    dense = tiny_llava_next(num_layers=4)
+    return dense, pmod.convert(copy.deepcopy(dense), NEXT_CONFIG)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_llava_next_equals_the_reference(padding_side: str) -> None:
+    """Per view, as the authors do: the base view's tokens, the tiles' dominant patches in the order of the whole
+    tile grid, the tiles' [CLS] tokens, their contextual tokens; 6 tokens per view reach the decoder."""
+    dense, model = next_models()
+    batch = llava_next_batch(dense, [(3, 5), (2, 2), (6, 1), (4, 4)], NEXT_SIZES, padding_side)
+    with torch.no_grad():
+        got = model(**batch).logits
+        want = visionzip_reference_logits(dense, batch, NEXT_CONFIG.dominant, NEXT_CONFIG.contextual)
+    views = [1 + 2, 1 + 4, 0, 1 + 2]
+    for r, row in enumerate(want):
+        real = batch["attention_mask"][r].bool()
+        text = int((real & (batch["input_ids"][r] != IMAGE_TOKEN_ID)).sum())
+        assert row.shape[0] == text + NEXT_CONFIG.kept * views[r]
+        image = batch["input_ids"][r] == IMAGE_TOKEN_ID  # one image per row: it keeps its first placeholders
+        keep = real & ~(image & ((image.cumsum(0) - 1) >= NEXT_CONFIG.kept * views[r]))
+        torch.testing.assert_close(got[r, keep], row, atol=2e-5, rtol=1e-4)
+
+
+def test_llava_next_generate_batched_equals_rows_alone_and_recomputation() -> None:
+    dense, model = next_models()
+    batch = llava_next_batch(dense, [(3, 5), (2, 2), (6, 1), (4, 4)], NEXT_SIZES, "left")  # the dense placeholders
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None,
+               suppress_tokens=[IMAGE_TOKEN_ID])  # fmt: skip
+    with torch.no_grad():
+        together = model.generate(**batch, **gen)
+        assert torch.equal(together, model.generate(**batch, **gen, use_cache=False))
+    image = 0
+    for r, size in enumerate(NEXT_SIZES):
+        real = batch["attention_mask"][r].bool()
+        row = {"input_ids": batch["input_ids"][r : r + 1, real]}
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+        if size is not None:
+            row["pixel_values"] = batch["pixel_values"][image : image + 1]
+            row["image_sizes"] = batch["image_sizes"][image : image + 1]
+            image += 1
+        with torch.no_grad():
+            assert torch.equal(model.generate(**row, **gen)[0, -6:], together[r, -6:]), f"row {r}"
+
+
+def test_analytic_counts_views_of_576_tokens() -> None:
+    """LLaVA-NeXT's 2880 vision tokens are five views of 576: each keeps 54 + 10; LLaVA-1.5's two images, two."""
+    dims = pmod.analysis.dims.presets()["llava-next-7b"].dims
+    assert estimate(dims, VisionZipConfig(), n_vision=2880, n_text=64).routed_layers[0].processed == 64 + 5 * 64
+    assert estimate(dims, VisionZipConfig(), n_vision=1152, n_text=64).routed_layers[0].processed == 64 + 2 * 64
+    assert estimate(dims, VisionZipConfig(), n_vision=40, n_text=64).routed_layers[0].processed == 64 + 40

@@ -20,7 +20,9 @@ Conventions (they match what runs, and what ``torch.utils.flop_counter.FlopCount
   PyramidDrop's boundaries compute the same row. DART's layer K-1 projects the sequence to keys once more
   (``2 T hidden kv_width``) and its layer K compares its P pivots with every token (``2 P T hidden``).
   VisionZip shortens the sequence before the decoder: every layer, the KV cache and the LM head see
-  ``n_text + min(n_vision, dominant + contextual)`` tokens (one image; its work in the tower is not counted).
+  ``n_text + (dominant + contextual) * views`` tokens, ``views = ceil(n_vision / 576)`` (one per LLaVA-1.5 image,
+  five in LLaVA-NeXT's 2880; approximate for NeXT's unpadded tiles), at most ``n_text + n_vision``; its work in
+  the tower is not counted.
   Dense layers have no router.
 * The LM head runs on **all** prefill tokens (``2 * T * hidden * vocab``), as a plain ``model(...)`` forward or a
   training step does. ``generate()`` only computes the last position's logits during prefill; use the
@@ -181,10 +183,10 @@ def layer_cost(
 
 
 def vision_entering(plan: LayerPlan | None, n_vision: int) -> int:
-    """Vision tokens per sample that reach a layer: fewer than the image gave where the method shortened the
-    sequence before the decoder (VisionZip's plan declares ``vision_tokens``, one image's worth)."""
+    """Vision tokens per sample that reach a layer: fewer than the images gave where the method shortened the
+    sequence before the decoder (VisionZip's plan says how many: ``vision_tokens(n_vision)``)."""
     reduced = getattr(plan, "vision_tokens", None)
-    return n_vision if reduced is None else min(n_vision, reduced)
+    return n_vision if reduced is None else reduced(n_vision)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pmod.core.errors import UserError
 
@@ -29,8 +29,12 @@ class VisionTokenPath:
             ``vision_feature_layer``: -2); hidden state ``i`` is the output of encoder layer ``i - 1``.
         projector: the module that maps the selected tokens [images, tokens, width] to the decoder's width.
         image_token_id: the placeholder id standing for one vision token in ``input_ids``.
-        tokens_per_image: the placeholders the processor writes for one image.
+        tokens_per_image: the placeholders the processor writes for one image (one view; :attr:`views` for more).
         has_cls: the tower's first token is a [CLS] token that attends to every patch.
+        views: for families that tile an image into several views (LLaVA-NeXT's anyres): ``image_sizes -> [(views,
+            placeholders, tile rows, tile cols)]`` of each image of a call; None: one view per image.
+        packer: the module whose ``pack_image_features`` lays an image's views out for the decoder (LLaVA-NeXT's
+            base model), for a method that lays out reduced views its own way.
     """
 
     encoder_layers: nn.ModuleList
@@ -39,6 +43,8 @@ class VisionTokenPath:
     image_token_id: int
     tokens_per_image: int
     has_cls: bool = True
+    views: Callable[[Any], list[tuple[int, int, int, int]]] | None = None
+    packer: nn.Module | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Training-free; no decoder layer is routed. The run-time rule is in :mod:`pmod.me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,12 +26,22 @@ if TYPE_CHECKING:
 MAX_DOMINANT = 1_000_000
 
 
+#: The tokens of one view of LLaVA's CLIP-336 tower (24 x 24 patches): the analytic cost counts a sample's views
+#: as ``ceil(n_vision / VIEW_TOKENS)`` (LLaVA-1.5: one per image; LLaVA-NeXT's 2880 = 5 views).
+VIEW_TOKENS = 576
+
+
 @dataclass(frozen=True)
 class ReducedInputPlan(LayerPlan):
-    """A dense :class:`LayerPlan` of a layer that receives at most ``vision_tokens`` vision tokens per sample (the
-    sequence was shortened before the decoder), for the analytic cost (``pmod.analysis.analytic_flops``)."""
+    """A dense :class:`LayerPlan` of a layer that receives ``kept`` vision tokens per view of a sample (the sequence
+    was shortened before the decoder), for the analytic cost (``pmod.analysis.analytic_flops``)."""
 
-    vision_tokens: int = 0
+    kept: int = 0
+    view_tokens: int = VIEW_TOKENS
+
+    def vision_tokens(self, n_vision: int) -> int:
+        """Vision tokens per sample that reach the layer: ``kept`` per view, at most ``n_vision``."""
+        return min(n_vision, self.kept * max(1, math.ceil(n_vision / self.view_tokens)))
 
 
 @register_method
@@ -76,7 +87,7 @@ class VisionZipConfig(MethodConfig):
         return [None] * num_layers
 
     def layer_plan(self, num_layers: int) -> list[LayerPlan]:
-        return [ReducedInputPlan(vision_tokens=self.kept) for _ in range(num_layers)]
+        return [ReducedInputPlan(kept=self.kept) for _ in range(num_layers)]
 
     def build(self, decoder: nn.Module, layers: nn.ModuleList) -> dict[int, Any]:
         return {}

@@ -16,6 +16,7 @@ Three hooks, set up by :func:`attach_visionzip` when a model is converted:
 from __future__ import annotations
 
 import inspect
+import math
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,14 @@ def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torc
     return probs[:, :, 0, 1:].sum(1), k.mean(1)
 
 
+def dominant_mask(cls_attention: torch.Tensor, dominant: int) -> torch.Tensor:
+    """Bool [N, 1 + P]: the [CLS] token and the ``dominant - 1`` patches of highest ``cls_attention`` [N, P]."""
+    n, patches = cls_attention.shape
+    keep = torch.zeros(n, 1 + patches, dtype=torch.bool, device=cls_attention.device)
+    keep[:, 0] = True
+    return keep.scatter_(1, cls_attention.topk(dominant - 1, dim=1).indices + 1, True)
+
+
 def reduce_tokens(
     tokens: torch.Tensor, keys: torch.Tensor, cls_attention: torch.Tensor, dominant: int, contextual: int
 ) -> torch.Tensor:
@@ -52,9 +61,7 @@ def reduce_tokens(
     ``contextual`` merged tokens (targets at a uniform stride over the rest, each the target plus the mean of the
     tokens whose normalised ``keys`` [N, 1 + P, d] are most similar to its key)."""
     n, t, width = tokens.shape
-    keep = torch.zeros(n, t, dtype=torch.bool, device=tokens.device)
-    keep[:, 0] = True
-    keep.scatter_(1, cls_attention.topk(dominant - 1, dim=1).indices + 1, True)
+    keep = dominant_mask(cls_attention, dominant)
     kept = tokens[keep].view(n, dominant, width)
     if contextual == 0:
         return kept
@@ -91,7 +98,30 @@ class TowerTap:
             raise RuntimeError("VisionZip: the projector ran without its tower's selected layer; the tower and the "
                                "projector must run in one get_image_features call")  # fmt: skip
         cls_attention, keys = cls_attention_and_keys(self.layer, hidden)
+        # each view's dominant patches (0-based patch index, in order), for a packer that lays them out on the grid
+        self.seen["patches"] = dominant_mask(cls_attention, self.dominant)[:, 1:].nonzero()[:, 1].view(
+            tokens.shape[0], self.dominant - 1)  # fmt: skip
         return (reduce_tokens(tokens, keys, cls_attention, self.dominant, self.contextual).to(features.dtype),)
+
+    def pack(self, features: list[torch.Tensor], image_sizes: Any, path: VisionTokenPath) -> list[torch.Tensor]:
+        """The authors' LLaVA-NeXT layout of each image's reduced views ``features[i]`` [views, kept, D]: the base
+        view's tokens; the tiles' dominant patches in row-major order of the whole tile grid (no unpadding, no
+        newline); each tile's [CLS] token; each tile's contextual tokens."""
+        patches, side = self.seen.pop("patches"), math.isqrt(path.tokens_per_image)
+        out, start = [], 0
+        for feature, (views, _, _rows, cols) in zip(features, path.views(image_sizes), strict=True):
+            if views < 2:
+                raise RuntimeError("VisionZip: a LLaVA-NeXT image without tiles; the processor always adds them")
+            index = patches[start + 1 : start + views]  # [tiles, dominant - 1]
+            start += views
+            tile = torch.arange(views - 1, device=index.device)[:, None]
+            y, x = (tile // cols) * side + index // side, (tile % cols) * side + index % side
+            order = (y * cols * side + x).flatten().argsort()
+            tiles = feature[1:]
+            dominant = tiles[:, 1 : self.dominant].flatten(0, 1)[order]
+            contextual = tiles[:, self.dominant :].flatten(0, 1)
+            out.append(torch.cat([feature[0], dominant, tiles[:, 0], contextual]))
+        return out
 
 
 @dataclass
@@ -123,24 +153,46 @@ class SequenceHook:
 
     def __init__(self, model: nn.Module, path: VisionTokenPath, kept: int) -> None:
         self.positional = list(inspect.signature(model.forward).parameters)
-        self.image_token_id, self.per_image, self.kept = path.image_token_id, path.tokens_per_image, kept
+        self.path, self.kept = path, kept
+        self.image_token_id, self.per_image = path.image_token_id, path.tokens_per_image
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
         self.current: Shortening | None = None
         self.generating = False  # inside model.generate: the prompt is already shortened
         self.decoder_mask: torch.Tensor | None = None  # the last shortened call's padding mask
 
-    def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, left: bool) -> Shortening | None:
-        """The shortening of ``input_ids`` (None: no image placeholder); rows re-padded on the left or right."""
+    def image_counts(self, counts: torch.Tensor, image_sizes: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Placeholders given and kept of each image of a call, in order ([images] each)."""
+        if self.path.views is None:
+            if bool((counts % self.per_image).any()):
+                raise UserError(f"VisionZip: a row holds {counts.tolist()} image placeholders, not a whole number "
+                                f"of images of {self.per_image}; encode the prompts with the model's own "
+                                f"processor")  # fmt: skip
+            images = int(counts.sum()) // self.per_image
+            return torch.full((images,), self.per_image), torch.full((images,), self.kept)
+        if image_sizes is None:
+            raise UserError("VisionZip on LLaVA-NeXT counts each image's views from image_sizes: pass the "
+                            "processor's image_sizes with input_ids")  # fmt: skip
+        views = self.path.views(image_sizes)
+        given = torch.tensor([v[1] for v in views])
+        if int(given.sum()) != int(counts.sum()):
+            raise UserError(f"VisionZip: the prompts hold {int(counts.sum())} image placeholders, the images' sizes "
+                            f"give {int(given.sum())}; encode the prompts with the model's own processor")
+        return given, torch.tensor([v[0] * self.kept for v in views])
+
+    def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, left: bool,
+             image_sizes: Any = None) -> Shortening | None:  # fmt: skip
+        """The shortening of ``input_ids`` (None: no image placeholder); rows re-padded on the left or right.
+        Images take the placeholders in order, row after row; each keeps its first ``kept`` placeholders."""
         is_image = input_ids == self.image_token_id
         counts = is_image.sum(1)
         if not bool(counts.any()):
             return None
-        if bool((counts % self.per_image).any()):
-            raise UserError(f"VisionZip: a row holds {counts.tolist()} image placeholders, not a whole number "
-                            f"of images of {self.per_image}; encode the prompts with the model's own "
-                            f"processor")  # fmt: skip
-        rank = (is_image.cumsum(1) - 1) % self.per_image
-        keep = ~(is_image & (rank >= self.kept))
+        given, kept = (t.to(input_ids.device) for t in self.image_counts(counts, image_sizes))
+        flat = is_image.flatten()
+        index = flat.cumsum(0) - 1  # each placeholder's number over the whole batch
+        image = torch.searchsorted(given.cumsum(0), index, right=True).clamp(max=len(given) - 1)
+        rank = index - (given.cumsum(0) - given)[image]
+        keep = ~(flat & (rank >= kept[image])).view_as(is_image)
         if attention_mask is not None and attention_mask.dim() == 2:
             keep &= attention_mask.bool()  # padding is dropped too, and the rows padded again to the longest
         lengths = keep.sum(1)
@@ -161,7 +213,7 @@ class SequenceHook:
             return None
         if left is None:  # keep the batch's own padding side (left when some row starts with padding)
             left = mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any())
-        short = self.plan(ids, mask, left)
+        short = self.plan(ids, mask, left, kwargs.get("image_sizes"))
         if short is None:
             return None
         if kwargs.get("position_ids") is not None:
@@ -232,9 +284,12 @@ def attach_visionzip(model: nn.Module, adapter: BackboneAdapter, dominant: int, 
     path = adapter.vision_token_path(model) if adapter.vision_token_path is not None else None
     if path is None or not path.has_cls:
         raise UserError(f"VisionZip ranks an image's tokens by the [CLS] attention of its CLIP tower, which pmod "
-                        f"finds in LLaVA-1.5 models only; {adapter.name} models have none (SigLIP and Qwen-VL towers "
-                        f"have no [CLS] token; LLaVA-NeXT's crops are not built yet): use a LLaVA-1.5 model, or "
-                        f"fastv, pdrop or dart, which act in the decoder")  # fmt: skip
+                        f"finds in LLaVA-1.5 and LLaVA-NeXT models; {adapter.name} models have none (SigLIP and "
+                        f"Qwen-VL towers have no [CLS] token): use fastv, pdrop or dart, which act in the "
+                        f"decoder")  # fmt: skip
+    if path.views is not None and math.isqrt(path.tokens_per_image) ** 2 != path.tokens_per_image:
+        raise UserError("VisionZip on LLaVA-NeXT lays the tiles' patches out on their grid: it needs "
+                        "vision_feature_select_strategy 'default' (the [CLS] token dropped)")  # fmt: skip
     if not isinstance(path.feature_layer, int):
         raise UserError(f"VisionZip reads one tower layer; this model concatenates layers {path.feature_layer}")
     if dominant + contextual > path.tokens_per_image:
@@ -245,6 +300,12 @@ def attach_visionzip(model: nn.Module, adapter: BackboneAdapter, dominant: int, 
     layer.register_forward_pre_hook(tap.layer_input, with_kwargs=True)
     layer.register_forward_hook(tap.layer_output, with_kwargs=True)
     path.projector.register_forward_pre_hook(tap.projector_input)
+    if path.packer is not None:
+        def pack(features: Any, image_sizes: Any, *args: Any, **kwargs: Any) -> tuple[list, torch.Tensor]:
+            images = tap.pack(list(features), image_sizes, path)
+            return images, torch.tensor([len(x) for x in images], device=images[0].device)
+
+        path.packer.pack_image_features = pack
     hook = SequenceHook(model, path, dominant + contextual)
     model.register_forward_pre_hook(hook.before, with_kwargs=True, prepend=True)
     model.register_forward_hook(hook.after, with_kwargs=True)
