@@ -196,6 +196,16 @@ def test_defaults_budget_and_refusals() -> None:
         VisionZipConfig(dominant=0)
 
 
+def test_towers_without_cls_are_refused_in_one_line() -> None:
+    """SigLIP (OneVision) and Qwen-VL's towers have no [CLS] token to rank by; the authors' code covers CLIP."""
+    from test_backbones import build
+
+    for family in ("llava_onevision", "qwen2_5_vl"):
+        dense, _, _ = build(family)
+        with pytest.raises(UserError, match=rf"; {family.replace('_5', '')} models have none \(SigLIP and Qwen-VL"):
+            pmod.convert(dense, VisionZipConfig(dominant=4, contextual=2))
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
