@@ -353,3 +353,19 @@ def test_analytic_counts_views_of_576_tokens() -> None:
     assert estimate(dims, VisionZipConfig(), n_vision=2880, n_text=64).routed_layers[0].processed == 64 + 5 * 64
     assert estimate(dims, VisionZipConfig(), n_vision=1152, n_text=64).routed_layers[0].processed == 64 + 2 * 64
     assert estimate(dims, VisionZipConfig(), n_vision=40, n_text=64).routed_layers[0].processed == 64 + 40
+
+
+def test_viz_refuses_visionzip_in_one_line(tmp_path, capsys) -> None:
+    """VisionZip routes no decoder layer: ``pmod viz`` has nothing to draw and says so (it raised a traceback)."""
+    from PIL import Image
+
+    from pmod.cli import main
+    from pmod.testing import tiny_llava_folder
+
+    folder = tiny_llava_folder(str(tmp_path / "dense"), num_layers=2)
+    Image.new("RGB", (32, 32), (230, 25, 25)).save(tmp_path / "red.png")
+    rc = main(["viz", "--model", folder, "--image", str(tmp_path / "red.png"), "--prompt", "What?", "--out",
+               str(tmp_path / "viz"), "--method", "visionzip"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("pmod viz: error: pmod viz shows the tokens each routed decoder layer keeps; "
+                                      "VisionZip routes no layer")  # fmt: skip
