@@ -369,3 +369,22 @@ def test_viz_refuses_visionzip_in_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("pmod viz: error: pmod viz shows the tokens each routed decoder layer keeps; "
                                       "VisionZip routes no layer")  # fmt: skip
+
+
+def test_stopping_criteria_see_the_prompt_as_given() -> None:
+    """A criterion that reads ``input_ids[:, prompt_length:]`` (pmod eval's stop strings) sees the new tokens after
+    the prompt as given, not after the shortened prompt generate runs on."""
+    from transformers import StoppingCriteriaList
+
+    _, model = models()
+    batch = batch_of(ROWS, "left", seed=8)
+    width, seen = batch["input_ids"].shape[1], []
+
+    def stop_after_three(input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        seen.append(input_ids.clone())
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - width >= 3)
+
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None)
+    with torch.no_grad():
+        out = model.generate(**batch, **gen, stopping_criteria=StoppingCriteriaList([stop_after_three]))
+    assert out.shape[1] == width + 3 and torch.equal(seen[-1], out)

@@ -244,14 +244,37 @@ class SequenceHook:
         return output
 
 
+def with_prompt(sequences: torch.Tensor, prompt: torch.Tensor, length: int) -> torch.Tensor:
+    """``sequences`` [rows, length + new] of a shortened prompt with the prompt as given [B, T] in its place (rows:
+    B times the beams or returned sequences)."""
+    prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0).to(sequences.device)
+    return torch.cat([prompt, sequences[:, length:]], dim=1)
+
+
+class PromptAsGiven:
+    """A stopping criterion or logits processor of ``generate`` that sees the sequences with the prompt as given
+    (e.g. one that decodes ``input_ids[:, prompt_length:]``), not the shortened one generate runs on."""
+
+    def __init__(self, inner: Any, prompt: torch.Tensor, length: int) -> None:
+        self.inner, self.prompt, self.length = inner, prompt, length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+        return self.inner(with_prompt(input_ids, self.prompt, self.length), scores, **kwargs)
+
+
 def generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``generate`` of a VisionZip model: the prompt shortened (left-padded) before generating; the sequences come
-    back with the prompt as given, so ``out[:, input_ids.shape[1]:]`` are the new tokens as usual."""
+    back with the prompt as given, so ``out[:, input_ids.shape[1]:]`` are the new tokens as usual, and so do the
+    sequences that stopping criteria and logits processors see."""
     hook: SequenceHook = model._visionzip
     if args:
         kwargs["input_ids"], args = args[0], args[1:]
     ids = kwargs.get("input_ids")
     short = hook.shorten(kwargs, left=True) if ids is not None else None
+    if short is not None:
+        for key in ("stopping_criteria", "logits_processor"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = type(kwargs[key])(PromptAsGiven(x, ids, short.length) for x in kwargs[key])
     hook.generating = short is not None
     try:
         out = type(model).generate(model, *args, **kwargs)
@@ -259,12 +282,9 @@ def generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         hook.generating = False
     if short is None:
         return out
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    prompt = ids.repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
-    restored = torch.cat([prompt.to(sequences.device), sequences[:, short.length :]], dim=1)
     if isinstance(out, torch.Tensor):
-        return restored
-    out.sequences = restored
+        return with_prompt(out, ids, short.length)
+    out.sequences = with_prompt(out.sequences, ids, short.length)
     return out
 
 
