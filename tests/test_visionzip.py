@@ -374,7 +374,7 @@ def test_viz_refuses_visionzip_in_one_line(tmp_path, capsys) -> None:
 def test_stopping_criteria_see_the_prompt_as_given() -> None:
     """A criterion that reads ``input_ids[:, prompt_length:]`` (pmod eval's stop strings) sees the new tokens after
     the prompt as given, not after the shortened prompt generate runs on."""
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     _, model = models()
     batch = batch_of(ROWS, "left", seed=8)
@@ -384,7 +384,14 @@ def test_stopping_criteria_see_the_prompt_as_given() -> None:
         seen.append(input_ids.clone())
         return torch.full((input_ids.shape[0],), input_ids.shape[1] - width >= 3)
 
+    def record(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        processed.append(input_ids.clone())
+        return scores
+
+    processed: list[torch.Tensor] = []
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None)
     with torch.no_grad():
-        out = model.generate(**batch, **gen, stopping_criteria=StoppingCriteriaList([stop_after_three]))
+        out = model.generate(**batch, **gen, stopping_criteria=StoppingCriteriaList([stop_after_three]),
+                             logits_processor=LogitsProcessorList([record]))  # fmt: skip
     assert out.shape[1] == width + 3 and torch.equal(seen[-1], out)
+    assert [p.shape[1] for p in processed] == [width, width + 1, width + 2] and torch.equal(processed[-1], out[:, :-1])

@@ -258,8 +258,9 @@ class PromptAsGiven:
     def __init__(self, inner: Any, prompt: torch.Tensor, length: int) -> None:
         self.inner, self.prompt, self.length = inner, prompt, length
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
-        return self.inner(with_prompt(input_ids, self.prompt, self.length), scores, **kwargs)
+    # No **kwargs: transformers' LogitsProcessorList would then ask for each named keyword.
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> Any:
+        return self.inner(with_prompt(input_ids, self.prompt, self.length), scores)
 
 
 def generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
