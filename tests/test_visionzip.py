@@ -395,3 +395,22 @@ def test_stopping_criteria_see_the_prompt_as_given() -> None:
                              logits_processor=LogitsProcessorList([record]))  # fmt: skip
     assert out.shape[1] == width + 3 and torch.equal(seen[-1], out)
     assert [p.shape[1] for p in processed] == [width, width + 1, width + 2] and torch.equal(processed[-1], out[:, :-1])
+
+
+def test_demo_evaluation_costs_visionzip_with_its_own_analytic_cost(tmp_path) -> None:
+    """The ablation's evaluation reports a VisionZip model's own analytic TFLOPs and retention, not dense's (it
+    routes no layer, and the evaluation took such a model for a dense one)."""
+    from pmod.data import synth
+    from pmod.experiments.demo_runs import evaluate_model
+    from pmod.io.model_folder import load_model
+    from pmod.testing import tiny_llava_folder
+
+    folder = tiny_llava_folder(str(tmp_path / "dense"), num_layers=2)
+    _, test = synth.generate(tmp_path / "data", 20, seed=0)
+    records = [r for r in json.loads(test.read_text()) if r.get("image")][:2]
+    config = VisionZipConfig(dominant=3, contextual=1)
+    model, processor = load_model(folder, "cpu", "pmod test", config)
+    result = evaluate_model(model, processor, tmp_path / "data", records, batch_size=2)
+    report = estimate(model.config, config, n_vision=result["n_vision"], n_text=result["n_text"], dtype="float32")
+    assert result["prefill_tflops"] == report.routed_flops / 1e12 < report.dense_flops / 1e12
+    assert result["mean_retention"] == pytest.approx(4 / result["n_vision"])
