@@ -326,6 +326,20 @@ def test_llava_next_equals_the_reference(padding_side: str) -> None:
         torch.testing.assert_close(got[r, keep], row, atol=2e-5, rtol=1e-4)
 
 
+def test_a_deep_copy_runs_on_its_own_hooks() -> None:
+    """``copy.deepcopy`` of a converted model (LLaVA-NeXT's packing too) gives the same logits, and the copy's
+    hooks are its own: the original model's weights changed afterwards do not reach it."""
+    dense, model = next_models()
+    batch = llava_next_batch(dense, [(3, 5), (2, 2)], [(16, 32), (32, 32)], "left")
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(**batch).logits
+        torch.testing.assert_close(copied(**batch).logits, want, atol=0, rtol=0)
+        for p in model.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(copied(**batch).logits, want, atol=0, rtol=0)
+
+
 def test_llava_next_generate_batched_equals_rows_alone_and_recomputation() -> None:
     dense, model = next_models()
     batch = llava_next_batch(dense, [(3, 5), (2, 2), (6, 1), (4, 4)], NEXT_SIZES, "left")  # the dense placeholders

@@ -81,8 +81,8 @@ def reduce_tokens(
 class TowerTap:
     """The hooks on the selected tower layer and the projector: the projector gets the reduced tokens."""
 
-    def __init__(self, layer: nn.Module, dominant: int, contextual: int) -> None:
-        self.layer, self.dominant, self.contextual = layer, dominant, contextual
+    def __init__(self, layer: nn.Module, dominant: int, contextual: int, path: VisionTokenPath) -> None:
+        self.layer, self.dominant, self.contextual, self.path = layer, dominant, contextual, path
         self.seen: dict[str, torch.Tensor] = {}
 
     def layer_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -102,6 +102,12 @@ class TowerTap:
         self.seen["patches"] = dominant_mask(cls_attention, self.dominant)[:, 1:].nonzero()[:, 1].view(
             tokens.shape[0], self.dominant - 1)  # fmt: skip
         return (reduce_tokens(tokens, keys, cls_attention, self.dominant, self.contextual).to(features.dtype),)
+
+    def pack_image_features(self, features: Any, image_sizes: Any, *args: Any, **kwargs: Any) -> tuple[list, Any]:
+        """LLaVA-NeXT's ``pack_image_features`` (set on the model by :func:`attach_visionzip`; a bound method, so
+        that a deep copy of the model packs with its own tap): the images and their token counts."""
+        images = self.pack(list(features), image_sizes, self.path)
+        return images, torch.tensor([len(x) for x in images], device=images[0].device)
 
     def pack(self, features: list[torch.Tensor], image_sizes: Any, path: VisionTokenPath) -> list[torch.Tensor]:
         """The authors' LLaVA-NeXT layout of each image's reduced views ``features[i]`` [views, kept, D]: the base
@@ -317,16 +323,12 @@ def attach_visionzip(model: nn.Module, adapter: BackboneAdapter, dominant: int, 
         raise UserError(f"VisionZip keeps dominant + contextual = {dominant} + {contextual} tokens per image, more "
                         f"than the {path.tokens_per_image} of this model's images; lower them")  # fmt: skip
     layer = path.encoder_layers[selected_layer(path)]
-    tap = TowerTap(layer, dominant, contextual)
+    tap = TowerTap(layer, dominant, contextual, path)
     layer.register_forward_pre_hook(tap.layer_input, with_kwargs=True)
     layer.register_forward_hook(tap.layer_output, with_kwargs=True)
     path.projector.register_forward_pre_hook(tap.projector_input)
     if path.packer is not None:
-        def pack(features: Any, image_sizes: Any, *args: Any, **kwargs: Any) -> tuple[list, torch.Tensor]:
-            images = tap.pack(list(features), image_sizes, path)
-            return images, torch.tensor([len(x) for x in images], device=images[0].device)
-
-        path.packer.pack_image_features = pack
+        path.packer.pack_image_features = tap.pack_image_features
     hook = SequenceHook(model, path, dominant + contextual)
     model.register_forward_pre_hook(hook.before, with_kwargs=True, prepend=True)
     model.register_forward_hook(hook.after, with_kwargs=True)
