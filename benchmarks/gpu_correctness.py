@@ -4,7 +4,8 @@
   :mod:`pmod.testing.reference` (batch 4: left and right padding, unequal vision counts, a row without an image,
   scattered vision tokens), per attention backend;
 * cached generation against recomputation;
-* a batch of 8 with mixed lengths against each row alone.
+* a batch of 8 with mixed lengths against each row alone;
+* VisionZip (which acts before the decoder) on LLaVA against its reference, and its cached generation.
 
 Where sdpa packs rows of unequal counts (``pmod.set_attention_path``'s ``auto``: CUDA, half precision), the sdpa
 checks run the packed path and the padded path is checked beside it.
@@ -282,6 +283,30 @@ def check_batch_vs_rows(device: str, steps: int = 12) -> Check:
             "mismatched_rows": mismatched, "passed": not mismatched}  # fmt: skip
 
 
+def check_visionzip(device: str, padding_side: str) -> Check:
+    """fp32: VisionZip on a LLaVA batch (unequal image counts, a text-only row) against its reference
+    (:mod:`pmod.testing.reference_visionzip`: the tower's own attention weights, per-image loops), and its cached
+    generation against recomputation. VisionZip acts before the decoder, so it has no bare-decoder check."""
+    from pmod.testing.reference_visionzip import visionzip_reference_logits
+
+    dense = tiny_llava(num_layers=6).to(device)
+    config = pmod.VisionZipConfig(dominant=6, contextual=3)
+    model = pmod.convert(copy.deepcopy(dense), config)
+    batch = llava_batch(dense, [(3, 5), (2, 2), (6, 1), (4, 4)], [True, True, False, True], padding_side)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    image = batch["input_ids"] == IMAGE_TOKEN_ID
+    keep = batch["attention_mask"].bool() & ~(image & ((image.cumsum(1) - 1) % 64 >= config.kept))
+    with torch.no_grad():
+        got = model(**batch).logits
+        want = visionzip_reference_logits(dense, batch, config.dominant, config.contextual)
+        err = max(_max_err(got[r, keep[r]], row) for r, row in enumerate(want))
+        cached = model.generate(**batch, max_new_tokens=8, **GEN)
+        same = bool(torch.equal(cached, model.generate(**batch, max_new_tokens=8, use_cache=False, **GEN)))
+    return {"check": "visionzip", "method": "visionzip", "padding_side": padding_side, "dtype": "float32",
+            "max_err": err, "tolerance": FP32_ATOL, "same_tokens": same,
+            "passed": same and err <= FP32_ATOL}  # fmt: skip
+
+
 def run_all(device: str, log: Callable[[str], None] = print) -> list[Check]:
     """Every check, fp32 and bf16, on ``device``."""
     checks: list[Check] = []
@@ -302,6 +327,8 @@ def run_all(device: str, log: Callable[[str], None] = print) -> list[Check]:
             if attention_path_used("auto", "sdpa", device, dtype) != "padded":
                 add(check_layers(method, device, dtype, "sdpa", "left", path="padded"))
             add(check_cached_decoder(method, device, dtype))
+    for side in ("left", "right"):
+        add(check_visionzip(device, side))
     add(check_llava_generate(device))
     add(check_batch_vs_rows(device))
     return checks

@@ -181,7 +181,19 @@ def processed_per_layer(model, processor, out: Path) -> tuple[list[int], int, in
     n = int(inputs["input_ids"].shape[1])
     n_vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
     counts = [n] * model.config.text_config.num_hidden_layers
-    if pmod.get_method_config(model) is not None and pmod.layer_ratios(model) != [None] * len(counts):
+    method = pmod.get_method_config(model)
+    if method is not None and not method.routes_layers:  # VisionZip: the sequence the decoder layers get is shorter
+        from pmod.core.backbone import backbone_for
+
+        layers = backbone_for(model).decoder_layers(model)
+        hooks = [layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: counts.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]),
+            with_kwargs=True) for i, layer in enumerate(layers)]  # fmt: skip
+        with torch.no_grad():
+            model(**inputs)
+        for hook in hooks:
+            hook.remove()
+    elif method is not None and pmod.layer_ratios(model) != [None] * len(counts):
         with torch.no_grad(), pmod.record_routing(model) as rec:
             model(**inputs)
         for layer, masks in rec.processed.items():

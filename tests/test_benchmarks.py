@@ -163,8 +163,10 @@ def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path, capsys:
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     checks = result["correctness"]
     methods = gpu_check.gpu_correctness.METHODS
-    # per dtype and method: 2 backends x 2 padding sides + cached decoding; then the LLaVA generate and batch checks
-    assert len(checks) == 2 * len(methods) * (2 * 2 + 1) + 2 and set(methods) == set(pmod.method_names())
+    # per dtype and method: 2 backends x 2 padding sides + cached decoding; then VisionZip (before the decoder: no
+    # bare-decoder check) per padding side, the LLaVA generate and batch checks
+    assert len(checks) == 2 * len(methods) * (2 * 2 + 1) + 2 + 2
+    assert set(methods) | {"visionzip"} == set(pmod.method_names())
     assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
     setting = gpu_check.DRY
     mixed = len(setting["mixed"])

@@ -148,7 +148,7 @@ def test_settings_of_pmod_0_2_with_the_empty_extra_field_still_load() -> None:
 def test_registry_order_and_registration() -> None:
     # p-MoD first, then by listing_order (MoD 1, gamma-MoD 2, FastV 3, PyramidDrop 4, DART 5); alphabetical would
     # put dart first.
-    assert method_names() == ["pmod", "mod", "gamma_mod", "fastv", "pdrop", "dart"]
+    assert method_names() == ["pmod", "mod", "gamma_mod", "fastv", "pdrop", "dart", "visionzip"]
     assert register_method(pmod.PModConfig) is pmod.PModConfig  # registering again changes nothing
     assert method_class("pmod") is pmod.PModConfig
 

@@ -1,4 +1,5 @@
-"""pmod: Mixture-of-Depths multimodal LLMs (p-MoD, vanilla MoD, gamma-MoD, FastV) on Hugging Face transformers.
+"""pmod: Mixture-of-Depths multimodal LLMs (p-MoD, vanilla MoD, gamma-MoD, FastV, PyramidDrop, DART,
+VisionZip) on Hugging Face transformers.
 
 ``pmod.convert(model, config)`` turns a LLaVA / LLaVA-NeXT model (or a Llama-family decoder) into a routed model
 with any method config below; ``pmod.load(folder)`` reloads one.
@@ -40,6 +41,7 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "MoDConfig": ("pmod.methods", "MoDConfig"),
     "PDropConfig": ("pmod.methods", "PDropConfig"),
     "PModConfig": ("pmod.methods", "PModConfig"),
+    "VisionZipConfig": ("pmod.methods", "VisionZipConfig"),
     "import_llava": ("pmod.io.importers.original_llava", "import_llava"),
 }
 
@@ -104,3 +106,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (``X as X``: an explicit re
     from pmod.methods import MoDConfig as MoDConfig
     from pmod.methods import PDropConfig as PDropConfig
     from pmod.methods import PModConfig as PModConfig
+    from pmod.methods import VisionZipConfig as VisionZipConfig

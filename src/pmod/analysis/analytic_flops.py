@@ -1,5 +1,5 @@
 """Analytic FLOPs and KV-cache bytes of a decoder-only language model, dense vs a routing method (p-MoD, MoD,
-gamma-MoD, FastV, PyramidDrop, DART). What each layer computes comes from the method config's ``layer_plan``.
+gamma-MoD, FastV, PyramidDrop, DART, VisionZip). What each layer computes comes from the method config's ``layer_plan``.
 
 Conventions (they match what runs, and what ``torch.utils.flop_counter.FlopCounterMode`` reports):
 
@@ -19,6 +19,10 @@ Conventions (they match what runs, and what ``torch.utils.flop_counter.FlopCount
   sequence, one query projection and one score row (``2 T hidden kv_width + 2 hidden q_width + 2 heads T head_dim``);
   PyramidDrop's boundaries compute the same row. DART's layer K-1 projects the sequence to keys once more
   (``2 T hidden kv_width``) and its layer K compares its P pivots with every token (``2 P T hidden``).
+  VisionZip shortens the sequence before the decoder: every layer, the KV cache and the LM head see
+  ``n_text + (dominant + contextual) * views`` tokens, ``views = ceil(n_vision / 576)`` (one per LLaVA-1.5 image,
+  five in LLaVA-NeXT's 2880; approximate for NeXT's unpadded tiles), at most ``n_text + n_vision``; its work in
+  the tower is not counted.
   Dense layers have no router.
 * The LM head runs on **all** prefill tokens (``2 * T * hidden * vocab``), as a plain ``model(...)`` forward or a
   training step does. ``generate()`` only computes the last position's logits during prefill; use the
@@ -141,6 +145,7 @@ def layer_cost(
     """Cost of decoder layer ``index`` under ``plan`` (a :class:`LayerPlan`, or a p-MoD ratio; None = dense)."""
     if not isinstance(plan, LayerPlan):
         plan = LayerPlan() if plan is None else LayerPlan(ratio=plan, router_outputs=1)
+    n_vision = vision_entering(plan, n_vision)
     t = n_text + n_vision  # tokens entering the layer per sample
     question = n_text if n_question is None else min(n_question, n_text)
     routable = n_vision + (n_text - question if plan.routes_text else 0)
@@ -177,6 +182,13 @@ def layer_cost(
     )
 
 
+def vision_entering(plan: LayerPlan | None, n_vision: int) -> int:
+    """Vision tokens per sample that reach a layer: fewer than the images gave where the method shortened the
+    sequence before the decoder (VisionZip's plan says how many: ``vision_tokens(n_vision)``)."""
+    reduced = getattr(plan, "vision_tokens", None)
+    return n_vision if reduced is None else reduced(n_vision)
+
+
 def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
 
@@ -203,6 +215,12 @@ class FlopsReport:
     lm_head_decode_flops: int
     include_lm_head: bool = True
     schedule: list[float | None] = field(default_factory=list)
+    routed_lm_head_flops: int | None = None
+
+    @property
+    def routed_head_flops(self) -> int:
+        """The LM head's prefill FLOPs in the routed model: dense's, unless the method shortened the sequence."""
+        return self.lm_head_flops if self.routed_lm_head_flops is None else self.routed_lm_head_flops
 
     @property
     def dense_layers_flops(self) -> int:
@@ -218,7 +236,7 @@ class FlopsReport:
 
     @property
     def routed_flops(self) -> int:
-        return self.routed_layers_flops + (self.lm_head_flops if self.include_lm_head else 0)
+        return self.routed_layers_flops + (self.routed_head_flops if self.include_lm_head else 0)
 
     @property
     def tflops_ratio(self) -> float:
@@ -246,9 +264,16 @@ class FlopsReport:
 
     @property
     def mean_retention(self) -> float:
-        """Mean share of vision tokens the layers process (dense layers count 1)."""
+        """Mean share of vision tokens the layers process (dense layers count 1; a layer that gets a shortened
+        sequence, VisionZip's, counts the share that reaches it)."""
+
+        def share(r: float | None, cost: LayerCost) -> float:
+            if r is not None:
+                return r
+            return cost.kept_vision / self.n_vision if 0 < cost.kept_vision < self.n_vision else 1.0
+
         # fsum: the PRD values sum to a round number (0.5375 for 32 layers) that plain sum misses by an ulp.
-        return math.fsum(1.0 if r is None else r for r in self.schedule) / len(self.schedule)
+        return math.fsum(share(r, c) for r, c in zip(self.schedule, self.routed_layers)) / len(self.schedule)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary; ``layers`` holds the routed per-layer records, ``dense_layers`` the dense ones."""
@@ -264,6 +289,7 @@ class FlopsReport:
             "dense_flops": self.dense_flops,
             "pmod_flops": self.routed_flops,
             "lm_head_flops": self.lm_head_flops,
+            "pmod_lm_head_flops": self.routed_head_flops,
             "dense_flops_without_lm_head": self.dense_layers_flops,
             "pmod_flops_without_lm_head": self.routed_layers_flops,
             "tflops_ratio_without_lm_head": _ratio(self.routed_layers_flops, self.dense_layers_flops),
@@ -336,6 +362,7 @@ def estimate(
         lm_head_decode_flops=2 * batch_size * dims.hidden * dims.vocab,
         include_lm_head=include_lm_head,
         schedule=schedule,
+        routed_lm_head_flops=2 * batch_size * (vision_entering(plans[0], n_vision) + n_text) * dims.hidden * dims.vocab,
     )
 
 

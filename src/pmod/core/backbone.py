@@ -10,12 +10,41 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pmod.core.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+@dataclass(frozen=True)
+class VisionTokenPath:
+    """Where one family's per-image vision tokens pass from its tower to its projector, for a method that reduces them
+    before the decoder (VisionZip).
+
+    Attributes:
+        encoder_layers: the tower's encoder layers.
+        feature_layer: the index into the tower's hidden states whose tokens feed the projector (LLaVA's
+            ``vision_feature_layer``: -2); hidden state ``i`` is the output of encoder layer ``i - 1``.
+        projector: the module that maps the selected tokens [images, tokens, width] to the decoder's width.
+        image_token_id: the placeholder id standing for one vision token in ``input_ids``.
+        tokens_per_image: the placeholders the processor writes for one image (one view; :attr:`views` for more).
+        has_cls: the tower's first token is a [CLS] token that attends to every patch.
+        views: for families that tile an image into several views (LLaVA-NeXT's anyres): ``image_sizes -> [(views,
+            placeholders, tile rows, tile cols)]`` of each image of a call; None: one view per image.
+        packer: the module whose ``pack_image_features`` lays an image's views out for the decoder (LLaVA-NeXT's
+            base model), for a method that lays out reduced views its own way.
+    """
+
+    encoder_layers: nn.ModuleList
+    feature_layer: int
+    projector: nn.Module
+    image_token_id: int
+    tokens_per_image: int
+    has_cls: bool = True
+    views: Callable[[Any], list[tuple[int, int, int, int]]] | None = None
+    packer: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +62,8 @@ class BackboneAdapter:
             stand in the sequence (row by row), for the plots; None where the family has no images.
         flops_presets: published shapes of this family for ``pmod flops --preset`` (name -> (model dims
             as config fields, vision tokens, description)).
+        vision_token_path: ``model -> VisionTokenPath`` for methods that act on the vision tokens before the decoder;
+            None where the family has no such path that pmod supports (those methods refuse it in one line).
     """
 
     name: str
@@ -43,6 +74,7 @@ class BackboneAdapter:
     projector_prefixes: tuple[str, ...] = ()
     image_grid: Callable[[nn.Module, dict], tuple[int, int] | None] | None = None
     flops_presets: dict[str, tuple[dict[str, int], int, str]] = field(default_factory=dict)
+    vision_token_path: Callable[[nn.Module], VisionTokenPath] | None = None
 
     @property
     def multimodal(self) -> bool:

@@ -96,6 +96,9 @@ class MethodConfig:
     trainable: ClassVar[bool] = True
     #: Where the method appears in lists (help texts, tables).
     listing_order: ClassVar[int] = 100
+    #: Whether the method acts through routed decoder layers; False for a method that only shortens the sequence
+    #: before the decoder (VisionZip), whose model has no routed layer by design.
+    routes_layers: ClassVar[bool] = True
 
     def layer_ratios(self, num_layers: int) -> list[float | None]:
         """Per-layer share of the routable tokens processed (None = a dense layer)."""
@@ -109,6 +112,11 @@ class MethodConfig:
         """Create the method's routers on ``decoder`` / ``layers`` and return the routing rule of every layer that
         needs one (layer index -> rule). Called once per conversion, before the layers are switched."""
         raise NotImplementedError
+
+    def attach(self, model: nn.Module, adapter: Any) -> None:
+        """Set up what the method does outside the decoder layers (VisionZip: the vision tokens reduced before the
+        decoder), on the top-level ``model`` with its family's ``adapter``. Called once per conversion, after
+        :meth:`build`; nothing by default."""
 
     def describe(self, num_layers: int) -> str:
         """The settings in a few words, for reports (``pmod flops``): e.g. ``"FastV K=2 keep 0.5"``."""

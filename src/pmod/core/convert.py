@@ -76,7 +76,7 @@ def convert(model: nn.Module, config: MethodConfig | None = None) -> nn.Module:
     [batch, seq] or [batch, past + seq]) marks tokens a method must always process (gamma-MoD's masked routing).
     """
     adapter = backbone_for(model)
-    if is_routed_model(model):
+    if is_routed_model(model) or getattr(model, "_routing_hook", None) is not None:
         raise ValueError("This model is already converted; convert the original model, not a converted one.")
     if stored_method_config(model.config) is not None:
         raise ValueError(
@@ -101,6 +101,7 @@ def _convert(model: nn.Module, config: MethodConfig, adapter: BackboneAdapter) -
     model.register_forward_pre_hook(hook.before, with_kwargs=True)
     model.register_forward_hook(hook.after, with_kwargs=True)
     model._routing_hook = hook
+    config.attach(model, adapter)  # work before the decoder (VisionZip); its pre-hook runs before the one above
     return model
 
 
@@ -208,6 +209,19 @@ def real_tokens(
     return (own if own.dtype == torch.bool else own == 0).to(device), mask.shape[-1]
 
 
+#: The model attribute of a method that shortens the sequence before the decoder (VisionZip): an object whose
+#: ``decoder_mask`` is the padding mask [B, T'] of the sequence the decoder got in the model's last forward or
+#: generate (None: not shortened).
+SHORTENING_ATTRIBUTE = "pmod_shortening"
+
+
+def decoder_attention_mask(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The padding mask of the sequence the decoder got in ``model``'s last call on ``attention_mask``: that mask,
+    or the shortened one where the method shortened the sequence before the decoder (what the KV cache holds)."""
+    shortened = getattr(getattr(model, SHORTENING_ATTRIBUTE, None), "decoder_mask", None)
+    return attention_mask if shortened is None else shortened
+
+
 def routing_loss(model: nn.Module) -> torch.Tensor | None:
     """The weighted routing loss of the model's last training forward (gamma-MoD), already added to its loss when
     labels were given; None when the method has none."""
@@ -254,7 +268,7 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
     loader = type(base.__name__, (base,), {"__init__": init, "__module__": base.__module__})
     model = loader.from_pretrained(path, **from_pretrained_kwargs)
     model.__class__ = base
-    if not routed_layers(model):
+    if not routed_layers(model) and method_config.routes_layers:
         logger.warning("%s", no_routed_layer_warning(path, method_config))
     return model
 

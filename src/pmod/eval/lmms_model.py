@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pmod.core.cache import cache_kwargs
+from pmod.core.convert import decoder_attention_mask
 from pmod.core.deprecation import renamed_attributes
 from pmod.core.errors import UserError
 from pmod.eval.cost import (
@@ -221,7 +222,8 @@ class RoutedLMM(lmms):
 
         def read_cache() -> None:  # beam search keeps num_beams rows per request; the first one is reported
             beams = int(gen.get("num_beams", 1))
-            kv["rows"] = row_kv_bytes(cache, mask.repeat_interleave(beams, 0))[::beams]
+            decoder_mask = decoder_attention_mask(self.model, mask)  # VisionZip shortens the prompt before the decoder
+            kv["rows"] = row_kv_bytes(cache, decoder_mask.repeat_interleave(beams, 0))[::beams]
 
         clock = PrefillClock(read_cache)
         guard = FiniteLogits(lambda bad: self._refuse_non_finite(reqs[0], "logits", bad, len(reqs)))
@@ -284,7 +286,7 @@ class RoutedLMM(lmms):
             logits = self.model(**inputs, **cache_kwargs(cache), use_cache=True).logits
         _sync()
         prefill_ms = (time.perf_counter() - started) * 1000
-        kv_rows = row_kv_bytes(cache, mask)
+        kv_rows = row_kv_bytes(cache, decoder_attention_mask(self.model, mask))
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         results, costs, batch = [], [], self.cost_log.next_batch()
         counts = token_counts(inputs["input_ids"], mask, self.image_token_id)

@@ -284,9 +284,12 @@ def budgets_md(rows: dict[str, dict], workload: Workload) -> list[str]:
         # each layer's own rounding: FastV and DART keep round(n keep), the others floor(n ratio)
         plans = method_class(r["method"]).from_dict(config).layer_plan(len(ratios))
         kept = [schedules.kept_count(workload.n_vision, x, p.rounding) for x, p in zip(ratios, plans) if x is not None]
-        text = (f"- {r['label']}: routed layers {routed}, vision tokens each keeps {kept} of "
-                f"{workload.n_vision}, mean retention {r['mean_retention']:.4f}, TFLOPs {r['tflops_ratio']:.2%} of "
-                "dense")  # fmt: skip
+        where = f"routed layers {routed}, vision tokens each keeps {kept} of {workload.n_vision}"
+        if r["method"] == "visionzip":  # no routed layer: the sequence is shortened before the decoder
+            where = (f"no routed layer, {config['dominant']} dominant + {config['contextual']} contextual of "
+                     f"{workload.n_vision} vision tokens per image reach every layer")  # fmt: skip
+        text = (f"- {r['label']}: {where}, mean retention {r['mean_retention']:.4f}, TFLOPs "
+                f"{r['tflops_ratio']:.2%} of dense")  # fmt: skip
         if pmod.get("tflops_ratio") and name != "pmod":
             text += f" ({r['tflops_ratio'] / pmod['tflops_ratio'] - 1:+.2%} vs p-MoD's)"
         if r["method"] == "pdrop":

@@ -11,6 +11,9 @@ Every routed row is held to p-MoD's cost, so that accuracy is the only thing lef
   (lambda 0.5; keep 0.222 = 128 of 576 from K = 2), at whatever cost those give;
 * PyramidDrop's stage boundaries sit where the paper puts them on 32 layers (8, 16, 24: a quarter, half and three
   quarters of the depth), scaled to the model's depth (:func:`pdrop_boundaries`);
+* VisionZip reduces each image's vision tokens before the decoder: its ``visionzip`` row keeps the number of
+  dominant tokens whose TFLOPs come closest to p-MoD's, with the paper's share of contextual ones; its
+  ``visionzip_paper`` row keeps the paper's 54 + 10 of 576 scaled to the image's tokens (:func:`visionzip_paper`);
 * gamma-MoD keeps its paper settings (skip half of the routable tokens on the ARank-chosen layers): its cost is
   whatever those layers give, shown beside its accuracy.
 
@@ -31,7 +34,7 @@ from pmod.analysis.dims import LMDims
 from pmod.core import schedules
 from pmod.core.config import MethodConfig
 from pmod.core.errors import UserError
-from pmod.methods import DARTConfig, FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig
+from pmod.methods import DARTConfig, FastVConfig, GammaMoDConfig, MoDConfig, PDropConfig, PModConfig, VisionZipConfig
 
 #: MoD's layer set (the original code's ``deep_all``); the ladder's constant-ratio rungs route the same layers.
 MOD_LAYERS = "deep_all"
@@ -139,6 +142,13 @@ VARIANTS: dict[str, Variant] = {
             trained=False, needs_dense=True,
         ),
         Variant(
+            "visionzip", "VisionZip (at p-MoD's TFLOPs)", "training-free",
+            "VisionZip on the trained dense model of the same seed, no training: each image's vision tokens reduced "
+            "before the decoder to the [CLS]-attended dominant ones and a few merged contextual ones (the paper's "
+            "share, 10 of 576), as many dominant ones as give p-MoD's TFLOPs.",
+            trained=False, needs_dense=True,
+        ),
+        Variant(
             "pdrop_paper", "PyramidDrop (paper: lambda 0.5)", "training-free-paper",
             "PyramidDrop at its paper's lambda 0.5 (retention 1, 0.5, 0.25, 0.125 over the four stages), boundaries "
             "scaled as above, on the trained dense model of the same seed.",
@@ -148,6 +158,12 @@ VARIANTS: dict[str, Variant] = {
             "dart_paper", "DART (paper: keep 0.222, K=2)", "training-free-paper",
             "DART at its paper's setting (128 of 576 vision tokens = 0.222 kept from layer 2 on, 4 + 4 pivots), on "
             "the trained dense model of the same seed.",
+            trained=False, needs_dense=True,
+        ),
+        Variant(
+            "visionzip_paper", "VisionZip (paper: 54 + 10 of 576)", "training-free-paper",
+            "VisionZip at its paper's setting, 54 dominant + 10 contextual of 576 tokens, scaled to this image's "
+            "tokens (the same share, rounded, at least the [CLS] token), on the trained dense model of the same seed.",
             trained=False, needs_dense=True,
         ),
         Variant(
@@ -242,6 +258,28 @@ def dart_at_budget(workload: Workload, reference: MethodConfig, layer: int = 2) 
     return closest_on_grid(lambda r: DARTConfig(layer=layer, keep=r), workload, target, rounding="round")
 
 
+#: VisionZip's paper setting on LLaVA-1.5: 54 dominant ([CLS] included) + 10 contextual of 576 vision tokens.
+VISIONZIP_PAPER = (54, 10, 576)
+
+
+def visionzip_paper(n_vision: int) -> VisionZipConfig:
+    """The paper's 54 + 10 of 576 at the same share of ``n_vision`` tokens, rounded (64 tokens: 6 + 1); at least the
+    [CLS] token is dominant. The authors keep the counts fixed per 576-token view; a tower of another size needs
+    the share."""
+    dominant, contextual, tokens = VISIONZIP_PAPER
+    return VisionZipConfig(dominant=max(1, round(dominant * n_vision / tokens)),
+                           contextual=round(contextual * n_vision / tokens))  # fmt: skip
+
+
+def visionzip_at_budget(workload: Workload, reference: MethodConfig) -> VisionZipConfig:
+    """VisionZip with the paper's contextual share and the dominant count (1 .. n_vision - contextual) whose TFLOPs
+    come closest to ``reference``'s."""
+    contextual = visionzip_paper(workload.n_vision).contextual
+    top = max(1, workload.n_vision - contextual)
+    candidates = [VisionZipConfig(dominant=d, contextual=contextual) for d in range(1, top + 1)]
+    return closest(candidates, workload, workload.tflops(reference))
+
+
 def pdrop_boundaries(num_layers: int) -> list[int]:
     """PyramidDrop's stage boundaries on a ``num_layers`` decoder: the paper's (8, 16, 24 of
     :data:`PDROP_PAPER_DEPTH` = 32 layers) at the same share of the depth, ``b * num_layers / 32`` rounded half up
@@ -329,6 +367,8 @@ def variant_configs(
         "dart": dart_at_budget(workload, reference),
         "pdrop_paper": PDropConfig(layers=pdrop_boundaries(layers), keep=0.5),
         "dart_paper": DARTConfig(layer=2, keep=0.222),
+        "visionzip": visionzip_at_budget(workload, reference),
+        "visionzip_paper": visionzip_paper(workload.n_vision),
         "check_fastv": FastVConfig(layer=2, keep=CHECK_KEEP),
         "check_random": FastVConfig(layer=2, keep=CHECK_KEEP, ranking="random"),
         "check_blind": None,

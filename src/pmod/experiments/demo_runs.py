@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from pmod.core.config import MethodConfig
-from pmod.core.convert import is_routed_model, layer_ratios
+from pmod.core.convert import get_method_config, layer_ratios
 from pmod.experiments.demo import DemoSettings
 
 
@@ -325,7 +325,7 @@ def evaluate_model(
     n_vision = int((sample["input_ids"] == model.config.image_token_id).sum())
     n_text = int(sample["input_ids"].shape[1]) - n_vision
     cost = estimate(model.config, n_vision=n_vision, n_text=n_text, dtype="float32").to_dict()
-    key = "pmod" if is_routed_model(model) else "dense"
+    key = "pmod" if get_method_config(model) is not None else "dense"  # VisionZip routes no layer, yet saves
     return {
         "accuracy": correct / len(test),
         "per_question_kind": {k: round(c / n, 3) for k, (c, n) in sorted(per_kind.items())},

@@ -7,5 +7,6 @@ from pmod.methods.gamma_mod import GammaMoDConfig
 from pmod.methods.mod import MoDConfig
 from pmod.methods.pdrop import PDropConfig
 from pmod.methods.pmod import PModConfig
+from pmod.methods.visionzip import VisionZipConfig
 
-__all__ = ["DARTConfig", "FastVConfig", "GammaMoDConfig", "MoDConfig", "PDropConfig", "PModConfig"]
+__all__ = ["DARTConfig", "FastVConfig", "GammaMoDConfig", "MoDConfig", "PDropConfig", "PModConfig", "VisionZipConfig"]

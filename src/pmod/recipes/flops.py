@@ -73,8 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave the LM head out of the totals (it is included by default, run on every prefill token)",
     )
     parser.add_argument("--budget", type=float, metavar="SHARE", help="set the method's cost setting (PRD's beta, "
-                        "MoD's ratio, FastV's / DART's / PyramidDrop's keep, gamma-MoD's skip ratio) so that its cost "
-                        "comes closest to this share of dense's, e.g. 0.4; prints the setting chosen")  # fmt: skip
+                        "MoD's ratio, FastV's / DART's / PyramidDrop's keep, gamma-MoD's skip ratio, VisionZip's "
+                        "dominant) so that its cost comes closest to this share of dense's, e.g. 0.4; prints the "
+                        "setting chosen")  # fmt: skip
     parser.add_argument("--budget-measure", choices=MEASURES, default="tflops", help="what --budget is a share of: "
                         "prefill TFLOPs (default) or KV-cache bytes")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UserError(str(err)) from None
-    if all(layer.ratio is None for layer in report.routed_layers):
+    if config.routes_layers and all(layer.ratio is None for layer in report.routed_layers):
         print(f"pmod flops: warning: no layer is routed ({method} settings that leave every layer dense); these are "
               f"the dense model's costs", file=sys.stderr)  # fmt: skip
     if args.json:
@@ -264,7 +265,9 @@ def format_report(report: FlopsReport, name: str) -> str:
     lines += [
         "",
         f"LM head: {_g(report.lm_head_flops / GFLOP)} GFLOPs on all {t} prefill tokens per sample (generate() "
-        f"computes only the last position's logits: {_g(report.lm_head_decode_flops / GFLOP)} GFLOPs).",
+        f"computes only the last position's logits: {_g(report.lm_head_decode_flops / GFLOP)} GFLOPs)"
+        + (f"; {method}: {_g(report.routed_head_flops / GFLOP)} GFLOPs on the shortened sequence."
+           if report.routed_head_flops != report.lm_head_flops else "."),
         f"mean vision retention {r['mean_retention']:.4f}; attention counted over the full K x K score matrix; "
         f"the router column includes the ranking work of FastV, PyramidDrop and DART.",
     ]

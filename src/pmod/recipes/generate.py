@@ -41,12 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "flops --budget); the setting chosen is printed")  # fmt: skip
 
 
-def cache_report(cache: Any) -> str:
-    """KV bytes of the cache next to what a dense model holds for the same tokens (every layer like layer 0)."""
+def cache_report(cache: Any, tokens: int | None = None) -> str:
+    """KV bytes of the cache next to what a dense model holds for the same tokens: every layer like layer 0, which
+    caches every token it gets; ``tokens``, the positions a dense model caches per row, where the method shortened
+    the sequence before the decoder (VisionZip: layer 0 holds fewer)."""
     from pmod.core.cache import kv_cache_bytes
 
     size = kv_cache_bytes(cache)
     dense = size.layer_bytes[0] * len(size.layer_bytes)  # layer 0 is always dense and caches every token
+    if tokens is not None and size.layer_slots[0]:
+        dense = dense * tokens // size.layer_slots[0]
     mib, share = 2**20, size.total_bytes / dense
     return f"KV cache: {size.total_bytes / mib:.2f} MiB (dense model: {dense / mib:.2f} MiB, {share:.1%})"
 
@@ -72,7 +76,9 @@ def answer(
             **sampling,
         )
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    return processor.batch_decode(new, skip_special_tokens=True), cache_report(cache_of(out))
+    # generate caches every position but the last one it returns (VisionZip's prompt comes back as given)
+    texts = processor.batch_decode(new, skip_special_tokens=True)
+    return texts, cache_report(cache_of(out), out.sequences.shape[1] - 1)
 
 
 def config_at_budget(folder: Path, config: Any, budget: float, prompt: str | None) -> Any:

@@ -60,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
             f"--method {' / '.join(method_flags.training_free_methods())}, or convert it (pmod.convert) or train "
             f"it with pmod train first."
         )
+    chosen = method_config or stored_method_config(config)
+    if chosen is not None and not chosen.routes_layers:
+        raise UserError(f"pmod viz shows the tokens each routed decoder layer keeps; {chosen.display_name} routes no "
+                        f"layer (it shortens each image's tokens before the decoder), so there is nothing to show: "
+                        f"run pmod generate or pmod flops with it")  # fmt: skip
     if routes_no_layer(config):
         raise UserError(f"no layer of {args.model} is routed (its settings leave every layer dense): it runs as the "
                         f"dense model and there is no routing to show; pass a model with routed layers.")  # fmt: skip
