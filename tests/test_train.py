@@ -75,6 +75,27 @@ def test_stage2_reduces_loss_and_logs_routing(train_setup: dict[str, str], tmp_p
                                        for i, r in enumerate(ratios) if r is not None})  # fmt: skip
 
 
+
+def test_routing_is_recorded_only_in_the_steps_that_log(
+    train_setup: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routing statistics cost a recording pass: it runs in every micro-batch of the steps the Trainer logs (2 and 4
+    of 4 with --logging-steps 0.5, 2 micro-batches each) and in no other, and each of those steps logs them."""
+    from pmod.recipes import trainer as trainer_module
+
+    recorded = []
+    inner = trainer_module.record_routing
+
+    def counted(model):  # noqa: ANN001, ANN202
+        recorded.append(1)
+        return inner(model)
+
+    monkeypatch.setattr(trainer_module, "record_routing", counted)
+    flags = ("--max-steps", "4", "--logging-steps", "0.5", "--gradient-accumulation-steps", "2")
+    trainer = train(parse_args(train_argv(train_setup, tmp_path, *flags)))
+    logged = [log["step"] for log in trainer.state.log_history if "pmod/processed/L1" in log]
+    assert logged == [2, 4] and len(recorded) == 4
+
 class _StopAfter(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
