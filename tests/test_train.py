@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pmod.data import synth
-from pmod.recipes.train import TrainError, parse_args
+from pmod.recipes.train import TrainConfig, TrainError, parse_args
 from pmod.recipes.trainer_fields import installed_name
 from pmod.recipes.training import train
 
@@ -38,7 +39,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_stage1_trains_only_projector(train_setup: dict[str, str], tmp_path: Path) -> None:
-    train(*parse_args(train_argv(train_setup, tmp_path, "--stage", "pretrain", "--max-steps", "2")))
+    train(parse_args(train_argv(train_setup, tmp_path, "--stage", "pretrain", "--max-steps", "2")))
     before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -49,7 +50,7 @@ def test_stage1_trains_only_projector(train_setup: dict[str, str], tmp_path: Pat
 
 def test_stage2_reduces_loss_and_logs_routing(train_setup: dict[str, str], tmp_path: Path) -> None:
     trainer = train(
-        *parse_args(
+        parse_args(
             train_argv(
                 train_setup, tmp_path, "--max-steps", "16", "--learning-rate", "3e-3", "--group-by-modality-length"
             )
@@ -74,6 +75,27 @@ def test_stage2_reduces_loss_and_logs_routing(train_setup: dict[str, str], tmp_p
                                        for i, r in enumerate(ratios) if r is not None})  # fmt: skip
 
 
+
+def test_routing_is_recorded_only_in_the_steps_that_log(
+    train_setup: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routing statistics cost a recording pass: it runs in every micro-batch of the steps the Trainer logs (2 and 4
+    of 4 with --logging-steps 0.5, 2 micro-batches each) and in no other, and each of those steps logs them."""
+    from pmod.recipes import trainer as trainer_module
+
+    recorded = []
+    inner = trainer_module.record_routing
+
+    def counted(model):  # noqa: ANN001, ANN202
+        recorded.append(1)
+        return inner(model)
+
+    monkeypatch.setattr(trainer_module, "record_routing", counted)
+    flags = ("--max-steps", "4", "--logging-steps", "0.5", "--gradient-accumulation-steps", "2")
+    trainer = train(parse_args(train_argv(train_setup, tmp_path, *flags)))
+    logged = [log["step"] for log in trainer.state.log_history if "pmod/processed/L1" in log]
+    assert logged == [2, 4] and len(recorded) == 4
+
 class _StopAfter(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -87,10 +109,10 @@ class _StopAfter(TrainerCallback):
 def test_resume_parity_and_atomic_checkpoints(train_setup: dict[str, str], tmp_path: Path) -> None:
     common = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "3", "--group-by-modality-length")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train(*parse_args(train_argv(train_setup, straight, *common)))
-    train(*parse_args(train_argv(train_setup, broken, *common)), callbacks=[_StopAfter(3)])
+    train(parse_args(train_argv(train_setup, straight, *common)))
+    train(parse_args(train_argv(train_setup, broken, *common)), callbacks=[_StopAfter(3)])
     assert sorted(p.name for p in broken.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
-    resumed = train(*parse_args(train_argv(train_setup, broken, *common, "--resume-from-checkpoint", "auto")))
+    resumed = train(parse_args(train_argv(train_setup, broken, *common, "--resume-from-checkpoint", "auto")))
     assert resumed.state.global_step == 6
     assert not [p for p in broken.iterdir() if p.name.startswith("tmp-")]
     a, b = _weights(straight), _weights(broken)
@@ -110,12 +132,12 @@ def test_save_total_limit_keeps_the_newest_and_resuming_works(
     common = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "1", "--save-total-limit", "2",
               "--group-by-modality-length")  # fmt: skip
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train(*parse_args(train_argv(train_setup, straight, *common)))
+    train(parse_args(train_argv(train_setup, straight, *common)))
     assert _checkpoints(straight) == ["checkpoint-5", "checkpoint-6"]
-    train(*parse_args(train_argv(train_setup, broken, *common)), callbacks=[_StopAfter(4)])
+    train(parse_args(train_argv(train_setup, broken, *common)), callbacks=[_StopAfter(4)])
     assert _checkpoints(broken) == ["checkpoint-3", "checkpoint-4"]
     capsys.readouterr()
-    resumed = train(*parse_args(train_argv(train_setup, broken, *common, "--resume-from-checkpoint", "auto")))
+    resumed = train(parse_args(train_argv(train_setup, broken, *common, "--resume-from-checkpoint", "auto")))
     assert f"resuming from {broken / 'checkpoint-4'}" in capsys.readouterr().err
     assert resumed.state.global_step == 6 and _checkpoints(broken) == ["checkpoint-5", "checkpoint-6"]
     a, b = _weights(straight), _weights(broken)
@@ -127,7 +149,7 @@ def test_vision_lr_gives_the_vision_tower_its_own_groups(train_setup: dict[str, 
     """--vision-lr unfreezes the tower: its parameters, and only they, train at that lr; weight decay spares biases
     and norms in both halves (names checked by hand, not by the Trainer's own rule)."""
     flags = ("--max-steps", "1", "--vision-lr", "1e-5", "--weight-decay", "0.1", "--lr-scheduler-type", "constant")
-    trainer = train(*parse_args(train_argv(train_setup, tmp_path, *flags)))
+    trainer = train(parse_args(train_argv(train_setup, tmp_path, *flags)))
     named = list(trainer.model.named_parameters())
     assert all(p.requires_grad for _, p in named)
     names = {id(p): n for n, p in named}
@@ -152,19 +174,20 @@ def test_checkpointing_flag_under_either_name(train_setup: dict[str, str], tmp_p
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
         args = parse_args(train_argv(train_setup, tmp_path, "--max-steps", "1", flag))
-    assert getattr(args[2], installed_name("activation_checkpointing")) is True
-    layers = train(*args).model.model.language_model.layers
+    assert getattr(args.trainer, installed_name("activation_checkpointing")) is True
+    layers = train(args).model.model.language_model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipes_validate(recipe: Path) -> None:
-    margs, dargs, targs = parse_args(["--config", str(recipe), "--model", "m", "--learning-rate", "3e-5", "--use-cpu"])
+    config = parse_args(["--config", str(recipe), "--model", "m", "--learning-rate", "3e-5", "--use-cpu"])
+    targs = config.trainer
     assert targs.learning_rate == 3e-5  # the command line wins over the file
     assert getattr(targs, installed_name("activation_checkpointing")) is True  # under this transformers' name
     assert targs.lr_scheduler_type == "cosine" and targs.bf16 and targs.num_train_epochs == 1
-    assert margs.stage == "finetune" and not margs.no_pmod and dargs.group_by_modality_length
-    assert margs.method_config().layer_ratios(32)[-1] == 0.15
+    assert config.stage == "finetune" and not config.no_pmod and config.group_by_modality_length
+    assert config.method_config().layer_ratios(32)[-1] == 0.15
 
 
 def test_deepspeed_configs_parse() -> None:
@@ -183,11 +206,31 @@ def test_bad_arguments() -> None:
         parse_args(["--model", "m", "--not-a-flag", "1"])
 
 
+
+def test_one_config_from_flags_a_recipe_file_or_python(train_setup: dict[str, str], tmp_path: Path) -> None:
+    """The command line, ``TrainConfig.from_file`` and ``TrainConfig.from_values`` are one parser: the same settings
+    give the same config, ``--recipe paper`` sits under the given Trainer values, and a mistake is one line."""
+    recipe = ROOT / "recipes" / "llava15_7b_pmod.yaml"
+    argv = ["--config", str(recipe), "--model", "m", "--learning-rate", "3e-5", "--pmod-beta", "0.25", "--use-cpu"]
+    flags = parse_args(argv)
+    from_file = TrainConfig.from_file(recipe, model="m", learning_rate=3e-5, pmod_beta=0.25, use_cpu=True)
+    own = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("trainer", "method_settings")]
+    assert [getattr(from_file, k) for k in own] == [getattr(flags, k) for k in own]
+    assert from_file.method_config() == flags.method_config() and flags.method_config().beta == 0.25
+    trainer_keys = ("learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "save_steps", "output_dir")
+    assert [getattr(from_file.trainer, k) for k in trainer_keys] == [getattr(flags.trainer, k) for k in trainer_keys]
+    paper = TrainConfig.from_values({"model": "m", "stage": "pretrain", "recipe": "paper", "weight-decay": 0.1})
+    assert (paper.trainer.learning_rate, paper.trainer.weight_decay) == (1e-3, 0.1)
+    with pytest.raises(TrainError, match=r"^unknown settings \['bogus'\]; `pmod train --help` lists the flags$"):
+        TrainConfig.from_values({"model": "m", "bogus": 1})
+    with pytest.raises(TrainError, match=r"^the TrainConfig has no trainer arguments: pass trainer="):
+        train(TrainConfig(model=train_setup["model"], data_path=train_setup["data"]))
+
 _DIST_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from pmod.recipes.train import parse_args
 from pmod.recipes.training import train
-trainer = train(*parse_args(sys.argv[2:]))
+trainer = train(parse_args(sys.argv[2:]))
 rank = dist.get_rank() if dist.is_initialized() else 0
 params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
 losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -240,7 +283,7 @@ def test_lora_merges_adapters_and_trains_routers_fully(train_setup: dict[str, st
     import pmod
 
     flags = ("--max-steps", "3", "--learning-rate", "1e-2", "--lora-r", "4")
-    train(*parse_args(train_argv(train_setup, tmp_path, *flags)))
+    train(parse_args(train_argv(train_setup, tmp_path, *flags)))
     model = pmod.load(tmp_path)  # a merged, plain p-MoD folder
     assert pmod.is_routed_model(model)
     before, after = _weights(Path(train_setup["model"])), _weights(tmp_path)
@@ -318,7 +361,7 @@ def test_stage2_trains_other_methods(
     test_train_first_step.py)."""
     import pmod
 
-    trainer = train(*parse_args(train_argv(train_setup, tmp_path, "--max-steps", "3", *flags)))
+    trainer = train(parse_args(train_argv(train_setup, tmp_path, "--max-steps", "3", *flags)))
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all(math.isfinite(log["loss"]) for log in logs) and logs[-1]["pmod/nonfinite_loss_steps"] == 0
     if method == "gamma_mod":
@@ -336,14 +379,14 @@ def test_a_routed_folder_keeps_its_routing_or_refuses_another(train_setup: dict[
     import pmod
 
     first = tmp_path / "pmod"
-    train(*parse_args(train_argv(train_setup, first, "--max-steps", "1")))
+    train(parse_args(train_argv(train_setup, first, "--max-steps", "1")))
     routed = {**train_setup, "model": str(first)}
     for flags, asked in ((("--method", "mod"), "MoDConfig"), (("--method", "dense"), "a dense model"),
                          (("--pmod-max-ratio", "0.5"), "max_ratio=0.5")):  # fmt: skip
         with pytest.raises(TrainError, match=f"is already a pmod model, but this run asks for .*{asked}"):
-            train(*parse_args(train_argv(train_setup | routed, tmp_path / "no", "--max-steps", "1", *flags)))
+            train(parse_args(train_argv(train_setup | routed, tmp_path / "no", "--max-steps", "1", *flags)))
         assert not (tmp_path / "no").exists()
-    train(*parse_args(train_argv(routed, tmp_path / "again", "--max-steps", "1", "--method", "pmod")))
+    train(parse_args(train_argv(routed, tmp_path / "again", "--max-steps", "1", "--method", "pmod")))
     assert pmod.get_method_config(pmod.load(tmp_path / "again")) == pmod.get_method_config(pmod.load(first))
 
 
@@ -354,10 +397,10 @@ def test_method_flags_are_checked(train_setup: dict[str, str]) -> None:
         parse_args(["--model", "m", "--pmod-beta", "x"])
     with pytest.raises(TrainError, match="unknown method"):
         parse_args(["--model", "m", "--method", "moe"])
-    margs, _, _ = parse_args(["--model", "m", "--pmod-ratios", "none,0.5,dense,0.25", "--pmod-schedule", "explicit"])
-    assert margs.method_config().layer_ratios(4) == [None, 0.5, None, 0.25]
-    margs, _, _ = parse_args(["--model", "m", "--no-pmod"])
-    assert margs.method_config() is None
+    config = parse_args(["--model", "m", "--pmod-ratios", "none,0.5,dense,0.25", "--pmod-schedule", "explicit"])
+    assert config.method_config().layer_ratios(4) == [None, 0.5, None, 0.25]
+    config = parse_args(["--model", "m", "--no-pmod"])
+    assert config.method_config() is None
 
 
 class _OverflowOnce(TrainerCallback):
@@ -385,7 +428,7 @@ class _OverflowOnce(TrainerCallback):
 
 def test_nonfinite_losses_are_counted_and_skipped(train_setup: dict[str, str], tmp_path: Path) -> None:
     flags = ("--max-steps", "4", "--method", "mod", "--mod-layers", "1,2", "--max-grad-norm", "1.0")
-    trainer = train(*parse_args(train_argv(train_setup, tmp_path, *flags)), callbacks=[_OverflowOnce(1)])
+    trainer = train(parse_args(train_argv(train_setup, tmp_path, *flags)), callbacks=[_OverflowOnce(1)])
     assert trainer.nonfinite_loss_steps == 1
     assert trainer.state.global_step == 4  # the run went on
     logs = [log for log in trainer.state.log_history if "loss" in log]

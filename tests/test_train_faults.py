@@ -65,7 +65,7 @@ def test_a_second_run_into_a_busy_output_dir_gets_one_line(train_setup: dict[str
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    trainer = train(*parse_args(train_argv(train_setup, out, "--max-steps", "1")))  # the kernel released the lock
+    trainer = train(parse_args(train_argv(train_setup, out, "--max-steps", "1")))  # the kernel released the lock
     assert trainer.state.global_step == 1 and (out / "model.safetensors").is_file()
 
 
@@ -105,7 +105,7 @@ def test_an_output_dir_it_cannot_write_is_refused_before_training(train_setup: d
     ):  # fmt: skip
         began = _Began()
         with pytest.raises(TrainError) as err:
-            train(*parse_args(train_argv(train_setup, out, "--max-steps", "1")), callbacks=[began])
+            train(parse_args(train_argv(train_setup, out, "--max-steps", "1")), callbacks=[began])
         assert str(err.value) == problem
         assert not began.began  # refused before the first step, not after the last
 
@@ -115,7 +115,7 @@ def test_a_read_only_output_dir_is_refused_before_training(train_setup: dict[str
     out = tmp_path / "ro"
     out.mkdir(mode=0o500)
     with pytest.raises(TrainError, match=r"cannot be written \(Permission denied\)"):
-        train(*parse_args(train_argv(train_setup, out, "--max-steps", "1")))
+        train(parse_args(train_argv(train_setup, out, "--max-steps", "1")))
 
 
 # ------------------------------------------------------------------------------------ case 4: a diverged run
@@ -159,7 +159,7 @@ def test_a_diverged_run_saves_nothing_and_says_so(
     flags = ("--max-steps", "6", "--save-strategy", "steps", "--save-steps", "2", "--lr-scheduler-type", "constant")
     diverge = _DivergeAt(2)
     with pytest.raises(TrainError) as err:
-        train(*parse_args(train_argv(train_setup, out, *flags)), callbacks=[diverge])
+        train(parse_args(train_argv(train_setup, out, *flags)), callbacks=[diverge])
     assert str(err.value).startswith(
         "not saving checkpoint-4 at step 4: its weights are unusable (model.multi_modal_projector.linear_1.weight is "
     )
@@ -176,7 +176,7 @@ def test_a_diverged_run_saves_nothing_and_says_so(
     )
     losses = [log["loss"] for log in diverge.logs if "loss" in log]
     assert len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses[:3]) and not math.isfinite(losses[3])
-    assert resume_point(parse_args(train_argv(train_setup, out, "--resume-from-checkpoint", "auto"))[2]) == str(
+    assert resume_point(parse_args(train_argv(train_setup, out, "--resume-from-checkpoint", "auto")).trainer) == str(
         out / "checkpoint-2"
     )
     # Logged every 2 steps, the window of steps 3-4 logs step 3's loss (the mean of its finite batches), not half
@@ -184,7 +184,7 @@ def test_a_diverged_run_saves_nothing_and_says_so(
     diverge2 = _DivergeAt(2)
     with pytest.raises(TrainError, match="^not saving checkpoint-4 at step 4"):
         argv = train_argv(train_setup, tmp_path / "out2", *flags, "--logging-steps", "2")
-        train(*parse_args(argv), callbacks=[diverge2])
+        train(parse_args(argv), callbacks=[diverge2])
     pairs = [log["loss"] for log in diverge2.logs if "loss" in log]
     assert pairs == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], rel=1e-4)
 
@@ -201,7 +201,7 @@ def test_a_mostly_skipped_run_warns_and_keeps_no_final_model(
         match=r"^not saving the final model at step 4: its weights are unusable .* 3 of 4 "
         r"batches had a non-finite loss .* no checkpoint was saved before;",
     ):
-        train(*parse_args(train_argv(train_setup, out, "--max-steps", "4", "--learning-rate", "1e30")), callbacks=[log])
+        train(parse_args(train_argv(train_setup, out, "--max-steps", "4", "--learning-rate", "1e30")), callbacks=[log])
     err = capsys.readouterr().err
     assert ("pmod train: warning: 3 of 4 batches had a non-finite loss and were skipped: most of this run's updates "
             "were skipped, so the model barely trained; lower --learning-rate (now 1e+30) or set --max-grad-norm\n"
@@ -224,7 +224,7 @@ def test_a_null_record_never_stops_training(
     for extra in ((), ("--group-by-modality-length",)):
         argv = train_argv(train_setup, tmp_path / f"out{len(extra)}", "--num-train-epochs", "1", *extra)
         argv[argv.index("--data-path") + 1] = str(data)
-        trainer = train(*parse_args(argv))
+        trainer = train(parse_args(argv))
         assert trainer.state.global_step == 3  # 9 records, batches of 4
         assert "pmod train: data: 9 records: 1 bad (skipped)" in capsys.readouterr().err
 
@@ -256,7 +256,7 @@ def test_a_kill_during_the_final_save_leaves_no_half_model(
     with monkeypatch.context() as patch:
         patch.setattr(PreTrainedModel, "save_pretrained", killed_while_writing)
         with pytest.raises(_Killed):
-            train(*parse_args(train_argv(train_setup, out, *flags)))
+            train(parse_args(train_argv(train_setup, out, *flags)))
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "config.json").exists()  # the half-written model is in staging, not at the top
     with pytest.raises(UserError, match="has no config.json"):
@@ -276,14 +276,14 @@ def test_a_kill_during_the_final_save_leaves_no_half_model(
     with monkeypatch.context() as patch:
         patch.setattr(train_output.os, "replace", killed_while_swapping)
         with pytest.raises(_Killed):
-            train(*parse_args(train_argv(train_setup, out, *resume)))
+            train(parse_args(train_argv(train_setup, out, *resume)))
     incomplete = f"{out} holds an incomplete model: its save was interrupted ({INCOMPLETE_NAME}). {INCOMPLETE_ADVICE}"
     for load in (lambda: check_model_folder(out, "pmod generate"), lambda: pmod.load(out)):
         with pytest.raises(UserError) as err:
             load()
         assert str(err.value) == incomplete
 
-    trainer = train(*parse_args(train_argv(train_setup, out, *resume)))
+    trainer = train(parse_args(train_argv(train_setup, out, *resume)))
     assert trainer.state.global_step == 4
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]  # no spurious checkpoint-5
     assert not (out / INCOMPLETE_NAME).exists() and not (out / "tmp-final").exists()
@@ -302,14 +302,14 @@ def test_broken_checkpoints_fall_back_or_answer_in_one_line(
     ones, is refused in one line."""
     flags = ("--max-steps", "4", "--save-strategy", "steps", "--save-steps", "2", "--group-by-modality-length")
     straight = tmp_path / "straight"
-    train(*parse_args(train_argv(train_setup, straight, *flags)))
+    train(parse_args(train_argv(train_setup, straight, *flags)))
     out = tmp_path / "out"
     shutil.copytree(straight, out)
     weights = out / "checkpoint-4" / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
 
     def targs(resume: str):  # noqa: ANN202
-        return parse_args(train_argv(train_setup, out, *flags, "--resume-from-checkpoint", resume))[2]
+        return parse_args(train_argv(train_setup, out, *flags, "--resume-from-checkpoint", resume)).trainer
 
     with pytest.raises(TrainError, match=(
         rf"^--resume-from-checkpoint {out / 'checkpoint-4'} cannot be resumed: model.safetensors is corrupt \(.*"
@@ -317,7 +317,7 @@ def test_broken_checkpoints_fall_back_or_answer_in_one_line(
     )):  # fmt: skip
         resume_point(targs(str(out / "checkpoint-4")))
     capsys.readouterr()
-    resumed = train(*parse_args(train_argv(train_setup, out, *flags, "--resume-from-checkpoint", "auto")))
+    resumed = train(parse_args(train_argv(train_setup, out, *flags, "--resume-from-checkpoint", "auto")))
     err = capsys.readouterr().err
     assert "pmod train: checkpoint-4 cannot be resumed (model.safetensors is corrupt (" in err
     assert "); resuming from checkpoint-2, the newest complete checkpoint, instead\n" in err

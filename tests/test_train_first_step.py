@@ -73,7 +73,7 @@ def run_first_step(setup: dict[str, str], out: Path, *flags: str) -> tuple[First
         *flags,
     ]  # fmt: skip
     record = FirstStep()
-    trainer = train(*parse_args(argv), callbacks=[record])
+    trainer = train(parse_args(argv), callbacks=[record])
     (log,) = [log for log in trainer.state.log_history if "loss" in log]
     return record, log
 

@@ -224,12 +224,10 @@ def train_config(
     non-finite losses."""
     from transformers import TrainingArguments
 
-    from pmod.recipes.train import DataArguments, ModelArguments
+    from pmod.recipes.train import TrainConfig
     from pmod.recipes.training import train
 
     seed = settings.seed if seed is None else seed
-    margs = ModelArguments(model=str(base), stage="finetune", method=config.method if config else "dense")
-    dargs = DataArguments(data_path=str(data / "train.json"), max_length=256)
     targs = TrainingArguments(
         output_dir=str(folder),
         max_steps=settings.steps,
@@ -248,8 +246,15 @@ def train_config(
         dataloader_num_workers=0,
         disable_tqdm=callbacks is not None,
     )
+    run = TrainConfig(
+        model=str(base),
+        method=config.method if config else "dense",
+        data_path=str(data / "train.json"),
+        max_length=256,
+        trainer=targs,
+    )
     started, cpu = time.time(), time.process_time()
-    trainer = train(margs, dargs, targs, callbacks=callbacks, method_config=config)
+    trainer = train(run, callbacks=callbacks, method_config=config)
     seconds, cpu = time.time() - started, time.process_time() - cpu
     history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     return {

@@ -13,6 +13,15 @@
 * Checkpoints and the final model are written atomically; ``--resume-from-checkpoint auto`` resumes the newest one
   that can be resumed. One run at a time writes an ``--output-dir`` (a lock, released when the run ends or dies).
 
+One run is one :class:`TrainConfig`: pmod's settings as fields, the method's settings, and the Trainer's
+``TrainingArguments`` beside them, filled by one parser from the command line, a recipe file or Python::
+
+    from pmod.recipes.train import TrainConfig
+    from pmod.recipes.training import train
+
+    train(TrainConfig.from_file("recipes/llava15_7b_pmod.yaml", model="stage1", output_dir="out", max_steps=10))
+    train(TrainConfig.from_values({"model": "stage1", "data_path": "d.json", "output_dir": "out", "pmod_beta": 0.3}))
+
 This module only reads and checks the flags (no torch, so ``--help`` and mistakes answer at once); the run itself
 is :mod:`pmod.recipes.training`. Also runs as ``python -m pmod.recipes.train ...`` (e.g. under ``torchrun``).
 """
@@ -24,6 +33,7 @@ import dataclasses
 import json
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,27 +56,48 @@ class TrainError(UserError):
     """A user error in the training setup (``pmod train`` prints it as one line)."""
 
 
-@dataclass
-class ModelArguments:
-    """Which model to start from, which stage to run and which routing method stage 2 trains."""
+MODEL, DATA = "model and stage", "data"
 
-    model: str | None = field(default=None, metadata={"help": "a LLaVA / LLaVA-NeXT (or routed) model folder"})
-    llm: str | None = field(default=None, metadata={"help": "assemble: a LlamaForCausalLM folder (with tokenizer)"})
-    vision_tower: str | None = field(default=None, metadata={"help": "assemble: a CLIPVisionModel folder"})
-    projector: str | None = field(default=None, metadata={"help": "assemble: projector weights (.bin/.safetensors)"})
-    stage: str = field(default="finetune", metadata={"help": "pretrain (projector only) or finetune"})
-    vision_lr: float | None = field(default=None, metadata={"help": "unfreeze the vision tower with this lr"})
-    method: str | None = field(
-        default=None,
-        metadata={"help": f"stage-2 routing method: {', '.join(TRAINABLE)} or {method_flags.DENSE} (default: a routed "
-                          f"folder's own routing, {DEFAULT_METHOD} for a dense one)"},
+
+def _setting(default: Any, help: str, group: str = MODEL) -> Any:
+    """A field of :class:`TrainConfig` that is also a flag and a recipe key of the same name."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    """One ``pmod train`` run: pmod's own settings (each field is the flag ``--<field>`` and the recipe key
+    ``<field>``), the routing method's settings, and the Hugging Face ``TrainingArguments`` beside them.
+
+    Filled by one parser, :meth:`from_values`, from command-line flags, a YAML/JSON recipe or a Python mapping; or
+    built directly: ``TrainConfig(model=..., data_path=..., trainer=TrainingArguments(output_dir=...))``."""
+
+    model: str | None = _setting(None, "a LLaVA / LLaVA-NeXT (or routed) model folder")
+    llm: str | None = _setting(None, "assemble: a LlamaForCausalLM folder (with tokenizer)")
+    vision_tower: str | None = _setting(None, "assemble: a CLIPVisionModel folder")
+    projector: str | None = _setting(None, "assemble: projector weights (.bin/.safetensors)")
+    stage: str = _setting("finetune", "pretrain (projector only) or finetune")
+    vision_lr: float | None = _setting(None, "unfreeze the vision tower with this lr")
+    method: str | None = _setting(
+        None,
+        f"stage-2 routing method: {', '.join(TRAINABLE)} or {method_flags.DENSE} (default: a routed folder's own "
+        f"routing, {DEFAULT_METHOD} for a dense one)",
     )
-    no_pmod: bool = field(default=False, metadata={"help": "finetune the dense baseline (same as --method dense)"})
-    lora_r: int | None = field(default=None, metadata={"help": "train the LLM with LoRA of this rank (needs peft)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    #: ``--<method>-<setting>`` values (generated flags, see ``pmod.recipes.method_flags``).
-    method_settings: dict[str, Any] = field(default_factory=dict, init=False)
+    no_pmod: bool = _setting(False, "finetune the dense baseline (same as --method dense)")
+    lora_r: int | None = _setting(None, "train the LLM with LoRA of this rank (needs peft)")
+    lora_alpha: int = _setting(16, "LoRA alpha")
+    lora_dropout: float = _setting(0.05, "LoRA dropout")
+    data_path: str | None = _setting(None, "LLaVA-format JSON/JSONL training file", DATA)
+    image_folder: str | None = _setting(None, "image root; default: the data file's folder", DATA)
+    max_length: int = _setting(2048, "tokens per sample; longer ones are truncated", DATA)
+    conv_template: str = _setting("auto", "auto, vicuna_v1 or chat_template", DATA)
+    on_bad_sample: str = _setting("skip", "skip (count and go on) or error (stop)", DATA)
+    group_by_modality_length: bool = _setting(False, "never mix image / text-only batches", DATA)
+    #: The method's settings by flag destination (``{"pmod_beta": 0.5}``: the ``--<method>-<setting>`` flags and
+    #: recipe keys, generated by :mod:`pmod.recipes.method_flags`).
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    #: The Hugging Face Trainer's arguments (every field a flag and a recipe key too); required by ``train``.
+    trainer: TrainingArguments | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in ("pretrain", "finetune"):
@@ -98,20 +129,19 @@ class ModelArguments:
             )
         return config
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], recipe: str | None = None) -> TrainConfig:
+        """The one parser: a mapping of flag names (dashes or underscores) to values, text from a command line or
+        typed from a recipe file, split into pmod's settings, the method's and the Trainer's; ``recipe="paper"``
+        puts the paper's schedule under them. Everything that can be checked without a model is checked here."""
+        return _config_from_values(values, recipe)
 
-@dataclass
-class DataArguments:
-    """The LLaVA-format training data."""
-
-    data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON/JSONL training file"})
-    image_folder: str | None = field(default=None, metadata={"help": "image root; default: the data file's folder"})
-    max_length: int = field(default=2048, metadata={"help": "tokens per sample; longer ones are truncated"})
-    conv_template: str = field(default="auto", metadata={"help": "auto, vicuna_v1 or chat_template"})
-    on_bad_sample: str = field(default="skip", metadata={"help": "skip (count and go on) or error (stop)"})
-    group_by_modality_length: bool = field(default=False, metadata={"help": "never mix image / text-only batches"})
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """The config of a YAML/JSON recipe (``recipes/*.yaml``), with ``overrides`` winning over the file."""
+        return _config_from_values({**read_recipe(str(path)), **overrides}, None)
 
 
-ARG_CLASSES = (ModelArguments, DataArguments)
 #: ``--recipe paper``: the paper's schedule (LLaVA's recipe); batch sizes are global (devices x per device x
 #: accumulation), so they are the user's to set: 256 for stage 1, 128 for stage 2.
 PAPER_RECIPE: dict[str, dict[str, Any]] = {
@@ -147,15 +177,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_dataclass(group: argparse._ArgumentGroup, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """A flag for every setting of :class:`TrainConfig`, under its group's heading."""
+    hints = typing.get_type_hints(TrainConfig, localns={"TrainingArguments": object})  # not imported: no torch yet
+    groups = {name: parser.add_argument_group(name) for name in (MODEL, DATA)}
+    for f in dataclasses.fields(TrainConfig):
+        if "group" not in f.metadata:
+            continue  # the method's settings and the Trainer's have their own flags
         base = next(t for t in (bool, int, float, str) if t is hints[f.name] or t in typing.get_args(hints[f.name]))
         kwargs: dict[str, Any] = {"nargs": "?", "const": True, "type": _parse_bool} if base is bool else {"type": base}
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                           help=f"{f.metadata.get('help', '')} (default: {f.default})", **kwargs)  # fmt: skip
+        groups[f.metadata["group"]].add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {f.default})", **kwargs)  # fmt: skip
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
@@ -168,8 +201,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--recipe", choices=["paper"], default=argparse.SUPPRESS, help="the paper's schedule (see below)")
     run.add_argument("--help-trainer", action="store_true", default=argparse.SUPPRESS,
                      help="list the Trainer's flags with their help and exit")  # fmt: skip
-    _add_dataclass(parser.add_argument_group("model and stage"), ModelArguments)
-    _add_dataclass(parser.add_argument_group("data"), DataArguments)
+    _add_settings(parser)
     method_flags.add_method_arguments(parser, TRAINABLE, suppress=True)
     trainer = parser.add_argument_group("Trainer (transformers.TrainingArguments; see --help-trainer)")
     # A flag renamed by transformers is taken under both names, whichever this transformers has.
@@ -188,33 +220,31 @@ def trainer_help() -> str:
     return "\n".join(f"  --{f.name.replace('_', '-'):38} {f.help[:110]}" for f in trainer_fields().values())
 
 
-def _read_config(path: str) -> dict[str, Any]:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+def read_recipe(path: str) -> dict[str, Any]:
+    """The settings of a YAML/JSON recipe file (keys are flag names with underscores); a one-line
+    :class:`TrainError` when it cannot be read or holds no mapping."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as err:
+        raise TrainError(f"cannot read --config {path}: {' '.join(str(err).split())}") from err
     if not isinstance(data, dict):
         raise TrainError(f"{path} must hold a mapping of flag names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def args_from_namespace(ns: argparse.Namespace) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Build the argument dataclasses from a namespace of given flags, the ``--recipe`` and the ``--config`` file
-    (later wins). Everything that can be checked without torch is checked first."""
-    given = {k: v for k, v in vars(ns).items() if not k.startswith("_") and k not in ("command", "config", "recipe")}
-    merged: dict[str, Any] = {}
-    if getattr(ns, "config", None):
-        try:
-            merged.update(_read_config(ns.config))
-        except (OSError, ValueError) as err:
-            raise TrainError(f"cannot read --config {ns.config}: {err}") from err
-    merged.update(given)
-    merged = {installed_name(k): v for k, v in merged.items()}
+def _config_from_values(values: Mapping[str, Any], recipe: str | None) -> TrainConfig:
+    merged = {installed_name(k.replace("-", "_")): v for k, v in values.items()}
+    recipe = merged.pop("recipe", None) or recipe
+    if recipe not in (None, "paper"):
+        raise TrainError(f"unknown recipe {recipe!r}; the one recipe is 'paper'")
     settings = {key: merged.pop(key) for key in list(method_flags.given_method_flags(merged))}
-    own = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
+    own = {f.name for f in dataclasses.fields(TrainConfig) if "group" in f.metadata}
     fields = trainer_fields()
     unknown = sorted(set(merged) - own - set(fields))
     if unknown:
@@ -223,21 +253,25 @@ def args_from_namespace(ns: argparse.Namespace) -> tuple[ModelArguments, DataArg
         problem = check_value(fields[key], merged[key])
         if problem:
             raise TrainError(f"--{key.replace('_', '-')} {problem}")
-    def values_of(cls: type) -> dict[str, Any]:
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        return {k: v for k, v in merged.items() if k in names}
-
     try:
-        margs, dargs = ModelArguments(**values_of(ModelArguments)), DataArguments(**values_of(DataArguments))
+        config = TrainConfig(**{k: v for k, v in merged.items() if k in own}, method_settings=settings)
     except TypeError as err:
         raise TrainError(str(err)) from err
-    margs.method_settings = settings
-    if margs.stage == "finetune":
-        margs.method_config()  # a bad method or setting fails here, before any model is loaded
+    if config.stage == "finetune":
+        config.method_config()  # a bad method or setting fails here, before any model is loaded
     trainer = {k: v for k, v in merged.items() if k in fields}
-    if getattr(ns, "recipe", None) == "paper":
-        trainer = {**PAPER_RECIPE[margs.stage], **trainer}
-    return margs, dargs, training_arguments(trainer)
+    if recipe == "paper":
+        trainer = {**PAPER_RECIPE[config.stage], **trainer}
+    config.trainer = training_arguments(trainer)
+    return config
+
+
+def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
+    """The config of the flags given on a command line (defaults are suppressed, so only those), over the
+    ``--config`` file's settings, over the ``--recipe``."""
+    given = {k: v for k, v in vars(ns).items() if not k.startswith("_") and k not in ("command", "config")}
+    merged = read_recipe(ns.config) if getattr(ns, "config", None) else {}
+    return _config_from_values({**merged, **given}, None)
 
 
 def training_arguments(values: dict[str, Any]) -> TrainingArguments:
@@ -261,11 +295,11 @@ def training_arguments(values: dict[str, Any]) -> TrainingArguments:
     return targs
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse ``pmod train`` flags (and ``--config`` / ``--recipe``) into the three argument dataclasses."""
+def parse_args(argv: list[str]) -> TrainConfig:
+    """The :class:`TrainConfig` of ``pmod train`` flags (and ``--config`` / ``--recipe``)."""
     parser = CommandParser(prog="pmod train", allow_abbrev=False)
     _add_flags(parser)
-    return args_from_namespace(parser.parse_args([dashed(a) for a in argv]))
+    return config_from_namespace(parser.parse_args([dashed(a) for a in argv]))
 
 
 # ------------------------------------------------------------------------------------------------------------ run
@@ -274,10 +308,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "help_trainer", False):
         print(trainer_help())
         return 0
-    margs, dargs, targs = args_from_namespace(args)
+    config = config_from_namespace(args)
     from pmod.recipes.training import train
 
-    train(margs, dargs, targs)
+    train(config)
     return 0
 
 

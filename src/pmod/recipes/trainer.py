@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
 from pmod.analysis.stats import RoutingStats
 from pmod.core.backbone import find_backbone
@@ -25,6 +25,23 @@ from pmod.recipes.train import TrainError
 TMP_PREFIX = "tmp-"
 #: The staging folder of the final model inside the output folder (see :mod:`pmod.recipes.train_output`).
 FINAL_STAGING = TMP_PREFIX + "final"
+
+
+class StepLogs(TrainerCallback):
+    """Knows, as an optimizer step begins, whether the Trainer will log it (``DefaultFlowCallback``'s rule, applied
+    one step early), so that routing is recorded only in the forwards of the steps that report it."""
+
+    def __init__(self) -> None:
+        self.now = False
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        step, every = state.global_step + 1, state.logging_steps  # every: --logging-steps, a fraction made a count
+        by_steps = args.logging_strategy == IntervalStrategy.STEPS and bool(every) and step % every == 0
+        self.now = by_steps or (args.logging_first_step and step == 1)
+
+
 class EpochDataLoader(DataLoader):
     """A DataLoader over a batch sampler that forwards ``set_epoch`` to it (Trainer calls it each epoch)."""
 
@@ -59,6 +76,8 @@ class RoutedTrainer(Trainer):
         # ones, count of the skipped ones, and the last skipped one's value.
         self._window: dict[str, Any] = {"sum": 0.0, "finite": 0, "skipped": 0, "last": math.nan}
         self._routing_losses: list[torch.Tensor] = []
+        self._step_logs = StepLogs()
+        self.add_callback(self._step_logs)
 
     # -- data
     def get_train_dataloader(self) -> DataLoader:
@@ -109,17 +128,8 @@ class RoutedTrainer(Trainer):
         return self.optimizer
 
     # -- routing statistics on logging steps; non-finite losses
-    def _is_logging_step(self) -> bool:
-        args, step = self.args, self.state.global_step + 1  # the step this forward belongs to
-        if args.logging_strategy != "steps" or not args.logging_steps:
-            return False
-        steps = args.logging_steps
-        if steps < 1:  # a fraction of max_steps
-            steps = max(1, math.ceil(self.state.max_steps * steps))
-        return step % int(steps) == 0 or (args.logging_first_step and step == 1)
-
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if self._routing is None or not model.training or not self._is_logging_step():
+        if self._routing is None or not model.training or not self._step_logs.now:
             out = super().compute_loss(model, inputs, *args, **kwargs)
         else:
             with record_routing(self._routing_model) as rec:
@@ -222,6 +232,8 @@ class RoutedTrainer(Trainer):
         )
 
     # -- resuming a finished run
+    # Kept private: it needs a hook before an epoch's first step that can skip it (on_epoch_begin, if _run_epoch
+    # read control.should_training_stop before its first step); transformers has none.
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         # Resumed from the run's last step, the Trainer would still train one step (and save checkpoint-<max+1>)
         # before it checks for the end; a finished run has nothing left to train, only its final save.
@@ -231,6 +243,8 @@ class RoutedTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
 
     # -- resume
+    # Kept private: it needs a hook that replaces the Trainer's weight loading (a callback's on_train_begin could
+    # only load them again after a plain load_state_dict that matches no key); transformers has none.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Trainer loads model.safetensors with a plain load_state_dict, but save_pretrained writes LLaVA weights
         # under their legacy key names, so nothing would match; from_pretrained applies the key mapping.
@@ -246,6 +260,8 @@ class RoutedTrainer(Trainer):
         base.load_state_dict(loaded.state_dict())
 
     # -- atomic checkpoints
+    # Kept private: staging needs a hook around the save itself (on_save runs after the files are written, in place);
+    # transformers has none. _get_output_dir is where _save_checkpoint reads its folder from.
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
 

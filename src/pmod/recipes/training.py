@@ -19,7 +19,7 @@ from pmod.core.config import MethodConfig, stored_method_config
 from pmod.core.convert import convert, get_method_config, load
 from pmod.io.importers.llava_parts import assemble_llava
 from pmod.io.model_folder import check_model_folder
-from pmod.recipes.train import DataArguments, ModelArguments, TrainError
+from pmod.recipes.train import TrainConfig, TrainError
 from pmod.recipes.train_output import output_lock, resume_point, save_final
 from pmod.recipes.trainer import RoutedTrainer, clean_staging
 from pmod.recipes.trainer_fields import installed_name
@@ -31,38 +31,39 @@ PRECHECK_RECORDS = 8
 
 
 def build_model(
-    margs: ModelArguments, method_config: MethodConfig | None = None, config: dict[str, Any] | None = None
+    cfg: TrainConfig, method_config: MethodConfig | None = None, folder_config: dict[str, Any] | None = None
 ) -> tuple[nn.Module, Any]:
-    """Load or assemble the model and processor, convert it for stage 2 (with ``method_config``, or the one of
-    ``--method``) and set what trains. ``config``: ``--model``'s config.json, when the caller checked it already."""
+    """Load or assemble the model and processor of ``cfg``, convert it for stage 2 (with ``method_config``, or the
+    one of ``--method``) and set what trains. ``folder_config``: ``--model``'s config.json, when the caller checked
+    it already."""
     wanted = None
-    if margs.stage == "finetune":
-        wanted = method_config if method_config is not None else margs.method_config()
+    if cfg.stage == "finetune":
+        wanted = method_config if method_config is not None else cfg.method_config()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars would interleave with the run's logs
     try:
-        if margs.model is not None:
-            if config is None:
-                check_model_folder(margs.model, "pmod train")
-            model = load(margs.model)  # routed or dense
-            processor = transformers.AutoProcessor.from_pretrained(margs.model)
+        if cfg.model is not None:
+            if folder_config is None:
+                check_model_folder(cfg.model, "pmod train")
+            model = load(cfg.model)  # routed or dense
+            processor = transformers.AutoProcessor.from_pretrained(cfg.model)
         else:
-            model, processor = assemble_llava(margs.llm, margs.vision_tower, margs.projector)  # type: ignore[arg-type]
+            model, processor = assemble_llava(cfg.llm, cfg.vision_tower, cfg.projector)  # type: ignore[arg-type]
     finally:
         transformers.utils.logging.enable_progress_bar()
-    if margs.stage == "finetune":
+    if cfg.stage == "finetune":
         current = get_method_config(model)
         if current is None and wanted is not None:
             convert(model, wanted)
         elif current is not None:  # routed, or settings that route no layer (it trains dense)
-            asked = method_config is not None or margs.routing_requested
+            asked = method_config is not None or cfg.routing_requested
             if asked and wanted != current:  # a routed model cannot be converted again: never train other routing
                 raise TrainError(
-                    f"{margs.model} is already a {current.method} model, but this run asks for "
+                    f"{cfg.model} is already a {current.method} model, but this run asks for "
                     f"{'a dense model' if wanted is None else f'{wanted!r}'}; start from the dense folder, or drop "
                     f"--method and the method flags to go on training its own routing."
                 )
             logger.info("model is already routed (%s); keeping its routing", current)
-    set_trainable(model, margs.stage, train_vision=margs.vision_lr is not None)
+    set_trainable(model, cfg.stage, train_vision=cfg.vision_lr is not None)
     model.config.use_cache = False
     return model, processor
 
@@ -77,7 +78,7 @@ def set_trainable(model: nn.Module, stage: str, train_vision: bool = False) -> N
             param.requires_grad_(train_vision or not adapter.is_vision_parameter(name))
 
 
-def apply_lora(model: nn.Module, margs: ModelArguments) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """LoRA adapters on the language model's projections; routers and projector train fully."""
     try:
         import peft
@@ -85,9 +86,9 @@ def apply_lora(model: nn.Module, margs: ModelArguments) -> nn.Module:
         raise TrainError("--lora-r needs peft: pip install peft") from err
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     config = peft.LoraConfig(
-        r=margs.lora_r,
-        lora_alpha=margs.lora_alpha,
-        lora_dropout=margs.lora_dropout,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
         target_modules=targets,
         modules_to_save=["multi_modal_projector", "router", "gamma_mod_router"],
     )
@@ -142,55 +143,55 @@ def check_resume_matches(checkpoint: str | None, model: nn.Module) -> None:
 
 
 def train(
-    margs: ModelArguments,
-    dargs: DataArguments,
-    targs: TrainingArguments,
+    config: TrainConfig,
     callbacks: list[TrainerCallback] | None = None,
     method_config: MethodConfig | None = None,
 ) -> RoutedTrainer:
-    """Run one training stage and save the final model and processor to ``targs.output_dir``; returns the
-    trainer (its ``state.log_history`` holds the logs). ``method_config`` overrides ``--method`` for stage 2.
+    """Run the stage of ``config`` and save the final model and processor to its ``trainer.output_dir``; returns
+    the trainer (its ``state.log_history`` holds the logs). ``method_config`` overrides ``--method`` for stage 2.
 
     The output folder is locked for the run and checked before the model loads; a checkpoint is checked before it
     is resumed; unusable (non-finite or overflowing) weights are never saved; the final save is atomic or marked
     as incomplete (:mod:`pmod.recipes.train_output`)."""
-    if dargs.data_path is None:
+    targs = config.trainer
+    if targs is None:
+        raise TrainError("the TrainConfig has no trainer arguments: pass trainer=TrainingArguments(output_dir=...)")
+    if config.data_path is None:
         raise TrainError("--data-path is required: a LLaVA-format JSON or JSONL file")
-    if not Path(dargs.data_path).is_file():
-        raise TrainError(f"--data-path {dargs.data_path} not found; pass a LLaVA-format JSON or JSONL file")
+    if not Path(config.data_path).is_file():
+        raise TrainError(f"--data-path {config.data_path} not found; pass a LLaVA-format JSON or JSONL file")
     if method_config is not None and not method_config.trainable:
         raise TrainError(f"{method_config.method} is training-free: it has nothing to train.")
     # Mistakes in the inputs answer before the output folder is created or locked.
-    config = check_model_folder(margs.model, "pmod train") if margs.model is not None else None
+    folder = check_model_folder(config.model, "pmod train") if config.model is not None else None
     with output_lock(targs):
-        return _train_locked(margs, dargs, targs, callbacks, method_config, config)
+        return _train_locked(config, targs, callbacks, method_config, folder)
 
 
 def _train_locked(
-    margs: ModelArguments,
-    dargs: DataArguments,
+    cfg: TrainConfig,
     targs: TrainingArguments,
     callbacks: list[TrainerCallback] | None,
     method_config: MethodConfig | None,
-    config: dict[str, Any] | None,
+    folder_config: dict[str, Any] | None,
 ) -> RoutedTrainer:
     from pmod.data.batching import LlavaCollator
     from pmod.data.dataset import LlavaDataset
 
     transformers.set_seed(targs.seed)
-    model, processor = build_model(margs, method_config, config)
-    if margs.lora_r:
-        model = apply_lora(model, margs)
+    model, processor = build_model(cfg, method_config, folder_config)
+    if cfg.lora_r:
+        model = apply_lora(model, cfg)
     set_trainer_options(targs, model)
     dataset = LlavaDataset(
-        dargs.data_path,
+        cfg.data_path,
         processor,
-        image_folder=dargs.image_folder,
-        max_length=dargs.max_length,
-        conv_template=dargs.conv_template,  # type: ignore[arg-type]
-        on_bad_sample=dargs.on_bad_sample,  # type: ignore[arg-type]
+        image_folder=cfg.image_folder,
+        max_length=cfg.max_length,
+        conv_template=cfg.conv_template,  # type: ignore[arg-type]
+        on_bad_sample=cfg.on_bad_sample,  # type: ignore[arg-type]
     )
-    precheck(dataset, dargs.image_folder)
+    precheck(dataset, cfg.image_folder)
     resume = resume_point(targs)
     check_resume_matches(resume, model)
     if targs.resume_from_checkpoint is not None:
@@ -203,13 +204,13 @@ def _train_locked(
         data_collator=LlavaCollator.from_tokenizer(processor.tokenizer),
         processing_class=processor,
         callbacks=callbacks,
-        group_by_modality=dargs.group_by_modality_length,
-        vision_lr=margs.vision_lr,
+        group_by_modality=cfg.group_by_modality_length,
+        vision_lr=cfg.vision_lr,
     )
     if trainer.args.should_save:
         clean_staging(targs.output_dir)
     trainer.train(resume_from_checkpoint=resume)
-    finish_training(trainer, processor, dataset, margs, targs)
+    finish_training(trainer, processor, dataset, cfg, targs)
     return trainer
 
 
@@ -228,7 +229,7 @@ def set_trainer_options(targs: TrainingArguments, model: nn.Module) -> None:
 
 
 def finish_training(
-    trainer: RoutedTrainer, processor: Any, dataset: Any, margs: ModelArguments, targs: TrainingArguments
+    trainer: RoutedTrainer, processor: Any, dataset: Any, cfg: TrainConfig, targs: TrainingArguments
 ) -> None:
     """After training: the skipped steps reported, LoRA merged into the weights, the final model and processor
     saved (:func:`pmod.recipes.train_output.save_final`), and the data used named."""
@@ -236,7 +237,7 @@ def finish_training(
     if skipped and trainer.args.should_save:
         logger.warning(skipped)
         print(f"pmod train: {skipped}", file=sys.stderr)
-    if margs.lora_r:
+    if cfg.lora_r:
         trainer.model = trainer.model.merge_and_unload()  # a plain (routed) model folder for pmod.load / generate
     trainer.model.config.use_cache = True
     save_final(trainer, processor, targs.output_dir)
