@@ -57,7 +57,7 @@ def pmod_commands(path: Path) -> list[list[str]]:
         words = shlex.split(line, comments=True)
         if words[:1] == ["pmod"]:
             commands.append(words[1:])
-        elif "pmod.recipes.train" in words:
+        elif "pmod.recipes.train" in words and words[words.index("pmod.recipes.train") - 1] == "-m":
             commands.append(["train", *words[words.index("pmod.recipes.train") + 1 :]])
     return commands
 
@@ -161,7 +161,7 @@ def test_every_command_parses(page: Path) -> None:
 #: an evaluation of 8 documents per task. Nothing else is changed; ``--resume`` continues the run it names.
 SIZE_BOUNDS = {"demo": ["--quick"], "ablate": ["--quick"], "train": ["--max-steps", "2"], "eval": ["--limit", "8"]}
 #: The tests' tiny demo task and model: the quick settings of demo and ablate become these.
-TINY = dict(samples=48, image_size=32, patch_size=8, layers=4, hidden=32, vision_hidden=32, vision_layers=1,
+TINY = dict(samples=48, image_size=32, patch_size=8, layers=4, hidden=32, vision_hidden=32, vision_layers=2,
             vision_pretrain_steps=1, steps=1, batch_size=4, eval_samples=4)  # fmt: skip
 
 
