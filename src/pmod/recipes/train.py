@@ -65,6 +65,11 @@ class ModelArguments:
     lora_r: int | None = field(default=None, metadata={"help": "train the LLM with LoRA of this rank (needs peft)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    budget_range: str | None = field(
+        default=None,
+        metadata={"help": "LO,HI: train each step at a budget (share of dense's TFLOPs) drawn from this range, so one "
+                          "model serves them all (pmod.recipes.budget_range)"},
+    )
     #: ``--<method>-<setting>`` values (generated flags, see ``pmod.recipes.method_flags``).
     method_settings: dict[str, Any] = field(default_factory=dict, init=False)
 
@@ -79,6 +84,20 @@ class ModelArguments:
             raise TrainError("--llm needs --vision-tower")
         if self.no_pmod:
             self.method = method_flags.DENSE
+        if self.budget_range is not None:
+            self.check_budget_range()
+
+    def check_budget_range(self) -> tuple[float, float]:
+        """``--budget-range`` as (LO, HI); a one-line error for a bad range, stage 1 or the dense baseline."""
+        from pmod.recipes.budget_range import parse_budget_range  # imports torch: only for runs that use it
+
+        if self.stage != "finetune" or self.method == method_flags.DENSE:
+            raise TrainError("--budget-range moves the ratios of trained routed layers: use it with --stage finetune "
+                             "and a routed --method (e.g. pmod)")  # fmt: skip
+        try:
+            return parse_budget_range(self.budget_range)  # type: ignore[arg-type]
+        except UserError as err:
+            raise TrainError(str(err)) from err
 
     @property
     def routing_requested(self) -> bool:

@@ -179,6 +179,10 @@ def _train_locked(
 
     transformers.set_seed(targs.seed)
     model, processor = build_model(margs, method_config, config)
+    if margs.budget_range is not None:  # each step at a drawn budget; the trained ratios restored before saves
+        from pmod.recipes.budget_range import BudgetRange
+
+        callbacks = [*(callbacks or []), BudgetRange(model, *margs.check_budget_range(), seed=targs.seed)]
     if margs.lora_r:
         model = apply_lora(model, margs)
     set_trainer_options(targs, model)
