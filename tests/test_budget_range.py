@@ -160,3 +160,11 @@ def test_a_range_out_of_reach_names_the_reachable_one(
     assert err == (f"pmod train: error: --budget-range 0.5,0.9: {reach.value} (for one image of 16 vision and 64 text "
                    f"tokens)")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_file_gives_the_range_as_a_list_or_text(tmp_path: Path) -> None:
+    for value, expected in (("[0.3, 0.8]", (0.3, 0.8)), ('"0.25,0.5"', (0.25, 0.5))):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"budget_range: {value}\n")
+        margs, _, _ = parse_args(["--model", "m", "--data-path", "d", "--config", str(recipe)])
+        assert margs.check_budget_range() == expected
