@@ -108,7 +108,7 @@ def set_budget(
     workload = {"n_vision": n_vision, "n_text": n_text, **workload}
     dims = LMDims.from_config(model.config)
     if current.trainable:
-        chosen = _scaled_at_budget(current, [layer.routing_ratio if i in routed else None for i, layer in
+        chosen = scaled_at_budget(current, [layer.routing_ratio if i in routed else None for i, layer in
                                              enumerate(layers)], dims, budget, measure, workload)  # fmt: skip
         for i, ratio in enumerate(chosen.layer_ratios(len(layers))):
             if i in routed:
@@ -125,11 +125,12 @@ def set_budget(
     return chosen
 
 
-def _scaled_at_budget(
+def scaled_at_budget(
     config: MethodConfig, ratios: list[float | None], dims: Any, budget: float, measure: str, workload: dict
 ) -> MethodConfig:
-    """``config`` with every routed layer's share of ``ratios`` times one factor (at most 1), closest to
-    ``budget``."""
+    """``config`` (a trained method's) with every routed layer's share of ``ratios`` (per layer, None for a dense
+    one) times one factor (each share at most 1), the factor whose cost for ``workload`` comes closest to
+    ``budget``: what :func:`set_budget` runs a trained model at. ValueError naming the reachable range."""
     routed = [r for r in ratios if r is not None]
 
     def scaled(factor: float) -> MethodConfig:

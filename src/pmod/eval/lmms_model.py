@@ -3,7 +3,8 @@
 One class for dense and routed models: ``pretrained`` is a pmod folder (p-MoD, MoD, gamma-MoD, FastV) or a plain
 Hugging Face LLaVA folder, and ``method=`` converts a dense one on the fly (``method=fastv,fastv_keep=0.25``).
 Other model args: ``dtype`` (auto, float32, bfloat16, float16), ``attn_implementation``, ``device``,
-``batch_size``, ``max_new_tokens`` (used when a task sets none), ``chat_template`` (a Jinja template or a file; the
+``batch_size``, ``max_new_tokens`` (used when a task sets none), ``budget`` (a share of dense's TFLOPs the model is
+moved to after loading, :mod:`pmod.eval.budgets`), ``chat_template`` (a Jinja template or a file; the
 processor's own, else LLaVA's Vicuna v1 prompt, as ``pmod generate``), ``cost_dir`` (where the per-request cost
 lines go; default ``$PMOD_COST_DIR``, else ``pmod-costs/<folder name>``).
 
@@ -34,6 +35,7 @@ from pmod.core.cache import cache_kwargs
 from pmod.core.convert import decoder_attention_mask
 from pmod.core.deprecation import renamed_attributes
 from pmod.core.errors import UserError
+from pmod.eval.budgets import apply_budget
 from pmod.eval.cost import (
     CostLog,
     CostModel,
@@ -70,6 +72,7 @@ class RoutedLMM(lmms):
         chat_template: str | None = None,
         cost_dir: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes it to every model; batches here have one size
+        budget: float | str | None = None,
         **method_settings: Any,
     ) -> None:
         super().__init__()
@@ -87,6 +90,8 @@ class RoutedLMM(lmms):
         self.model, self.processor = load_for_eval(
             pretrained, config, dtype, attn_implementation, str(device), chat_template
         )
+        if budget not in (None, ""):  # a share of dense's TFLOPs (pmod.eval.budgets), before the cost model reads it
+            apply_budget(self.model, budget, pretrained)
         self.tokenizer = self.processor.tokenizer
         self.batch_size_per_device = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)

@@ -28,7 +28,8 @@ def method_from_args(method: str | None, settings: dict[str, Any]) -> MethodConf
     if method in (None, "", "none"):
         if settings:
             raise UserError(f"unknown model args {', '.join(sorted(settings))}; the model takes pretrained, dtype, "
-                            f"attn_implementation, device, batch_size, max_new_tokens, chat_template, cost_dir and "
+                            f"attn_implementation, device, batch_size, max_new_tokens, chat_template, cost_dir, budget "
+                            f"and "
                             f"method=<{'|'.join(method_names())}> with its settings (<method>_<field>).")  # fmt: skip
         return None
     if method not in method_names():

@@ -53,8 +53,10 @@ class ModelSpec:
 
     @property
     def name(self) -> str:
-        """The folder's name, plus ``+method`` when one is given (the label before duplicates are numbered)."""
-        return Path(self.folder).resolve().name + (f"+{self.args['method']}" if self.args.get("method") else "")
+        """The folder's name, plus ``+method`` when one is given and ``@0.40`` at a budget (the label before
+        duplicates are numbered)."""
+        name = Path(self.folder).resolve().name + (f"+{self.args['method']}" if self.args.get("method") else "")
+        return name + (f"@{float(self.args['budget']):.2f}" if self.args.get("budget") else "")
 
 
 def split_model_args(text: str) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from pmod.core.errors import UserError
@@ -43,10 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--attn-implementation", help="sdpa, eager or flash_attention_2 (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="when a task sets none (default: %(default)s)")
+    parser.add_argument("--budgets", metavar="B1,B2,...",
+                        help="evaluate every routed model (a routed folder, or DIR,method=...) at each of these shares "
+                             "of dense's TFLOPs (rows MODEL@0.40; dense models once) and plot the score against the "
+                             "TFLOPs share: accuracy_vs_tflops.png in --out")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from pmod.core.files import check_output_folder
+    from pmod.eval import budgets
     from pmod.eval.model_args import method_from_args
     from pmod.eval.runner import ModelSpec, evaluate_models, label_models
     from pmod.io.model_folder import check_model_folder
@@ -58,11 +64,15 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks names no task; give comma-separated lmms-eval task names, e.g. pmod_shapes.")
-    specs = label_models([ModelSpec.parse(text) for text in args.model])
-    for spec in specs:  # every mistake in the models is found before anything loads
-        check_model_folder(spec.folder, "pmod eval")
-        settings = {k: v for k, v in spec.args.items() if k != "method"}
-        method_from_args(spec.args.get("method"), {k: v for k, v in settings.items() if k not in MODEL_ARGS})
+    wanted = budgets.parse_budgets(args.budgets) if args.budgets is not None else None
+    specs = []
+    for spec in map(ModelSpec.parse, args.model):  # every mistake in the models is found before anything loads
+        config = check_model_folder(spec.folder, "pmod eval")
+        settings = {k: v for k, v in spec.args.items() if k not in ("method", *MODEL_ARGS)}
+        method = method_from_args(spec.args.get("method"), settings)
+        specs += budgets.at_budgets(spec, config, method, wanted, lambda text: print(f"pmod eval: {text}",
+                                                                                     file=sys.stderr))  # fmt: skip
+    specs = label_models(specs)
     if args.shapes_data:
         if not (Path(args.shapes_data) / "test.json").is_file():
             raise UserError(f"--shapes-data {args.shapes_data} has no test.json; write the set with "
@@ -74,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out, "--out")  # a file or an unwritable path: one line, before any loading
     report = evaluate_models(specs, tasks, out, args.limit, args.include_path, args.batch_size, model_args)
     print((out / "report.md").read_text())
+    if wanted is not None:
+        print(f"pmod eval: score against TFLOPs: {budgets.plot_curves(report, out / PLOT)}", file=sys.stderr)
     missing = [t for t, rows in report["tasks"].items() if len(rows) < len(specs)]
     if missing:
         raise UserError(f"no score for every model on {', '.join(missing)}; see the log above.")
@@ -81,4 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 #: Model args that are not method settings.
-MODEL_ARGS = ("dtype", "device", "attn_implementation", "batch_size", "max_new_tokens", "chat_template", "cost_dir")
+MODEL_ARGS = ("dtype", "device", "attn_implementation", "batch_size", "max_new_tokens", "chat_template", "cost_dir",
+              "budget")
+#: The plot of ``--budgets`` in ``--out``.
+PLOT = "accuracy_vs_tflops.png"

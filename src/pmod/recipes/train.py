@@ -87,6 +87,8 @@ class TrainConfig:
     lora_r: int | None = _setting(None, "train the LLM with LoRA of this rank (needs peft)")
     lora_alpha: int = _setting(16, "LoRA alpha")
     lora_dropout: float = _setting(0.05, "LoRA dropout")
+    budget_range: str | None = _setting(None, "LO,HI: train each step at a budget (share of dense's TFLOPs) drawn from "
+                                        "this range, so one model serves them all (pmod.recipes.budget_range)")
     data_path: str | None = _setting(None, "LLaVA-format JSON/JSONL training file", DATA)
     image_folder: str | None = _setting(None, "image root; default: the data file's folder", DATA)
     max_length: int = _setting(2048, "tokens per sample; longer ones are truncated", DATA)
@@ -110,6 +112,20 @@ class TrainConfig:
             raise TrainError("--llm needs --vision-tower")
         if self.no_pmod:
             self.method = method_flags.DENSE
+        if self.budget_range is not None:
+            self.check_budget_range()
+
+    def check_budget_range(self) -> tuple[float, float]:
+        """``--budget-range`` as (LO, HI); a one-line error for a bad range, stage 1 or the dense baseline."""
+        from pmod.recipes.budget_range import parse_budget_range  # imports torch: only for runs that use it
+
+        if self.stage != "finetune" or self.method == method_flags.DENSE:
+            raise TrainError("--budget-range moves the ratios of trained routed layers: use it with --stage finetune "
+                             "and a routed --method (e.g. pmod)")  # fmt: skip
+        try:
+            return parse_budget_range(self.budget_range)  # type: ignore[arg-type]
+        except UserError as err:
+            raise TrainError(str(err)) from err
 
     @property
     def routing_requested(self) -> bool:

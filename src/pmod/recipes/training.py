@@ -180,6 +180,10 @@ def _train_locked(
 
     transformers.set_seed(targs.seed)
     model, processor = build_model(cfg, method_config, folder_config)
+    if cfg.budget_range is not None:  # each step at a drawn budget; the trained ratios restored before saves
+        from pmod.recipes.budget_range import BudgetRange
+
+        callbacks = [*(callbacks or []), BudgetRange(model, *cfg.check_budget_range(), seed=targs.seed)]
     if cfg.lora_r:
         model = apply_lora(model, cfg)
     set_trainer_options(targs, model)
