@@ -313,11 +313,13 @@ def reference_decoder_logits(
     captured: DecoderInputs,
     attention_mask: torch.Tensor,
     vision_mask: torch.Tensor,
+    prompt_length: int | None = None,
 ) -> torch.Tensor:
     """Logits of a multimodal ``dense_model`` whose ``decoder`` layers apply the reference ``rules``, from the layer
     inputs the dense model itself computed (:func:`capture_decoder_inputs`): embeddings, M-RoPE and deepstack come
-    from transformers, the routing from here."""
-    ctx = Context(attention_mask.bool(), vision_mask.bool())
+    from transformers, the routing from here. ``prompt_length``: as :func:`reference_logits`' (positions from there
+    on are decoded tokens, teacher-forced)."""
+    ctx = Context(attention_mask.bool(), vision_mask.bool(), prompt_length=prompt_length)
     x = run_layers(decoder.layers, captured.hidden, captured.cos_sin, ctx, rules, between=captured.between)
     return dense_model.lm_head(decoder.norm(x))
 
