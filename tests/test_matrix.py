@@ -86,6 +86,7 @@ CELLS = [(m, f) for m in METHODS for f in FAMILIES if (m, f) not in NOT_GENERATE
 FORWARD_ONLY = {
     "mistral": "Llama's decoder layer under another name; pmod's decoder adapter runs it as llama's",
     "qwen2": "Llama's decoder layer with biased q/k/v projections, which pmod calls as llama's (inside the Linear)",
+    "qwen3": "a bare decoder as llama's; its layer (q/k norms) is Qwen3-VL's, whose cells run every check",
 }
 FULL_CELLS = [(m, f) for m, f in CELLS if f not in FORWARD_ONLY]
 #: The bare Llama also runs right-padded and with eager attention (the routed layers' other paths).
@@ -100,8 +101,15 @@ def config_of(method: str) -> MethodConfig:
 
 @functools.cache
 def dense(family: str) -> torch.nn.Module:
-    """The family's tiny dense model, eager (the references read attention probabilities)."""
-    return tiny_model(family, num_layers=NUM_LAYERS, attn="eager")
+    """The family's tiny dense model, eager (the references read attention probabilities), its norm weights away
+    from 1 (a path that skipped one would differ)."""
+    model = tiny_model(family, num_layers=NUM_LAYERS, attn="eager")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.rand(param.shape, generator=g) + 0.5)
+    return model
 
 
 @functools.cache
