@@ -1,7 +1,7 @@
 """DART against its independent reference (``pmod.testing.reference_pruning``): pivots by the L1 norm of layer
 K-1's keys, the vision tokens least cosine-similar to them kept from layer K on, at other budgets too; the cache
-and the analytic cost of the scoring. Decoding, batching, save/load and the FLOPs against FlopCounterMode on every
-backbone are tests/test_matrix.py's."""
+and the analytic cost of the scoring. The compacted execution at these settings (the kept tokens too), decoding,
+batching, save/load and the FLOPs against FlopCounterMode, on every backbone, are tests/test_matrix.py's."""
 
 from __future__ import annotations
 
@@ -43,25 +43,6 @@ def models(attn: str = "sdpa", config: DARTConfig = CONFIG) -> tuple[torch.nn.Mo
 def reference_rules(dense: torch.nn.Module, keep: float = KEEP, pivots: int = PIVOTS) -> dict[int, DARTReference]:
     ref = DARTReference(K, keep, pivots, TEXT_PIVOTS, dense.model.norm)
     return {i: ref for i in range(K - 1, 6)}
-
-
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_compacted_equals_reference(padding_side: str, attn: str) -> None:
-    dense, model = models(attn)
-    ids, am, vm = routed_batch(ROWS, padding_side)
-    rules = reference_rules(dense)
-    with torch.no_grad(), pmod.record_routing(model) as rec:
-        got = model(input_ids=ids, attention_mask=am, vision_mask=vm).logits
-        want = reference_logits(dense, rules, ids, am, vm)
-    real = am.bool()
-    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
-    # The same kept tokens as the reference's, round(n * keep) per row, in every layer >= K.
-    kept = rules[K].kept
-    for b, (_, n_vision, _) in enumerate(ROWS):
-        assert int(kept[b].sum()) == round(n_vision * KEEP)
-        for layer in range(K, 6):
-            assert torch.equal(rec.processed[layer][0][b] & vm[b], kept[b]), (b, layer)
 
 
 @pytest.mark.parametrize("keep", [0.45, 0.3, 0.1])
