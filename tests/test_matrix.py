@@ -5,8 +5,8 @@ analytic FLOPs = FlopCounterMode). One tiny model and batch per family (``pmod.t
 setting per method (``METHODS``). What is particular to a method or a backbone stays in its own test file.
 
 A method joins the matrix by its registry name and one ``METHODS`` entry; a cell that cannot run is listed in
-``NOT_GENERATED`` with the reason, a family whose decoding and save/load would repeat another's path in pmod in
-``FORWARD_ONLY`` (``test_every_cell_is_run_or_listed`` holds the registry and the supported families to that).
+``NOT_GENERATED`` with the reason, a family whose other checks would repeat another's path in pmod in
+``REFERENCE_ONLY`` (``test_every_cell_is_run_or_listed`` holds the registry and the supported families to that).
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ FAMILIES = supported_model_types()
 #: (method, family) cells the matrix leaves out, with the reason. None today: every method runs on every family.
 NOT_GENERATED: dict[tuple[str, str], str] = {}
 CELLS = [(m, f) for m in METHODS for f in FAMILIES if (m, f) not in NOT_GENERATED]
-#: Families whose cells run the forward checks (reference, FLOPs) only: their decoding and save/load would repeat
+#: Families whose cells run the compacted-vs-reference check only: their decoding, save/load and FLOPs would repeat
 #: another family's code path in pmod, at the cost of the slowest checks.
-FORWARD_ONLY = {
+REFERENCE_ONLY = {
     "mistral": "Llama's decoder layer under another name; pmod's decoder adapter runs it as llama's",
     "qwen2": "Llama's decoder layer with biased q/k/v projections, which pmod calls as llama's (inside the Linear)",
     "qwen3": "a bare decoder as llama's; its layer (q/k norms) is Qwen3-VL's, whose cells run every check",
 }
-FULL_CELLS = [(m, f) for m, f in CELLS if f not in FORWARD_ONLY]
+FULL_CELLS = [(m, f) for m, f in CELLS if f not in REFERENCE_ONLY]
 #: The bare Llama also runs right-padded and with eager attention (the routed layers' other paths).
 VARIANTS = {"llama": [("left", "sdpa"), ("right", "sdpa"), ("left", "eager"), ("right", "eager")]}
 #: Greedy steps decoded after the prompt (recomputation check), and by each row alone (batch check).
@@ -296,9 +296,9 @@ def counted(model: torch.nn.Module, attn: str, family: str) -> int:
 
 
 def flops_params() -> list:
-    """Every cell with eager attention (torch counts its matmuls); the bare Llama with sdpa too (pmod's counter
+    """Every full cell with eager attention (torch counts its matmuls); the bare Llama with sdpa too (pmod's counter
     adds CPU sdpa's, which torch's counts as 0)."""
-    return [pytest.param(m, f, attn, id=f"{m}-{f}-{attn}") for m, f in CELLS
+    return [pytest.param(m, f, attn, id=f"{m}-{f}-{attn}") for m, f in FULL_CELLS
             for attn in (["eager", "sdpa"] if f == "llama" else ["eager"])]  # fmt: skip
 
 
@@ -321,5 +321,5 @@ def test_every_cell_is_run_or_listed() -> None:
     assert list(METHODS) == method_names()
     assert all(m in METHODS and f in FAMILIES and reason for (m, f), reason in NOT_GENERATED.items())
     assert len(CELLS) + len(NOT_GENERATED) == len(method_names()) * len(supported_model_types())
-    assert all(f in FAMILIES and reason for f, reason in FORWARD_ONLY.items())
-    assert len(FULL_CELLS) == len(CELLS) - len(METHODS) * len(FORWARD_ONLY)
+    assert all(f in FAMILIES and reason for f, reason in REFERENCE_ONLY.items())
+    assert len(FULL_CELLS) == len(CELLS) - len(METHODS) * len(REFERENCE_ONLY)
