@@ -1,4 +1,4 @@
-"""Conversion of Hugging Face models: identity, save/reload, errors, hidden states, checkpointing, bf16."""
+"""Conversion of Hugging Face models: identity, reloading, errors, hidden states, checkpointing, bf16."""
 
 import copy
 import math
@@ -79,23 +79,16 @@ def test_vision_tokens_are_routed_per_row(kind):
         assert torch.equal(processed & ~vision, real & ~vision)  # all text, never padding
 
 
-def test_save_and_reload_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, batch = build("llava_next")
+def test_a_reloaded_model_saves_again(tmp_path):
+    """A second save of a reloaded model writes the same architecture name and settings (the first round trip, on
+    every method and backbone, is tests/test_matrix.py's)."""
+    model, _ = build("llava_next")
     pmod.convert(model, PModConfig(beta=0.45, weight_norm="tanh"))
-    randomize_routers(model)
-    want = forward(model, batch)
     model.save_pretrained(tmp_path)
-    loaded = pmod.load(tmp_path)
-    assert type(loaded) is type(model)
-    assert pmod.get_method_config(loaded) == PModConfig(beta=0.45)
-    assert pmod.layer_ratios(loaded) == pmod.layer_ratios(model)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
-    torch.testing.assert_close(forward(loaded.eval(), batch), want, atol=0, rtol=0)
-    # A second save of the reloaded model writes the same architecture name.
-    loaded.save_pretrained(tmp_path / "again")
-    assert pmod.layer_ratios(pmod.load(tmp_path / "again")) == pmod.layer_ratios(model)
+    pmod.load(tmp_path).save_pretrained(tmp_path / "again")
+    again = pmod.load(tmp_path / "again")
+    assert type(again) is type(model) and pmod.get_method_config(again) == PModConfig(beta=0.45)
+    assert pmod.layer_ratios(again) == pmod.layer_ratios(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)

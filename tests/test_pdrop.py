@@ -1,11 +1,11 @@
 """PyramidDrop against its independent reference (``pmod.testing.reference_pruning``): stage by stage the vision
 tokens still kept are ranked by the last token's attention in the boundary layer and ``floor(n * keep**s)`` stay;
-batched = rows alone, cached decoding = recomputation, save/load, analytic FLOPs = FlopCounterMode."""
+the ranking rows, the cache and the analytic cost per stage. Decoding, batching, save/load and the FLOPs against
+FlopCounterMode on every backbone are tests/test_matrix.py's."""
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -15,9 +15,9 @@ from PIL import Image
 
 import pmod
 from pmod import PDropConfig
-from pmod.analysis.analytic_flops import counted_flops, estimate, flop_counter
+from pmod.analysis.analytic_flops import estimate
 from pmod.core.cache import cache_of
-from pmod.testing import greedy_steps, llava_batch, routed_batch, tiny_llama, tiny_llava
+from pmod.testing import routed_batch, tiny_llama, tiny_llama_config
 from pmod.testing.reference import reference_logits
 from pmod.testing.reference import reference_rules as model_reference_rules
 from pmod.testing.reference_pruning import PAPER, PDropReference
@@ -86,31 +86,6 @@ def test_ranking_rows_are_the_restricted_attention_of_each_boundary() -> None:
     assert bool(dropped.any()) and bool((rec.weights[LAYERS[1]][0][dropped] == 0).all())
 
 
-def test_cached_greedy_decoding_equals_recomputation() -> None:
-    """Cached decoding against the reference recomputed over prompt + generated tokens (teacher-forced; the
-    ranking stays the prompt's)."""
-    dense, model = models()
-    ids, am, vm = routed_batch(ROWS, "left", seed=2)
-    new, logits = greedy_steps(model, ids, am, vm, steps=10)
-    full = torch.cat([ids, new], dim=1)
-    full_am = torch.cat([am, torch.ones_like(new)], dim=1)
-    full_vm = torch.cat([vm, torch.zeros_like(new, dtype=torch.bool)], dim=1)
-    with torch.no_grad():
-        want = reference_logits(dense, reference_rules(dense), full, full_am, full_vm, prompt_length=ids.shape[1])
-    torch.testing.assert_close(logits, want[:, ids.shape[1] - 1 : -1], atol=1e-4, rtol=0)
-    assert torch.equal(want[:, ids.shape[1] - 1 : -1].argmax(-1), new)
-
-
-def test_batched_equals_rows_alone() -> None:
-    _, model = models()
-    ids, am, vm = routed_batch(ROWS, "left", seed=4)
-    together, _ = greedy_steps(model, ids, am, vm, steps=8)
-    for r in range(len(ROWS)):
-        real = am[r].bool()
-        alone, _ = greedy_steps(model, ids[r : r + 1, real], am[r : r + 1, real], vm[r : r + 1, real], steps=8)
-        assert torch.equal(alone[0], together[r]), f"row {r}"
-
-
 def test_cache_holds_only_each_stages_tokens() -> None:
     _, model = models()
     ids, am, vm = routed_batch(ROWS, "right")
@@ -126,35 +101,12 @@ def test_cache_holds_only_each_stages_tokens() -> None:
             assert size.layer_tokens[layer] == want, layer
 
 
-def test_llava_save_load_gives_identical_logits(tmp_path) -> None:
-    model = pmod.convert(tiny_llava(num_layers=6), CONFIG)
-    batch = llava_batch(model, [(3, 5), (2, 2), (6, 1)], [True, True, False], "left")
-    with torch.no_grad():
-        want = model(**batch).logits
-    model.save_pretrained(tmp_path)
-    stored = json.loads((tmp_path / "config.json").read_text())["pmod_method"]
-    assert stored == {"method": "pdrop", "settings": {"layers": LAYERS, "keep": KEEP}}
-    loaded = pmod.load(tmp_path)
-    assert pmod.get_method_config(loaded) == CONFIG
-    assert pmod.layer_ratios(loaded) == [None, None, KEEP, KEEP**2, KEEP**2, KEEP**3]
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, want)
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_analytic_flops_equal_flop_counter(attn: str) -> None:
-    """``pmod flops`` counts what runs: each boundary's scoring row and each stage's kept tokens."""
-    _, model = models(attn)
-    n_text, n_vision = 16, 32
-    vision = torch.zeros(1, n_text + n_vision, dtype=torch.bool)
-    vision[:, 8 : 8 + n_vision] = True
-    ids = torch.randint(4, 128, (1, n_text + n_vision))
-    counter = flop_counter()
-    with torch.no_grad(), counter:
-        model(input_ids=ids, vision_mask=vision, use_cache=False)
-    report = estimate(model.config, CONFIG, n_vision=n_vision, n_text=n_text)
-    assert counted_flops(counter) == report.routed_flops
+def test_analytic_cost_counts_each_stage() -> None:
+    """Each stage's kept vision tokens, floor(n keep^s) of the original count, in the analytic cost and the layer
+    ratios (the matrix checks the totals against FlopCounterMode and the stored settings)."""
+    report = estimate(tiny_llama_config(6), CONFIG, n_vision=32, n_text=16)
     assert [c.kept_vision for c in report.routed_layers] == [32, 32, 19, 11, 11, 6]  # floor(32 * 0.6^s)
+    assert CONFIG.layer_ratios(6) == [None, None, KEEP, KEEP**2, KEEP**2, KEEP**3]
 
 
 def test_defaults_are_the_papers_and_settings_are_checked() -> None:
@@ -197,26 +149,3 @@ def test_generate_pdrop_on_a_dense_folder_equals_convert(tmp_path, capsys) -> No
     answer, share = reference_generate(Path(folder), PDropConfig(layers=[2, 3], keep=0.4), image)
     assert captured.out.strip() == answer
     assert f", {share})" in captured.err and share != "100.0%"
-
-
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
-def test_multimodal_backbones_equal_the_masked_reference(family: str) -> None:
-    """Qwen-VL (M-RoPE; Qwen3-VL's per-head q/k norms and deepstack) and OneVision, images and a video, left
-    padding: the compacted model against the reference run on what the dense model feeds its layers."""
-    from test_backbones import build, vision_of
-
-    from pmod.core.backbone import backbone_for
-    from pmod.testing.reference import capture_decoder_inputs, reference_decoder_logits
-
-    dense, batch, _ = build(family)
-    model = pmod.convert(copy.deepcopy(dense), PDropConfig(layers=[2, 4]))
-    dense.set_attn_implementation("eager")  # the reference reads attention probabilities
-    decoder = backbone_for(dense).decoder(dense)
-    captured = capture_decoder_inputs(dense, decoder, **batch)
-    real, vision = batch["attention_mask"].bool(), vision_of(batch)
-    with torch.no_grad(), pmod.record_routing(model) as rec:
-        got = model(**batch).logits
-        want = reference_decoder_logits(dense, decoder, model_reference_rules(model), captured, real, vision)
-    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
-    n = vision.sum(1)
-    assert (rec.processed[4][0] & vision).sum(1).tolist() == [math.floor(v * 0.25) for v in n.tolist()]

@@ -244,18 +244,20 @@ def reference_logits(
     labels: torch.Tensor | None = None,
     prompt_length: int | None = None,
     processed: Mapping[int, torch.Tensor] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits [B, T, vocab] of the unconverted Llama-family ``dense_model`` (``LlamaForCausalLM``; eager attention
-    for FastV, whose rule reads attention probabilities) with each layer in ``rules`` applying its reference rule.
-
-    ``processed`` (layer -> bool [B, T]) imposes the processed tokens instead of the rule's choice (its scales are
-    kept), e.g. the decisions a bf16 run recorded, so that arithmetic can be compared where near-ties could flip.
+    for FastV, whose rule reads attention probabilities) with each layer in ``rules`` applying its reference rule, at
+    ``position_ids`` (default 0..T-1 in every row). ``processed`` (layer -> bool [B, T]) imposes the processed tokens
+    instead of the rule's choice (its scales are kept), e.g. the decisions a bf16 run recorded, so that arithmetic
+    can be compared where near-ties could flip.
     """
     lm = dense_model.model
-    bsz, seq = input_ids.shape
     ctx = Context(attention_mask.bool(), vision_mask.bool(), question_mask, labels, prompt_length)
     x = lm.embed_tokens(input_ids)
-    cos_sin = lm.rotary_emb(x, torch.arange(seq, device=input_ids.device)[None].expand(bsz, seq))
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+    cos_sin = lm.rotary_emb(x, position_ids)
     hidden = run_layers(lm.layers, x, cos_sin, ctx, rules, processed, rotary=lambda ids: lm.rotary_emb(x, ids))
     return dense_model.lm_head(lm.norm(hidden))
 
@@ -313,11 +315,12 @@ def reference_decoder_logits(
     captured: DecoderInputs,
     attention_mask: torch.Tensor,
     vision_mask: torch.Tensor,
+    prompt_length: int | None = None,
 ) -> torch.Tensor:
     """Logits of a multimodal ``dense_model`` whose ``decoder`` layers apply the reference ``rules``, from the layer
     inputs the dense model itself computed (:func:`capture_decoder_inputs`): embeddings, M-RoPE and deepstack come
-    from transformers, the routing from here."""
-    ctx = Context(attention_mask.bool(), vision_mask.bool())
+    from transformers, the routing from here; ``prompt_length`` as :func:`reference_logits`' (decoded from there)."""
+    ctx = Context(attention_mask.bool(), vision_mask.bool(), prompt_length=prompt_length)
     x = run_layers(decoder.layers, captured.hidden, captured.cos_sin, ctx, rules, between=captured.between)
     return dense_model.lm_head(decoder.norm(x))
 
@@ -430,8 +433,7 @@ def _pruning_rules(model: nn.Module, cfg: Any, declared: Mapping[str, Any]) -> d
     return pruning_rules(model, cfg, declared)
 
 
-#: Per method (by its registry name; kept here, not in pmod's method registry, whose code is what these check): the
-#: rules of a converted model's routed layers, from the model, its config and the values the test declared.
+#: Per method (by registry name; apart from pmod's registry, whose code these check): a converted model's rules.
 RULES = {"pmod": _vision_router_rules, "mod": _vision_router_rules, "gamma_mod": _gamma_mod_rules,
          "fastv": _fastv_rules, "pdrop": _pruning_rules, "dart": _pruning_rules}  # fmt: skip
 
