@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_train import train_argv  # the same short CPU run as test_train's
 from transformers import TrainerCallback
 
 import pmod
@@ -20,16 +21,6 @@ from pmod.testing import tiny_llava
 SEED = 7
 LOW, HIGH = 0.85, 0.98  # within the tiny p-MoD model's reach (0.8306 to 1.0009 of dense's TFLOPs)
 N_VISION, N_TEXT = 16, 64  # the tiny model's image: (32 px / 8 px)^2 patches; the documented text length
-
-
-def train_argv(train_setup: dict[str, str], out: Path, *extra: str) -> list[str]:
-    """`pmod train` flags for a short CPU run of the tiny model on its data into ``out`` (as test_train's)."""
-    return [
-        "--model", train_setup["model"], "--data-path", train_setup["data"], "--output-dir", str(out),
-        "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1",
-        "--report-to", "none", "--use-cpu", "--max-length", "256", "--save-strategy", "no",
-        "--disable-tqdm", "true", *extra,
-    ]  # fmt: skip
 
 
 class StopAfter(TrainerCallback):
