@@ -64,6 +64,7 @@ def test_the_json_summary_holds_every_key_with_hand_values() -> None:
         "dense_flops": 17088,
         "pmod_flops": 14240,
         "lm_head_flops": 960,
+        "pmod_lm_head_flops": 960,  # a routed-layer method runs the head on every token (VisionZip: fewer)
         "dense_flops_without_lm_head": 16128,
         "pmod_flops_without_lm_head": 13280,
         "tflops_ratio_without_lm_head": 13280 / 16128,
