@@ -119,6 +119,11 @@ class DARTReference:
         k = attn.k_proj(layer.input_layernorm(x)).view(bsz, seq, -1, attn.head_dim)
         if getattr(attn, "k_norm", None) is not None:
             k = attn.k_norm(k)
+        if cos.dim() == 4:  # M-RoPE per axis ([3, B, T, d], transformers <= ~5.15): the i-th section takes axis i % 3
+            rope = getattr(attn.config, "rope_parameters", None) or attn.config.rope_scaling
+            sections = list(rope["mrope_section"]) * 2
+            cos, sin = (torch.cat([c[i % 3] for i, c in enumerate(t.split(sections, dim=-1))], dim=-1)
+                        for t in (cos, sin))
         k = k * cos[:, :, None, :] + _rotate_half(k) * sin[:, :, None, :]
         return k.float().abs().sum(dim=(2, 3))
 
