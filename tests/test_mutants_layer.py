@@ -299,3 +299,18 @@ def test_a_layer_without_the_llama_submodules_is_refused_and_new_layers_start_on
         routed_layer.make_routed_layer(torch.nn.Linear(2, 2), 0, routed_layer.RoutingRule())
     model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
     assert [layer.attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
+
+
+def test_a_static_prefill_of_one_row_has_no_filler_slots() -> None:
+    # One row: each routed layer keeps 4 text + floor(8 * 0.5) = 4 vision tokens, 8 slots and no filler (the
+    # selection has no validity mask). The static cache's prefill gives the dynamic cache's logits and records the
+    # 8 slots written, the other 4 of the 12 not.
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(4, 8, False)], "left")
+    static = StaticCache(config=model.config, max_cache_len=12)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=am, vision_mask=vm, **cache_kwargs(static), use_cache=True)
+        want = model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=True)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert [static.slot_mask(i).tolist() for i in (1, 2)] == [[[True] * 8 + [False] * 4]] * 2

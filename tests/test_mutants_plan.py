@@ -336,3 +336,37 @@ def test_real_tokens_of_generates_4d_masks() -> None:
     assert real.tolist() == [[True, False, True], [True] * 3] and keys == 5
     with pytest.raises(ValueError, match="routed models take a 2-D padding attention_mask .* got 3-D"):
         real_tokens(torch.ones(2, 3, 5), 3, None, CPU)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_flash_attention_step_of_every_token_takes_the_record_without_a_host_check(device: str) -> None:
+    # Layer 1 holds 2 slots per row recorded (T, F) and (T, T); a one-token step without padding adds a real slot:
+    # flash attention's 2-D int32 key padding mask is the record, (1, 0, 1) and (1, 1, 1). On the meta device no
+    # value can be read on the host: the step must not check the mask there (a device sync per step on CUDA).
+    cache = as_routed_cache(DynamicCache())
+    cache.update(torch.zeros(2, 1, 2, 2, device=device), torch.zeros(2, 1, 2, 2, device=device), 0)
+    cache.extend_slots(1, torch.tensor([[True, False], [True, True]], device=device).view(2, 1, 1, 2), 2, 2)
+    cache.update(torch.zeros(2, 1, 2, 2, device=device), torch.zeros(2, 1, 2, 2, device=device), 1)
+    mask = every_token_mask(fake_layer("flash_attention_2"), None, cache, ForwardPlan(None),
+                            torch.zeros(2, 1, 4, device=device))  # fmt: skip
+    assert mask.dtype == torch.int32 and mask.shape == (2, 3)
+    if device == "cpu":
+        assert mask.tolist() == [[1, 0, 1], [1, 1, 1]]
+
+
+def test_masks_are_made_on_the_device_of_the_inputs() -> None:
+    # The meta device stands in for a GPU: a mask made on the default device (the CPU) instead of the inputs' would
+    # end up on another device than the attention's tensors. Layer 1 holds 2 real slots per row (no record).
+    meta = torch.device("meta")
+    cache = as_routed_cache(DynamicCache())
+    cache.update(torch.zeros(2, 1, 2, 2, device=meta), torch.zeros(2, 1, 2, 2, device=meta), 0)
+    cache.extend_slots(1, None, 2, 2)
+    cache.update(torch.zeros(2, 1, 2, 2, device=meta), torch.zeros(2, 1, 2, 2, device=meta), 1)
+    layer = fake_layer("eager")
+    every = every_token_mask(layer, None, cache, ForwardPlan(None), torch.zeros(2, 2, 4, device=meta))
+    assert every.device == meta and every.shape == (2, 1, 2, 4)  # 2 queries over 2 + 2 keys
+    selection = Selection(torch.zeros(2, 3, 1, dtype=torch.long, device=meta), None, 3, 6)
+    causal = compacted_mask(layer, None, 0, selection, ForwardPlan(None), torch.float32)
+    assert causal.device == meta and causal.shape == (1, 1, 3, 3)
+    over = compacted_mask(layer, cache, 4, selection, ForwardPlan(None), torch.float32)
+    assert over.device == meta and over.shape == (2, 1, 3, 7)  # 3 slots over the 4 cached and themselves
