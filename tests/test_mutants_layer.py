@@ -226,8 +226,9 @@ def test_padding_passes_a_string_layer_unchanged_and_is_never_vision() -> None:
     torch.testing.assert_close(marked.hidden_states[2][pad], marked.hidden_states[1][pad], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", ["padded", "packed"])
+@pytest.mark.parametrize("path", ["padded", "packed", "static"])
 def test_extra_attention_keywords_reach_the_attention_of_routed_layers(path: str) -> None:
+    """On the padded and packed paths, and over a static cache (its own branch of the compacted block)."""
     seen: dict[int, object] = {}
 
     def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -236,12 +237,14 @@ def test_extra_attention_keywords_reach_the_attention_of_routed_layers(path: str
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     model = routed_llama()
-    pmod.set_attention_path(model, path)
+    pmod.set_attention_path(model, "padded" if path == "static" else path)
     ids, am, vm = routed_batch(ROWS, "left")
+    static = StaticCache(config=model.config, max_cache_len=ids.shape[1])
+    cache = {**cache_kwargs(static), "use_cache": True} if path == "static" else {}
     AttentionInterface.register("sdpa", recording_sdpa)
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=am, vision_mask=vm, pmod_probe="here")
+            model(input_ids=ids, attention_mask=am, vision_mask=vm, pmod_probe="here", **cache)
     finally:
         AttentionInterface.register("sdpa", sdpa_attention_forward)
     assert seen == dict.fromkeys(range(6), "here")
