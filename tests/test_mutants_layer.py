@@ -317,3 +317,44 @@ def test_a_static_prefill_of_one_row_has_no_filler_slots() -> None:
         want = model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=True)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
     assert [static.slot_mask(i).tolist() for i in (1, 2)] == [[[True] * 8 + [False] * 4]] * 2
+
+
+def test_position_ids_reach_the_attention_only_where_every_token_runs() -> None:
+    # Flash attention's varlen path reads position_ids (a restart at 0 begins a new sequence): a layer that runs every
+    # token passes the model's on, a compacted layer none (its slots' positions would read as packed sequences).
+    seen: dict[int, object] = {}
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        ids = kwargs.get("position_ids")
+        seen[module.layer_idx] = None if ids is None else ids.tolist()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    model = routed_llama()
+    ids, positions = torch.arange(10, 16)[None], [list(range(3, 9))]
+    AttentionInterface.register("sdpa", recording_sdpa)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=torch.tensor(positions), vision_mask=torch.zeros(1, 6, dtype=torch.bool))
+            text_only = dict(seen)
+            seen.clear()
+            model(input_ids=ids, position_ids=torch.tensor(positions), vision_mask=torch.ones(1, 6, dtype=torch.bool))
+    finally:
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
+    assert text_only == dict.fromkeys(range(6), positions)  # no vision token: every layer runs every token
+    # all vision: layer 0 is dense; the others keep 5, 3, 1, 0 and 3 of 6 (layer 4 runs none: no attention call)
+    assert seen == {0: positions, 1: None, 2: None, 3: None, 5: None}
+
+
+def test_a_routed_layer_takes_its_old_routing_keyword() -> None:
+    # pmod <= 0.2 called it pmod_routing: the same routing (half of the 4 vision tokens skip), with a warning.
+    model = pmod.convert(tiny_llama(num_layers=2), PModConfig(schedule="explicit", ratios=[None, 0.5]))
+    randomize_routers(model, scale=3.0)
+    layer, hidden = model.model.layers[1], torch.randn(1, 4, 64)
+    pos = model.model.rotary_emb(hidden, torch.arange(4)[None])
+    routing = RoutingInputs(vision_mask=torch.ones(1, 4, dtype=torch.bool))
+    with torch.no_grad():
+        new = layer(hidden, position_embeddings=pos, routing=routing)
+        with pytest.warns(DeprecationWarning, match="the pmod_routing keyword of a routed layer is deprecated"):
+            old = layer(hidden, position_embeddings=pos, pmod_routing=routing)
+        unrouted = layer(hidden, position_embeddings=pos)
+    assert torch.equal(old, new) and not torch.equal(new, unrouted)

@@ -19,7 +19,8 @@ Tests (``TESTS``): the test files that exercise these modules in-process, minus 
 pmod in a subprocess (a subprocess imports the unmutated package, so it could never kill a mutant and only costs
 time) and one order-dependent test. mutmut records which test calls which function and runs, per mutant, only the
 tests that reach the mutated function, fastest first, stopping at the first failure (``pytest -x``). The baseline
-run has the files of ``MUTANT_TESTS`` as empty placeholders: its score is the suite's as it was.
+run takes the suite as it is, the files of ``MUTANT_TESTS`` written so far included (the others are empty
+placeholders): its score is the suite's before the tests written for that run's survivors.
 
 Not mutated, on purpose (both listed in the JSON report):
 
