@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import pmod
 from pmod import PModConfig
-from pmod.core import routed_layer
+from pmod.core import packed_attention, routed_layer
 from pmod.core.cache import RoutedCache, as_routed_cache, cache_kwargs, cache_of, kv_cache_bytes
 from pmod.core.plan import ForwardPlan, Selection
 from pmod.core.routed_layer import RoutingInputs
@@ -358,3 +358,22 @@ def test_a_routed_layer_takes_its_old_routing_keyword() -> None:
             old = layer(hidden, position_embeddings=pos, pmod_routing=routing)
         unrouted = layer(hidden, position_embeddings=pos)
     assert torch.equal(old, new) and not torch.equal(new, unrouted)
+
+
+def test_the_packed_kernel_gets_the_longest_rows_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    # varlen flash attention sizes its work by max_len, the longest packed row (no CPU path reads it, so it is
+    # recorded here). p-MoD keeps text + floor(vision * ratio) per row of ROWS (text, vision): ratio 0.9: 5 + 20,
+    # 9 + 9, 4 + 0, 6 + 15 -> 25; 0.5: 16, 14, 4, 14 -> 16; 0.25: 10, 11, 4, 10 -> 11; 0.15: 8, 10, 4, 8 -> 10.
+    seen = []
+    inner = packed_attention.packed_causal_attention
+
+    def recorded(query, key, value, cu_seqlens, max_len, **options):  # noqa: ANN001, ANN003, ANN202
+        seen.append(max_len)
+        return inner(query, key, value, cu_seqlens, max_len, **options)
+
+    monkeypatch.setattr(packed_attention, "packed_causal_attention", recorded)
+    model = pmod.set_attention_path(routed_llama(), "packed")
+    ids, am, vm = routed_batch(ROWS, "left")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, vision_mask=vm)
+    assert seen == [25, 16, 11, 10, 16]
