@@ -377,3 +377,21 @@ def test_the_packed_kernel_gets_the_longest_rows_length(monkeypatch: pytest.Monk
     with torch.no_grad():
         model(input_ids=ids, attention_mask=am, vision_mask=vm)
     assert seen == [25, 16, 11, 10, 16]
+
+
+def test_slot_records_are_made_on_the_device_of_the_cache() -> None:
+    # The meta device stands in for a GPU: a record made on the default device (the CPU) would sit on another device
+    # than the keys it describes. Layer 1 first caches 2 real slots (no record), then 1 slot recorded, then 1 real.
+    meta = torch.device("meta")
+    cache = as_routed_cache(DynamicCache())
+    kv = torch.zeros(2, 1, 2, 2, device=meta)
+    cache.update(kv, kv, 0)
+    cache.extend_slots(1, None, 2, 2)
+    cache.update(kv, kv, 1)
+    assert cache.slot_mask(1).device == meta and cache.slot_mask(1).shape == (2, 2)
+    before, after = cache.extend_slots(1, torch.ones(2, 1, 1, 1, dtype=torch.bool, device=meta), 1, 2)
+    assert before.device == after.device == meta and after.shape == (2, 1, 1, 3)
+    cache.update(kv[:, :, :1], kv[:, :, :1], 1)
+    _, after = cache.extend_slots(1, None, 1, 2)
+    assert after.device == meta and after.shape == (2, 1, 1, 4)
+    assert RoutingInputs().real_mask(torch.zeros(2, 3, 4, device=meta)).device == meta
