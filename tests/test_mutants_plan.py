@@ -370,3 +370,15 @@ def test_masks_are_made_on_the_device_of_the_inputs() -> None:
     assert causal.device == meta and causal.shape == (1, 1, 3, 3)
     over = compacted_mask(layer, cache, 4, selection, ForwardPlan(None), torch.float32)
     assert over.device == meta and over.shape == (2, 1, 3, 7)  # 3 slots over the 4 cached and themselves
+
+
+def test_static_records_and_masks_are_made_on_the_device_of_the_inputs() -> None:
+    # As above for the static cache: the prefill's record and the eager decode step's mask follow the hidden states.
+    meta = torch.device("meta")
+    cache, layer = static_cache(), fake_layer("eager")
+    like = torch.zeros(2, 3, 4, dtype=torch.float16, device=meta)
+    static_mask(layer, cache, PREFILL_VALID.to(meta), 3, like, torch.zeros(2, 1, 3, 5, device=meta))
+    assert cache.slot_mask(1).device == meta
+    cache.update(torch.zeros(2, 2, 3, 16, device=meta), torch.zeros(2, 2, 3, 16, device=meta), 1)
+    step = static_mask(layer, cache, None, 1, like[:, :1], None)
+    assert step.device == meta and step.dtype == torch.float16 and step.shape == (2, 1, 1, 5)

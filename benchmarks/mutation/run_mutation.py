@@ -243,8 +243,12 @@ def automatic_verdict(diff: list[str]) -> dict[str, str] | None:
     if len(old) != 1 or len(new) != 1:
         return None
     if old[0] != new[0] and _no_device(old[0]) == _no_device(new[0]):
-        return {"verdict": "not detectable on a CPU", "why": "changes only the device a tensor is made on or moved "
-                "to; on a CPU there is one device (the GPU check runs these paths on CUDA)"}  # fmt: skip
+        why = (
+            "changes only the device a tensor is made on or moved to: the CPU tests run on one device (the GPU "
+            "check runs these paths on CUDA; where a path also runs on the meta device, a test there kills such "
+            "a mutant, see tests/test_mutants_plan.py and test_mutants_layer.py)"
+        )
+        return {"verdict": "not detectable on a CPU", "why": why}
     if 'float("' in old[0] and old[0] != new[0] and old[0].lower() == new[0].lower():
         return {"verdict": "equivalent", "why": "float() reads 'inf'/'nan' in any letter case"}
     return None
