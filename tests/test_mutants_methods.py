@@ -22,7 +22,7 @@ from pmod.methods.gamma_arank import attention_rank, layer_aranks, query_key
 from pmod.methods.gamma_mod import choose_layers, read_arank_file
 from pmod.methods.gamma_router import ROUTABLE, question_tokens, routing_loss
 from pmod.methods.vision_router import Router
-from pmod.testing import randomize_routers, routed_batch, tiny_llama
+from pmod.testing import enable_activation_checkpointing, randomize_routers, routed_batch, tiny_llama
 from pmod.testing.reference import reference_logits, reference_rules
 
 
@@ -318,3 +318,27 @@ def test_renumbered_positions_with_the_threshold_prefill_equal_the_original_code
     assert (got[real] - own_positions[real]).abs().max() > 1e-2  # the positions matter here
     share = [float(rec.processed[i][0][vm].float().mean()) for i in (1, 3)]
     assert all(0.1 < s < 0.9 for s in share), share  # the threshold skips some vision tokens, not all
+
+
+def test_gamma_mod_routing_loss_with_activation_checkpointing() -> None:
+    # Checkpointed layers run again in the backward pass with the same routing inputs: the losses they compute then
+    # are not collected (the forward's hook consumed the list), and loss and gradients are the plain run's.
+    model = pmod.convert(tiny_llama(num_layers=3), GammaMoDConfig(layers=[1, 2]))
+    randomize_routers(model, scale=3.0)
+    model.train()
+    ids, am, vm = routed_batch([(6, 8, False), (5, 4, True)], "right", seed=2)
+    labels = ids.masked_fill(~am.bool(), -100)
+
+    def loss_and_router_grad(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        m.zero_grad()
+        loss = m(input_ids=ids, attention_mask=am, vision_mask=vm, labels=labels).loss
+        loss.backward()
+        return loss.detach(), m.model.gamma_mod_router.weight.grad.clone()
+
+    plain = loss_and_router_grad(model)
+    checkpointed = copy.deepcopy(model)
+    enable_activation_checkpointing(checkpointed)
+    again = loss_and_router_grad(checkpointed)
+    torch.testing.assert_close(again[0], plain[0])
+    torch.testing.assert_close(again[1], plain[1], atol=1e-6, rtol=1e-4)
+    assert float(pmod.routing_loss(checkpointed)) > 0
