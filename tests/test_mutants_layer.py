@@ -326,7 +326,7 @@ def test_position_ids_reach_the_attention_only_where_every_token_runs() -> None:
 
     def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
         ids = kwargs.get("position_ids")
-        seen[module.layer_idx] = None if ids is None else ids.tolist()
+        seen[module.layer_idx] = (None if ids is None else ids.tolist(), kwargs.pop("pmod_probe", None))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     model = routed_llama()
@@ -334,15 +334,17 @@ def test_position_ids_reach_the_attention_only_where_every_token_runs() -> None:
     AttentionInterface.register("sdpa", recording_sdpa)
     try:
         with torch.no_grad():
-            model(input_ids=ids, position_ids=torch.tensor(positions), vision_mask=torch.zeros(1, 6, dtype=torch.bool))
-            text_only = dict(seen)
-            seen.clear()
-            model(input_ids=ids, position_ids=torch.tensor(positions), vision_mask=torch.ones(1, 6, dtype=torch.bool))
+            for vision in (torch.zeros(1, 6, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)):
+                text_only = dict(seen)
+                seen.clear()
+                model(input_ids=ids, position_ids=torch.tensor(positions), vision_mask=vision, pmod_probe="here")
     finally:
         AttentionInterface.register("sdpa", sdpa_attention_forward)
-    assert text_only == dict.fromkeys(range(6), positions)  # no vision token: every layer runs every token
+    # no vision token: every layer runs every token (with the extra keyword too)
+    assert text_only == dict.fromkeys(range(6), (positions, "here"))
     # all vision: layer 0 is dense; the others keep 5, 3, 1, 0 and 3 of 6 (layer 4 runs none: no attention call)
-    assert seen == {0: positions, 1: None, 2: None, 3: None, 5: None}
+    compacted = (None, "here")
+    assert seen == {0: (positions, "here"), 1: compacted, 2: compacted, 3: compacted, 5: compacted}
 
 
 def test_a_routed_layer_takes_its_old_routing_keyword() -> None:
@@ -354,7 +356,8 @@ def test_a_routed_layer_takes_its_old_routing_keyword() -> None:
     routing = RoutingInputs(vision_mask=torch.ones(1, 4, dtype=torch.bool))
     with torch.no_grad():
         new = layer(hidden, position_embeddings=pos, routing=routing)
-        with pytest.warns(DeprecationWarning, match="the pmod_routing keyword of a routed layer is deprecated"):
+        message = "the pmod_routing keyword of a routed layer is deprecated and will be removed in the next release"
+        with pytest.warns(DeprecationWarning, match=message + "; use routing."):
             old = layer(hidden, position_embeddings=pos, pmod_routing=routing)
         unrouted = layer(hidden, position_embeddings=pos)
     assert torch.equal(old, new) and not torch.equal(new, unrouted)

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaModel
 
 import pmod
 from pmod import GammaMoDConfig
@@ -342,3 +343,17 @@ def test_gamma_mod_routing_loss_with_activation_checkpointing() -> None:
     torch.testing.assert_close(again[0], plain[0])
     torch.testing.assert_close(again[1], plain[1], atol=1e-6, rtol=1e-4)
     assert float(pmod.routing_loss(checkpointed)) > 0
+
+
+def test_a_bare_decoder_collects_gamma_mods_routing_loss() -> None:
+    # A model without an LM head returns no loss to add to; the hook still collects the routing loss. Zero router:
+    # every routable token's cross-entropy is ln 2, so each of the 2 MoD layers adds 0.01 * ln 2.
+    decoder = LlamaModel(tiny_llama(num_layers=3).config)
+    pmod.convert(decoder, GammaMoDConfig(layers=[1, 2]))
+    with torch.no_grad():
+        decoder.gamma_mod_router.weight.zero_()
+        decoder.gamma_mod_router.bias.zero_()
+    vision = torch.tensor([[False, True, True, True, True, False]])
+    out = decoder.train()(input_ids=torch.randint(5, 100, (1, 6)), vision_mask=vision)
+    assert not hasattr(out, "loss")
+    assert float(pmod.routing_loss(decoder)) == pytest.approx(0.02 * math.log(2))

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from pmod.core.cache import as_routed_cache
-from pmod.core.compat import has_vision_inputs
+from pmod.core.compat import full_attention_mask, has_vision_inputs
 from pmod.core.convert import real_tokens
 from pmod.core.layer_masks import causal_mask, compacted_mask, every_token_mask, static_mask
 from pmod.core.plan import VISION, ForwardPlan, Selection
@@ -382,3 +382,11 @@ def test_static_records_and_masks_are_made_on_the_device_of_the_inputs() -> None
     cache.update(torch.zeros(2, 2, 3, 16, device=meta), torch.zeros(2, 2, 3, 16, device=meta), 1)
     step = static_mask(layer, cache, None, 1, like[:, :1], None)
     assert step.device == meta and step.dtype == torch.float16 and step.shape == (2, 1, 1, 5)
+
+
+def test_the_full_attention_entry_of_a_mask_per_layer_type() -> None:
+    # generate's dict for a static cache (some releases): the "full_attention" entry, wherever it is; else the first.
+    full, sliding = torch.ones(1, 3), torch.zeros(1, 3)
+    assert full_attention_mask({"sliding_attention": sliding, "full_attention": full}) is full
+    assert full_attention_mask({"sliding_attention": sliding}) is sliding
+    assert full_attention_mask({}) is None and full_attention_mask(full) is full
