@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pmod
 from pmod.core import packed_attention
 from pmod.core.compaction import build_attention_mask, compact_index, sdpa_without_cudnn
 from pmod.core.deprecation import renamed_attributes
@@ -25,6 +26,7 @@ from pmod.core.packed_attention import (
     varlen_flash_available,
 )
 from pmod.core.schedules import layer_set, linear_ratio, linear_schedule, prd_ratio, validate_schedule
+from pmod.testing import randomize_routers, routed_batch, tiny_llama
 
 
 def test_a_ratio_equal_to_max_ratio_is_dense() -> None:
@@ -269,3 +271,17 @@ def test_renamed_attributes_resolve_to_the_new_name_with_a_warning_at_the_caller
     assert len(record) == 1 and record[0].filename == __file__  # the line that used the old name
     with pytest.raises(AttributeError, match="module 'renamed_example' has no attribute 'other_name'"):
         module.other_name  # noqa: B018
+
+
+def test_a_forward_from_embeddings_routes_as_one_from_token_ids() -> None:
+    # The hook reads the batch size, length and device from inputs_embeds when no input_ids are given (with and
+    # without a vision mask): the same logits as from the ids.
+    model = pmod.convert(tiny_llama(num_layers=3), pmod.PModConfig(schedule="explicit", ratios=[None, 0.5, 0.25]))
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(4, 8, False), (6, 3, True)], "left")
+    embeds = model.model.embed_tokens(ids)
+    with torch.no_grad():
+        for vision in ({"vision_mask": vm}, {}):
+            want = model(input_ids=ids, attention_mask=am, **vision).logits
+            got = model(inputs_embeds=embeds, attention_mask=am, **vision).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -357,3 +357,15 @@ def test_a_bare_decoder_collects_gamma_mods_routing_loss() -> None:
     out = decoder.train()(input_ids=torch.randint(5, 100, (1, 6)), vision_mask=vision)
     assert not hasattr(out, "loss")
     assert float(pmod.routing_loss(decoder)) == pytest.approx(0.02 * math.log(2))
+
+
+def test_a_question_mask_of_zeros_and_ones_is_read_as_bool() -> None:
+    # A tokenizer-style 0/1 (long) question mask routes as the bool one.
+    model = pmod.convert(tiny_llama(num_layers=3), GammaMoDConfig(layers=[1, 2]))
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(6, 8, False), (5, 4, True)], "left", seed=3)
+    question = (am.bool() & ~vm) & (torch.arange(ids.shape[1]) % 2 == 0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=am, vision_mask=vm, question_mask=question).logits
+        got = model(input_ids=ids, attention_mask=am, vision_mask=vm, question_mask=question.long()).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
