@@ -58,12 +58,13 @@ NO_ROUTED_LAYER = "no layer of this model is routed"
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A routed and a dense-settings tiny Llama (3 layers), saved."""
+    """A routed, a dense-settings and a never converted tiny Llama (3 layers), saved."""
     root = tmp_path_factory.mktemp("saved")
+    tiny_llama(num_layers=3).save_pretrained(root / "plain")
     pmod.convert(tiny_llama(num_layers=3)).save_pretrained(root / "routed")
     dense = pmod.PModConfig(schedule="explicit", ratios=[None, None, None])
     pmod.convert(tiny_llama(num_layers=3), dense).save_pretrained(root / "dense")
-    return {"routed": root / "routed", "dense": root / "dense"}
+    return {"routed": root / "routed", "dense": root / "dense", "plain": root / "plain"}
 
 
 # ------------------------------------------------------------------------------------------------------ backbone
@@ -156,8 +157,10 @@ def test_load_passes_keywords_on_as_from_pretrained_does(saved) -> None:
         LlamaForCausalLM.from_pretrained(saved["routed"], bogus_option=1)
     with pytest.raises(TypeError) as routed:
         pmod.load(saved["routed"], bogus_option=1)
+    with pytest.raises(TypeError) as unconverted:  # a folder without method settings: from_pretrained itself
+        pmod.load(saved["plain"], bogus_option=1)
     assert "unexpected keyword argument 'bogus_option'" in str(plain.value)
-    assert str(routed.value) == str(plain.value)
+    assert str(routed.value) == str(unconverted.value) == str(plain.value)
 
 
 def test_load_warns_only_when_no_layer_is_routed(saved, caplog) -> None:

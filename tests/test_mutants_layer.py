@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import pmod
 from pmod import PModConfig
-from pmod.core import routed_layer
+from pmod.core import packed_attention, routed_layer
 from pmod.core.cache import RoutedCache, as_routed_cache, cache_kwargs, cache_of, kv_cache_bytes
 from pmod.core.plan import ForwardPlan, Selection
 from pmod.core.routed_layer import RoutingInputs
@@ -226,8 +226,9 @@ def test_padding_passes_a_string_layer_unchanged_and_is_never_vision() -> None:
     torch.testing.assert_close(marked.hidden_states[2][pad], marked.hidden_states[1][pad], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", ["padded", "packed"])
+@pytest.mark.parametrize("path", ["padded", "packed", "static"])
 def test_extra_attention_keywords_reach_the_attention_of_routed_layers(path: str) -> None:
+    """On the padded and packed paths, and over a static cache (its own branch of the compacted block)."""
     seen: dict[int, object] = {}
 
     def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -236,12 +237,14 @@ def test_extra_attention_keywords_reach_the_attention_of_routed_layers(path: str
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     model = routed_llama()
-    pmod.set_attention_path(model, path)
+    pmod.set_attention_path(model, "padded" if path == "static" else path)
     ids, am, vm = routed_batch(ROWS, "left")
+    static = StaticCache(config=model.config, max_cache_len=ids.shape[1])
+    cache = {**cache_kwargs(static), "use_cache": True} if path == "static" else {}
     AttentionInterface.register("sdpa", recording_sdpa)
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=am, vision_mask=vm, pmod_probe="here")
+            model(input_ids=ids, attention_mask=am, vision_mask=vm, pmod_probe="here", **cache)
     finally:
         AttentionInterface.register("sdpa", sdpa_attention_forward)
     assert seen == dict.fromkeys(range(6), "here")
@@ -299,3 +302,99 @@ def test_a_layer_without_the_llama_submodules_is_refused_and_new_layers_start_on
         routed_layer.make_routed_layer(torch.nn.Linear(2, 2), 0, routed_layer.RoutingRule())
     model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
     assert [layer.attention_path for layer in pmod.routed_layers(model).values()] == ["auto", "auto"]
+
+
+def test_a_static_prefill_of_one_row_has_no_filler_slots() -> None:
+    # One row: each routed layer keeps 4 text + floor(8 * 0.5) = 4 vision tokens, 8 slots and no filler (the
+    # selection has no validity mask). The static cache's prefill gives the dynamic cache's logits and records the
+    # 8 slots written, the other 4 of the 12 not.
+    model = pmod.convert(tiny_llama(num_layers=3), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5]))
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(4, 8, False)], "left")
+    static = StaticCache(config=model.config, max_cache_len=12)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=am, vision_mask=vm, **cache_kwargs(static), use_cache=True)
+        want = model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=True)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert [static.slot_mask(i).tolist() for i in (1, 2)] == [[[True] * 8 + [False] * 4]] * 2
+
+
+def test_position_ids_reach_the_attention_only_where_every_token_runs() -> None:
+    # Flash attention's varlen path reads position_ids (a restart at 0 begins a new sequence): a layer that runs every
+    # token passes the model's on, a compacted layer none (its slots' positions would read as packed sequences).
+    seen: dict[int, object] = {}
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        ids = kwargs.get("position_ids")
+        seen[module.layer_idx] = (None if ids is None else ids.tolist(), kwargs.pop("pmod_probe", None))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    model = routed_llama()
+    ids, positions = torch.arange(10, 16)[None], [list(range(3, 9))]
+    AttentionInterface.register("sdpa", recording_sdpa)
+    try:
+        with torch.no_grad():
+            for vision in (torch.zeros(1, 6, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)):
+                text_only = dict(seen)
+                seen.clear()
+                model(input_ids=ids, position_ids=torch.tensor(positions), vision_mask=vision, pmod_probe="here")
+    finally:
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
+    # no vision token: every layer runs every token (with the extra keyword too)
+    assert text_only == dict.fromkeys(range(6), (positions, "here"))
+    # all vision: layer 0 is dense; the others keep 5, 3, 1, 0 and 3 of 6 (layer 4 runs none: no attention call)
+    compacted = (None, "here")
+    assert seen == {0: (positions, "here"), 1: compacted, 2: compacted, 3: compacted, 5: compacted}
+
+
+def test_a_routed_layer_takes_its_old_routing_keyword() -> None:
+    # pmod <= 0.2 called it pmod_routing: the same routing (half of the 4 vision tokens skip), with a warning.
+    model = pmod.convert(tiny_llama(num_layers=2), PModConfig(schedule="explicit", ratios=[None, 0.5]))
+    randomize_routers(model, scale=3.0)
+    layer, hidden = model.model.layers[1], torch.randn(1, 4, 64)
+    pos = model.model.rotary_emb(hidden, torch.arange(4)[None])
+    routing = RoutingInputs(vision_mask=torch.ones(1, 4, dtype=torch.bool))
+    with torch.no_grad():
+        new = layer(hidden, position_embeddings=pos, routing=routing)
+        message = "the pmod_routing keyword of a routed layer is deprecated and will be removed in the next release"
+        with pytest.warns(DeprecationWarning, match=message + "; use routing."):
+            old = layer(hidden, position_embeddings=pos, pmod_routing=routing)
+        unrouted = layer(hidden, position_embeddings=pos)
+    assert torch.equal(old, new) and not torch.equal(new, unrouted)
+
+
+def test_the_packed_kernel_gets_the_longest_rows_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    # varlen flash attention sizes its work by max_len, the longest packed row (no CPU path reads it, so it is
+    # recorded here). p-MoD keeps text + floor(vision * ratio) per row of ROWS (text, vision): ratio 0.9: 5 + 20,
+    # 9 + 9, 4 + 0, 6 + 15 -> 25; 0.5: 16, 14, 4, 14 -> 16; 0.25: 10, 11, 4, 10 -> 11; 0.15: 8, 10, 4, 8 -> 10.
+    seen = []
+    inner = packed_attention.packed_causal_attention
+
+    def recorded(query, key, value, cu_seqlens, max_len, **options):  # noqa: ANN001, ANN003, ANN202
+        seen.append(max_len)
+        return inner(query, key, value, cu_seqlens, max_len, **options)
+
+    monkeypatch.setattr(packed_attention, "packed_causal_attention", recorded)
+    model = pmod.set_attention_path(routed_llama(), "packed")
+    ids, am, vm = routed_batch(ROWS, "left")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, vision_mask=vm)
+    assert seen == [25, 16, 11, 10, 16]
+
+
+def test_slot_records_are_made_on_the_device_of_the_cache() -> None:
+    # The meta device stands in for a GPU: a record made on the default device (the CPU) would sit on another device
+    # than the keys it describes. Layer 1 first caches 2 real slots (no record), then 1 slot recorded, then 1 real.
+    meta = torch.device("meta")
+    cache = as_routed_cache(DynamicCache())
+    kv = torch.zeros(2, 1, 2, 2, device=meta)
+    cache.update(kv, kv, 0)
+    cache.extend_slots(1, None, 2, 2)
+    cache.update(kv, kv, 1)
+    assert cache.slot_mask(1).device == meta and cache.slot_mask(1).shape == (2, 2)
+    before, after = cache.extend_slots(1, torch.ones(2, 1, 1, 1, dtype=torch.bool, device=meta), 1, 2)
+    assert before.device == after.device == meta and after.shape == (2, 1, 1, 3)
+    cache.update(kv[:, :, :1], kv[:, :, :1], 1)
+    _, after = cache.extend_slots(1, None, 1, 2)
+    assert after.device == meta and after.shape == (2, 1, 1, 4)
+    assert RoutingInputs().real_mask(torch.zeros(2, 3, 4, device=meta)).device == meta

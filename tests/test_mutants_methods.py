@@ -4,6 +4,7 @@ from the code under test."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import types
@@ -11,16 +12,19 @@ import types
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaModel
 
 import pmod
 from pmod import GammaMoDConfig
 from pmod.core.compat import rotary
 from pmod.core.routed_layer import RoutingInputs
+from pmod.methods import gamma_arank
 from pmod.methods.gamma_arank import attention_rank, layer_aranks, query_key
 from pmod.methods.gamma_mod import choose_layers, read_arank_file
 from pmod.methods.gamma_router import question_tokens, routing_loss
 from pmod.methods.vision_router import Router
-from pmod.testing import tiny_llama
+from pmod.testing import enable_activation_checkpointing, randomize_routers, routed_batch, tiny_llama
+from pmod.testing.reference import reference_logits, reference_rules
 
 
 def apply_multimodal_rotary_pos_emb(q, k, cos, sin, section):  # noqa: ANN001, ANN201 - stands in for Qwen2-VL's
@@ -95,6 +99,21 @@ def test_layer_aranks_drop_padding_and_default_to_the_papers_measure() -> None:
     with_padding = layer_aranks(model, [{"input_ids": padded, "attention_mask": mask}])
     assert alone == with_padding == [3.0, 3.0]  # 3 tokens: a 3 x 3 q k^T of full rank (head_dim > 3)
     assert layer_aranks(model, [{"input_ids": ids}], "softmax") == [2.0, 2.0]  # n - 1 for a causal softmax
+
+
+def test_layer_aranks_measure_with_the_layers_attention_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The softmax variant scales q k^T as the layer does: 1/sqrt(head_dim) = 1/sqrt(16) = 0.25 in tiny_llama (a
+    # scale changes the softmax's ranks only through underflow, see test_softmax_arank_by_hand, so it is read here).
+    model = tiny_llama(num_layers=2, attn_implementation="eager").eval()
+    seen: list[float] = []
+
+    def measured(q, k, variant="scores", scaling=1.0):  # noqa: ANN001, ANN202
+        seen.append(scaling)
+        return attention_rank(q, k, variant, scaling)
+
+    monkeypatch.setattr(gamma_arank, "attention_rank", measured)
+    assert layer_aranks(model, [{"input_ids": torch.tensor([[5, 6, 7]])}], "softmax") == [2.0, 2.0]
+    assert seen == [0.25, 0.25]
 
 
 def test_choose_layers_default_is_the_fourth_largest() -> None:
@@ -244,3 +263,109 @@ def test_router_logits_of_2d_and_3d_hidden_states(bias: bool) -> None:
     assert torch.equal(router(hidden), expected)
     assert torch.equal(router(hidden[0]), expected[0])  # 2-D [T, D]: the plain Linear
     assert torch.equal(router(hidden[None]), expected[None])  # 4-D: the plain Linear too
+
+
+def test_top_k_prefill_of_two_tokens_leaves_the_choice_to_the_plan_with_the_probabilities() -> None:
+    # Every multi-token chunk, 2 tokens included, is a prefill: the rule gives scores p to the plan (which sizes the
+    # layer from the counts, no host sync) rather than a processed mask, and records p (0.5 with a zero router).
+    model = zero_router_model()
+    layer = model.model.layers[1]
+    for seq in (2, 3):
+        with torch.no_grad():
+            decision = layer.routing_rule.route(
+                layer,
+                torch.randn(1, seq, model.config.hidden_size),
+                RoutingInputs(vision_mask=torch.ones(1, seq, dtype=torch.bool)),
+            )
+        assert decision.processed is None
+        assert decision.scores.flatten().tolist() == [0.5] * seq
+        assert decision.weights.tolist() == [[0.5] * seq]
+
+
+def test_training_keeps_the_top_k_whatever_the_prefill_rule() -> None:
+    # prefill_rule="threshold" is an inference rule: training keeps the top floor(4 * 0.5) = 2 of the 4 routable
+    # (vision) tokens, ties (every p = 0.5) to the earlier ones; the threshold 0.4 would keep all 4.
+    model = zero_router_model(prefill_rule="threshold", prefill_threshold=0.4)
+    layer = model.model.layers[1].train()
+    vision = torch.tensor([[False, True, True, True, True]])
+    losses: list = []
+    decision = layer.routing_rule.route(layer, torch.randn(1, 5, model.config.hidden_size),
+                                        RoutingInputs(vision_mask=vision, routing_losses=losses))  # fmt: skip
+    assert decision.processed.tolist() == [[True, True, True, False, False]]
+    assert len(losses) == 1 and float(losses[0].detach()) == pytest.approx(0.01 * math.log(2))  # logits (0, 0): CE ln 2
+
+
+def test_renumbered_positions_with_the_threshold_prefill_equal_the_original_codes() -> None:
+    """The original evaluation code: prefill by threshold (0.4 here, so that some tokens are skipped) with the
+    processed tokens at positions 0..K-1 (the reference recomputes RoPE per layer from the processed mask)."""
+    dense = tiny_llama(num_layers=4, attn_implementation="eager")
+    with torch.no_grad():  # peaked attention, so that positions move the output
+        for block in dense.model.layers:
+            block.self_attn.q_proj.weight.mul_(8.0)
+            block.self_attn.k_proj.weight.mul_(8.0)
+    config = GammaMoDConfig(layers=[1, 3], prefill_rule="threshold", prefill_threshold=0.4, renumber_positions=True)
+    model = pmod.convert(copy.deepcopy(dense), config)
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(12, 20, False), (10, 8, True)], "right", seed=6)
+    real = am.bool()
+    with torch.no_grad(), pmod.record_routing(model) as rec:
+        got = model(input_ids=ids, attention_mask=am, vision_mask=vm, use_cache=False).logits
+        rules = reference_rules(model, prefill_threshold=0.4)
+        want = reference_logits(dense, rules, ids, am, vm)
+        for rule in rules.values():
+            rule.renumber_positions = False
+        own_positions = reference_logits(dense, rules, ids, am, vm)
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    assert (got[real] - own_positions[real]).abs().max() > 1e-2  # the positions matter here
+    share = [float(rec.processed[i][0][vm].float().mean()) for i in (1, 3)]
+    assert all(0.1 < s < 0.9 for s in share), share  # the threshold skips some vision tokens, not all
+
+
+def test_gamma_mod_routing_loss_with_activation_checkpointing() -> None:
+    # Checkpointed layers run again in the backward pass with the same routing inputs: the losses they compute then
+    # are not collected (the forward's hook consumed the list), and loss and gradients are the plain run's.
+    model = pmod.convert(tiny_llama(num_layers=3), GammaMoDConfig(layers=[1, 2]))
+    randomize_routers(model, scale=3.0)
+    model.train()
+    ids, am, vm = routed_batch([(6, 8, False), (5, 4, True)], "right", seed=2)
+    labels = ids.masked_fill(~am.bool(), -100)
+
+    def loss_and_router_grad(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        m.zero_grad()
+        loss = m(input_ids=ids, attention_mask=am, vision_mask=vm, labels=labels).loss
+        loss.backward()
+        return loss.detach(), m.model.gamma_mod_router.weight.grad.clone()
+
+    plain = loss_and_router_grad(model)
+    checkpointed = copy.deepcopy(model)
+    enable_activation_checkpointing(checkpointed)
+    again = loss_and_router_grad(checkpointed)
+    torch.testing.assert_close(again[0], plain[0])
+    torch.testing.assert_close(again[1], plain[1], atol=1e-6, rtol=1e-4)
+    assert float(pmod.routing_loss(checkpointed)) > 0
+
+
+def test_a_bare_decoder_collects_gamma_mods_routing_loss() -> None:
+    # A model without an LM head returns no loss to add to; the hook still collects the routing loss. Zero router:
+    # every routable token's cross-entropy is ln 2, so each of the 2 MoD layers adds 0.01 * ln 2.
+    decoder = LlamaModel(tiny_llama(num_layers=3).config)
+    pmod.convert(decoder, GammaMoDConfig(layers=[1, 2]))
+    with torch.no_grad():
+        decoder.gamma_mod_router.weight.zero_()
+        decoder.gamma_mod_router.bias.zero_()
+    vision = torch.tensor([[False, True, True, True, True, False]])
+    out = decoder.train()(input_ids=torch.randint(5, 100, (1, 6)), vision_mask=vision)
+    assert not hasattr(out, "loss")
+    assert float(pmod.routing_loss(decoder)) == pytest.approx(0.02 * math.log(2))
+
+
+def test_a_question_mask_of_zeros_and_ones_is_read_as_bool() -> None:
+    # A tokenizer-style 0/1 (long) question mask routes as the bool one.
+    model = pmod.convert(tiny_llama(num_layers=3), GammaMoDConfig(layers=[1, 2]))
+    randomize_routers(model, scale=3.0)
+    ids, am, vm = routed_batch([(6, 8, False), (5, 4, True)], "left", seed=3)
+    question = (am.bool() & ~vm) & (torch.arange(ids.shape[1]) % 2 == 0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=am, vision_mask=vm, question_mask=question).logits
+        got = model(input_ids=ids, attention_mask=am, vision_mask=vm, question_mask=question.long()).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

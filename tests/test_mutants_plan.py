@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from pmod.core.cache import as_routed_cache
-from pmod.core.compat import has_vision_inputs
+from pmod.core.compat import full_attention_mask, has_vision_inputs
 from pmod.core.convert import real_tokens
 from pmod.core.layer_masks import causal_mask, compacted_mask, every_token_mask, static_mask
 from pmod.core.plan import VISION, ForwardPlan, Selection
@@ -336,3 +336,57 @@ def test_real_tokens_of_generates_4d_masks() -> None:
     assert real.tolist() == [[True, False, True], [True] * 3] and keys == 5
     with pytest.raises(ValueError, match="routed models take a 2-D padding attention_mask .* got 3-D"):
         real_tokens(torch.ones(2, 3, 5), 3, None, CPU)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_flash_attention_step_of_every_token_takes_the_record_without_a_host_check(device: str) -> None:
+    # Layer 1 holds 2 slots per row recorded (T, F) and (T, T); a one-token step without padding adds a real slot:
+    # flash attention's 2-D int32 key padding mask is the record, (1, 0, 1) and (1, 1, 1). On the meta device no
+    # value can be read on the host: the step must not check the mask there (a device sync per step on CUDA).
+    cache = as_routed_cache(DynamicCache())
+    cache.update(torch.zeros(2, 1, 2, 2, device=device), torch.zeros(2, 1, 2, 2, device=device), 0)
+    cache.extend_slots(1, torch.tensor([[True, False], [True, True]], device=device).view(2, 1, 1, 2), 2, 2)
+    cache.update(torch.zeros(2, 1, 2, 2, device=device), torch.zeros(2, 1, 2, 2, device=device), 1)
+    mask = every_token_mask(fake_layer("flash_attention_2"), None, cache, ForwardPlan(None),
+                            torch.zeros(2, 1, 4, device=device))  # fmt: skip
+    assert mask.dtype == torch.int32 and mask.shape == (2, 3)
+    if device == "cpu":
+        assert mask.tolist() == [[1, 0, 1], [1, 1, 1]]
+
+
+def test_masks_are_made_on_the_device_of_the_inputs() -> None:
+    # The meta device stands in for a GPU: a mask made on the default device (the CPU) instead of the inputs' would
+    # end up on another device than the attention's tensors. Layer 1 holds 2 real slots per row (no record).
+    meta = torch.device("meta")
+    cache = as_routed_cache(DynamicCache())
+    cache.update(torch.zeros(2, 1, 2, 2, device=meta), torch.zeros(2, 1, 2, 2, device=meta), 0)
+    cache.extend_slots(1, None, 2, 2)
+    cache.update(torch.zeros(2, 1, 2, 2, device=meta), torch.zeros(2, 1, 2, 2, device=meta), 1)
+    layer = fake_layer("eager")
+    every = every_token_mask(layer, None, cache, ForwardPlan(None), torch.zeros(2, 2, 4, device=meta))
+    assert every.device == meta and every.shape == (2, 1, 2, 4)  # 2 queries over 2 + 2 keys
+    selection = Selection(torch.zeros(2, 3, 1, dtype=torch.long, device=meta), None, 3, 6)
+    causal = compacted_mask(layer, None, 0, selection, ForwardPlan(None), torch.float32)
+    assert causal.device == meta and causal.shape == (1, 1, 3, 3)
+    over = compacted_mask(layer, cache, 4, selection, ForwardPlan(None), torch.float32)
+    assert over.device == meta and over.shape == (2, 1, 3, 7)  # 3 slots over the 4 cached and themselves
+
+
+def test_static_records_and_masks_are_made_on_the_device_of_the_inputs() -> None:
+    # As above for the static cache: the prefill's record and the eager decode step's mask follow the hidden states.
+    meta = torch.device("meta")
+    cache, layer = static_cache(), fake_layer("eager")
+    like = torch.zeros(2, 3, 4, dtype=torch.float16, device=meta)
+    static_mask(layer, cache, PREFILL_VALID.to(meta), 3, like, torch.zeros(2, 1, 3, 5, device=meta))
+    assert cache.slot_mask(1).device == meta
+    cache.update(torch.zeros(2, 2, 3, 16, device=meta), torch.zeros(2, 2, 3, 16, device=meta), 1)
+    step = static_mask(layer, cache, None, 1, like[:, :1], None)
+    assert step.device == meta and step.dtype == torch.float16 and step.shape == (2, 1, 1, 5)
+
+
+def test_the_full_attention_entry_of_a_mask_per_layer_type() -> None:
+    # generate's dict for a static cache (some releases): the "full_attention" entry, wherever it is; else the first.
+    full, sliding = torch.ones(1, 3), torch.zeros(1, 3)
+    assert full_attention_mask({"sliding_attention": sliding, "full_attention": full}) is full
+    assert full_attention_mask({"sliding_attention": sliding}) is sliding
+    assert full_attention_mask({}) is None and full_attention_mask(full) is full

@@ -19,7 +19,8 @@ Tests (``TESTS``): the test files that exercise these modules in-process, minus 
 pmod in a subprocess (a subprocess imports the unmutated package, so it could never kill a mutant and only costs
 time) and one order-dependent test. mutmut records which test calls which function and runs, per mutant, only the
 tests that reach the mutated function, fastest first, stopping at the first failure (``pytest -x``). The baseline
-run has the files of ``MUTANT_TESTS`` as empty placeholders: its score is the suite's as it was.
+run takes the suite as it is, the files of ``MUTANT_TESTS`` written so far included (the others are empty
+placeholders): its score is the suite's before the tests written for that run's survivors.
 
 Not mutated, on purpose (both listed in the JSON report):
 
@@ -242,8 +243,12 @@ def automatic_verdict(diff: list[str]) -> dict[str, str] | None:
     if len(old) != 1 or len(new) != 1:
         return None
     if old[0] != new[0] and _no_device(old[0]) == _no_device(new[0]):
-        return {"verdict": "not detectable on a CPU", "why": "changes only the device a tensor is made on or moved "
-                "to; on a CPU there is one device (the GPU check runs these paths on CUDA)"}  # fmt: skip
+        why = (
+            "changes only the device a tensor is made on or moved to: the CPU tests run on one device (the GPU "
+            "check runs these paths on CUDA; where a path also runs on the meta device, a test there kills such "
+            "a mutant, see tests/test_mutants_plan.py and test_mutants_layer.py)"
+        )
+        return {"verdict": "not detectable on a CPU", "why": why}
     if 'float("' in old[0] and old[0] != new[0] and old[0].lower() == new[0].lower():
         return {"verdict": "equivalent", "why": "float() reads 'inf'/'nan' in any letter case"}
     return None
