@@ -286,3 +286,53 @@ def test_a_forward_from_embeddings_routes_as_one_from_token_ids() -> None:
             want = model(input_ids=ids, attention_mask=am, **vision).logits
             got = model(inputs_embeds=embeds, attention_mask=am, **vision).logits
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_prompt_question_mask_says_nothing_about_a_decode_step() -> None:
+    """generate() passes the prompt's question_mask again at every decode step; it describes the prompt only. A decode
+    step given it must run as one given none: with every token's p = softmax([1, -1])[1] = 0.12 below the 0.5 decode
+    threshold, the new token is skipped by every gamma-MoD layer, also when the prompt's last token is a question
+    token (slicing the prompt's mask to the step would mark it as question, so processed)."""
+    import copy
+
+    from pmod.methods import GammaMoDConfig
+    from pmod.methods.gamma_mod import ROUTER_NAME
+    from pmod.testing import llava_batch, tiny_llava
+
+    model = pmod.convert(tiny_llava(num_layers=4), GammaMoDConfig(layers=[1, 2, 3]))
+    router = getattr(pmod.core.backbone.backbone_for(model).decoder(model), ROUTER_NAME)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.bias.copy_(torch.tensor([1.0, -1.0]))
+    batch = llava_batch(model, [(3, 5)], [True])
+    question = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    question[:, -3:] = True  # the prompt ends with its question
+    with torch.no_grad():
+        prompt = model(**batch, question_mask=question, use_cache=True)
+        step = {"input_ids": torch.tensor([[7]]), "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + 1,
+                                                                                dtype=torch.long)}  # fmt: skip
+        given = model(**step, past_key_values=copy.deepcopy(prompt.past_key_values), question_mask=question)
+        alone = model(**step, past_key_values=copy.deepcopy(prompt.past_key_values))
+    torch.testing.assert_close(given.logits, alone.logits, rtol=0, atol=0)
+
+
+def test_a_one_token_chunk_without_images_is_text_even_as_the_image_id() -> None:
+    """A decode step without images is text, known without reading its id on the host: even a generated image
+    placeholder id runs as a text token (as with an explicit all-False vision_mask), not as a vision token that a
+    p-MoD layer at ratio 0.5 would skip (floor(0.5 * 1) = 0 kept)."""
+    import copy
+
+    from pmod.methods import PModConfig
+    from pmod.testing import IMAGE_TOKEN_ID, llava_batch, tiny_llava
+
+    model = pmod.convert(tiny_llava(num_layers=4), PModConfig(schedule="explicit", ratios=[None, 0.5, 0.5, 0.5]))
+    randomize_routers(model)
+    batch = llava_batch(model, [(3, 5)], [True])
+    with torch.no_grad():
+        prompt = model(**batch, use_cache=True)
+        step = {"input_ids": torch.tensor([[IMAGE_TOKEN_ID]]),
+                "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + 1, dtype=torch.long)}  # fmt: skip
+        plain = model(**step, past_key_values=copy.deepcopy(prompt.past_key_values))
+        text = model(**step, past_key_values=copy.deepcopy(prompt.past_key_values),
+                     vision_mask=torch.zeros(1, 1, dtype=torch.bool))  # fmt: skip
+    torch.testing.assert_close(plain.logits, text.logits, rtol=0, atol=0)
