@@ -16,6 +16,7 @@ import functools
 from typing import Any
 
 from pmod.analysis.analytic_flops import DEFAULT_TEXT_TOKENS, LMDims, estimate
+from pmod.analysis.dims import vision_tokens
 from pmod.core.config import MethodConfig
 
 #: What a budget is a share of: analytic prefill TFLOPs (LM head included) or KV-cache bytes, each vs dense.
@@ -97,24 +98,19 @@ def set_budget(
     model, a method acting before the decoder, or a budget out of reach (naming the reachable range)."""
     from pmod.core.backbone import backbone_for
     from pmod.core.config import store_method_config
-    from pmod.core.convert import get_method_config, routed_layers
+    from pmod.core.convert import get_method_config, layer_ratios, routed_layers
 
     current = get_method_config(model)
-    layers = backbone_for(model).decoder_layers(model)
     routed = routed_layers(model)
     if current is None or not routed:
         raise ValueError("this model routes no decoder layer, so it has no budget to set; convert it with a method "
                          "first, e.g. pmod.convert(model, pmod.FastVConfig())")  # fmt: skip
     workload = {"n_vision": n_vision, "n_text": n_text, **workload}
-    dims = LMDims.from_config(model.config)
+    ratios, layers = layer_ratios(model), backbone_for(model).decoder_layers(model)
+    chosen = budget_config(current, ratios, LMDims.from_config(model.config), budget, measure, workload)
     if current.trainable:
-        chosen = scaled_at_budget(current, [layer.routing_ratio if i in routed else None for i, layer in
-                                             enumerate(layers)], dims, budget, measure, workload)  # fmt: skip
-        for i, ratio in enumerate(chosen.layer_ratios(len(layers))):
-            if i in routed:
-                routed[i].routing_rule.ratio = ratio
+        set_routed_ratios(routed, chosen.layer_ratios(len(layers)))
     else:
-        chosen = at_budget(current, dims, budget, measure=measure, **workload)
         rules = chosen.build(backbone_for(model).decoder(model), layers)
         if sorted(rules) != sorted(routed):
             raise ValueError(f"{chosen.describe(len(layers))} routes other layers than the model; convert the dense "
@@ -123,6 +119,31 @@ def set_budget(
             routed[i].routing_rule = rule
     store_method_config(model.config, chosen)
     return chosen
+
+
+def budget_config(
+    config: MethodConfig, ratios: list[float | None], dims: Any, budget: float, measure: str, workload: dict
+) -> MethodConfig:
+    """The config a model running ``config`` with per-layer ``ratios`` (None: a dense layer) runs at ``budget``, as
+    :func:`set_budget` moves it: a trained method by :func:`scaled_at_budget`, a training-free one by
+    :func:`at_budget`. ValueError naming the reachable range."""
+    if config.trainable:
+        return scaled_at_budget(config, ratios, dims, budget, measure, workload)
+    return at_budget(config, dims, budget, measure=measure, **workload)
+
+
+def set_routed_ratios(routed: dict[int, Any], ratios: Any) -> None:
+    """Each routed layer of ``routed`` (index -> layer) to its share in ``ratios`` (per layer): the rule's ratio
+    only, routers and config untouched."""
+    for i, layer in routed.items():
+        layer.routing_rule.ratio = ratios[i]
+
+
+def one_image_workload(config: Any, n_text: int = DEFAULT_TEXT_TOKENS) -> dict[str, int] | None:
+    """The workload a budget is solved for by default: one image of the model (its ``config.json`` dict) and
+    ``n_text`` text tokens (``pmod flops``' default); None for a model without a vision config."""
+    per_image = vision_tokens(config)
+    return None if per_image is None else {"n_vision": int(per_image[0]), "n_text": n_text}
 
 
 def scaled_at_budget(

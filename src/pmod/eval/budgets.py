@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pmod.analysis.budget import at_budget, cost_ratio, scaled_at_budget, set_budget
-from pmod.analysis.dims import DEFAULT_TEXT_TOKENS, LMDims, vision_tokens
+from pmod.analysis.budget import budget_config, cost_ratio, one_image_workload, set_budget
+from pmod.analysis.dims import DEFAULT_TEXT_TOKENS, LMDims
 from pmod.core.config import MethodConfig, stored_method_config
 from pmod.core.errors import UserError
 
@@ -41,10 +41,10 @@ def label(budget: float | str) -> str:
 
 def workload(config: dict[str, Any], folder: str | Path) -> dict[str, int]:
     """The workload a budget is solved for: one image of the model (its ``config.json`` dict) and the default text."""
-    per_image = vision_tokens(config)
-    if per_image is None:
+    load = one_image_workload(config)
+    if load is None:
         raise UserError(f"budget: {folder} has no vision config to count an image's tokens; drop the budget")
-    return {"n_vision": int(per_image[0]), "n_text": DEFAULT_TEXT_TOKENS}
+    return load
 
 
 def config_at_budget(config: dict[str, Any], method: MethodConfig | None, budget: float, folder: str) -> MethodConfig:
@@ -56,11 +56,8 @@ def config_at_budget(config: dict[str, Any], method: MethodConfig | None, budget
         raise UserError(f"budget={budget}: {folder} is a dense model, with no budget to set; drop the budget or pass "
                         f"a method (DIR,method=fastv,budget={budget})")  # fmt: skip
     dims, load = LMDims.from_config(config), workload(config, folder)
-    n_layers = dims.layers
     try:
-        if current.trainable:
-            return scaled_at_budget(current, current.layer_ratios(n_layers), dims, budget, "tflops", load)
-        return at_budget(current, dims, budget, **load)
+        return budget_config(current, current.layer_ratios(dims.layers), dims, budget, "tflops", load)
     except ValueError as err:
         raise UserError(f"{folder} at budget {budget}: {err}") from None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pmod.core.errors import UserError
+from pmod.eval.budgets import label
 from pmod.eval.measurement import finished_key, folder_identity, measurement_key, result_folder, task_identity
 
 #: Prefix of the per-run folder that takes the cost lines a model writes before its first task.
@@ -56,7 +57,7 @@ class ModelSpec:
         """The folder's name, plus ``+method`` when one is given and ``@0.40`` at a budget (the label before
         duplicates are numbered)."""
         name = Path(self.folder).resolve().name + (f"+{self.args['method']}" if self.args.get("method") else "")
-        return name + (f"@{float(self.args['budget']):.2f}" if self.args.get("budget") else "")
+        return name + (label(self.args["budget"]) if self.args.get("budget") else "")
 
 
 def split_model_args(text: str) -> list[str]:

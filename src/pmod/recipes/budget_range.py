@@ -27,10 +27,9 @@ import numpy as np
 from torch import nn
 from transformers import TrainerCallback
 
-from pmod.analysis.budget import scaled_at_budget
-from pmod.analysis.dims import DEFAULT_TEXT_TOKENS, LMDims, vision_tokens
-from pmod.core.backbone import backbone_for
-from pmod.core.convert import get_method_config, routed_layers
+from pmod.analysis.budget import one_image_workload, scaled_at_budget, set_routed_ratios
+from pmod.analysis.dims import DEFAULT_TEXT_TOKENS, LMDims
+from pmod.core.convert import get_method_config, layer_ratios, routed_layers
 from pmod.core.errors import UserError
 
 #: Decimals a drawn budget is rounded to (a kept-token step of the cost is coarser on real models).
@@ -70,13 +69,11 @@ class BudgetRange(TrainerCallback):
             what = "a dense model" if config is None or not self.routed else f"{config.method}, training-free"
             raise UserError(f"--budget-range moves the ratios of trained routed layers, but this run trains {what}; "
                             f"train a routed method (e.g. --method pmod) or drop --budget-range")  # fmt: skip
-        per_image = vision_tokens(model.config.to_dict())
-        if per_image is None:
+        workload = one_image_workload(model.config.to_dict(), n_text)
+        if workload is None:
             raise UserError("--budget-range: the model has no vision config to count an image's tokens")
-        n_layers = len(backbone_for(model).decoder_layers(model))
         self.config, self.low, self.high, self.seed = config, low, high, seed
-        self.trained = [self.routed[i].routing_ratio if i in self.routed else None for i in range(n_layers)]
-        self.workload = {"n_vision": int(per_image[0]), "n_text": n_text}
+        self.trained, self.workload = layer_ratios(model), workload
         self.dims = LMDims.from_config(model.config)
         self.solved: dict[float, tuple[float | None, ...]] = {}
         self.budgets: dict[int, float] = {}  # the budget each step of this process ran at, by step
@@ -95,19 +92,15 @@ class BudgetRange(TrainerCallback):
         self.solved[budget] = tuple(chosen.layer_ratios(len(self.trained)))
         return self.solved[budget]
 
-    def _apply(self, ratios: Sequence[float | None]) -> None:
-        for i, layer in self.routed.items():
-            layer.routing_rule.ratio = ratios[i]
-
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.budgets[state.global_step] = draw(self.seed, state.global_step, self.low, self.high)
-        self._apply(self.ratios_at(self.budgets[state.global_step]))
+        set_routed_ratios(self.routed, self.ratios_at(self.budgets[state.global_step]))
         return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self._apply(self.trained)  # before the Trainer logs, evaluates or saves a checkpoint
+        set_routed_ratios(self.routed, self.trained)  # before the Trainer logs, evaluates or saves a checkpoint
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self._apply(self.trained)
+        set_routed_ratios(self.routed, self.trained)
         return control

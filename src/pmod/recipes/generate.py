@@ -84,19 +84,18 @@ def answer(
 def config_at_budget(folder: Path, config: Any, budget: float, prompt: str | None) -> Any:
     """``config`` (a training-free method's, applied on the fly) with its cost setting chosen for ``budget``, for a
     prompt of one image and ``prompt`` in the folder's prompt format; the choice is printed to stderr."""
-    from pmod.analysis.dims import LMDims, vision_tokens
+    from pmod.analysis.budget import one_image_workload
+    from pmod.analysis.dims import LMDims
     from pmod.recipes.flops import QUESTION, prompt_text_tokens, settings_at_budget
 
     if config is None:
         raise UserError("--budget chooses a training-free method's setting: pass --method with it (a routed folder "
                         "runs the schedule it was trained with)")  # fmt: skip
     data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    per_image = vision_tokens(data)
-    if per_image is None:
+    workload = one_image_workload(data, prompt_text_tokens(folder, prompt or QUESTION) or 1)
+    if workload is None:
         raise UserError(f"--budget: {folder} has no vision config to count an image's tokens; drop --budget")
-    n_text = prompt_text_tokens(folder, prompt or QUESTION) or 1
-    return settings_at_budget("pmod generate", config, LMDims.from_config(data), budget, n_vision=int(per_image[0]),
-                              n_text=n_text)  # fmt: skip
+    return settings_at_budget("pmod generate", config, LMDims.from_config(data), budget, **workload)
 
 
 def read_batch_file(path: str) -> list[dict[str, str]]:
