@@ -273,7 +273,7 @@ def generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``generate`` of a VisionZip model: the prompt shortened (left-padded) before generating; the sequences come
     back with the prompt as given, so ``out[:, input_ids.shape[1]:]`` are the new tokens as usual, and so do the
     sequences that stopping criteria and logits processors see."""
-    hook: SequenceHook = model._visionzip
+    hook: SequenceHook = getattr(model, SHORTENING_ATTRIBUTE)
     if args:
         kwargs["input_ids"], args = args[0], args[1:]
     ids = kwargs.get("input_ids")
@@ -332,6 +332,5 @@ def attach_visionzip(model: nn.Module, adapter: BackboneAdapter, dominant: int, 
     hook = SequenceHook(model, path, dominant + contextual)
     model.register_forward_pre_hook(hook.before, with_kwargs=True, prepend=True)
     model.register_forward_hook(hook.after, with_kwargs=True)
-    model._visionzip = hook
-    setattr(model, SHORTENING_ATTRIBUTE, hook)
+    setattr(model, SHORTENING_ATTRIBUTE, hook)  # generate's hook, and the decoder's padding mask for the KV counts
     model.generate = types.MethodType(generate, model)
