@@ -58,13 +58,14 @@ NEXT_MIXED_VISION = [2928, 2340, 1176, 2376, 2160, 2928, 1368, 2352]
 
 FULL: dict[str, Any] = dict(
     shape=NEXT_7B, n_vision=2880, n_text=64, prefill_batches=[1, 8], mixed=NEXT_MIXED_VISION,
-    curve=[576, 2880, 5760, 11520], decode_batches=[1, 8, 32], new_tokens=128, train_batch=2, warmup=2, reps=5,
-    decode_reps=3, train_reps=3,
+    curve=[576, 2880, 5760, 11520], decode_batches=[1, 8, 32], static_batches=[1, 8, 32], new_tokens=128,
+    train_batch=2, warmup=2, reps=5, decode_reps=3, train_reps=3,
 )  # fmt: skip
 DRY: dict[str, Any] = dict(
     shape=common.Shape(layers=4, hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=256), n_vision=64, n_text=8,
     prefill_batches=[1, 2], mixed=[64, 40, 16], curve=[32, 64], decode_batches=[1, 2], new_tokens=4, train_batch=2,
     warmup=1, reps=1, decode_reps=1, train_reps=1,
+    static_batches=[2],  # each batch compiles the step again: on the CPU one batch checks the section
 )  # fmt: skip
 
 #: Targets of the GPU issue (checked in this benchmark, never in unit tests).

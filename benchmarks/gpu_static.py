@@ -55,10 +55,10 @@ def decode_tokens_per_s(
 def static_decode_section(
     models: dict[str, torch.nn.Module], setting: dict[str, Any], device: str
 ) -> list[dict[str, Any]]:
-    """Per decode batch: tokens/s of dense and p-MoD, static + compiled and dynamic (the default)."""
+    """Per batch of ``static_batches``: tokens/s of dense and p-MoD, static + compiled and dynamic (the default)."""
     runs = []
     shape = setting["shape"]
-    for batch in setting["decode_batches"]:
+    for batch in setting["static_batches"]:
 
         def one(batch: int = batch) -> dict[str, Any]:
             ids, vision = common.prompt(batch, setting["n_vision"], setting["n_text"], shape.vocab, device)

@@ -193,7 +193,8 @@ def test_gpu_check_dry_run(bench: dict[str, ModuleType], tmp_path: Path, capsys:
         check_decode_against_pmod_flops(run, pmod_flops(capsys, routed, tmp_path / "cfg", n_vision, n_text,
                                                         run["batch_size"]))  # fmt: skip
     # Static + compiled decode: the same tokens as the dynamic cache, for dense and p-MoD alike.
-    assert [run["same_tokens_static_dynamic"] for run in result["static_decode"]] == [True] * len(result["decode"])
+    assert [run["same_tokens_static_dynamic"] for run in result["static_decode"]] == [True] * len(
+        setting["static_batches"])  # fmt: skip
     # Overhead: the counts of benchmarks/count_ops.py, every method.
     assert result["overhead"]["pmod"]["decode"]["extra_syncs"] == 0 and set(result["overhead"]) == set(methods)
     rows = len(result["prefill"]) + len(result["decode"]) + len(result["static_decode"]) + len(result["overhead"])

@@ -1,7 +1,7 @@
-"""Plausible mistakes, each run through the real ``pmod`` command in a subprocess: exit code 2, one error line on
-stderr that names the problem and the fix (after at most one usage line, for a flag error), no traceback, and
-nothing written to the output folder. Also: the README quickstart's folder works with ``pmod generate``, and
-``--help`` / flag errors do not load torch."""
+"""Plausible mistakes, each run through the real ``pmod`` command in its own subprocess (side by side): exit code
+2, one error line on stderr that names the problem and the fix (after at most one usage line, for a flag error), no
+traceback, and nothing written to the output folder. Also: the README quickstart's folder works with ``pmod
+generate``, and ``--help`` / flag errors do not load torch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -131,11 +133,29 @@ MISTAKES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "argv", "words"), MISTAKES, ids=[m[0] for m in MISTAKES])
-def test_mistake_gets_one_line(world: dict[str, Path], tmp_path: Path, case: str, argv, words: list[str]) -> None:
-    out = tmp_path / "out"
-    before = sorted(p.relative_to(world["root"]) for p in world["root"].rglob("*"))
-    proc = pmod_command(*argv(world, out))
+def world_files(world: dict[str, Path]) -> list[Path]:
+    return sorted(p.relative_to(world["root"]) for p in world["root"].rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def mistakes(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every MISTAKES command, each in its own subprocess, run side by side (as many at once as there are cores:
+    most of each run is starting Python and importing torch): case -> its process and its output folder, and the
+    world's files before and after them all."""
+    root = tmp_path_factory.mktemp("outs")
+    outs = {case: root / str(i) / "out" for i, (case, _, _) in enumerate(MISTAKES)}
+    for out in outs.values():
+        out.parent.mkdir()
+    before = world_files(world)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        procs = pool.map(lambda mistake: pmod_command(*mistake[1](world, outs[mistake[0]])), MISTAKES)
+        runs = {case: (proc, outs[case]) for (case, _, _), proc in zip(MISTAKES, procs, strict=True)}
+    return {"runs": runs, "before": before, "after": world_files(world)}
+
+
+@pytest.mark.parametrize(("case", "words"), [(m[0], m[2]) for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_mistake_gets_one_line(mistakes: dict[str, Any], case: str, words: list[str]) -> None:
+    proc, out = mistakes["runs"][case]
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -144,7 +164,7 @@ def test_mistake_gets_one_line(world: dict[str, Path], tmp_path: Path, case: str
     assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("usage: ")), lines
     assert all(word in errors[0] for word in words), errors[0]
     assert not out.exists()  # nothing written
-    assert sorted(p.relative_to(world["root"]) for p in world["root"].rglob("*")) == before
+    assert mistakes["after"] == mistakes["before"]  # by any of the mistakes
 
 
 def test_readme_quickstart_folder_works_with_generate(tmp_path: Path) -> None:

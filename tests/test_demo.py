@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_DEMO
 
 import pmod
 from pmod.cli import main
@@ -12,11 +13,9 @@ from pmod.experiments.demo import DemoSettings
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`pmod demo --quick`, the smoke run the README promises (about a minute here)."""
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    return out, json.loads((out / "report.json").read_text())
+def demo(quick_demo):
+    """`pmod demo --quick` at the tests' size (TINY_DEMO): the README's `pmod demo`, run once for the session."""
+    return quick_demo
 
 
 def test_report_files_and_table(demo):
@@ -31,7 +30,7 @@ def test_report_files_and_table(demo):
         assert result["prefill_ms"] > 0
     assert report["loss"]["dense"][0][0] >= 1 and len(report["loss"]["pmod"]) >= 2
     vision = report["vision_pretraining"]
-    assert [step for step, _ in vision["loss"]] == list(range(1, DemoSettings.quick().vision_pretrain_steps + 1))
+    assert [step for step, _ in vision["loss"]] == list(range(1, DemoSettings(**TINY_DEMO).vision_pretrain_steps + 1))
     assert f"shape kind on shape patches {vision['accuracy']['shape_on_object']:.3f}" in md
     assert "## How the task was chosen" in md
 
@@ -46,7 +45,7 @@ def test_accuracy_recomputed_one_question_at_a_time(demo):
     out, report = demo
     data = out / "data"
     test = [r for r in json.loads((data / "test.json").read_text()) if r.get("image")]
-    test = test[: DemoSettings.quick().eval_samples]
+    test = test[: DemoSettings(**TINY_DEMO).eval_samples]
     for name in ("dense", "pmod"):
         model, processor = load_model(out / name, "cpu")
         hits: dict[str, list[bool]] = {}
@@ -112,7 +111,7 @@ def test_side_by_side_training_changes_nothing(demo, tmp_path):
     from pmod.io.model_folder import load_model
 
     out, report = demo
-    settings = DemoSettings.quick()
+    settings = DemoSettings(**TINY_DEMO)
     workers = parallel_workers(settings)
     assert report["parallel_workers"] == workers
     if workers == 1:

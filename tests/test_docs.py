@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import TINY_DEMO
 from PIL import Image
 
 from pmod.cli import SUBCOMMANDS, main
@@ -157,12 +158,13 @@ def test_every_command_parses(page: Path) -> None:
 
 
 #: What the tests add to a README command to bound its size (the command's own flags for that): the demo and the
-#: ablation at their ``--quick`` size, shrunk further below as in tests/test_ablate.py; a training run of 2 steps;
-#: an evaluation of 8 documents per task. Nothing else is changed; ``--resume`` continues the run it names.
+#: ablation at their ``--quick`` size, shrunk further to the tests' tiny task and model (tests/conftest.py); a
+#: training run of 2 steps; an evaluation of 8 documents per task. Nothing else is changed; ``--resume`` continues
+#: the run it names.
 SIZE_BOUNDS = {"demo": ["--quick"], "ablate": ["--quick"], "train": ["--max-steps", "2"], "eval": ["--limit", "8"]}
-#: The tests' tiny demo task and model: the quick settings of demo and ablate become these.
-TINY = dict(samples=48, image_size=32, patch_size=8, layers=4, hidden=32, vision_hidden=32, vision_layers=2,
-            vision_pretrain_steps=1, steps=1, batch_size=4, eval_samples=4)  # fmt: skip
+#: README commands the session's fixtures run (tests/conftest.py: `quick_demo`, `quick_ablation`), as the tests
+#: of those reports use them.
+SHARED = {"demo": "quick_demo", "ablate": "quick_ablation"}
 
 
 def bounded(argv: list[str]) -> list[str]:
@@ -183,11 +185,15 @@ def readme_placeholders() -> None:
     Path("questions.jsonl").write_text('{"image": "cat.png", "prompt": "What color is the shape ?"}\n')
 
 
-def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_readme_command_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """Every `pmod` command of the README, in the README's order, on tiny stand-ins for DIR / dense-dir /
     path/to/model, with only its size bounded (SIZE_BOUNDS): each exits 0 and leaves what it promises. The
-    ablation rows are separate runs (each its own folder), except ``--resume``, which continues the first."""
+    demo and ablation commands run each in its own folder; plain `pmod demo` and `pmod ablate` are the session's
+    runs (SHARED), and ``--resume`` continues a copy of the ablation's."""
     import json
+    import shutil
 
     from pmod import load
     from pmod.core.convert import get_method_config
@@ -195,9 +201,9 @@ def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from pmod.experiments.demo import DemoSettings
 
     monkeypatch.setattr(os, "cpu_count", lambda: 1)  # in this process: worker start-up costs more than these runs
-    monkeypatch.setattr(DemoSettings, "quick", classmethod(lambda cls: cls(**TINY)))
+    monkeypatch.setattr(DemoSettings, "quick", classmethod(lambda cls: cls(**TINY_DEMO)))
     monkeypatch.setattr(AblateSettings, "quick_settings",
-                        classmethod(lambda cls: cls(task=DemoSettings(**TINY, seeds=1), quick=True)))  # fmt: skip
+                        classmethod(lambda cls: cls(task=DemoSettings(**TINY_DEMO, seeds=1), quick=True)))  # fmt: skip
     monkeypatch.chdir(tmp_path)
     readme_placeholders()
     commands = pmod_commands(README)
@@ -205,17 +211,26 @@ def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert [c[:2] for c in commands].index(["data", "synth"]) < [c[0] for c in commands].index("train")
     runs = {}  # demo and ablate write ./pmod-demo, ./pmod-ablate: each command runs in its own folder
     for i, argv in enumerate(commands):
+        command = shlex.join(argv)
+        if command in SHARED:
+            runs[command] = request.getfixturevalue(SHARED[command])[0].parent
+            continue
         if argv[0] in ("demo", "ablate") and "--resume" not in argv:
-            runs[shlex.join(argv)] = tmp_path / f"run{i}"
-            runs[shlex.join(argv)].mkdir()
-        monkeypatch.chdir(runs["ablate"] if "--resume" in argv else runs.get(shlex.join(argv), tmp_path))
+            runs[command] = tmp_path / f"run{i}"
+            runs[command].mkdir()
+        if "--resume" in argv:
+            shutil.copytree(runs["ablate"] / "pmod-ablate", tmp_path / "resumed" / "pmod-ablate")
+            runs[command] = tmp_path / "resumed"
+        monkeypatch.chdir(runs.get(command, tmp_path))
         assert main(bounded(argv)) == 0, argv
     monkeypatch.chdir(tmp_path)
     assert get_method_config(load("pmod-dir")).method == "pmod" and get_method_config(load("mod-dir")).method == "mod"
-    ablate = json.loads((runs["ablate"] / "pmod-ablate" / "report.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "pmod-ablate" / "report.json").read_text())
     some = json.loads((runs["ablate --variants mod,pmod --seeds 5"] / "pmod-ablate" / "report.json").read_text())
-    assert ablate["settings"]["task"]["layers"] == TINY["layers"] and ablate["settings"]["task"]["seeds"] == 1
+    assert resumed["resumed"] and resumed["settings"]["task"]["seeds"] == request.getfixturevalue(
+        "quick_ablation")[1]["settings"]["task"]["seeds"]  # fmt: skip
     assert some["settings"]["variants"] == ["dense", "mod", "pmod"] and some["settings"]["task"]["seeds"] == 5
+    assert some["settings"]["task"]["layers"] == TINY_DEMO["layers"]
     assert json.loads((runs["demo --seeds 5"] / "pmod-demo" / "report.json").read_text())["settings"]["seeds"] == 5
     assert any(Path("plots").iterdir()) and any(Path("eval-out").iterdir())
 
