@@ -96,3 +96,26 @@ def test_refuses_records_without_labels(setup):
     no_meta = [{k: v for k, v in r.items() if k != "meta"} for r in records["train"]]
     with pytest.raises(ValueError, match="no image records with 'meta'"):
         load_patch_dataset(no_meta, root / "data", processor, 8)
+
+
+@pytest.mark.parametrize("patch_local", [False, True])
+def test_a_patch_local_tower_keeps_each_token_to_its_patch(setup, patch_local):
+    """With ``patch_local`` the tower's attention outputs are zero and stay zero through pre-training, so repainting
+    one patch changes that patch's feature token alone; the default tower mixes it into every token (the control)."""
+    from pmod.experiments.small_llava import build_small_llava, tower_attention_outputs
+
+    root, _, records = setup
+    model, processor = build_small_llava(num_layers=2, image_size=64, patch_size=8, vision_hidden=64,
+                                         vision_layers=3, patch_local=patch_local)  # fmt: skip
+    pretrain_vision_tower(model, processor, records["train"][:16], root / "data", steps=3, batch_size=4,
+                          progress=False, patch_local=patch_local)  # fmt: skip
+    outputs = tower_attention_outputs(model)
+    assert len(outputs) == 3 and all(bool((m.weight == 0).all()) == patch_local for m in outputs)
+    pixels, _ = load_patch_dataset(records["test"][:1], root / "data", processor, 8)
+    repainted = pixels.clone()
+    repainted[..., :8, :8] = torch.randn(3, 8, 8)  # the top-left patch: token 0 of the 64
+    with torch.no_grad():
+        before, after = (model.model.get_image_features(pixel_values=p) for p in (pixels, repainted))
+    before, after = (f.pooler_output if hasattr(f, "pooler_output") else f for f in (before, after))
+    changed = (torch.cat(list(before)) - torch.cat(list(after))).abs().amax(-1) > 1e-6
+    assert changed[0] and bool(changed[1:].any()) != patch_local

@@ -48,6 +48,8 @@ class DemoSettings:
     vision_feature_layer: int = -2  # LLaVA's choice: the second-to-last tower layer
     # per-patch pre-training of the tower (pmod.experiments.vision_pretrain), then frozen
     vision_pretrain_steps: int = 300
+    # True: the tower's attention outputs are zero and stay so, so each image token carries its own patch only.
+    vision_patch_local: bool = False
     steps: int = 250
     batch_size: int = 32
     learning_rate: float = 1e-3

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from pmod.data.synth import vocabulary
@@ -65,6 +66,7 @@ def build_small_llava(
     vision_feature_layer: int = -2,
     chat_template: str | None = None,
     task: str = "shapes",
+    patch_local: bool = False,
 ) -> tuple[LlavaForConditionalGeneration, Any]:
     """A random LLaVA model (CLIP tower, 2-layer MLP projector, Llama decoder) and its processor, with a word-level
     tokenizer over the vocabulary of the synthetic ``task`` (:data:`pmod.data.synth.TASKS`)."""
@@ -84,4 +86,21 @@ def build_small_llava(
         vision_feature_select_strategy="default",
         vision_feature_layer=vision_feature_layer,
     )
-    return LlavaForConditionalGeneration(config).eval(), processor
+    model = LlavaForConditionalGeneration(config).eval()
+    if patch_local:
+        mute_tower_attention(model)
+    return model, processor
+
+
+def tower_attention_outputs(model: nn.Module) -> list[nn.Module]:
+    """The output projections of the vision tower's attention layers."""
+    tower = model.model.vision_tower
+    return [module for name, module in tower.named_modules() if name.endswith("self_attn.out_proj")]
+
+
+def mute_tower_attention(model: nn.Module) -> None:
+    """Zero the tower's attention outputs: each output token then depends on its own patch (and position) only."""
+    with torch.no_grad():
+        for projection in tower_attention_outputs(model):
+            projection.weight.zero_()
+            projection.bias.zero_()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pmod.data.synth import COLORS, SHAPES, patch_labels
+from pmod.experiments.small_llava import tower_attention_outputs
 
 #: The per-patch targets: ``shape``, ``color`` and ``side`` are classes (0 = background), ``row`` and ``column``
 #: coordinates.
@@ -125,6 +126,7 @@ def pretrain_vision_tower(
     eval_records: list[dict[str, Any]] | None = None,
     background_weight: float = 0.1,
     progress: bool = True,
+    patch_local: bool = False,
 ) -> dict[str, Any]:
     """Train ``model``'s vision tower in place on per-patch labels: linear heads on the LLaVA feature layer, the sum
     of cross-entropy (background patches weighted by ``background_weight``) and coordinate MSE, AdamW with a
@@ -142,7 +144,8 @@ def pretrain_vision_tower(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     heads = nn.ModuleDict({name: nn.Linear(tower.config.hidden_size, _HEAD_SIZES[name]) for name in TARGETS})
-    params = [p for p in tower.parameters()] + list(heads.parameters())
+    muted = {id(p) for m in tower_attention_outputs(model) for p in m.parameters()} if patch_local else set()
+    params = [p for p in tower.parameters() if id(p) not in muted] + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     was_training = tower.training
