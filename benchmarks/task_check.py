@@ -3,6 +3,9 @@ vision tokens from layer 2 (FastV's ranking, and a random draw) and about blank 
 
     PYTHONPATH=src python benchmarks/task_check.py OUT task=scenes steps=500 question_kinds=count,half
 
+Also: the same random quarter kept from other layers (``random25_from_K``, :data:`DEPTHS`), which shows at which
+depth the model reads the image (BENCHMARKS.md, issue 24's runs K).
+
 ``key=value`` arguments set fields of :class:`pmod.experiments.demo.DemoSettings` (tuples comma-separated). Writes
 ``OUT/task_check.json``: the settings, the answer-prior baseline and, per row, accuracy and accuracy per question
 kind on the held-out image questions. The same rows are in ``pmod ablate`` (``check_fastv``, ``check_random``,
@@ -24,11 +27,15 @@ from pmod.experiments.demo_report import prior_baseline
 from pmod.experiments.demo_runs import evaluate_model, load_variant
 from pmod.methods import FastVConfig
 
+#: Where the model reads the image: a random quarter of the vision tokens kept from layer K for these K (K = 2 is
+#: ``random25``). A model that answers as well from K = 2 on as dense has read what it needs in layers 0 and 1.
+DEPTHS = (1, 3, 4, 6)
 ROWS = {  # row -> (training-free config on the trained dense model, blank images)
     "dense": (None, False),
     "blind": (None, True),
     "fastv25": (FastVConfig(layer=2, keep=CHECK_KEEP), False),
     "random25": (FastVConfig(layer=2, keep=CHECK_KEEP, ranking="random"), False),
+    **{f"random25_from_{k}": (FastVConfig(layer=k, keep=CHECK_KEEP, ranking="random"), False) for k in DEPTHS},
 }
 
 
@@ -43,6 +50,8 @@ def settings_from(pairs: list[str]) -> DemoSettings:
         old = getattr(default, key)
         if key in ("question_kinds", "variants"):
             given[key] = tuple(value.split(","))
+        elif isinstance(old, bool):
+            given[key] = value.lower() in ("1", "true", "yes")
         else:
             given[key] = value if old is None else type(old)(value)
     return dataclasses.replace(default, variants=("dense",), **given)
