@@ -1,6 +1,7 @@
 """`pmod generate`: answer prompts about images with a routed (p-MoD, MoD, gamma-MoD, FastV) or dense LLaVA model
 folder; ``--method fastv`` (with its ``--fastv-*`` settings) applies a training-free method to a dense folder as it
-loads. ``--budget SHARE`` runs either at another share of dense's analytic TFLOPs (:func:`pmod.set_budget`).
+loads. ``--budget SHARE`` runs a routed folder (moved by :func:`pmod.set_budget`) or ``--method`` on a dense one at
+that share of dense's analytic prefill TFLOPs.
 
 One prompt streams its answer; ``--batch-file`` answers a JSONL file of ``{"image", "prompt"}`` records in batches
 (left padding) and prints one JSON line per record. Either way the KV cache size is printed next to the size a
