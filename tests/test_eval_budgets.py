@@ -86,17 +86,25 @@ def test_every_routed_model_at_every_budget(setup, tmp_path, capsys):
             assert row["tflops_ratio"] == pytest.approx(share, rel=1e-9), (b, method)
             assert share < 1 - 1e-3 and f"{row['model']}: {chosen.describe(dims.layers)}" in log
             assert row["paired_documents"] == LIMIT and row["ci_low"] <= row["delta"] <= row["ci_high"]
-    assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
-    from pmod.eval.budgets import curves_figure
+    from pmod.eval.budgets import curves, curves_figure
 
-    (ax,) = curves_figure(report).axes
-    lines = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
-    assert lines.keys() == {"dense", "pmod", "dense+fastv"}
-    assert lines["dense"] == [(100.0, rows["dense"]["score"])]
-    for name in ("pmod", "dense+fastv"):
-        expected = sorted((100 * rows[f"{name}@{b:.2f}"]["tflops_ratio"], rows[f"{name}@{b:.2f}"]["score"])
-                          for b in budgets)  # fmt: skip
-        assert [v for point in lines[name] for v in point] == pytest.approx([v for p in expected for v in p], rel=1e-9)
+    for measure, key in (("tflops", "tflops_ratio"), ("kv", "kv_ratio"), ("latency", "latency_ratio")):
+        assert (out / f"accuracy_vs_{measure}.png").stat().st_size > 0
+        (ax,) = curves_figure(report, measure).axes
+        lines = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
+        drawn = {name: sorted(points) for name, points in curves(report, report["tasks"][TASK], measure).items()}
+        assert lines == drawn  # the figure draws what curves gathers
+        assert lines.keys() == {"dense", "pmod", "dense+fastv"}
+        assert lines["dense"] == [(100.0, rows["dense"]["score"])]  # dense, the reference, at 100%
+        for name in ("pmod", "dense+fastv"):
+            picked = [rows[f"{name}@{b:.2f}"] for b in budgets]
+            assert all(r[key] is not None for r in picked), (measure, picked)  # measured on every row
+            expected = sorted((100 * r[key], r["score"]) for r in picked)
+            if measure == "tflops":  # TFLOPs: of dense's, the reference here, to the last bits of a division
+                assert [v for p in lines[name] for v in p] == pytest.approx([v for p in expected for v in p], rel=1e-9)
+            else:  # KV and latency: the report's own ratios, exactly
+                assert lines[name] == expected, measure
+    assert ax.get_xlabel() == "prefill latency, measured (median per-document % of dense's)"
 
 
 @pytest.mark.parametrize(
@@ -116,3 +124,23 @@ def test_bad_budgets_are_refused_before_anything_loads(setup, tmp_path, capsys, 
     rc, log = run_eval(setup, models, tmp_path / "out", capsys, *flags)
     assert rc == 2 and re.fullmatch(f"pmod eval: error: {message.format(dense=dense, routed=routed)}.*\n", log), log
     assert not (tmp_path / "out").exists()
+
+
+def test_the_latency_plot_names_a_latency_warning():
+    """A row whose latency ratio carries the report's warning: the latency figure says so, the others do not; the
+    reference sits at 100% and a row without a ratio is left out."""
+    from pmod.eval.budgets import curves, curves_figure
+
+    rows = [{"model": "dense", "metric": "acc", "score": 0.5, "prefill_tflops": 2.0, "dense_prefill_tflops": 2.0},
+            {"model": "fastv@0.40", "metric": "acc", "score": 0.25, "prefill_tflops": 1.0, "dense_prefill_tflops": 2.0,
+             "kv_ratio": 0.375, "latency_ratio": 0.625, "latency_warning": "too few timings"},
+            {"model": "fastv@0.60", "metric": "acc", "score": 0.375, "prefill_tflops": 1.5,
+             "dense_prefill_tflops": 2.0, "kv_ratio": None, "latency_ratio": 0.75}]  # fmt: skip
+    report = {"reference": "dense", "models": {"dense": "d", "fastv@0.40": "d", "fastv@0.60": "d"},
+              "model_args": {"dense": {}, "fastv@0.40": {"method": "fastv", "budget": "0.4"},
+                             "fastv@0.60": {"method": "fastv", "budget": "0.6"}}, "tasks": {"t": rows}}  # fmt: skip
+    assert curves(report, rows, "kv") == {"dense": [(100.0, 0.5)], "fastv": [(37.5, 0.25)]}
+    assert curves(report, rows, "latency") == {"dense": [(100.0, 0.5)], "fastv": [(62.5, 0.25), (75.0, 0.375)]}
+    assert curves(report, rows, "tflops") == {"dense": [(100.0, 0.5)], "fastv": [(50.0, 0.25), (75.0, 0.375)]}
+    assert "latency ratios carry a warning in report.md" in curves_figure(report, "latency").texts[0].get_text()
+    assert not curves_figure(report, "kv").texts

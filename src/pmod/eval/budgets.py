@@ -7,8 +7,9 @@ trained method keeps its routed layers, every routed share scaled by one factor;
 :func:`pmod.at_budget`'s setting). The workload a budget is solved for is one image (the model's vision tokens per
 image, :func:`pmod.analysis.dims.vision_tokens`) and :data:`pmod.analysis.dims.DEFAULT_TEXT_TOKENS` text tokens, as
 ``pmod train --budget-range`` and ``pmod flops``; the report gives each row's exact share over the requests it
-answered. Rows are named ``MODEL@0.40``. :func:`plot_curves` draws the score against that share, one line per
-model, a model without a budget as one point.
+answered. Rows are named ``MODEL@0.40``. :func:`plot_curves` draws the score against that share, and against the
+KV cache and the prefill latency the report measured (:data:`CURVES`), one line per model, a model without a budget
+as one point.
 """
 
 from __future__ import annotations
@@ -100,18 +101,34 @@ def _number(budget: Any) -> float:
         raise UserError(f"budget={budget} is not a number; give a share of dense's TFLOPs, e.g. budget=0.4") from None
 
 
-def plot_curves(report: dict[str, Any], path: Path) -> Path:
-    """:func:`curves_figure` saved to ``path``."""
+#: What a curve's x axis can be (``measure``), with its file in ``--out`` and its axis label (``{reference}``: the
+#: report's reference model, the first one): analytic prefill TFLOPs against dense's for the same requests; the
+#: report's measured KV cache after prefill (``kv_ratio``) and prefill latency (``latency_ratio``, the median of the
+#: per-document ratios), both against the reference's, which sits at 100%.
+CURVES = {
+    "tflops": ("accuracy_vs_tflops.png", "analytic prefill TFLOPs (% of dense's)"),
+    "kv": ("accuracy_vs_kv.png", "KV cache after prefill, measured (% of {reference}'s)"),
+    "latency": ("accuracy_vs_latency.png", "prefill latency, measured (median per-document % of {reference}'s)"),
+}
+
+
+def plot_all(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Measure -> the file in ``out`` of :func:`plot_curves` for every measure of :data:`CURVES`."""
+    return {measure: plot_curves(report, out / CURVES[measure][0], measure) for measure in CURVES}
+
+
+def plot_curves(report: dict[str, Any], path: Path, measure: str = "tflops") -> Path:
+    """:func:`curves_figure` of ``measure`` saved to ``path``."""
     import matplotlib.pyplot as plt
 
-    fig = curves_figure(report)
+    fig = curves_figure(report, measure)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def curves_figure(report: dict[str, Any]) -> Any:
-    """Each task's score against the analytic prefill TFLOPs of the same requests (% of dense's), one line per
+def curves_figure(report: dict[str, Any], measure: str = "tflops") -> Any:
+    """Each task's score against the cost ``measure`` (a key of :data:`CURVES`) of the same requests, one line per
     model over its budgets (:func:`curves`), a model without budgets as one point; one panel per task."""
     import matplotlib.pyplot as plt
 
@@ -119,20 +136,25 @@ def curves_figure(report: dict[str, Any]) -> Any:
 
     tasks = [(task, rows) for task, rows in report["tasks"].items() if rows]
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.5 * max(len(tasks), 1), 4.2), squeeze=False)
+    xlabel = CURVES[measure][1].format(reference=report["reference"])
     for ax, (task, rows) in zip(axes[0], tasks, strict=False):
-        for name, points in curves(report, rows).items():
+        for name, points in curves(report, rows, measure).items():
             xs, ys = zip(*sorted(points), strict=True)
             ax.plot(xs, ys, "o-" if len(points) > 1 else "s", label=name, markersize=5)
-        ax.set(xlabel="analytic prefill TFLOPs (% of dense's)", ylabel=rows[0]["metric"], title=task)
+        ax.set(xlabel=xlabel, ylabel=rows[0]["metric"], title=task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if measure == "latency" and any(r.get("latency_warning") for _, rows in tasks for r in rows):
+        fig.suptitle("some latency ratios carry a warning in report.md (too few timings, or noise larger than the "
+                     "difference)", fontsize=8)  # fmt: skip
     fig.tight_layout()
     return fig
 
 
-def curves(report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Name -> (TFLOPs % of dense's, score) of each model's rows: rows whose folder and args differ only in
-    ``budget`` share a name (the row's without its ``@budget``)."""
+def curves(report: dict[str, Any], rows: list[dict[str, Any]], measure: str = "tflops") -> dict[str, list[tuple]]:
+    """Name -> (cost ``measure`` in % (:data:`CURVES`), score) of each model's rows (``rows``: one task's, the
+    reference's first): rows whose folder and args differ only in ``budget`` share a name (the row's without its
+    ``@budget``). A row without that cost (a ratio the report could not form) is left out."""
     names: dict[tuple, str] = {}
     out: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
@@ -140,6 +162,17 @@ def curves(report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, list
         budget = args.pop("budget", None)
         key = (report["models"][row["model"]], tuple(sorted(args.items())))
         name = names.setdefault(key, row["model"].replace(label(budget), "") if budget is not None else row["model"])
-        share = 100 * row["prefill_tflops"] / row["dense_prefill_tflops"]
-        out.setdefault(name, []).append((share, row["score"]))
+        share = _cost_share(row, row is rows[0], measure)
+        if share is not None:
+            out.setdefault(name, []).append((100 * share, row["score"]))
     return out
+
+
+def _cost_share(row: dict[str, Any], reference: bool, measure: str) -> float | None:
+    """``row``'s cost ``measure`` as a share: its analytic prefill TFLOPs of dense's, or the report's KV / latency
+    ratio to the reference (1 for the reference itself)."""
+    if measure == "tflops":
+        return row["prefill_tflops"] / row["dense_prefill_tflops"]
+    if measure not in CURVES:
+        raise ValueError(f"unknown cost measure {measure!r}; choose one of {', '.join(CURVES)}")
+    return 1.0 if reference else row.get(f"{measure}_ratio")

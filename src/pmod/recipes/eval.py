@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", metavar="B1,B2,...",
                         help="evaluate every routed model (a routed folder, or DIR,method=...) at each of these shares "
                              "of dense's TFLOPs (rows MODEL@0.40; dense models once) and plot the score against the "
-                             "TFLOPs share: accuracy_vs_tflops.png in --out")  # fmt: skip
+                             "TFLOPs share, the measured KV and latency shares: accuracy_vs_tflops.png, "
+                             "accuracy_vs_kv.png and accuracy_vs_latency.png in --out")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_models(specs, tasks, out, args.limit, args.include_path, args.batch_size, model_args)
     print((out / "report.md").read_text())
     if wanted is not None:
-        print(f"pmod eval: score against TFLOPs: {budgets.plot_curves(report, out / PLOT)}", file=sys.stderr)
+        for measure, path in budgets.plot_all(report, out).items():
+            print(f"pmod eval: score against {measure}: {path}", file=sys.stderr)
     missing = [t for t, rows in report["tasks"].items() if len(rows) < len(specs)]
     if missing:
         raise UserError(f"no score for every model on {', '.join(missing)}; see the log above.")
@@ -95,5 +97,3 @@ def run(args: argparse.Namespace) -> int:
 #: Model args that are not method settings.
 MODEL_ARGS = ("dtype", "device", "attn_implementation", "batch_size", "max_new_tokens", "chat_template", "cost_dir",
               "budget")
-#: The plot of ``--budgets`` in ``--out``.
-PLOT = "accuracy_vs_tflops.png"

@@ -20,7 +20,7 @@ from pmod.analysis.analytic_flops import (
     method_config_from,
     presets,
 )
-from pmod.analysis.budget import MEASURES, at_budget, cost_ratio
+from pmod.analysis.budget import MEASURES, at_budget, budget_config, cost_ratio
 from pmod.analysis.dims import vision_tokens, weight_dtype
 from pmod.core.config import DEFAULT_METHOD, MethodConfig, method_names
 from pmod.core.errors import UserError
@@ -131,21 +131,34 @@ def _at_budget(config: MethodConfig, dims: LMDims, args: argparse.Namespace, **w
 
 
 def settings_at_budget(
-    command: str, config: MethodConfig, dims: LMDims, budget: float, measure: str = "tflops", **workload: Any
-) -> MethodConfig:
+    command: str, config: MethodConfig, dims: LMDims, budget: float, measure: str = "tflops",
+    ratios: list[float | None] | None = None, **workload: Any,
+) -> MethodConfig:  # fmt: skip
     """``--budget`` of ``command``: ``config`` with its cost setting chosen by :func:`at_budget` for ``workload``
     (``n_vision``, ``n_text``, ...), the choice printed to stderr; an unreachable budget is a one-line
-    :class:`UserError`."""
+    :class:`UserError`. With ``ratios`` (the per-layer ratios of a model running ``config``) the choice is the one
+    :func:`pmod.set_budget` makes for that model (:func:`budget_config`: a trained method's routed shares scaled)."""
     try:
-        chosen = at_budget(config, dims, budget, measure=measure, **workload)
+        if ratios is None:
+            chosen = at_budget(config, dims, budget, measure=measure, **workload)
+        else:
+            chosen = budget_config(config, ratios, dims, budget, measure, workload)
     except ValueError as err:
         raise UserError(f"--budget {budget}: {err}") from None
-    field = config.budget_knob()[0]
     share = cost_ratio(chosen, dims, measure, **workload)
     print(f"{command}: --budget {budget} of dense's {measure} for {workload['n_vision']} vision + "
-          f"{workload['n_text']} text tokens: {config.method} {field} = {getattr(chosen, field):.6g} gives "
-          f"{share:.4f}", file=sys.stderr)  # fmt: skip
+          f"{workload['n_text']} text tokens: {budget_setting(chosen)} gives {share:.4f}", file=sys.stderr)  # fmt: skip
     return chosen
+
+
+def budget_setting(config: MethodConfig) -> str:
+    """The cost setting of ``config`` as :func:`settings_at_budget` prints it: ``fastv keep = 0.25``, or a scaled
+    p-MoD schedule's per-layer ratios (``pmod ratios = [dense, 0.5, ...]``), which no single knob sets."""
+    knob = config.budget_knob()
+    if knob is None:
+        shares = ", ".join("dense" if r is None else f"{r:.6g}" for r in config.ratios)
+        return f"{config.method} ratios = [{shares}]"
+    return f"{config.method} {knob[0]} = {getattr(config, knob[0]):.6g}"
 
 
 def _load_source(args: argparse.Namespace) -> tuple[str, LMDims, MethodConfig | None, int, str | None]:

@@ -1,6 +1,7 @@
 """`pmod generate`: answer prompts about images with a routed (p-MoD, MoD, gamma-MoD, FastV) or dense LLaVA model
 folder; ``--method fastv`` (with its ``--fastv-*`` settings) applies a training-free method to a dense folder as it
-loads.
+loads. ``--budget SHARE`` runs a routed folder (moved by :func:`pmod.set_budget`) or ``--method`` on a dense one at
+that share of dense's analytic prefill TFLOPs.
 
 One prompt streams its answer; ``--batch-file`` answers a JSONL file of ``{"image", "prompt"}`` records in batches
 (left padding) and prints one JSON line per record. Either way the KV cache size is printed next to the size a
@@ -36,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     method_flags.add_on_the_fly_arguments(parser)
-    parser.add_argument("--budget", type=float, metavar="SHARE", help="with --method: its setting whose analytic "
-                        "prefill TFLOPs come closest to this share of dense's for one image and --prompt (as pmod "
-                        "flops --budget); the setting chosen is printed")  # fmt: skip
+    parser.add_argument("--budget", type=float, metavar="SHARE", help="run at this share of dense's analytic "
+                        "prefill TFLOPs for one image and --prompt (as pmod flops --budget): a routed folder moved "
+                        "by pmod.set_budget (a trained method's routed shares scaled by one factor), or --method's "
+                        "setting chosen; the setting chosen is printed")  # fmt: skip
 
 
 def cache_report(cache: Any, tokens: int | None = None) -> str:
@@ -81,21 +83,56 @@ def answer(
     return texts, cache_report(cache_of(out), out.sequences.shape[1] - 1)
 
 
-def config_at_budget(folder: Path, config: Any, budget: float, prompt: str | None) -> Any:
-    """``config`` (a training-free method's, applied on the fly) with its cost setting chosen for ``budget``, for a
-    prompt of one image and ``prompt`` in the folder's prompt format; the choice is printed to stderr."""
+def config_at_budget(
+    folder: Path, data: dict[str, Any], config: Any, budget: float, prompt: str | None
+) -> tuple[Any, dict[str, int]]:
+    """(the method config the model of ``folder`` runs at ``budget``, the workload it is solved for: one image and
+    ``prompt`` in the folder's prompt format), the choice printed to stderr. ``config``: a training-free method's,
+    applied on the fly to a dense folder (its cost setting chosen); None for a routed folder (``data``: its
+    config.json), which :func:`pmod.set_budget` moves once loaded (:func:`load_at_budget`): a trained method's
+    routed shares scaled by one factor."""
     from pmod.analysis.budget import one_image_workload
     from pmod.analysis.dims import LMDims
+    from pmod.core.config import stored_method_config
     from pmod.recipes.flops import QUESTION, prompt_text_tokens, settings_at_budget
 
-    if config is None:
-        raise UserError("--budget chooses a training-free method's setting: pass --method with it (a routed folder "
-                        "runs the schedule it was trained with)")  # fmt: skip
-    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    stored = stored_method_config(data)
+    if config is None and stored is None:
+        raise UserError(f"--budget chooses a training-free method's setting: pass --method with it ({folder} is "
+                        f"dense, with no routed layers to move)")  # fmt: skip
+    if config is None and not stored.routes_layers:
+        raise UserError(f"--budget: {folder} runs {stored.method} before the decoder, which pmod.set_budget cannot "
+                        f"move; pass its dense base folder with --method {stored.method} --budget")  # fmt: skip
     workload = one_image_workload(data, prompt_text_tokens(folder, prompt or QUESTION) or 1)
     if workload is None:
         raise UserError(f"--budget: {folder} has no vision config to count an image's tokens; drop --budget")
-    return settings_at_budget("pmod generate", config, LMDims.from_config(data), budget, **workload)
+    dims = LMDims.from_config(data)
+    if config is not None:
+        return settings_at_budget("pmod generate", config, dims, budget, **workload), workload
+    ratios = stored.layer_ratios(dims.layers)
+    return settings_at_budget("pmod generate", stored, dims, budget, ratios=ratios, **workload), workload
+
+
+def load_at_budget(args: argparse.Namespace, method_config: Any, data: dict[str, Any]) -> tuple[Any, Any]:
+    """The model and processor of ``args.model`` (a dense one converted with ``method_config``), at ``--budget``
+    when given: a training-free method's setting chosen before it is converted, a routed folder moved in place by
+    :func:`pmod.set_budget` for the workload :func:`config_at_budget` solved (and printed) before loading."""
+    from pmod.analysis.budget import set_budget
+    from pmod.io.model_folder import load_model
+
+    if args.budget is None:
+        return load_model(args.model, args.device, "pmod generate", method_config)
+    chosen, workload = config_at_budget(Path(args.model), data, method_config, args.budget, args.prompt)
+    if method_config is not None:
+        return load_model(args.model, args.device, "pmod generate", chosen)
+    model, processor = load_model(args.model, args.device, "pmod generate")
+    try:
+        moved = set_budget(model, args.budget, **workload)
+    except ValueError as err:
+        raise UserError(f"--budget {args.budget}: {err}") from None
+    if moved != chosen:  # the stored schedule and the loaded layers disagree: the line printed would be wrong
+        raise RuntimeError(f"pmod.set_budget chose {moved} for the loaded model, not the {chosen} printed")
+    return model, processor
 
 
 def read_batch_file(path: str) -> list[dict[str, str]]:
@@ -119,16 +156,14 @@ def read_batch_file(path: str) -> list[dict[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from pmod.data.images import open_image
-    from pmod.io.model_folder import check_model_folder, load_model
+    from pmod.io.model_folder import check_model_folder
 
     if (args.prompt is None) == (args.batch_file is None):
         raise UserError("give either --prompt (with --image) or --batch-file, not both or neither.")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1.")
     method_config = method_flags.on_the_fly_config(vars(args))
-    check_model_folder(args.model, "pmod generate", method_config)  # before any weight is read
-    if args.budget is not None:
-        method_config = config_at_budget(Path(args.model), method_config, args.budget, args.prompt)
+    data = check_model_folder(args.model, "pmod generate", method_config)  # before any weight is read
     if args.prompt is not None:
         if not args.image and not args.video and not args.text_only:
             raise UserError("no --image given: pass --image FILE for a question about an image (or --video FILE), "
@@ -139,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
         images = [[open_image(p) for p in args.image]]  # bad input fails before the model loads
         videos = [[read_video_frames(v, args.frames) for v in args.video]]
-        model, processor = load_model(args.model, args.device, "pmod generate", method_config)
+        model, processor = load_at_budget(args, method_config, data)
         import transformers
 
         streamer = transformers.TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -155,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     for record in records:  # every image is checked before the model loads
         if record.get("image"):
             open_image(base / record["image"])
-    model, processor = load_model(args.model, args.device, "pmod generate", method_config)
+    model, processor = load_at_budget(args, method_config, data)
     for start in tqdm(range(0, len(records), args.batch_size), desc="batches", file=sys.stderr):
         chunk = records[start : start + args.batch_size]
         images = [[open_image(base / r["image"])] if r.get("image") else [] for r in chunk]
