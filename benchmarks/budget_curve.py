@@ -1,0 +1,135 @@
+"""One model, any budget (issue 26), on a trained task_check.py run: p-MoD trained (a) at its default budget,
+(b) with ``--budget-range``, (c) at each budget, every model then run at every budget by :func:`pmod.set_budget`;
+FastV and p-MoD with untrained routers (both on the trained dense model) beside them.
+
+    PYTHONPATH=src python benchmarks/budget_curve.py RUN train NAME   # one model; two at once on 2 cores
+    PYTHONPATH=src python benchmarks/budget_curve.py RUN eval         # every row at every budget
+
+RUN is a ``benchmarks/task_check.py`` folder (its ``base-model``, ``data``, trained ``dense`` and settings). NAME is
+one of :func:`models`' names. ``eval`` writes ``RUN/curve/budget_curve.json`` and ``accuracy_vs_tflops.png``.
+
+A budget here is a share of dense's analytic prefill TFLOPs for the task's own prompt (one image, the first held-out
+question's text tokens, measured), not ``pmod flops``' default of 64 text tokens: the demo's prompts have 64 vision
+tokens and about 16 text tokens, and with 64 text tokens no p-MoD setting goes below 0.57. ``pmod train
+--budget-range`` solves its draws for 64 text tokens, so (b)'s range is given in that convention: the one that
+covers the same scale factors as BUDGETS on the task's prompt (printed, and kept in the JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pmod
+from pmod.analysis.budget import at_budget, cost_ratio, scaled_at_budget
+from pmod.analysis.dims import DEFAULT_TEXT_TOKENS, LMDims
+from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo_runs import evaluate_model, load_variant, train_config
+
+BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def settings_of(run: Path) -> DemoSettings:
+    saved = json.loads((run / "task_check.json").read_text())["settings"]
+    saved["question_kinds"] = tuple(saved["question_kinds"]) if saved["question_kinds"] else None
+    saved["variants"] = tuple(saved["variants"])
+    return DemoSettings(**saved)
+
+
+def test_records(run: Path) -> list[dict[str, Any]]:
+    n = json.loads((run / "task_check.json").read_text())["n_questions"]
+    return [r for r in json.loads((run / "data" / "test.json").read_text()) if r.get("image")][:n]
+
+
+def workload(run: Path) -> tuple[LMDims, dict[str, int]]:
+    """The dense model's dims and the task's prompt: one image and the first held-out question's text tokens."""
+    model, processor = load_variant(run / "dense")
+    dense = evaluate_model(model, processor, run / "data", test_records(run)[:1])
+    return LMDims.from_config(model.config), {"n_vision": dense["n_vision"], "n_text": dense["n_text"]}
+
+
+def default_range(dims: LMDims, task: dict[str, int]) -> str:
+    """BUDGETS' ends on the task's prompt as ``--budget-range`` reads them (64 text tokens), for p-MoD's default
+    schedule scaled as set_budget scales it."""
+    config = pmod.PModConfig()
+    ratios = config.layer_ratios(dims.layers)
+    ends = [scaled_at_budget(config, ratios, dims, b, "tflops", task) for b in (min(BUDGETS), max(BUDGETS))]
+    shares = [cost_ratio(c, dims, n_vision=task["n_vision"], n_text=DEFAULT_TEXT_TOKENS) for c in ends]
+    return ",".join(f"{s:.3f}" for s in shares)
+
+
+def models(dims: LMDims, task: dict[str, int]) -> dict[str, tuple[Any, str | None]]:
+    """name -> (the p-MoD config it trains with, its --budget-range)."""
+    rows: dict[str, tuple[Any, str | None]] = {"a_default": (pmod.PModConfig(), None)}
+    rows["b_range"] = (pmod.PModConfig(), default_range(dims, task))
+    for b in BUDGETS:
+        rows[f"c_at_{b}"] = (at_budget(pmod.PModConfig(), dims, b, **task), None)
+    return rows
+
+
+def train(run: Path, name: str) -> None:
+    dims, task = workload(run)
+    config, budget_range = models(dims, task)[name]
+    folder = run / "curve" / name
+    result = train_config(config, run / "base-model", run / "data", folder, settings_of(run), budget_range=budget_range)
+    print(json.dumps({"name": name, "range": budget_range, "seconds": result["seconds"]}))
+
+
+def score(model: Any, processor: Any, run: Path, dense_tflops: float) -> dict[str, Any]:
+    result = evaluate_model(model, processor, run / "data", test_records(run))
+    return {"accuracy": result["accuracy"], "per_question_kind": result["per_question_kind"],
+            "tflops_ratio": round(result["prefill_tflops"] / dense_tflops, 4)}  # fmt: skip
+
+
+def evaluate(run: Path) -> dict[str, Any]:
+    dims, task = workload(run)
+    model, processor = load_variant(run / "dense")
+    dense = evaluate_model(model, processor, run / "data", test_records(run))
+    out: dict[str, Any] = {"workload": task, "budgets": BUDGETS, "range": default_range(dims, task),
+                           "dense": {"accuracy": dense["accuracy"]}, "rows": {}}  # fmt: skip
+    trained = {name: run / "curve" / name for name in models(dims, task)}
+    on_dense = {"fastv": pmod.FastVConfig(), "untrained_pmod": pmod.PModConfig()}
+    for name in [*trained, *on_dense]:
+        out["rows"][name] = {}
+        for b in BUDGETS:
+            model, processor = load_variant(trained.get(name, run / "dense"))
+            if name in on_dense:
+                pmod.convert(model, at_budget(on_dense[name], dims, b, **task))
+            else:
+                pmod.set_budget(model, b, **task)
+            out["rows"][name][str(b)] = score(model, processor, run, dense["prefill_tflops"])
+            print(name, b, out["rows"][name][str(b)], flush=True)
+    (run / "curve" / "budget_curve.json").write_text(json.dumps(out, indent=1))
+    plot(out, run / "curve" / "accuracy_vs_tflops.png")
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, cells in result["rows"].items():
+        points = sorted((c["tflops_ratio"] * 100, c["accuracy"]) for c in cells.values())
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.scatter([100], [result["dense"]["accuracy"]], color="black", label="dense", zorder=5)
+    ax.set_xlabel("prefill TFLOPs, % of dense (the task's prompt)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run, verb = Path(sys.argv[1]), sys.argv[2]
+    if verb == "train":
+        train(run, sys.argv[3])
+    elif verb == "eval":
+        evaluate(run)
+    else:
+        raise SystemExit(f"unknown verb {verb!r}; use train NAME or eval")
