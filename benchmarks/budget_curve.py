@@ -4,9 +4,12 @@ FastV and p-MoD with untrained routers (both on the trained dense model) beside 
 
     PYTHONPATH=src python benchmarks/budget_curve.py RUN train NAME   # one model; two at once on 2 cores
     PYTHONPATH=src python benchmarks/budget_curve.py RUN eval         # every row at every budget
+    PYTHONPATH=src python benchmarks/budget_curve.py OUT summary RUN...  # the seeds' runs together
 
 RUN is a ``benchmarks/task_check.py`` folder (its ``base-model``, ``data``, trained ``dense`` and settings). NAME is
-one of :func:`models`' names. ``eval`` writes ``RUN/curve/budget_curve.json`` and ``accuracy_vs_tflops.png``.
+one of :func:`models`' names. ``eval`` writes ``RUN/curve/budget_curve.json`` and ``accuracy_vs_tflops.png``;
+``summary`` writes ``OUT/summary.json`` (every run's result, and per curve and budget the mean and sd over the runs,
+and (b) - (c)) and ``OUT/accuracy_vs_tflops.png`` (the means, the sd as error bars).
 
 A budget here is a share of dense's analytic prefill TFLOPs for the task's own prompt (one image, the first held-out
 question's text tokens, measured), not ``pmod flops``' default of 64 text tokens: the demo's prompts have 64 vision
@@ -95,15 +98,74 @@ def evaluate(run: Path) -> dict[str, Any]:
         out["rows"][name] = {}
         for b in BUDGETS:
             model, processor = load_variant(trained.get(name, run / "dense"))
-            if name in on_dense:
-                pmod.convert(model, at_budget(on_dense[name], dims, b, **task))
-            else:
-                pmod.set_budget(model, b, **task)
+            try:  # a model trained at a high budget has more dense layers (no router) and cannot go as low
+                if name in on_dense:
+                    pmod.convert(model, at_budget(on_dense[name], dims, b, **task))
+                else:
+                    pmod.set_budget(model, b, **task)
+            except ValueError as err:
+                out["rows"][name][str(b)] = {"unreachable": str(err)}
+                continue
             out["rows"][name][str(b)] = score(model, processor, run, dense["prefill_tflops"])
             print(name, b, out["rows"][name][str(b)], flush=True)
     (run / "curve" / "budget_curve.json").write_text(json.dumps(out, indent=1))
     plot(out, run / "curve" / "accuracy_vs_tflops.png")
     return out
+
+
+def curves(result: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """The issue's curves, as (TFLOPs share, accuracy) points: (a) and (b) at every budget, (c) each model at the
+    budget it was trained at, FastV and untrained p-MoD; budgets a model cannot reach are left out."""
+    rows = result["rows"]
+    lines = {"(a) trained at the default": rows["a_default"], "(b) trained with --budget-range": rows["b_range"],
+             "(c) trained at each budget": {b: rows[f"c_at_{b}"][b] for b in map(str, result["budgets"])},
+             "FastV on dense": rows["fastv"], "p-MoD, untrained routers": rows["untrained_pmod"]}  # fmt: skip
+    return {name: sorted((c["tflops_ratio"], c["accuracy"]) for c in cells.values() if "accuracy" in c)
+            for name, cells in lines.items()}  # fmt: skip
+
+
+def summarize(out: Path, runs: list[Path]) -> dict[str, Any]:
+    import numpy as np
+
+    results = {str(run): json.loads((run / "curve" / "budget_curve.json").read_text()) for run in runs}
+    per_run = [curves(r) for r in results.values()]
+    mean = {}
+    for name in per_run[0]:
+        cells = np.array([[y for _, y in c[name]] for c in per_run])  # runs x budgets (curves reach every budget)
+        shares = np.array([[x for x, _ in c[name]] for c in per_run]).mean(0)
+        mean[name] = {"tflops_ratio": shares.round(4).tolist(), "accuracy": cells.mean(0).round(4).tolist(),
+                      "sd": cells.std(0, ddof=1).round(4).tolist() if len(runs) > 1 else None}  # fmt: skip
+    gap = np.array([[yb - yc for (_, yb), (_, yc) in zip(c["(b) trained with --budget-range"],
+                                                         c["(c) trained at each budget"], strict=True)]
+                    for c in per_run])  # fmt: skip
+    dense = [r["dense"]["accuracy"] for r in results.values()]
+    summary = {"runs": results, "mean": mean, "dense": dense,
+               "b_minus_c_points": {"mean": (100 * gap.mean(0)).round(1).tolist(),
+                                    "sd": (100 * gap.std(0, ddof=1)).round(1).tolist() if len(runs) > 1 else None}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_mean(summary, out / "accuracy_vs_tflops.png")
+    return summary
+
+
+def plot_mean(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, line in summary["mean"].items():
+        ax.errorbar([100 * x for x in line["tflops_ratio"]], line["accuracy"], yerr=line["sd"], marker="o",
+                    capsize=3, label=name)  # fmt: skip
+    dense = summary["dense"]
+    ax.scatter([100], [sum(dense) / len(dense)], color="black", label="dense", zorder=5)
+    ax.set_xlabel("prefill TFLOPs, % of dense (the task's prompt)")
+    ax.set_ylabel(f"accuracy, mean of {len(dense)} seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -113,9 +175,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, cells in result["rows"].items():
-        points = sorted((c["tflops_ratio"] * 100, c["accuracy"]) for c in cells.values())
-        ax.plot(*zip(*points), marker="o", label=name)
+    for name, points in curves(result).items():
+        ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=name)
     ax.scatter([100], [result["dense"]["accuracy"]], color="black", label="dense", zorder=5)
     ax.set_xlabel("prefill TFLOPs, % of dense (the task's prompt)")
     ax.set_ylabel("accuracy")
@@ -131,5 +192,7 @@ if __name__ == "__main__":
         train(run, sys.argv[3])
     elif verb == "eval":
         evaluate(run)
+    elif verb == "summary":
+        summarize(run, [Path(p) for p in sys.argv[3:]])
     else:
-        raise SystemExit(f"unknown verb {verb!r}; use train NAME or eval")
+        raise SystemExit(f"unknown verb {verb!r}; use train NAME, eval or summary RUN...")
