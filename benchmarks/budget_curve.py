@@ -20,6 +20,7 @@ covers the same scale factors as BUDGETS on the task's prompt (printed, and kept
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -76,7 +77,8 @@ def train(run: Path, name: str) -> None:
     dims, task = workload(run)
     config, budget_range = models(dims, task)[name]
     folder = run / "curve" / name
-    result = train_config(config, run / "base-model", run / "data", folder, settings_of(run), budget_range=budget_range)
+    settings = dataclasses.replace(settings_of(run), budget_range=budget_range)
+    result = train_config(config, run / "base-model", run / "data", folder, settings)
     print(json.dumps({"name": name, "range": budget_range, "seconds": result["seconds"]}))
 
 

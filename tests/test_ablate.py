@@ -396,6 +396,7 @@ def test_flag_mistakes(run, tmp_path, capsys):
         (["--resume", str(tmp_path)], "no pmod ablate run there"),
         (["--out", str(out)], "already holds a pmod ablate run"),
         (["--resume", str(out), "--steps", "7"], "--steps differs from the run"),
+        (["--resume", str(out), "--budget-range", "0.5,0.9"], "--budget-range differs from the run"),
         (["--variants", "pmod,prd", "--out", str(tmp_path / "x")], "unknown variant(s) prd"),
         (["--seeds", "0", "--out", str(tmp_path / "x")], "--seeds is 0"),
     ]

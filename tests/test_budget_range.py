@@ -159,3 +159,31 @@ def test_a_recipe_file_gives_the_range_as_a_list_or_text(tmp_path: Path) -> None
         recipe.write_text(f"budget_range: {value}\n")
         margs = parse_args(["--model", "m", "--data-path", "d", "--config", str(recipe)])
         assert margs.check_budget_range() == expected
+
+
+def test_the_demo_trains_its_routed_variants_over_the_range(train_setup: dict[str, str], tmp_path: Path) -> None:
+    """`pmod demo --budget-range` / `pmod ablate --budget-range` (DemoSettings.budget_range): a routed variant's
+    every forward runs the ratios set_budget gives the step's draw (with the demo's seed); the dense variant trains as
+    it would without the range (a range on a dense run is refused, so its run finishing shows it got none)."""
+    from pmod.experiments.demo import DemoSettings
+    from pmod.experiments.demo_runs import train_config
+
+    settings = DemoSettings(steps=3, batch_size=2, seed=SEED, budget_range=f"{LOW},{HIGH}")
+    data = Path(train_setup["data"]).parent
+    seen = _SeenRatios()
+    train_config(pmod.PModConfig(), Path(train_setup["model"]), data, tmp_path / "pmod", settings, callbacks=[seen])
+    assert sorted({step for step, _ in seen.seen}) == [0, 1, 2]
+    for step, ratios in seen.seen:
+        assert ratios == set_budget_ratios(_fresh(train_setup), drawn(step)), step
+    run = train_config(None, Path(train_setup["model"]), data, tmp_path / "dense", settings)
+    assert len(run["loss"]) >= 1
+    assert "drawn per step from 0.85-0.98 of dense's TFLOPs" in settings.training_summary()
+
+
+@pytest.mark.parametrize("command", ["demo", "ablate"])
+def test_demo_and_ablate_refuse_a_bad_range_in_one_line(command: str, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from pmod.cli import main
+
+    assert main([command, "--budget-range", "0.9,0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "LO is above HI" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

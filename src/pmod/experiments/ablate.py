@@ -26,7 +26,7 @@ from pmod.core.errors import UserError
 from pmod.core.files import OutputLock, atomic_write_json, check_output_folder
 from pmod.data.synth import TASKS
 from pmod.experiments.ablate_variants import VARIANTS, parse_variants
-from pmod.experiments.demo import DemoSettings
+from pmod.experiments.demo import DemoSettings, checked_budget_range
 from pmod.methods import FastVConfig
 
 #: The folder's record of its run: the settings, so that ``--resume`` continues the same run.
@@ -85,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="the first seed (default: 0); seeds are SEED, SEED+1, ...")
     parser.add_argument("--task", choices=TASKS, help="the synthetic task: shapes (default) or scenes (3-8 shapes "
                         "whose answers need many vision tokens)")  # fmt: skip
+    parser.add_argument("--budget-range", metavar="LO,HI", help="train every routed row for a range of budgets "
+                        "(pmod train --budget-range); each is evaluated at its own config's budget")  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Path, AblateSettings]:
@@ -104,7 +106,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Path, AblateSettings]:
                             f"`pmod ablate --out {out}`")  # fmt: skip
         settings = AblateSettings.from_dict(json.loads(stored.read_text()))
         given = {"--quick": (args.quick or None, settings.quick or None), "--steps": (args.steps, settings.task.steps),
-                 "--seed": (args.seed, settings.task.seed), "--task": (args.task, settings.task.task)}  # fmt: skip
+                 "--seed": (args.seed, settings.task.seed), "--task": (args.task, settings.task.task),
+                 "--budget-range": (checked_budget_range(args.budget_range), settings.task.budget_range)}  # fmt: skip
         for flag, (value, before) in given.items():
             if value is not None and value != before:
                 raise UserError(f"{flag} differs from the run in {out} ({value} vs {before}); resume without it, "
@@ -121,6 +124,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Path, AblateSettings]:
             settings.task.seed = args.seed
         if args.task is not None:
             settings.task.task = args.task
+        settings.task.budget_range = checked_budget_range(args.budget_range)
     if args.seeds is not None:
         settings.task.seeds = args.seeds
     if args.variants is not None:

@@ -322,7 +322,7 @@ def write_report(
     questions (for the answer-prior baseline)."""
     rows = summarize(settings, results, failures, latency)
     plots = report_plots(out, settings, results, rows)
-    budget = f"{settings.task.steps} steps of batch {settings.task.batch_size}"
+    budget = settings.task.training_summary()
     md_table = table(rows)
     prior = prior_baseline(out / "data", test)
     smoke = ["**A `--quick` smoke run: tiny model and budget. Its numbers test the machinery and say nothing about the "

@@ -52,6 +52,9 @@ class DemoSettings:
     vision_patch_local: bool = False
     steps: int = 250
     batch_size: int = 32
+    # "LO,HI": every trained routed variant runs each step at a budget drawn from this range of dense's TFLOPs
+    # (`pmod train --budget-range`), so one model serves them all; None: each at its own config's budget.
+    budget_range: str | None = None
     learning_rate: float = 1e-3
     eval_samples: int = 200
     seed: int = 0
@@ -81,6 +84,13 @@ class DemoSettings:
                   else f"at most {self.max_shapes} shape(s)")  # fmt: skip
         return (f"the synthetic {self.task} task ({self.samples} samples, {self.image_size} px images with {shapes}, "
                 f"questions about {', '.join(self.kinds)})")  # fmt: skip
+
+    def training_summary(self) -> str:
+        """The training budget in a few words, for the reports."""
+        drawn = "" if self.budget_range is None else (
+            f", every trained routed variant at a budget drawn per step from {self.budget_range.replace(',', '-')} "
+            "of dense's TFLOPs (`--budget-range`)")  # fmt: skip
+        return f"{self.steps} steps of batch {self.batch_size}{drawn}"
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -119,10 +129,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=tuple(TASK_KINDS), default="shapes", help="the synthetic task: shapes (one "
                         "shape per image, default) or scenes (3-8 shapes whose answers need many vision "
                         "tokens)")  # fmt: skip
+    parser.add_argument("--budget-range", metavar="LO,HI", help="train every routed variant for a range of budgets "
+                        "(pmod train --budget-range), so one model serves them all")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="train every variant with N seeds (SEED, SEED+1, ...) and "
                         "report the p-MoD vs dense gap with its spread over them (default: 1)")  # fmt: skip
     methods = sorted({c.method for c in VARIANTS.values() if c is not None}, key=method_names().index)
     method_flags.add_method_arguments(parser, methods)
+
+
+def checked_budget_range(value: str | None) -> str | None:
+    """``--budget-range`` as ``"LO,HI"`` once it parses (a one-line error otherwise); None when not given."""
+    if value is None:
+        return None
+    from pmod.recipes.budget_range import parse_budget_range
+
+    return ",".join(map(str, parse_budget_range(value)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         settings.steps = args.steps
     if args.samples is not None:
         settings.samples = args.samples
+    settings.budget_range = checked_budget_range(args.budget_range)
     if args.variants:
         names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         unknown = [v for v in names if v not in VARIANTS]

@@ -258,8 +258,8 @@ def setup_paragraph(settings: DemoSettings, n_vision: int, n_test: int) -> str:
         f"{settings.hidden}, word-level tokenizer). No pre-trained vision tower exists here, so the tower is first "
         f"pre-trained for {settings.vision_pretrain_steps} steps on per-patch labels of the training images "
         "(`pmod.experiments.vision_pretrain`, a stand-in for CLIP) and then frozen, as in LLaVA's recipe; the "
-        f"projector and the decoder start from random weights. Each variant: {settings.steps} steps of batch "
-        f"{settings.batch_size}, same seed and data. Accuracy: exact match of the first answer word on {n_test} "
+        f"projector and the decoder start from random weights. Each variant: {settings.training_summary()}, "
+        "same seed and data. Accuracy: exact match of the first answer word on {n_test} "
         "held-out image questions."
     )
 

@@ -218,12 +218,11 @@ def train_config(
     settings: DemoSettings,
     seed: int | None = None,
     callbacks: list[TrainerCallback] | None = None,
-    budget_range: str | None = None,
 ) -> dict[str, Any]:
     """Train ``base`` converted with ``config`` (None: dense) into ``folder`` with the demo's budget and ``seed``
-    (default: ``settings.seed``), which sets the data order and the routers' initialisation. ``callbacks`` replace
-    the Trainer's progress bar; ``budget_range`` is ``pmod train --budget-range``. Returns the folder, the wall and CPU time, the loss curve and the count of skipped
-    non-finite losses."""
+    (default: ``settings.seed``), which sets the data order and the routers' initialisation; a trained routed
+    ``config`` follows ``settings.budget_range``. ``callbacks`` replace the Trainer's progress bar. Returns the
+    folder, the wall and CPU time, the loss curve and the count of skipped non-finite losses."""
     from transformers import TrainingArguments
 
     from pmod.recipes.train import TrainConfig
@@ -254,7 +253,7 @@ def train_config(
         data_path=str(data / "train.json"),
         max_length=256,
         trainer=targs,
-        budget_range=budget_range,
+        budget_range=settings.budget_range if config is not None and config.trainable else None,
     )
     started, cpu = time.time(), time.process_time()
     trainer = train(run, callbacks=callbacks, method_config=config)
