@@ -279,3 +279,18 @@ def test_data_made_again_when_its_settings_change(tmp_path):
     first = (data / "train.json").read_bytes()
     make_data(data, dataclasses.replace(small, samples=30, seed=1))
     assert count() == 30 and (data / "train.json").read_bytes() != first
+
+
+def test_images_of_more_tokens_than_the_default_train(tmp_path):
+    """A demo task of 128 px images (256 vision tokens, with the question past 256 tokens) trains: the training's
+    length limit follows the image's tokens (it was a fixed 256, which refused every record)."""
+    from pmod.experiments.demo_runs import build_base_model, make_data, train_config
+
+    settings = DemoSettings(samples=12, image_size=128, patch_size=8, layers=2, hidden=32, vision_hidden=32,
+                            vision_layers=2, steps=2, batch_size=2, eval_samples=2)  # fmt: skip
+    model, processor = build_base_model(settings, seed=0)
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    make_data(tmp_path / "data", settings)
+    run = train_config(None, tmp_path / "base", tmp_path / "data", tmp_path / "dense", settings)
+    assert [step for step, _ in run["loss"]] == [1, 2]

@@ -251,7 +251,8 @@ def train_config(
         model=str(base),
         method=config.method if config else "dense",
         data_path=str(data / "train.json"),
-        max_length=256,
+        # an image's tokens and room for the questions and answers: 256 for the default 64 px at 8 px patches
+        max_length=(settings.image_size // settings.patch_size) ** 2 + 192,
         trainer=targs,
         budget_range=settings.budget_range if config is not None and config.trainable else None,
     )
