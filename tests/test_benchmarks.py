@@ -20,7 +20,7 @@ import pmod
 from pmod.cli import main as pmod_main
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("common", "bench_prefill", "bench_train_step", "bench_decode")
+SCRIPTS = ("common", "bench_prefill", "bench_train_step", "bench_decode", "budget_curve")
 N_VISION, N_TEXT = 64, 8
 SHAPE = dict(layers=4, hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=256)
 TINY = [
@@ -281,3 +281,39 @@ def test_video_backbone_ratios_equal_pmod_flops_at_five_layers(
 def test_video_backbone_refuses_n_vision(bench: dict[str, ModuleType]) -> None:
     with pytest.raises(SystemExit, match="--frames and --frame-size, not --n-vision"):
         bench["bench_prefill"].main(["--quick", "--backbone", "qwen2.5-vl-7b", "--n-vision", "100"])
+
+
+def test_budget_curve_summary_by_hand(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    """`budget_curve.py summary`: curve (c) is each model at its own budget, a budget a model cannot reach is left
+    out, and the means, sds and (b) - (c) over the runs are the hand-computed ones."""
+    curve = bench["budget_curve"]
+    budgets = [0.4, 0.8]
+
+    def cell(acc: float, share: float) -> dict:
+        return {"accuracy": acc, "tflops_ratio": share}
+
+    def result(a: float, b: float, c: float) -> dict:
+        rows = {"a_default": {"0.4": cell(a, 0.4), "0.8": cell(a + 0.1, 0.8)},
+                "b_range": {"0.4": cell(b, 0.4), "0.8": cell(b, 0.8)},
+                "c_at_0.4": {"0.4": cell(c, 0.4), "0.8": cell(0.0, 0.8)},
+                "c_at_0.8": {"0.4": {"unreachable": "reaches 0.52 to 1.0"}, "0.8": cell(c + 0.2, 0.8)},
+                "fastv": {"0.4": cell(0.1, 0.41), "0.8": cell(0.2, 0.79)},
+                "untrained_pmod": {"0.4": cell(0.3, 0.4), "0.8": cell(0.3, 0.8)}}  # fmt: skip
+        return {"budgets": budgets, "dense": {"accuracy": 0.9}, "rows": rows}
+
+    runs = []
+    for i, values in enumerate([(0.5, 0.8, 0.6), (0.7, 0.6, 0.6)]):
+        runs.append(tmp_path / f"run{i}")
+        (runs[-1] / "curve").mkdir(parents=True)
+        (runs[-1] / "curve" / "budget_curve.json").write_text(json.dumps(result(*values)))
+    lines = curve.curves(result(0.5, 0.8, 0.6))
+    assert lines["(c) trained at each budget"] == [(0.4, 0.6), (0.8, 0.8)]
+    assert lines["FastV on dense"] == [(0.41, 0.1), (0.79, 0.2)]
+    summary = curve.summarize(tmp_path / "out", runs)
+    c = summary["mean"]["(c) trained at each budget"]
+    assert c["accuracy"] == [0.6, 0.8] and c["sd"] == [0.0, 0.0]
+    a = summary["mean"]["(a) trained at the default"]
+    assert a["accuracy"] == pytest.approx([0.6, 0.7]) and a["sd"] == pytest.approx([0.1414, 0.1414], abs=1e-4)
+    # (b) - (c) in points: run 0: 80 - 60, 80 - 80; run 1: 60 - 60, 60 - 80
+    assert summary["b_minus_c_points"] == {"mean": [10.0, -10.0], "sd": pytest.approx([14.1, 14.1], abs=0.05)}
+    assert summary["dense"] == [0.9, 0.9] and (tmp_path / "out" / "accuracy_vs_tflops.png").stat().st_size > 1000
