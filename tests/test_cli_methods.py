@@ -67,6 +67,24 @@ def reference_generate(folder: Path, config, image: Path, max_new_tokens: int = 
     return answer.strip(), f"{size.total_bytes / (size.layer_bytes[0] * len(size.layer_bytes)):.1%}"
 
 
+def generate_on_the_fly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], num_layers: int, config, flags: list[str]
+) -> tuple[str, str]:
+    """`pmod generate` with a training-free method given as ``flags`` on a fresh tiny dense folder
+    (``tmp_path / "dense"``) and a red image (``tmp_path / "red.png"``): it exits 0 and answers what
+    :func:`reference_generate` answers with ``config``. Returns its stderr and the reference's KV share."""
+    folder = tiny_llava_folder(str(tmp_path / "dense"), num_layers=num_layers)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (230, 25, 25)).save(image)
+    rc = main(["generate", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "6",
+               *flags])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    answer, share = reference_generate(Path(folder), config, image)
+    assert captured.out.strip() == answer
+    return captured.err, share
+
+
 def last_error(capsys: pytest.CaptureFixture[str]) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(lines)

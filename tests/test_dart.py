@@ -6,11 +6,9 @@ batching, save/load and the FLOPs against FlopCounterMode, on every backbone, ar
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import pmod
 from pmod import DARTConfig
@@ -118,18 +116,9 @@ def test_defaults_are_the_papers_and_settings_are_checked() -> None:
 
 def test_generate_dart_on_a_dense_folder_equals_convert(tmp_path, capsys) -> None:
     """``pmod generate --method dart`` applies it on the fly, as pmod.convert would (answer and KV share)."""
-    from test_cli_methods import PROMPT, reference_generate
+    from test_cli_methods import generate_on_the_fly
 
-    from pmod.cli import main
-    from pmod.testing import tiny_llava_folder
-
-    folder = tiny_llava_folder(str(tmp_path / "dense"), num_layers=6)
-    image = tmp_path / "red.png"
-    Image.new("RGB", (32, 32), (230, 25, 25)).save(image)
-    rc = main(["generate", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "6",
-               "--method", "dart", "--dart-layer", "3", "--dart-keep", "0.3", "--dart-pivots", "2"])  # fmt: skip
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    answer, share = reference_generate(Path(folder), DARTConfig(layer=3, keep=0.3, pivots=2), image)
-    assert captured.out.strip() == answer
-    assert f", {share})" in captured.err and share != "100.0%"
+    err, share = generate_on_the_fly(tmp_path, capsys, 6, DARTConfig(layer=3, keep=0.3, pivots=2),
+                                     ["--method", "dart", "--dart-layer", "3", "--dart-keep", "0.3",
+                                      "--dart-pivots", "2"])  # fmt: skip
+    assert f", {share})" in err and share != "100.0%"

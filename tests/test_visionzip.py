@@ -254,28 +254,19 @@ def test_generate_visionzip_on_a_dense_folder_equals_convert(tmp_path, capsys) -
     """``pmod generate --method visionzip`` applies it on the fly, as pmod.convert would; the KV share it prints is
     against what the dense model caches for the prompt as given (64 placeholders), not the shortened one."""
     from PIL import Image
-    from test_cli_methods import PROMPT, VICUNA_SYSTEM, reference_generate
+    from test_cli_methods import PROMPT, VICUNA_SYSTEM, generate_on_the_fly
     from transformers import AutoProcessor
 
-    from pmod.cli import main
-    from pmod.testing import tiny_llava_folder
-
-    folder = tiny_llava_folder(str(tmp_path / "dense"), num_layers=4)
-    image = tmp_path / "red.png"
-    Image.new("RGB", (32, 32), (230, 25, 25)).save(image)
-    rc = main(["generate", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "6",
-               "--method", "visionzip", "--visionzip-dominant", "5", "--visionzip-contextual", "2"])  # fmt: skip
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    answer, _ = reference_generate(tmp_path / "dense", VisionZipConfig(dominant=5, contextual=2), image)
-    assert captured.out.strip() == answer
+    err, _ = generate_on_the_fly(tmp_path, capsys, 4, VisionZipConfig(dominant=5, contextual=2),
+                                 ["--method", "visionzip", "--visionzip-dominant", "5", "--visionzip-contextual", "2"])
+    folder, image = tmp_path / "dense", tmp_path / "red.png"
     processor = AutoProcessor.from_pretrained(folder)
     prompt = len(processor(text=[f"{VICUNA_SYSTEM} USER: <image>\n{PROMPT} ASSISTANT:"],
                            images=[Image.open(image).convert("RGB")])["input_ids"][0])  # fmt: skip
     vision = json.loads((tmp_path / "dense" / "config.json").read_text())["vision_config"]
     per_image = (vision["image_size"] // vision["patch_size"]) ** 2  # this folder's tower: 16
     dense, kept = prompt + 6 - 1, prompt - (per_image - 7) + 6 - 1  # generate caches all but the last token
-    assert f"{kept / dense:.1%})" in captured.err
+    assert f"{kept / dense:.1%})" in err
 
 
 def test_measured_kv_bytes_count_the_shortened_rows() -> None:
