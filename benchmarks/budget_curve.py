@@ -36,10 +36,7 @@ BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def settings_of(run: Path) -> DemoSettings:
-    saved = json.loads((run / "task_check.json").read_text())["settings"]
-    saved["question_kinds"] = tuple(saved["question_kinds"]) if saved["question_kinds"] else None
-    saved["variants"] = tuple(saved["variants"])
-    return DemoSettings(**saved)
+    return DemoSettings.from_dict(json.loads((run / "task_check.json").read_text())["settings"])
 
 
 def test_records(run: Path) -> list[dict[str, Any]]:
@@ -89,9 +86,9 @@ def score(model: Any, processor: Any, run: Path, dense_tflops: float) -> dict[st
 
 
 def evaluate(run: Path) -> dict[str, Any]:
-    dims, task = workload(run)
     model, processor = load_variant(run / "dense")
-    dense = evaluate_model(model, processor, run / "data", test_records(run))
+    dense = evaluate_model(model, processor, run / "data", test_records(run))  # its tokens: the first question's
+    dims, task = LMDims.from_config(model.config), {"n_vision": dense["n_vision"], "n_text": dense["n_text"]}
     out: dict[str, Any] = {"workload": task, "budgets": BUDGETS, "range": default_range(dims, task),
                            "dense": {"accuracy": dense["accuracy"]}, "rows": {}}  # fmt: skip
     trained = {name: run / "curve" / name for name in models(dims, task)}

@@ -63,13 +63,9 @@ class AblateSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AblateSettings:
-        task = dict(data["task"])
         # A run from before the scenes task resumes on its own task; its units train again, since what a unit's
         # result depends on (its fingerprint) now names the task and FastV's ranking.
-        task.setdefault("task", "shapes")
-        task["question_kinds"] = None if task["question_kinds"] is None else tuple(task["question_kinds"])
-        task["variants"] = tuple(task["variants"])
-        return cls(task=DemoSettings(**task), variants=tuple(data["variants"]), quick=data["quick"],
+        return cls(task=DemoSettings.from_dict(data["task"]), variants=tuple(data["variants"]), quick=data["quick"],
                    threads=data["threads"])  # fmt: skip
 
 

@@ -93,6 +93,15 @@ class DemoSettings:
         return f"{self.steps} steps of batch {self.batch_size}{drawn}"
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DemoSettings:
+        """The settings ``dataclasses.asdict`` wrote to JSON (lists back to tuples). A dict from before the scenes
+        task is the shapes task's."""
+        data = {"task": "shapes", **data}
+        kinds = data["question_kinds"]
+        return cls(**{**data, "question_kinds": None if kinds is None else tuple(kinds),
+                      "variants": tuple(data["variants"])})  # fmt: skip
+
+    @classmethod
     def quick(cls) -> DemoSettings:
         return cls(
             samples=600, layers=8, hidden=64, vision_hidden=64, vision_pretrain_steps=60, steps=40, batch_size=16,
