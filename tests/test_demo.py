@@ -1,5 +1,6 @@
 """The main job on a tiny budget: the report holds what the demo promises, and its numbers check out."""
 
+import dataclasses
 import json
 
 import pytest
@@ -33,6 +34,9 @@ def test_report_files_and_table(demo):
     assert [step for step, _ in vision["loss"]] == list(range(1, DemoSettings(**TINY_DEMO).vision_pretrain_steps + 1))
     assert f"shape kind on shape patches {vision['accuracy']['shape_on_object']:.3f}" in md
     assert "## How the task was chosen" in md
+    held_out = [r for r in json.loads((out / "data" / "test.json").read_text()) if r.get("image")]
+    n_test = min(len(held_out), DemoSettings(**TINY_DEMO).eval_samples)
+    assert f"the first answer word on {n_test} held-out image questions" in md
 
 
 def test_accuracy_recomputed_one_question_at_a_time(demo):
@@ -294,3 +298,21 @@ def test_images_of_more_tokens_than_the_default_train(tmp_path):
     make_data(tmp_path / "data", settings)
     run = train_config(None, tmp_path / "base", tmp_path / "data", tmp_path / "dense", settings)
     assert [step for step, _ in run["loss"]] == [1, 2]
+
+
+@pytest.mark.parametrize(("task", "given", "muted"), [("scenes", None, True), ("scenes", False, False),
+                                                      ("shapes", None, False), ("shapes", True, True)])  # fmt: skip
+def test_the_scenes_task_builds_a_patch_local_tower_unless_told_otherwise(task, given, muted):
+    """The scenes task's default tower is patch-local (its attention outputs zero: issue 24's run K), the shapes
+    task's mixes; ``vision_patch_local`` overrides either. A saved run from before the setting keeps its mixing
+    tower."""
+    from pmod.experiments.demo_runs import build_base_model
+    from pmod.experiments.small_llava import tower_attention_outputs
+
+    settings = DemoSettings(task=task, vision_patch_local=given, layers=1, hidden=32, vision_hidden=32,
+                            vision_layers=2)  # fmt: skip
+    model, _ = build_base_model(settings, seed=0)
+    assert [bool((m.weight == 0).all()) for m in tower_attention_outputs(model)] == [muted, muted]
+    assert settings.kinds == {"scenes": ("count", "half"), "shapes": ("color", "position")}[task]
+    saved = {k: v for k, v in dataclasses.asdict(settings).items() if k != "vision_patch_local"}
+    assert DemoSettings.from_dict(saved).patch_local is False

@@ -259,7 +259,7 @@ def setup_paragraph(settings: DemoSettings, n_vision: int, n_test: int) -> str:
         f"pre-trained for {settings.vision_pretrain_steps} steps on per-patch labels of the training images "
         "(`pmod.experiments.vision_pretrain`, a stand-in for CLIP) and then frozen, as in LLaVA's recipe; the "
         f"projector and the decoder start from random weights. Each variant: {settings.training_summary()}, "
-        "same seed and data. Accuracy: exact match of the first answer word on {n_test} "
+        f"same seed and data. Accuracy: exact match of the first answer word on {n_test} "
         "held-out image questions."
     )
 

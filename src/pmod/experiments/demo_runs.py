@@ -30,7 +30,7 @@ def pretrain_vision(base: Path, data: Path, settings: DemoSettings) -> dict[str,
     held_out = [r for r in json.loads((data / "test.json").read_text()) if r.get("image")]
     result = pretrain_vision_tower(
         model, processor, records, data, steps=settings.vision_pretrain_steps, seed=settings.seed,
-        eval_records=held_out, patch_local=settings.vision_patch_local,
+        eval_records=held_out, patch_local=settings.patch_local,
     )  # fmt: skip
     model.save_pretrained(base)
     return result
@@ -84,7 +84,7 @@ def build_base_model(settings: DemoSettings, seed: int) -> tuple[torch.nn.Module
         vision_feature_layer=settings.vision_feature_layer,
         chat_template=SHORT_CHAT_TEMPLATE,  # no system prompt: most of each sequence is vision tokens
         task=settings.task,
-        patch_local=settings.vision_patch_local,
+        patch_local=settings.patch_local,
     )
 
 
