@@ -83,13 +83,18 @@ def test_accuracy_counts_the_first_word_by_hand(demo, monkeypatch):
 
 
 def test_data_follows_the_settings(demo):
-    """One shape per image and only the chosen question kinds, as the report says."""
+    """The default task: scenes of 3-8 shapes, each in its own grid cell, asked only the demo's two scene-wide
+    kinds, with a patch-local tower, as the report says."""
+    from pmod.data import scenes, synth
+
     out, report = demo
     records = [r for r in json.loads((out / "data" / "train.json").read_text()) if r.get("image")]
-    assert records and all(len(r["meta"]["shapes"]) == 1 for r in records)
-    questions = {r["conversations"][0]["value"].replace("<image>", "").strip().split()[0] for r in records}
-    assert questions == {"What", "Is"}  # "What color is ...", "Is the ... on the left or the right?"
-    assert all("Is there" not in t["value"] for r in records for t in r["conversations"])
+    counts = [len(r["meta"]["shapes"]) for r in records]
+    assert records and min(counts) >= scenes.MIN_SHAPES and max(counts) <= scenes.MAX_SHAPES
+    assert all(len({tuple(s["cell"]) for s in r["meta"]["shapes"]}) == n for r, n in zip(records, counts))
+    assert {synth.question_kind(t["value"]) for r in records for t in r["conversations"][::2]} == {"count", "half"}
+    md = " ".join((out / "report.md").read_text().split())
+    assert "questions about count, half; a patch-local tower" in md
 
 
 def test_tower_is_frozen_in_stage_two(demo):

@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR, skipping its finished units")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 250; --quick: 30)")
     parser.add_argument("--seed", type=int, help="the first seed (default: 0); seeds are SEED, SEED+1, ...")
-    parser.add_argument("--task", choices=TASKS, help="the synthetic task: shapes (default) or scenes (3-8 shapes "
-                        "whose answers need many vision tokens)")  # fmt: skip
+    parser.add_argument("--task", choices=TASKS, help="the synthetic task: scenes (3-8 shapes among clutter; "
+                        "default) or shapes (one shape per image)")  # fmt: skip
     parser.add_argument("--budget-range", metavar="LO,HI", help="train every routed row for a range of budgets "
                         "(pmod train --budget-range); each is evaluated at its own config's budget")  # fmt: skip
 

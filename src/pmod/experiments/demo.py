@@ -26,10 +26,10 @@ from pmod.recipes import method_flags
 class DemoSettings:
     """Size of the task and the model, and the training budget. ``quick`` is the smoke version of about a minute."""
 
-    # The synthetic task (pmod.data.synth.TASKS): "shapes", one shape per image (the default: what the demo's
-    # claims are measured on), or "scenes", 3-8 shapes among clutter whose answers need many vision tokens (issue
-    # 24: learned to 0.86 within this budget, but read in the decoder's first layers on some seeds, BENCHMARKS.md).
-    task: str = "shapes"
+    # The synthetic task (pmod.data.synth.TASKS): "scenes", 3-8 shapes among clutter whose answers need many vision
+    # tokens (the default, issue 24: the ablation tells rows apart on it, BENCHMARKS.md), or "shapes", one shape per
+    # image (the demo's task until 2026-12-04: a few tokens carry the whole answer, so every method scores alike).
+    task: str = "scenes"
     samples: int = 3000
     # Questions per image (None: the generator's mix of one and two). Two gives each image a colour and a position
     # question: position questions then learned within 250 steps instead of about 400.
@@ -87,7 +87,7 @@ class DemoSettings:
 
         shapes = (f"{scenes.MIN_SHAPES}-{scenes.MAX_SHAPES} shapes among clutter" if self.task == "scenes"
                   else f"at most {self.max_shapes} shape(s)")  # fmt: skip
-        tower = ", a patch-local tower (each image token sees its own patch only)" if self.patch_local else ""
+        tower = "; a patch-local tower: each image token sees its own patch only" if self.patch_local else ""
         return (f"the synthetic {self.task} task ({self.samples} samples, {self.image_size} px images with {shapes}, "
                 f"questions about {', '.join(self.kinds)}{tower})")  # fmt: skip
 
@@ -149,9 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="synthetic samples (train + test)")
     parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: dense,pmod)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task", choices=tuple(TASK_DEFAULTS), default="shapes", help="the synthetic task: shapes "
-                        "(one shape per image, default) or scenes (3-8 shapes whose answers need many vision "
-                        "tokens)")  # fmt: skip
+    parser.add_argument("--task", choices=tuple(TASK_DEFAULTS), default="scenes", help="the synthetic task: scenes "
+                        "(3-8 shapes among clutter, questions whose answers need many vision tokens; default) or "
+                        "shapes (one shape per image: a few tokens carry the answer)")  # fmt: skip
     parser.add_argument("--budget-range", metavar="LO,HI", help="train every routed variant for a range of budgets "
                         "(pmod train --budget-range), so one model serves them all")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="train every variant with N seeds (SEED, SEED+1, ...) and "
