@@ -481,3 +481,19 @@ def test_accuracy_plot_labels_apart_and_error_bars_within_0_1(tmp_path, monkeypa
             overlap_w = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
             overlap_h = min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
             assert overlap_w <= 0 or overlap_h <= 0, (a, b)
+
+
+def test_a_stored_unit_is_reused_only_under_the_same_resolved_task(monkeypatch):
+    """A unit's fingerprint names the task's kinds and tower as resolved, not "the default": the same settings
+    spelled out match the defaults, and a change of the task's defaults makes the stored unit train again."""
+    from pmod.experiments import demo
+    from pmod.experiments.ablate_runs import Unit, fingerprint
+
+    unit = Unit("dense", 0, None)
+    default = fingerprint(unit, DemoSettings(task="scenes"))
+    spelled = DemoSettings(task="scenes", question_kinds=("count", "half"), vision_patch_local=True)
+    assert fingerprint(unit, spelled) == default
+    monkeypatch.setitem(demo.TASK_DEFAULTS, "scenes", demo.TaskDefaults(kinds=("count",), patch_local=True))
+    assert fingerprint(unit, DemoSettings(task="scenes")) != default
+    monkeypatch.setitem(demo.TASK_DEFAULTS, "scenes", demo.TaskDefaults(kinds=("count", "half"), patch_local=False))
+    assert fingerprint(unit, DemoSettings(task="scenes")) != default
