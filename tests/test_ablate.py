@@ -497,3 +497,35 @@ def test_a_stored_unit_is_reused_only_under_the_same_resolved_task(monkeypatch):
     assert fingerprint(unit, DemoSettings(task="scenes")) != default
     monkeypatch.setitem(demo.TASK_DEFAULTS, "scenes", demo.TaskDefaults(kinds=("count", "half"), patch_local=False))
     assert fingerprint(unit, DemoSettings(task="scenes")) != default
+
+
+def test_the_imageless_row_trains_on_blank_images(run, tmp_path):
+    """``check_imageless`` trains the dense model on a copy of the data whose images are blank (each its record's
+    background, as ``check_blind`` asks), made once and kept while the data is the same."""
+    import shutil
+
+    from PIL import Image
+
+    from pmod.experiments.demo_runs import DATA_SETTINGS, make_blank_data
+
+    out, report = run
+    data, blank = out / "data", out / "data-blank"
+    assert (blank / "train.json").read_bytes() == (data / "train.json").read_bytes()
+    records = [r for r in json.loads((data / "train.json").read_text()) if r.get("image")]
+    for record in records[:8]:
+        original, image = (Image.open(folder / record["image"]) for folder in (data, blank))
+        assert image.size == original.size and len(set(original.getdata())) > 1
+        assert set(image.convert("RGB").getdata()) == {tuple(record["meta"]["background"])}
+    units = unit_results(out)
+    unit = units[("check_imageless", 0)]
+    assert (unit["trained_on"], units[("dense", 0)]["trained_on"], units[("check_blind", 0)]["trained_on"]) == (
+        "data-blank", "data", None)
+    assert unit["train_seconds"] > 0 and report["rows"]["check_imageless"]["config"] is None
+    assert json.loads(unit["fingerprint"])["blank_images"] is True
+    data, blank = shutil.copytree(data, tmp_path / "data"), shutil.copytree(blank, tmp_path / "data-blank")
+    stamp = (blank / "train.json").stat().st_mtime_ns
+    make_blank_data(data, blank)  # the same data: kept
+    assert (blank / "train.json").stat().st_mtime_ns == stamp
+    (data / DATA_SETTINGS).write_text(json.dumps({"another": "set"}))  # data made again: so is the blank copy
+    make_blank_data(data, blank)
+    assert (blank / DATA_SETTINGS).read_text() == (data / DATA_SETTINGS).read_text()

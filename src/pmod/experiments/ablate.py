@@ -162,7 +162,7 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     from pmod.experiments.ablate_report import write_report
     from pmod.experiments.ablate_runs import Layout, Unit, run_units, unit_workers
     from pmod.experiments.ablate_variants import variant_configs
-    from pmod.experiments.demo_runs import make_data, seed_base_model, threads_per_worker
+    from pmod.experiments.demo_runs import make_blank_data, make_data, seed_base_model, threads_per_worker
 
     started = time.time()
     task, layout = settings.task, Layout(out)
@@ -174,6 +174,8 @@ def _run(out: Path, settings: AblateSettings, say) -> dict[str, Any]:
     atomic_write_json(out / SETTINGS_FILE, settings.to_dict())
     torch.set_num_threads(settings.threads)
     make_data(layout.data, task)
+    if any(VARIANTS[name].trained and VARIANTS[name].blank_images for name in settings.variants):
+        make_blank_data(layout.data, layout.blank_data)
     tower = prepare_tower(layout.tower, layout.data, task)
     for seed in settings.seeds:
         seed_base_model(layout.tower, layout.base(seed), task, seed)

@@ -66,6 +66,11 @@ class Layout:
         return self.out / "data"
 
     @property
+    def blank_data(self) -> Path:
+        """The data with every image blank, for the rows trained without images."""
+        return self.out / "data-blank"
+
+    @property
     def tower(self) -> Path:
         """The base model whose vision tower was pre-trained (seed: the settings' first)."""
         return self.out / "base-model"
@@ -133,9 +138,10 @@ def run_unit(unit: Unit, layout: Layout, settings: DemoSettings, test: list[dict
         config = unit.config
         if isinstance(config, GammaMoDConfig) and config.layers == "arank" and config.arank is None:
             config = with_arank(config, dense, layout.data, folder)
+        data = layout.blank_data if unit.blank_images else layout.data  # a trained blank row never sees an image
         if unit.trained:
             reporter = [StepReporter(unit.key)]
-            run = train_config(config, layout.base(unit.seed), layout.data, folder, settings, unit.seed, reporter)
+            run = train_config(config, layout.base(unit.seed), data, folder, settings, unit.seed, reporter)
             model, processor = load_variant(folder)
         else:
             model, processor = load_variant(dense)
@@ -149,6 +155,7 @@ def run_unit(unit: Unit, layout: Layout, settings: DemoSettings, test: list[dict
             seed=unit.seed,
             method=config.method if config is not None else "dense",
             config=config.to_dict() if config is not None else None,
+            trained_on=data.name if unit.trained else None,
             train_seconds=run["seconds"],
             train_cpu_seconds=run["cpu_seconds"],
             loss=run["loss"],

@@ -54,7 +54,8 @@ class Variant:
         trained: False for training-free methods (evaluated on the trained dense model of the same seed).
         needs_dense: the row needs the trained dense model of its seed (FastV runs on it; gamma-MoD takes its
             ARank layer choice from it).
-        blank_images: the row asks its questions about blank images (a control of the task, not a method).
+        blank_images: the row asks its questions about blank images (a control of the task, not a method); a
+            trained row is also trained on blank images.
     """
 
     name: str
@@ -184,6 +185,13 @@ VARIANTS: dict[str, Variant] = {
             "the training data, so this may score below the answer-prior baseline that the report prints above "
             "the table; far above it would mean the questions give the answers away.",
             trained=False, needs_dense=True, blank_images=True,
+        ),
+        Variant(
+            "check_imageless", "dense, trained without images", "task-check",
+            "the dense model trained and asked with every image blank (its background only), so it never sees a "
+            "shape: it can learn only what the questions' words tell, and near the answer-prior baseline means "
+            "they do not give the answers away.",
+            blank_images=True,
         ),
     ]
 }  # fmt: skip
@@ -372,6 +380,7 @@ def variant_configs(
         "check_fastv": FastVConfig(layer=2, keep=CHECK_KEEP),
         "check_random": FastVConfig(layer=2, keep=CHECK_KEEP, ranking="random"),
         "check_blind": None,
+        "check_imageless": None,
     }
     gamma = GammaMoDConfig(layers="arank", arank=None if arank is None else list(arank))
     configs["gamma_mod"] = gamma if arank is None else gamma.resolved(layers)

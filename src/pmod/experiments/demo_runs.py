@@ -68,6 +68,27 @@ def make_data(data: Path, settings: DemoSettings) -> None:
     atomic_write_json(record, made_with)
 
 
+def make_blank_data(data: Path, blank: Path) -> None:
+    """``data`` with every image replaced by a blank one of its background (:func:`record_image`), in ``blank``:
+    the training set of a model that never sees a shape. Kept while ``data`` is the set it was made from (its
+    :data:`DATA_SETTINGS` record is copied along); written whole or not at all."""
+    import shutil
+
+    from pmod.core.files import atomic_folder
+
+    made_with = (data / DATA_SETTINGS).read_text()
+    if (blank / DATA_SETTINGS).is_file() and (blank / DATA_SETTINGS).read_text() == made_with:
+        return
+    with atomic_folder(blank, replace=True) as staging:
+        (staging / "images").mkdir()
+        for name in ("train.json", "test.json"):
+            for record in json.loads((data / name).read_text()):
+                if record.get("image"):
+                    record_image(data, record, blank=True).save(staging / record["image"])
+            shutil.copyfile(data / name, staging / name)
+        (staging / DATA_SETTINGS).write_text(made_with)
+
+
 def build_base_model(settings: DemoSettings, seed: int) -> tuple[torch.nn.Module, Any]:
     """The demo's small LLaVA model, randomly initialised with ``seed``, and its processor."""
     from pmod.data.tokenizer import SHORT_CHAT_TEMPLATE
