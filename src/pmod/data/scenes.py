@@ -37,10 +37,11 @@ MIN_SHAPES, MAX_SHAPES = 3, 8
 QUESTION_KINDS: tuple[str, ...] = (
     "cell", "count", "count_color", "count_shape", "exists", "half", "most_color", "most_shape", "relation",
 )  # fmt: skip
-#: The kinds asked by default. Measured on the demo's model (BENCHMARKS.md, issue 24): with this mix, after 1000
-#: steps (4x the demo's), the trained dense model reads the counts late, so keeping a quarter of the vision tokens
-#: from layer 2 costs it 20-28 points (1.5-3.5 at the demo's 250 steps); ``cell``, ``relation``, ``most_color`` and
-#: ``most_shape`` stayed at their priors within 500 steps.
+#: The kinds ``pmod data synth --task scenes`` asks by default (the demo asks two of them, count and half:
+#: ``pmod.experiments.demo.TASK_DEFAULTS``). Measured on the demo's model (BENCHMARKS.md, issue 24): with this mix,
+#: after 1000 steps (4x the demo's), the trained dense model reads the counts late, so keeping a quarter of the vision
+#: tokens from layer 2 costs it 20-28 points (1.5-3.5 at the demo's 250 steps); ``cell``, ``relation``,
+#: ``most_color`` and ``most_shape`` stayed at their priors within 500 steps.
 DEFAULT_KINDS: tuple[str, ...] = ("count", "count_color", "exists", "half")
 HALVES: dict[str, tuple[str, str, int]] = {  # the question's two words, and the cell axis (0 = row)
     "left or right": ("left", "right", 1),
