@@ -50,7 +50,7 @@ def settings_from(pairs: list[str]) -> DemoSettings:
         old = getattr(default, key)
         if key in ("question_kinds", "variants"):
             given[key] = tuple(value.split(","))
-        elif isinstance(old, bool):
+        elif isinstance(old, bool) or str(fields[key].type).startswith("bool"):  # bool, or bool | None
             given[key] = value.lower() in ("1", "true", "yes")
         else:
             given[key] = value if old is None else type(old)(value)
@@ -62,7 +62,7 @@ def main(out: Path, settings: DemoSettings) -> dict:
     run_demo(out, settings)
     data = out / "data"
     test = [r for r in json.loads((data / "test.json").read_text()) if r.get("image")][: settings.eval_samples]
-    result = {"settings": dataclasses.asdict(settings), "n_questions": len(test), "prior": prior_baseline(data, test)}
+    result = {"settings": settings.to_dict(), "n_questions": len(test), "prior": prior_baseline(data, test)}
     for name, (config, blank) in ROWS.items():
         model, processor = load_variant(out / "dense")
         if config is not None:

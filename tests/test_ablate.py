@@ -521,6 +521,7 @@ def test_the_imageless_row_trains_on_blank_images(run, tmp_path):
     assert (unit["trained_on"], units[("dense", 0)]["trained_on"], units[("check_blind", 0)]["trained_on"]) == (
         "data-blank", "data", None)
     assert unit["train_seconds"] > 0 and report["rows"]["check_imageless"]["config"] is None
+    assert unit["loss"] != units[("dense", 0)]["loss"]  # same seed, base and data order: only the images differ
     assert json.loads(unit["fingerprint"])["blank_images"] is True
     data, blank = shutil.copytree(data, tmp_path / "data"), shutil.copytree(blank, tmp_path / "data-blank")
     stamp = (blank / "train.json").stat().st_mtime_ns
@@ -529,3 +530,4 @@ def test_the_imageless_row_trains_on_blank_images(run, tmp_path):
     (data / DATA_SETTINGS).write_text(json.dumps({"another": "set"}))  # data made again: so is the blank copy
     make_blank_data(data, blank)
     assert (blank / DATA_SETTINGS).read_text() == (data / DATA_SETTINGS).read_text()
+    assert (blank / "train.json").stat().st_mtime_ns != stamp

@@ -95,6 +95,12 @@ def test_data_follows_the_settings(demo):
     assert {synth.question_kind(t["value"]) for r in records for t in r["conversations"][::2]} == {"count", "half"}
     md = " ".join((out / "report.md").read_text().split())
     assert "questions about count, half; a patch-local tower" in md
+    from pmod.experiments.demo_runs import load_variant
+    from pmod.experiments.small_llava import tower_attention_outputs
+
+    for name in ("dense", "pmod"):  # pre-trained and trained, the tower's attention outputs are still zero
+        model, _ = load_variant(out / name)
+        assert all(bool((m.weight == 0).all()) for m in tower_attention_outputs(model)), name
 
 
 def test_tower_is_frozen_in_stage_two(demo):
@@ -309,8 +315,7 @@ def test_images_of_more_tokens_than_the_default_train(tmp_path):
                                                       ("shapes", None, False), ("shapes", True, True)])  # fmt: skip
 def test_the_scenes_task_builds_a_patch_local_tower_unless_told_otherwise(task, given, muted):
     """The scenes task's default tower is patch-local (its attention outputs zero: issue 24's run K), the shapes
-    task's mixes; ``vision_patch_local`` overrides either. A saved run from before the setting keeps its mixing
-    tower."""
+    task's mixes; ``vision_patch_local`` overrides either, and the settings read back from JSON as given."""
     from pmod.experiments.demo_runs import build_base_model
     from pmod.experiments.small_llava import tower_attention_outputs
 
@@ -318,6 +323,20 @@ def test_the_scenes_task_builds_a_patch_local_tower_unless_told_otherwise(task, 
                             vision_layers=2)  # fmt: skip
     model, _ = build_base_model(settings, seed=0)
     assert [bool((m.weight == 0).all()) for m in tower_attention_outputs(model)] == [muted, muted]
-    assert settings.kinds == {"scenes": ("count", "half"), "shapes": ("color", "position")}[task]
-    saved = {k: v for k, v in dataclasses.asdict(settings).items() if k != "vision_patch_local"}
-    assert DemoSettings.from_dict(saved).patch_local is False
+    kinds = {"scenes": ("count", "half"), "shapes": ("color", "position")}[task]
+    assert settings.kinds == kinds
+    saved = DemoSettings.from_dict(json.loads(json.dumps(settings.to_dict())))
+    assert (saved.patch_local, saved.kinds, saved.to_dict()) == (muted, kinds, settings.to_dict())
+
+
+@pytest.mark.parametrize("stored_tower", ["absent", False])
+def test_a_run_saved_before_the_task_defaults_keeps_its_own(stored_tower):
+    """Settings saved before TASK_DEFAULTS (no ``vision_patch_local``, or False) resume as they ran: a mixing tower,
+    and on the scenes task the generator's default kinds, not the demo's count and half."""
+    from pmod.data import scenes
+
+    for task, kinds in (("scenes", scenes.DEFAULT_KINDS), ("shapes", ("color", "position"))):
+        saved = json.loads(json.dumps(dataclasses.asdict(DemoSettings(task=task))))
+        saved.pop("vision_patch_local") if stored_tower == "absent" else saved.update(vision_patch_local=False)
+        settings = DemoSettings.from_dict(saved)
+        assert (settings.patch_local, settings.kinds) == (False, kinds)

@@ -200,6 +200,8 @@ def test_every_readme_command_runs(
     from pmod.experiments.ablate import AblateSettings
     from pmod.experiments.demo import DemoSettings
 
+    # the session's runs are made (if this test is the first to need them) before this test's patches
+    shared = {command: request.getfixturevalue(name)[0].parent for command, name in SHARED.items()}
     monkeypatch.setattr(os, "cpu_count", lambda: 1)  # in this process: worker start-up costs more than these runs
     monkeypatch.setattr(DemoSettings, "quick", classmethod(lambda cls: cls(**TINY_DEMO)))
     monkeypatch.setattr(AblateSettings, "quick_settings",
@@ -213,7 +215,7 @@ def test_every_readme_command_runs(
     for i, argv in enumerate(commands):
         command = shlex.join(argv)
         if command in SHARED:
-            runs[command] = request.getfixturevalue(SHARED[command])[0].parent
+            runs[command] = shared[command]
             continue
         if argv[0] in ("demo", "ablate") and "--resume" not in argv:
             runs[command] = tmp_path / f"run{i}"

@@ -59,7 +59,7 @@ class AblateSettings:
         return list(range(self.task.seed, self.task.seed + self.task.seeds))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "task": self.task.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AblateSettings:

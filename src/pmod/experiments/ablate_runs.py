@@ -41,7 +41,8 @@ ARANK_SAMPLES = 50
 @dataclass(frozen=True)
 class Unit:
     """One variant at one seed. ``config`` is None for dense; gamma-MoD's ``layers="arank"`` is resolved from the
-    dense model of the same seed when the unit runs. ``blank_images``: evaluated on blank images (a control)."""
+    dense model of the same seed when the unit runs. ``blank_images``: evaluated on blank images (a control), and a
+    trained unit is trained on them too (``Layout.blank_data``)."""
 
     variant: str
     seed: int
@@ -88,9 +89,8 @@ class Layout:
 def fingerprint(unit: Unit, settings: DemoSettings) -> str:
     """What a unit's result depends on besides its seed: the task and budget, and the unit's config. A stored
     result is reused only when this matches (so a folder run again with other settings trains again)."""
-    task = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("seeds", "variants", "method_settings")}
-    # What "the task's default" means is resolved, so a unit stored under older defaults is not taken for this one.
-    task.update(question_kinds=list(settings.kinds), vision_patch_local=settings.patch_local)
+    # the task's defaults written out: a unit stored under older defaults is not taken for this one
+    task = {k: v for k, v in settings.to_dict().items() if k not in ("seeds", "variants", "method_settings")}
     config = None if unit.config is None else {"method": unit.config.method, **unit.config.to_dict()}
     return json.dumps({"task": task, "config": config, "trained": unit.trained, "blank_images": unit.blank_images},
                       sort_keys=True, default=str)  # fmt: skip

@@ -1,10 +1,10 @@
 """`pmod demo`: train a small LLaVA model dense and with p-MoD on a synthetic VQA task, then compare accuracy,
 cost and what the routers learned. Nothing is downloaded; everything runs on a CPU in minutes.
 
-Steps: synthetic shapes data (``pmod data synth``) -> a small LLaVA model (ViT tower, 2-layer MLP projector, Llama
-decoder, word-level tokenizer) saved to a folder -> the same training recipe (``pmod train``) for each variant with
-the same seed, data and steps -> exact-match accuracy on the held-out split, analytic prefill TFLOPs and KV bytes
-(``pmod flops``), measured prefill latency -> ``report.md``, ``report.json`` and plots.
+Steps: synthetic data (``pmod data synth``; default the scenes task) -> a small LLaVA model (ViT tower, 2-layer MLP
+projector, Llama decoder, word-level tokenizer) saved to a folder -> the same training recipe (``pmod train``) for
+each variant with the same seed, data and steps -> exact-match accuracy on the held-out split, analytic prefill
+TFLOPs and KV bytes (``pmod flops``), measured prefill latency -> ``report.md``, ``report.json`` and plots.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,14 @@ class DemoSettings:
     # image (the demo's task until 2026-12-04: a few tokens carry the whole answer, so every method scores alike).
     task: str = "scenes"
     samples: int = 3000
-    # Questions per image (None: the generator's mix of one and two). Two gives each image a colour and a position
-    # question: position questions then learned within 250 steps instead of about 400.
+    # Questions per image (None: the generator's mix of one and two). Two gives each image one of each default kind
+    # (shapes: position questions then learned within 250 steps instead of about 400).
     turns: int | None = 2
     image_size: int = 64
     patch_size: int = 8
     # The shapes task only: one shape per image, questions about its colour and position.
     max_shapes: int = 1
-    # None: every kind of the task.
+    # None: the task's default kinds (TASK_DEFAULTS).
     question_kinds: tuple[str, ...] | None = None
     layers: int = 12
     hidden: int = 128
@@ -98,12 +98,25 @@ class DemoSettings:
             "of dense's TFLOPs (`--budget-range`)")  # fmt: skip
         return f"{self.steps} steps of batch {self.batch_size}{drawn}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values, with the task's defaults written out (:attr:`kinds`, :attr:`patch_local`), so
+        that what a saved run ran stays what it says when the defaults change."""
+        data = asdict(self)
+        data.update(question_kinds=list(self.kinds), vision_patch_local=self.patch_local)
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DemoSettings:
-        """The settings ``dataclasses.asdict`` wrote to JSON (lists back to tuples). A dict from before the scenes
-        task is the shapes task's."""
-        data = {"task": "shapes", "vision_patch_local": False, **data}  # the tower before that field: mixing
+        """The settings :meth:`to_dict` (or, before it, ``dataclasses.asdict``) wrote to JSON, lists back to tuples.
+        A dict from before the scenes task is the shapes task's; one from before :data:`TASK_DEFAULTS` keeps what its
+        defaults were then (a mixing tower; the scenes task: the generator's default kinds), so a resumed run goes on
+        with its own data and tower."""
+        data = {"task": "shapes", "vision_patch_local": False, **data}
         kinds = data["question_kinds"]
+        if kinds is None and data["task"] == "scenes":  # :meth:`to_dict` writes them out, so this dict is older
+            from pmod.data.scenes import DEFAULT_KINDS
+
+            kinds = DEFAULT_KINDS
         return cls(**{**data, "question_kinds": None if kinds is None else tuple(kinds),
                       "variants": tuple(data["variants"])})  # fmt: skip
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +199,7 @@ def write_report(
     ]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return {
-        "settings": asdict(settings),
+        "settings": settings.to_dict(),
         "results": {n: dict(r) for n, r in results.items()},
         "accuracy_gap_points": acc_gap,
         "prior_baseline_accuracy": prior,

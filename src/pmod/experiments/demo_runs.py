@@ -41,7 +41,7 @@ DATA_SETTINGS = "pmod-data-settings.json"
 
 
 def make_data(data: Path, settings: DemoSettings) -> None:
-    """The synthetic shapes set of ``settings`` in ``data``; kept when it was made with the same settings (a set
+    """The synthetic set of ``settings`` (its task) in ``data``; kept when it was made with the same settings (a set
     is swapped in whole, so one cut short by a kill is made again, and its settings are recorded after it)."""
     from pmod.core.files import atomic_write_json
     from pmod.data import synth
