@@ -142,8 +142,8 @@ class TaskDefaults:
 #: priors within the demo's budget, and a mixing tower gathers the count into every token, so a quarter of the
 #: tokens still holds it.
 TASK_DEFAULTS: dict[str, TaskDefaults] = {
-    "shapes": TaskDefaults(kinds=("color", "position"), patch_local=False),
     "scenes": TaskDefaults(kinds=("count", "half"), patch_local=True),
+    "shapes": TaskDefaults(kinds=("color", "position"), patch_local=False),
 }
 
 #: Variants the demo can train: name -> method config (None = the dense baseline).
