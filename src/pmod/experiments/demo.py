@@ -162,9 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="synthetic samples (train + test)")
     parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: dense,pmod)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task", choices=tuple(TASK_DEFAULTS), default="scenes", help="the synthetic task: scenes "
-                        "(3-8 shapes among clutter, questions whose answers need many vision tokens; default) or "
-                        "shapes (one shape per image: a few tokens carry the answer)")  # fmt: skip
+    parser.add_argument("--task", choices=tuple(TASK_DEFAULTS), default=DemoSettings.task, help="the synthetic task: "
+                        "scenes (3-8 shapes among clutter, questions whose answers need many vision tokens; default) "
+                        "or shapes (one shape per image: a few tokens carry the answer)")  # fmt: skip
     parser.add_argument("--budget-range", metavar="LO,HI", help="train every routed variant for a range of budgets "
                         "(pmod train --budget-range), so one model serves them all")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="train every variant with N seeds (SEED, SEED+1, ...) and "
