@@ -284,36 +284,84 @@ def test_video_backbone_refuses_n_vision(bench: dict[str, ModuleType]) -> None:
 
 
 def test_budget_curve_summary_by_hand(bench: dict[str, ModuleType], tmp_path: Path) -> None:
-    """`budget_curve.py summary`: curve (c) is each model at its own budget, a budget a model cannot reach is left
-    out, and the means, sds and (b) - (c) over the runs are the hand-computed ones."""
+    """`budget_curve.py summary`: curve (c) is each model at its own budget, a budget a model cannot reach in every
+    run is left out, and the means (accuracy, TFLOPs, KV, latency), sds and (b) - (c) over the runs are the
+    hand-computed ones."""
     curve = bench["budget_curve"]
     budgets = [0.4, 0.8]
 
-    def cell(acc: float, share: float) -> dict:
-        return {"accuracy": acc, "tflops_ratio": share}
+    def cell(acc: float, share: float, latency: float = 1.0) -> dict:
+        return {"accuracy": acc, "tflops_ratio": share, "kv_ratio": share + 0.05, "latency_ratio": latency}
 
-    def result(a: float, b: float, c: float) -> dict:
+    def result(a: float, b: float, c: float, longer: bool = False) -> dict:
         rows = {"a_default": {"0.4": cell(a, 0.4), "0.8": cell(a + 0.1, 0.8)},
-                "b_range": {"0.4": cell(b, 0.4), "0.8": cell(b, 0.8)},
+                "b_range": {"0.4": cell(b, 0.4, latency=c), "0.8": cell(b, 0.8)},
                 "c_at_0.4": {"0.4": cell(c, 0.4), "0.8": cell(0.0, 0.8)},
                 "c_at_0.8": {"0.4": {"unreachable": "reaches 0.52 to 1.0"}, "0.8": cell(c + 0.2, 0.8)},
-                "fastv": {"0.4": cell(0.1, 0.41), "0.8": cell(0.2, 0.79)},
+                "fastv": {"0.4": {"unreachable": "reaches 0.45 to 1.0"}, "0.8": cell(0.2, 0.79)},
                 "untrained_pmod": {"0.4": cell(0.3, 0.4), "0.8": cell(0.3, 0.8)}}  # fmt: skip
+        if longer:  # the 3x rows: (b) 10 points up, each (c) 5
+            rows["b_range_3x"] = {k: {**v, "accuracy": v["accuracy"] + 0.1} for k, v in rows["b_range"].items()}
+            for b in ("0.4", "0.8"):
+                rows[f"c3x_at_{b}"] = {b: {**rows[f"c_at_{b}"][b], "accuracy": rows[f"c_at_{b}"][b]["accuracy"] + 0.05}}
         return {"budgets": budgets, "dense": {"accuracy": 0.9}, "rows": rows}
 
     runs = []
-    for i, values in enumerate([(0.5, 0.8, 0.6), (0.7, 0.6, 0.6)]):
+    for i, values in enumerate([(0.5, 0.8, 0.6), (0.7, 0.6, 0.7)]):
         runs.append(tmp_path / f"run{i}")
         (runs[-1] / "curve").mkdir(parents=True)
         (runs[-1] / "curve" / "budget_curve.json").write_text(json.dumps(result(*values)))
     lines = curve.curves(result(0.5, 0.8, 0.6))
-    assert lines["(c) trained at each budget"] == [(0.4, 0.6), (0.8, 0.8)]
-    assert lines["FastV on dense"] == [(0.41, 0.1), (0.79, 0.2)]
+    assert lines["(c) trained at each budget"] == {"0.4": cell(0.6, 0.4), "0.8": cell(0.8, 0.8)}
+    assert lines["FastV on dense"] == {"0.8": cell(0.2, 0.79)}
     summary = curve.summarize(tmp_path / "out", runs)
     c = summary["mean"]["(c) trained at each budget"]
-    assert c["accuracy"] == [0.6, 0.8] and c["sd"] == [0.0, 0.0]
+    assert c["accuracy"] == pytest.approx([0.65, 0.85]) and c["sd"] == pytest.approx([0.0707, 0.0707], abs=1e-4)
     a = summary["mean"]["(a) trained at the default"]
     assert a["accuracy"] == pytest.approx([0.6, 0.7]) and a["sd"] == pytest.approx([0.1414, 0.1414], abs=1e-4)
-    # (b) - (c) in points: run 0: 80 - 60, 80 - 80; run 1: 60 - 60, 60 - 80
-    assert summary["b_minus_c_points"] == {"mean": [10.0, -10.0], "sd": pytest.approx([14.1, 14.1], abs=0.05)}
-    assert summary["dense"] == [0.9, 0.9] and (tmp_path / "out" / "accuracy_vs_tflops.png").stat().st_size > 1000
+    b = summary["mean"]["(b) trained with --budget-range"]
+    assert b["kv_ratio"] == pytest.approx([0.45, 0.85]) and b["latency_ratio"] == pytest.approx([0.65, 1.0])
+    fastv = summary["mean"]["FastV on dense"]
+    assert fastv["budgets"] == [0.8] and fastv["tflops_ratio"] == [0.79]
+    # (b) - (c) in points: run 0: 80 - 60, 80 - 80; run 1: 60 - 70, 60 - 90. Rows no run has are left out.
+    assert list(summary["gaps_points"]) == ["(b) trained with --budget-range - (c) trained at each budget"]
+    gap = summary["gaps_points"]["(b) trained with --budget-range - (c) trained at each budget"]
+    assert gap["mean"] == pytest.approx([5.0, -15.0]) and gap["sd"] == pytest.approx([21.2, 21.2], abs=0.05)
+    for i, values in enumerate([(0.5, 0.8, 0.6), (0.7, 0.6, 0.7)]):  # now with the 3x rows
+        (runs[i] / "curve" / "budget_curve.json").write_text(json.dumps(result(*values, longer=True)))
+    gaps = curve.summarize(tmp_path / "out", runs)["gaps_points"]
+    assert [g["mean"] for g in gaps.values()] == [pytest.approx([5.0, -15.0]), pytest.approx([15.0, -5.0]),
+                                                  pytest.approx([10.0, -10.0])]  # fmt: skip
+    assert list(gaps)[2] == "(b) --budget-range, 3x the steps - (c) at each budget, 3x the steps"
+    assert summary["dense"] == [0.9, 0.9] and (tmp_path / "out" / "accuracy_vs_cost.png").stat().st_size > 1000
+
+
+def test_budget_curve_models(bench: dict[str, ModuleType]) -> None:
+    """The curve's p-MoD routes every layer after the first: with the paper's threshold (layers 0-2 of 12 dense)
+    0.3 of dense's TFLOPs is out of reach on the demo's 64 + 15-token prompt, with it 0.3 is reached. Model (c) at
+    a budget trains FAMILY's ratios times one factor (each at most 1), at that budget's cost within a token."""
+    from pmod.analysis.budget import cost_ratio, scaled_at_budget
+    from pmod.analysis.dims import LMDims
+
+    curve = bench["budget_curve"]
+    dims = LMDims(hidden=128, layers=12, heads=4, kv_heads=4, head_dim=32, intermediate=256, vocab=64)
+    task = {"n_vision": 64, "n_text": 15}
+    paper = pmod.PModConfig()
+    assert paper.layer_ratios(12)[:3] == [None, None, None]
+    with pytest.raises(ValueError, match="reaches tflops shares 0.38"):
+        scaled_at_budget(paper, paper.layer_ratios(12), dims, 0.3, "tflops", task)
+    family = curve.FAMILY.layer_ratios(12)
+    assert family[0] is None and all(r is not None for r in family[1:])
+    rows = curve.models(dims, task)
+    assert rows["a_default"] == (curve.FAMILY, None) and rows["b_range"][0] == curve.FAMILY
+    for budget in curve.BUDGETS:
+        config, budget_range = rows[f"c_at_{budget}"]
+        ratios = config.layer_ratios(12)
+        factor = ratios[-1] / family[-1]  # the last layer's share is the smallest, never capped
+        assert budget_range is None and ratios[0] is None
+        assert ratios[1:] == pytest.approx([min(1.0, factor * f) for f in family[1:]])
+        assert cost_ratio(config, dims, **task) == pytest.approx(budget, abs=0.004)
+        assert rows[f"c3x_at_{budget}"] == rows[f"c_at_{budget}"]  # the same ratios, trained longer
+    low, high = map(float, rows["b_range"][1].split(","))  # the same ends for pmod train's 64 text tokens
+    ends = [rows[f"c_at_{b}"][0] for b in (min(curve.BUDGETS), max(curve.BUDGETS))]
+    assert [low, high] == [round(cost_ratio(c, dims, n_vision=64, n_text=64), 3) for c in ends]
