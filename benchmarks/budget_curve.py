@@ -22,7 +22,8 @@ sd over the runs, and (b) - (c)) and ``OUT/accuracy_vs_cost.png`` (accuracy agai
   threshold and budgets 0.4-0.8, is kept in ``benchmarks/results/budget_curve/paper_threshold/``).
 * (b) and every (c) are trained twice: for the run's steps, as dense, and for 3x as many (``b_range_3x``,
   ``c3x_at_B``: :data:`LONGER`), so that (b) is also compared with (c) when both have had more steps than the
-  run's. One (b) at 3x still takes 3/5 of the steps of the five (c) models at 1x.
+  run's. One (b) at 3x still takes 3/5 of the steps of the five (c) models at 1x. Dense is trained for 3x as long
+  too (``dense_3x``, evaluated once): the 3x rows' ceiling.
 * (c) at budget B trains exactly the ratios that (a) and (b) run at B (FAMILY's ratios scaled by one factor, as
   :func:`pmod.set_budget` moves a trained model), so (b) - (c) compares training over a range with training at the
   budget and nothing else. The untrained row runs the same ratios with untrained routers.
@@ -61,8 +62,8 @@ CURVES = {
     "fastv": "FastV on dense",
     "untrained_pmod": "p-MoD, untrained routers",
 }
-#: Rows trained for 3x the run's steps: (b) and (c) again (see the module's docstring).
-LONGER = {"b_range_3x": 3, **{f"c3x_at_{b}": 3 for b in BUDGETS}}
+#: Models trained for 3x the run's steps: (b), (c) and dense again (see the module's docstring).
+LONGER = {"b_range_3x": 3, **{f"c3x_at_{b}": 3 for b in BUDGETS}, "dense_3x": 3}
 #: The differences the summary gives, in points: (b) - (c), each a pair of CURVES keys.
 GAPS = (("b_range", "c"), ("b_range_3x", "c"), ("b_range_3x", "c3x"))
 #: Latency timing: warm-up calls and ABBA repetitions per cell.
@@ -106,6 +107,7 @@ def models(dims: LMDims, task: dict[str, int]) -> dict[str, tuple[Any, str | Non
     }
     for b in BUDGETS:
         rows[f"c_at_{b}"] = rows[f"c3x_at_{b}"] = (scaled(dims, task, b), None)
+    rows["dense_3x"] = (None, None)  # the ceiling of the 3x rows: evaluated once, not at a budget
     return rows
 
 
@@ -168,15 +170,21 @@ def evaluate(run: Path) -> dict[str, Any]:
         before = json.loads(path.read_text())
         if all(before.get(k) == out[k] for k in ("workload", "budgets", "range", "family")):
             out["rows"] = before["rows"]
-    trained = {name: run / "curve" / name for name in models(dims, task)}
+            out.update({k: before[k] for k in ("dense_3x",) if k in before})
+    trained = {name: run / "curve" / name for name in models(dims, task) if name != "dense_3x"}
+    if "dense_3x" not in out and (run / "curve" / "dense_3x").exists():
+        model, processor = load_variant(run / "curve" / "dense_3x")
+        out["dense_3x"] = {"accuracy": evaluate_model(model, processor, run / "data", test_records(run))["accuracy"]}
     for name in [*trained, "fastv", "untrained_pmod"]:
         if len(out["rows"].get(name, {})) < len(BUDGETS):
             out["rows"][name] = {
                 str(b): evaluate_at(run, trained.get(name, run / "dense"), name, b, dense) for b in BUDGETS
             }
             path.write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps(out, indent=1))  # also when only dense_3x is new
     lines = {name: {b: [cell] for b, cell in cells.items()} for name, cells in curves(out).items()}
-    plot(lines, [out["dense"]["accuracy"]], run / "curve" / "accuracy_vs_cost.png")
+    dense_3x = [out["dense_3x"]["accuracy"]] if "dense_3x" in out else None
+    plot(lines, [out["dense"]["accuracy"]], run / "curve" / "accuracy_vs_cost.png", dense_3x)
     return out
 
 
@@ -231,6 +239,8 @@ def summarize(out: Path, runs: list[Path]) -> dict[str, Any]:
         mean[name]["sd"] = acc.std(0, ddof=1).round(4).tolist() if len(runs) > 1 else None
     dense = [r["dense"]["accuracy"] for r in results.values()]
     summary = {"runs": results, "mean": mean, "dense": dense, "gaps_points": {}}
+    if all("dense_3x" in r for r in results.values()):  # dense trained as long as the 3x rows
+        summary["dense_3x"] = [r["dense_3x"]["accuracy"] for r in results.values()]
     for b_key, c_key in [(b, c) for b, c in GAPS if CURVES[b] in mean and CURVES[c] in mean]:
         b_name, c_name = CURVES[b_key], CURVES[c_key]
         gap = np.array([[c[b_name][b]["accuracy"] - c[c_name][b]["accuracy"] for b in budgets] for c in per_run])
@@ -240,7 +250,7 @@ def summarize(out: Path, runs: list[Path]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = {name: {b: [c[name][b] for c in per_run] for b in map(str, mean[name]["budgets"])} for name in mean}
-    plot(lines, dense, out / "accuracy_vs_cost.png")
+    plot(lines, dense, out / "accuracy_vs_cost.png", summary.get("dense_3x"))
     return summary
 
 
@@ -252,9 +262,15 @@ PANELS = {
 }
 
 
-def plot(lines: dict[str, dict[str, list[dict[str, Any]]]], dense: list[float], path: Path) -> None:
+def plot(
+    lines: dict[str, dict[str, list[dict[str, Any]]]],
+    dense: list[float],
+    path: Path,
+    dense_3x: list[float] | None = None,
+) -> None:
     """Accuracy against each cost of :data:`PANELS`: per curve and budget the mean over the runs' cells (the
-    accuracy's sd as error bars when there are several), dense as a point at 100%."""
+    accuracy's sd as error bars when there are several), dense (and ``dense_3x``, trained 3x as long) as points at
+    100%."""
     import matplotlib
     import numpy as np
 
@@ -270,6 +286,8 @@ def plot(lines: dict[str, dict[str, list[dict[str, Any]]]], dense: list[float], 
             err = [np.std([c["accuracy"] for c in cells[b]], ddof=1) for b in cells] if len(dense) > 1 else None
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
         ax.scatter([100], [np.mean(dense)], color="black", label="dense", zorder=5)
+        if dense_3x:
+            ax.scatter([100], [np.mean(dense_3x)], color="black", marker="x", label="dense, 3x the steps", zorder=5)
         ax.set_xlabel(PANELS[measure])
     axes[0][0].set_ylabel(f"accuracy, mean of {len(dense)} seed(s)" if len(dense) > 1 else "accuracy")
     axes[0][-1].legend(fontsize=7)

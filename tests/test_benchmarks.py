@@ -333,6 +333,11 @@ def test_budget_curve_summary_by_hand(bench: dict[str, ModuleType], tmp_path: Pa
     assert [g["mean"] for g in gaps.values()] == [pytest.approx([5.0, -15.0]), pytest.approx([15.0, -5.0]),
                                                   pytest.approx([10.0, -10.0])]  # fmt: skip
     assert list(gaps)[2] == "(b) --budget-range, 3x the steps - (c) at each budget, 3x the steps"
+    for i, accuracy in enumerate([0.91, 0.93]):  # dense trained 3x as long: in the summary once every run has it
+        assert "dense_3x" not in curve.summarize(tmp_path / "out", runs)
+        path = runs[i] / "curve" / "budget_curve.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "dense_3x": {"accuracy": accuracy}}))
+    assert curve.summarize(tmp_path / "out", runs)["dense_3x"] == [0.91, 0.93]
     assert summary["dense"] == [0.9, 0.9] and (tmp_path / "out" / "accuracy_vs_cost.png").stat().st_size > 1000
 
 
