@@ -100,10 +100,11 @@ def default_range(dims: LMDims, task: dict[str, int]) -> str:
 
 def models(dims: LMDims, task: dict[str, int]) -> dict[str, tuple[Any, str | None]]:
     """name -> (the p-MoD config it trains with, its --budget-range)."""
+    budget_range = default_range(dims, task)
     rows: dict[str, tuple[Any, str | None]] = {
         "a_default": (FAMILY, None),
-        "b_range": (FAMILY, default_range(dims, task)),
-        "b_range_3x": (FAMILY, default_range(dims, task)),
+        "b_range": (FAMILY, budget_range),
+        "b_range_3x": (FAMILY, budget_range),
     }
     for b in BUDGETS:
         rows[f"c_at_{b}"] = rows[f"c3x_at_{b}"] = (scaled(dims, task, b), None)
